@@ -1,0 +1,53 @@
+"""Shared helpers for the benchmarks: timing side by side, machine description, results JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def interleaved_rates(fns: dict[str, Callable[[], None]], items_per_call: int, repeats: int,
+                      warmup: int = 1) -> dict[str, dict]:
+    """Run each fn `warmup` times, then `repeats` rounds of one call each, alternating between
+    fns so that machine noise hits all of them alike. Returns items/s (median and best) per fn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"per_s_median": items_per_call / statistics.median(t), "per_s_best": items_per_call / min(t),
+                   "seconds": t} for name, t in times.items()}
+
+
+def write_results(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **data}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

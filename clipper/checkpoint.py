@@ -1,0 +1,153 @@
+"""Model directories (config.json + model.safetensors), safe weight reading and atomic writes.
+
+Nothing here unpickles arbitrary objects: torch files are read with `weights_only=True` and
+must hold a dict of tensors; safetensors files cannot hold anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import CLIP
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Wrappers that training code adds in front of parameter names (DDP, torch.compile).
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A weights file or model directory that cannot be used; the message names the file."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block completes.
+
+    A reader sees the old file or the new one, never half of one, whatever kills the writer.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} dict from a .safetensors, .pt, .pth or .bin file.
+
+    Accepts a bare state dict or one under a `state_dict` key (open_clip training checkpoints),
+    and drops `module.` / `_orig_mod.` prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            return _strip_prefixes(load_file(str(path), device="cpu"))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # torch names the blocked global; anything else is a damaged file
+            raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or not a torch file)") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled Python objects other than tensors, and clipper never "
+            "unpickles code (torch.load weights_only=True). Re-save it as a plain state dict or safetensors."
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: holds {type(obj).__name__ if obj else 'nothing'}, not a dict of tensors")
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return _strip_prefixes(obj)
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load `sd` into `model` (built on any device, meta included), requiring an exact match."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
+        raise CheckpointError(f"{source}: weights do not fit the model config: {'; '.join(parts)}")
+    for key, value in sd.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{source}: {key} has shape {list(value.shape)}, the config wants "
+                                  f"{list(expected[key].shape)}")
+    # assign=True adopts the loaded tensors, so a model built on the meta device costs no init.
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
+
+
+def build_model(config: ModelConfig, sd: dict[str, torch.Tensor] | None, source: str = "weights") -> CLIP:
+    """A CLIP for `config`: random-initialised, or holding `sd` without initialising first."""
+    if sd is None:
+        return CLIP(config)
+    with torch.device("meta"):
+        model = CLIP(config)
+    load_weights(model, sd, source)
+    return model
+
+
+def save_model(model: CLIP, path: str | os.PathLike) -> Path:
+    """Write `path`/config.json and `path`/model.safetensors; each file is replaced atomically,
+    weights first, so an interrupted save leaves the previous model readable."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "clipper"})
+    with atomic_path(path / CONFIG_NAME) as tmp:
+        model.config.to_json(tmp)
+    return path
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def load_model(path: str | os.PathLike) -> CLIP:
+    """Read a model directory written by `save_model`."""
+    path = Path(path)
+    if not is_model_dir(path):
+        raise CheckpointError(f"{path}: not a clipper model directory (no {CONFIG_NAME})")
+    config = ModelConfig.from_json(path / CONFIG_NAME)
+    return build_model(config, read_state_dict(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))

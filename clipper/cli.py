@@ -1,0 +1,118 @@
+"""The `clipper` command. Thin: parse arguments, call the library, print; one clear line on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+
+# Errors that mean "bad input": reported as one line and exit status 2, never a traceback.
+USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory, open_clip checkpoint file, or preset name")
+    p.add_argument("--pretrained", help="with a preset: open_clip pretrained tag or weights file")
+    p.add_argument("--quick-gelu", action="store_true", default=None, help="force QuickGELU (OpenAI weights)")
+
+
+def _load(args: argparse.Namespace):
+    from .factory import load
+
+    return load(args.model, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .config import list_presets
+
+    print("\n".join(list_presets()))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    model = _load(args)
+    n_vis = sum(p.numel() for p in model.visual.parameters())
+    n_txt = sum(p.numel() for p in model.text.parameters())
+    print(json.dumps({"config": model.config.to_dict(), "parameters": {
+        "visual": n_vis, "text": n_txt, "total": sum(p.numel() for p in model.parameters())}}, indent=2))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """open_clip file -> clipper directory, or clipper model -> open_clip file."""
+    from .checkpoint import save_model
+    from .interop import save_open_clip_checkpoint
+
+    model = _load(args)
+    out = Path(args.out)
+    if out.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        save_open_clip_checkpoint(model, out)
+        print(f"wrote open_clip state dict {out}")
+    else:
+        save_model(model, out)
+        print(f"wrote clipper model directory {out}")
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    import torch
+
+    from .images import load_images
+    from .tokenizer import Tokenizer
+    from .transforms import eval_transform
+
+    if not args.texts:
+        raise ValueError("--texts: give at least one text")
+    model = _load(args)
+    cfg = model.config
+    pixels = torch.stack([eval_transform(cfg.vision)(im) for im in load_images(args.images)])
+    tokens = Tokenizer(cfg.text.context_length)(args.texts)
+    with torch.inference_mode():
+        sims = model.encode_image(pixels, normalize=True) @ model.encode_text(tokens, normalize=True).T
+        probs = (model.logit_scale.exp().clamp(max=100) * sims).softmax(dim=-1)
+    width = max(len(Path(p).name) for p in args.images)
+    print(" " * width + "".join(f"  {t[:18]:>18s}" for t in args.texts))
+    for path, row, prow in zip(args.images, sims.tolist(), probs.tolist()):
+        cells = "".join(f"  {s:+.3f} (p={p:4.2f})".rjust(20) for s, p in zip(row, prow))
+        print(f"{Path(path).name:>{width}s}{cells}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clipper", description="CLIP-style image-text models, fast on CPUs.")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("presets", help="list the model presets (clipper's and open_clip's ViT configs)")
+    p.set_defaults(fn=cmd_presets)
+
+    p = sub.add_parser("info", help="print a model's config and parameter counts")
+    _add_model_args(p)
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("convert", help="open_clip checkpoint <-> clipper model directory",
+                       description="Writes an open_clip state dict when --out ends in .safetensors/.pt/.pth/.bin, "
+                                   "else a clipper model directory.")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output directory or open_clip weights file")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("similarity", help="cosine similarity of images and texts")
+    _add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--texts", nargs="+", default=[], help="texts to compare the images with")
+    p.set_defaults(fn=cmd_similarity)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as e:
+        print(f"clipper {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

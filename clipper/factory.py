@@ -1,0 +1,78 @@
+"""`clipper.load`: one entry point for model directories, open_clip files, presets and open_clip
+pretrained tags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, build_model, is_model_dir, load_model, read_state_dict
+from .config import ConfigError, ModelConfig, preset
+from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
+from .model import CLIP
+
+
+def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None,
+         quick_gelu: bool | None = None, device: str | torch.device = "cpu",
+         cache_dir: str | None = None) -> CLIP:
+    """A CLIP model in eval mode, from
+    - a clipper model directory (config.json + model.safetensors);
+    - an open_clip checkpoint file (architecture inferred from the tensors);
+    - a preset name (`fmnist-tiny`, `ViT-B-32`, ...): random weights, or `pretrained=` an
+      open_clip pretrained tag (downloaded by open_clip's own code, needs a network) or a file.
+    `quick_gelu` overrides the activation (OpenAI-trained weights need it; open_clip's tags say so).
+    """
+    path = Path(name_or_path)
+    if is_model_dir(path):
+        model = load_model(path)
+    elif path.is_file():
+        model = load_open_clip_checkpoint(path, quick_gelu=bool(quick_gelu))
+    elif path.exists():
+        raise CheckpointError(f"{path}: a directory without {'config.json'}: not a clipper model directory")
+    else:
+        config = preset(str(name_or_path))
+        if quick_gelu is not None:
+            config.quick_gelu = quick_gelu
+        model = CLIP(config) if pretrained is None else _load_pretrained(str(name_or_path), config, pretrained,
+                                                                          quick_gelu, cache_dir)
+    return model.to(device).eval()
+
+
+def _load_pretrained(name: str, config: ModelConfig, pretrained: str | os.PathLike, quick_gelu: bool | None,
+                     cache_dir: str | None) -> CLIP:
+    path = Path(pretrained)
+    if not path.is_file():
+        path = _download_open_clip(name, str(pretrained), config, quick_gelu, cache_dir)
+    sd = read_state_dict(path)
+    if is_open_clip_state_dict(sd):
+        return from_open_clip_state_dict(sd, config, source=str(path))
+    return build_model(config, sd, str(path))
+
+
+def _download_open_clip(name: str, tag: str, config: ModelConfig, quick_gelu: bool | None,
+                        cache_dir: str | None) -> Path:
+    """Fetch open_clip's weights for (name, tag) with open_clip's own download code, and apply the
+    tag's settings (QuickGELU, normalisation) to `config`."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ConfigError(f"pretrained={tag!r}: not a file, and not an open_clip pretrained tag of {name} "
+                          f"(tags: {', '.join(tags) or 'none'})")
+    if quick_gelu is None:
+        config.quick_gelu = bool(tag_cfg.get("quick_gelu", config.quick_gelu))
+    if "mean" in tag_cfg and "std" in tag_cfg:
+        config.vision.image_mean = tuple(float(v) for v in tag_cfg["mean"])
+        config.vision.image_std = tuple(float(v) for v in tag_cfg["std"])
+    try:
+        target = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+    except Exception as e:  # network errors come in many types (OSError, HTTP, hub errors)
+        raise CheckpointError(f"could not download open_clip weights {name}/{tag}: "
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}; "
+                              "offline, pass pretrained=/path/to/weights") from None
+    if not target:
+        raise CheckpointError(f"open_clip has no download location for {name}/{tag}")
+    return Path(target)

@@ -1,0 +1,34 @@
+"""Opening image files with errors that name the file (never a traceback from deep inside PIL)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+# Larger images are refused (decompression bombs); 89.5 MP is Pillow's own warning threshold.
+MAX_PIXELS = 89_478_485
+
+
+class ImageError(ValueError):
+    """An input that is not a readable image; the message names it."""
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageError(f"{path}: {im.width}x{im.height} exceeds the pixel limit ({max_pixels})")
+            im.load()
+            return im.copy() if im.mode in ("RGB", "L") else im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+
+
+def load_images(paths: Iterable[str | os.PathLike]) -> list[Image.Image]:
+    return [open_image(p) for p in paths]

@@ -1,0 +1,68 @@
+"""CLIP: an image tower and a text tower projected into one space, with a learnable temperature."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.visual = VisionTransformer(config.vision, config.embed_dim, config.quick_gelu)
+        self.text = TextTransformer(config.text, config.embed_dim, config.quick_gelu)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        bias = config.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style init (as open_clip's text tower): small embeddings, depth-scaled residual outputs."""
+        t = self.config.text
+        nn.init.normal_(self.text.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.text.positional_embedding, std=0.01)
+        nn.init.normal_(self.text.proj, std=t.width ** -0.5)
+        for tower in (self.visual.transformer, self.text.transformer):
+            width = tower.blocks[0].ln_1.normalized_shape[0]
+            out_std = width ** -0.5 * (2 * len(tower.blocks)) ** -0.5
+            for block in tower.blocks:
+                nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
+                nn.init.zeros_(block.attn.qkv.bias)
+                nn.init.normal_(block.attn.out.weight, std=out_std)
+                nn.init.zeros_(block.attn.out.bias)
+                nn.init.normal_(block.mlp.fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(block.mlp.proj.weight, std=out_std)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Normalised features of both towers plus the temperature (and bias) that the losses use."""
+        return {
+            "image_features": self.encode_image(images, normalize=True),
+            "text_features": self.encode_text(tokens, normalize=True),
+            "logit_scale": self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
+            "logit_bias": self.logit_bias,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a model directory (config.json + model.safetensors), atomically."""
+        from ..checkpoint import save_model
+
+        save_model(self, path)

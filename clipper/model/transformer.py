@@ -1,0 +1,95 @@
+"""Pre-norm transformer blocks on top of F.scaled_dot_product_attention.
+
+q, k and v come from one packed projection (the layout of open_clip's in_proj, so weights map
+one to one); causal attention uses `is_causal=True`, never a materialised mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False, query: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over `x` [B, L, C]; with `query` [B, Q, C] only those rows attend (to the
+        keys of all of `x`, limited by the boolean `mask` [B, 1, Q, L] where given)."""
+        B, L, C = x.shape
+        H = self.heads
+        if query is None:
+            q, k, v = self.qkv(x).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(query, w[:C], b[:C]).view(B, -1, H, C // H).transpose(1, 2)
+            k, v = F.linear(x, w[C:], b[C:]).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and query is None)
+        return self.out(y.transpose(1, 2).reshape(B, -1, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, quick_gelu: bool):
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.act = QuickGELU() if quick_gelu else nn.GELU()
+        self.proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """The block's output at one position per sample (`index` [B]), as [B, C].
+
+        Keys and values still come from every token, but the query, the output projection and
+        the MLP run on one row per sample instead of all of them: exact, and cheaper.
+        """
+        B, L, _ = x.shape
+        rows = torch.arange(B, device=x.device)
+        h = self.ln_1(x)
+        mask = None
+        if causal:  # the row at position i sees keys 0..i, as under the full causal mask
+            mask = (torch.arange(L, device=x.device) <= index[:, None]).view(B, 1, 1, L)
+        y = x[rows, index] + self.attn(h, query=h[rows, index].unsqueeze(1), mask=mask).squeeze(1)
+        return y + self.mlp(self.ln_2(y))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None) -> torch.Tensor:
+        """All outputs [B, L, C]; with `pool_index` [B], only the output at that position [B, C]."""
+        last = len(self.blocks) - 1 if pool_index is not None else len(self.blocks)
+        for block in self.blocks[:last]:
+            x = block(x, causal=causal)
+        if pool_index is not None:
+            x = self.blocks[last].forward_at(x, pool_index, causal=causal)
+        return x

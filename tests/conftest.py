@@ -1,0 +1,53 @@
+import logging
+
+import pytest
+import torch
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random-init model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def open_clip_models():
+    """Random-init open_clip models (seeded), created once per session and shared read-only."""
+    import open_clip
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            torch.manual_seed(1234)
+            cache[name] = open_clip.create_model(name, pretrained=None).eval()
+        return cache[name]
+
+    return get
+
+
+# 64-wide heads, open_clip's default, so the architecture can be inferred from a file's tensors.
+SMALL_VISION = {"image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64}
+SMALL_TEXT = {"context_length": 20, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}
+
+
+def small_config(pool_type: str = "tok", quick_gelu: bool = False):
+    from clipper.config import from_open_clip_config
+
+    return from_open_clip_config("small", {"embed_dim": 48, "quick_gelu": quick_gelu,
+                                           "vision_cfg": SMALL_VISION | {"pool_type": pool_type},
+                                           "text_cfg": SMALL_TEXT})
+
+
+def small_open_clip(pool_type: str = "tok", quick_gelu: bool = False, init_logit_bias=None):
+    """A small open_clip CLIP built from a config dict (cheap enough for many tests)."""
+    import open_clip
+
+    torch.manual_seed(7)
+    return open_clip.CLIP(
+        embed_dim=48,
+        vision_cfg=SMALL_VISION | {"pool_type": pool_type},
+        text_cfg=SMALL_TEXT,
+        quick_gelu=quick_gelu, init_logit_bias=init_logit_bias,
+    ).eval()

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .data.debian import PackageError
 
 # Errors that mean "bad input": reported as one line and exit status 2, never a traceback.
-USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, ValueError)
+USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, PackageError, ValueError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
     from .images import load_images
     from .tokenizer import Tokenizer
-    from .transforms import eval_transform
+    from .data.transforms import eval_transform
 
     if not args.texts:
         raise ValueError("--texts: give at least one text")
@@ -76,6 +77,30 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     for path, row, prow in zip(args.images, sims.tolist(), probs.tolist()):
         cells = "".join(f"  {s:+.3f} (p={p:4.2f})".rjust(20) for s, p in zip(row, prow))
         print(f"{Path(path).name:>{width}s}{cells}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from .data import build, sources
+    from .data.shards import write_shards
+
+    if args.source == "fashion-mnist":
+        root = args.root
+        if args.download:
+            from .data.fashion_mnist import download_upstream
+
+            root = download_upstream(Path(args.out) / "upstream")
+        stats = build.build_fashion_mnist(args.out, root, args.seed, args.samples_per_shard or 5000)
+    elif args.source == "emoji":
+        stats = build.build_emoji(args.out, args.font, args.cldr_root, args.samples_per_shard or 500)
+    elif args.source == "folder":
+        stats = {"all": write_shards(sources.folder_samples(args.input), args.out, args.samples_per_shard or 1000)}
+    else:
+        stats = {"all": write_shards(sources.csv_samples(args.input, args.image_column, args.caption_column),
+                                     args.out, args.samples_per_shard or 1000)}
+    for split, s in stats.items():
+        rejected = f", {s['rejected']} rejected ({s['rejected_by_reason']})" if s["rejected"] else ""
+        print(f"{split}: {s['samples']} pairs in {s['shards']} shard(s){rejected}")
+    print(f"wrote {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output directory or open_clip weights file")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("data", help="turn a data source into webdataset shards")
+    data_sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output folder (real sets: one subfolder per split)")
+    common.add_argument("--samples-per-shard", type=int, help="samples per .tar shard")
+    q = data_sub.add_parser("fashion-mnist", parents=[common], help="Fashion-MNIST (Debian package, folder or upstream)")
+    q.add_argument("--root", help="folder with the four idx .gz files (default: Debian's dataset-fashion-mnist)")
+    q.add_argument("--download", action="store_true", help="fetch the upstream files instead (needs a network)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the caption template draw")
+    q = data_sub.add_parser("emoji", parents=[common], help="Noto Color Emoji glyphs named by Unicode CLDR")
+    q.add_argument("--font", help="NotoColorEmoji.ttf (default: Debian's fonts-noto-color-emoji)")
+    q.add_argument("--cldr-root", help="CLDR folder holding common/annotations (default: Debian's unicode-cldr-core)")
+    q = data_sub.add_parser("folder", parents=[common], help="images with same-named .txt captions")
+    q.add_argument("input", help="folder (searched recursively)")
+    q = data_sub.add_parser("csv", parents=[common], help="CSV/TSV of image path and caption")
+    q.add_argument("input", help="the .csv or .tsv file; image paths relative to its folder")
+    q.add_argument("--image-column", default="image")
+    q.add_argument("--caption-column", default="caption")
+    p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("similarity", help="cosine similarity of images and texts")
     _add_model_args(p)

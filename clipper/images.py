@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,3 +33,18 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
 
 def load_images(paths: Iterable[str | os.PathLike]) -> list[Image.Image]:
     return [open_image(p) for p in paths]
+
+
+def image_file_bytes(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[bytes, str]:
+    """(bytes, 'jpg' | 'png') of an image file, checked to decode: JPEG and PNG files pass through
+    untouched, other formats are re-encoded as PNG."""
+    path = Path(path)
+    im = open_image(path, max_pixels)
+    data = path.read_bytes()
+    if data[:3] == b"\xff\xd8\xff":
+        return data, "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data, "png"
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue(), "png"

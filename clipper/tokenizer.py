@@ -35,6 +35,12 @@ def detokenize(text: str) -> str:
     return re.sub(r" '(s|t|re|ve|m|ll|d)\b", r"'\1", text)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _encode(text: str) -> tuple[int, ...]:
+    # Captions repeat (templates, class names): text cleaning (ftfy) and BPE are the slow part.
+    return tuple(_bpe().encode(text))
+
+
 class Tokenizer:
     """Text -> token ids [N, context_length] (int64), and ids -> text."""
 
@@ -51,7 +57,7 @@ class Tokenizer:
         """BPE ids of `text` alone, without start/end tokens or padding."""
         if not isinstance(text, str):
             raise TypeError(f"text: expected str, got {type(text).__name__}")
-        return _bpe().encode(text)
+        return list(_encode(text))
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         if isinstance(texts, str):

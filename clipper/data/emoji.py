@@ -1,0 +1,161 @@
+"""Emoji pairs (design.md section 3): Noto Color Emoji glyphs named by Unicode CLDR.
+
+Every CLDR sequence with a `tts` name whose code points the font has and which the font shapes
+as one glyph, rendered to 64x64 RGB on white; texts are the tts name and the keyword list; an
+emoji is in the test split when sha1(cp) % 5 == 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageDraw, ImageFont
+
+from .debian import package_file
+from .samples import Sample
+
+FONT_PACKAGE, FONT_PATH = "fonts-noto-color-emoji", "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+CLDR_PACKAGE = "unicode-cldr-core"
+CLDR_FILES = ("usr/share/unicode/cldr/common/annotations/en.xml",
+              "usr/share/unicode/cldr/common/annotationsDerived/en.xml")
+FONT_SIZE = 109  # the only size of the font's colour bitmaps
+IMAGE_SIZE = 64
+VS16, ZWJ = "\ufe0f", "\u200d"
+
+
+@dataclass
+class EmojiPair:
+    cp: str  # the CLDR string
+    name: str  # the tts name
+    keywords: list[str]
+    text: str  # what is rendered: cp, or cp with U+FE0F added where that shapes narrower
+
+    @property
+    def split(self) -> str:
+        return split_of(self.cp)
+
+    @property
+    def key(self) -> str:
+        return "u" + "-".join(f"{ord(c):x}" for c in self.cp)
+
+
+def split_of(cp: str) -> str:
+    return "test" if int(hashlib.sha1(cp.encode("utf-8")).hexdigest(), 16) % 5 == 0 else "train"
+
+
+def read_annotations(paths: list[Path]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(tts names, keyword lists) by CLDR string; the first file wins on duplicates."""
+    names: dict[str, str] = {}
+    keywords: dict[str, list[str]] = {}
+    for path in paths:
+        try:
+            root = ET.parse(path).getroot()
+        except (ET.ParseError, OSError) as e:
+            raise ValueError(f"{path}: not a readable CLDR annotation file ({e})") from None
+        for node in root.iter("annotation"):
+            cp, text = node.get("cp"), (node.text or "").strip()
+            if not cp or not text:
+                continue
+            if node.get("type") == "tts":
+                names.setdefault(cp, text)
+            elif node.get("type") is None:
+                keywords.setdefault(cp, [k.strip() for k in text.split("|") if k.strip()])
+    return names, keywords
+
+
+def _is_base(c: str) -> bool:
+    o = ord(c)
+    return not (c in (VS16, ZWJ) or 0x1F3FB <= o <= 0x1F3FF or o == 0x20E3 or 0xE0020 <= o <= 0xE007F)
+
+
+def _fully_qualified(cp: str) -> str:
+    """cp with U+FE0F after every base code point that lacks one (CLDR omits them)."""
+    out = []
+    for i, c in enumerate(cp):
+        out.append(c)
+        if _is_base(c) and cp[i + 1: i + 2] != VS16:
+            out.append(VS16)
+    return "".join(out)
+
+
+class EmojiFont:
+    def __init__(self, path: str | os.PathLike):
+        from fontTools.ttLib import TTFont
+
+        self.path = Path(path)
+        try:
+            self.cmap = set(TTFont(str(path), lazy=True).getBestCmap())
+            self.font = ImageFont.truetype(str(path), FONT_SIZE, layout_engine=ImageFont.Layout.RAQM)
+        except Exception as e:  # fontTools and FreeType raise many types for a bad font file
+            raise ValueError(f"{path}: not a usable emoji font ({e})") from None
+        self.single_width = self.font.getlength("\U0001F600")
+
+    def has_glyphs(self, cp: str) -> bool:
+        return all(ord(c) in self.cmap for c in cp if c not in (VS16, ZWJ))
+
+    def one_glyph_form(self, cp: str) -> str | None:
+        """The form of cp that shapes narrowest, or None if even that falls apart into several glyphs."""
+        text = min({cp, _fully_qualified(cp)}, key=lambda t: (self.font.getlength(t), len(t)))
+        return text if self.font.getlength(text) <= 1.5 * self.single_width else None
+
+    def render(self, text: str, size: int = IMAGE_SIZE) -> Image.Image:
+        """text drawn in colour on white, cropped to its content, padded square, resized (LANCZOS)."""
+        left, top, right, bottom = self.font.getbbox(text)
+        pad = 8
+        canvas = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), "white")
+        ImageDraw.Draw(canvas).text((pad - left, pad - top), text, font=self.font, embedded_color=True)
+        box = ImageChops.difference(canvas, Image.new("RGB", canvas.size, "white")).getbbox()
+        if box is None:
+            raise ValueError(f"{text!r} renders as nothing")
+        glyph = canvas.crop(box)
+        side = max(glyph.size)
+        square = Image.new("RGB", (side, side), "white")
+        square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+        return square.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def find_files(font: str | os.PathLike | None = None, cldr_root: str | os.PathLike | None = None,
+               cache: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
+    """(font file, [en.xml, derived en.xml]): given paths, else Debian's packages (fetched if needed)."""
+    font_path = Path(font) if font else package_file(FONT_PACKAGE, FONT_PATH, cache)
+    if cldr_root:
+        cldr = [Path(cldr_root) / Path(p).relative_to("usr/share/unicode/cldr") for p in CLDR_FILES]
+    else:
+        cldr = [package_file(CLDR_PACKAGE, p, cache) for p in CLDR_FILES]
+    for p in [font_path, *cldr]:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+    return font_path, cldr
+
+
+def pairs(font: EmojiFont, annotation_files: list[Path]) -> list[EmojiPair]:
+    """Every renderable named emoji, in CLDR file order."""
+    names, keywords = read_annotations(annotation_files)
+    out = []
+    for cp, name in names.items():
+        if not font.has_glyphs(cp):
+            continue
+        text = font.one_glyph_form(cp)
+        if text is not None:
+            out.append(EmojiPair(cp=cp, name=name, keywords=keywords.get(cp, []), text=text))
+    return out
+
+
+def samples(split: str, font: str | os.PathLike | None = None, cldr_root: str | os.PathLike | None = None,
+            cache: str | os.PathLike | None = None) -> Iterator[Sample]:
+    """Rendered pairs of one split ('train', 'test' or 'all'): txt = tts name, keywords in the metadata."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split: {split!r} is not one of train, test, all")
+    font_path, cldr = find_files(font, cldr_root, cache)
+    emoji_font = EmojiFont(font_path)
+    for pair in pairs(emoji_font, cldr):
+        if split != "all" and pair.split != split:
+            continue
+        yield Sample(key=pair.key, image=emoji_font.render(pair.text), text=pair.name,
+                     meta={"split": pair.split, "source_id": pair.cp, "cp": pair.cp, "name": pair.name,
+                           "keywords": pair.keywords})

@@ -1,0 +1,271 @@
+"""Streaming (image, text) batches from webdataset shards, for training and for evaluation.
+
+Training: each epoch the shard list is shuffled (seeded by epoch) and split by rank, then by
+DataLoader worker, so readers see disjoint shards; every worker yields the same fixed number of
+batches (cycling its own shards if they run short), so every rank gets the same batch count.
+With `resampled=True` each reader instead draws shards with replacement: an endless stream cut
+into epochs of the same fixed length. Evaluation visits every sample once, in shard order.
+
+Bad samples (truncated tar members, undecodable images, over-limit images, missing, empty or
+non-UTF-8 captions) are skipped; each batch carries the skips met since the previous batch, so
+the main process can count and report them (`SkipLog`) whatever worker met them.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import os
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import ModelConfig
+from ..distributed import rank_and_world
+from ..images import MAX_PIXELS
+from ..tokenizer import Tokenizer
+from .shards import SIZES_FILE, reason_kind
+from .sources import read_caption
+from .transforms import AugmentConfig, eval_transform, train_transform
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Skip:
+    shard: str
+    key: str
+    reason: str
+
+
+def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths from a folder (its *.tar), a brace pattern (`d/{00000..00009}.tar`), a glob, or a list."""
+    if isinstance(spec, (str, os.PathLike)):
+        text = str(spec)
+        if Path(text).is_dir():
+            paths = sorted(str(p) for p in Path(text).glob("*.tar"))
+            if not paths:
+                raise ValueError(f"{text}: folder holds no .tar shards")
+            return paths
+        paths = []
+        for part in braceexpand.braceexpand(text):
+            paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    else:
+        paths = [str(p) for p in spec]
+    if not paths:
+        raise ValueError(f"{spec}: no shards")
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: no such shard")
+    return paths
+
+
+def shard_sizes(shards: list[str]) -> list[int]:
+    """Samples per shard, from the sizes.json beside them, else by reading the tar headers."""
+    sizes = []
+    cache: dict[Path, dict] = {}
+    for shard in shards:
+        path = Path(shard)
+        table = cache.setdefault(path.parent, _read_sizes(path.parent / SIZES_FILE))
+        if path.name in table:
+            sizes.append(int(table[path.name]))
+        else:
+            sizes.append(len({s["__key__"] for s in read_tar(shard) if not isinstance(s, Skip)}))
+    return sizes
+
+
+def _read_sizes(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_tar(shard: str) -> Iterator[dict | Skip]:
+    """Samples {'__key__', '__url__', ext: bytes} of one shard, grouping consecutive members by key.
+    A damaged archive ends the shard with a Skip naming where it broke."""
+    current: dict | None = None
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.split("/")[-1]
+                key, _, ext = base.partition(".")
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": shard}
+                current[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield Skip(shard, current["__key__"] if current else "?", f"damaged tar ({e})")
+        return
+    if current is not None:
+        yield current
+
+
+class SampleDecoder:
+    """Raw sample -> (image tensor, token ids, key) or a Skip with the reason."""
+
+    def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
+                 max_pixels: int = MAX_PIXELS):
+        self.image_size = config.vision.image_size
+        self.transform = train_transform(config.vision, augment or AugmentConfig()) if train \
+            else eval_transform(config.vision)
+        self.tokenizer = Tokenizer(config.text.context_length)
+        self.max_pixels = max_pixels
+
+    def __call__(self, sample: dict | Skip) -> tuple | Skip:
+        if isinstance(sample, Skip):
+            return sample
+        key, url = sample["__key__"], sample["__url__"]
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            return Skip(url, key, "no image member")
+        if "txt" not in sample:
+            return Skip(url, key, "no txt member")
+        try:
+            text = read_caption(sample["txt"], key)
+        except ValueError as e:
+            return Skip(url, key, str(e).split(": ", 1)[-1])
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                if im.width * im.height > self.max_pixels:
+                    return Skip(url, key, f"image over the pixel limit ({im.width}x{im.height})")
+                im.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at reduced scale
+                pixels = self.transform(im)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return Skip(url, key, f"not a readable image ({e})")
+        return pixels, self.tokenizer([text])[0], key
+
+
+def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool) -> Iterator[dict]:
+    """Collate decoded samples; each batch carries the skips met since the previous one."""
+    images, tokens, keys, skipped = [], [], [], []
+    for item in items:
+        if isinstance(item, Skip):
+            skipped.append(item)
+            continue
+        images.append(item[0])
+        tokens.append(item[1])
+        keys.append(item[2])
+        if len(images) == batch_size:
+            yield {"image": torch.stack(images), "text": torch.stack(tokens), "key": keys, "skipped": skipped}
+            images, tokens, keys, skipped = [], [], [], []
+    if (images and not drop_last) or skipped:
+        yield {"image": torch.stack(images) if images else torch.empty(0),
+               "text": torch.stack(tokens) if tokens else torch.empty(0, dtype=torch.long),
+               "key": keys, "skipped": skipped}
+
+
+class ShardDataset(IterableDataset):
+    """Batches from shards: see the module docstring for the training and evaluation behaviour."""
+
+    def __init__(self, shards, config: ModelConfig, batch_size: int, train: bool = True,
+                 augment: AugmentConfig | None = None, seed: int = 0, resampled: bool = False,
+                 shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
+                 max_pixels: int = MAX_PIXELS):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size: must be positive, got {batch_size}")
+        self.shards = list_shards(shards)
+        self.sizes = shard_sizes(self.shards)
+        self.decoder = SampleDecoder(config, train, augment, max_pixels)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        r, w = rank_and_world()
+        self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
+        self.epoch = 0
+        self.num_workers = 1  # set by make_loader; the per-worker batch count depends on it
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes)
+
+    def batches_per_worker(self) -> int:
+        return max(1, self.num_samples // (self.world * self.num_workers * self.batch_size))
+
+    def batches_per_epoch(self) -> int:
+        """Per rank; the same on every rank (training), every sample once (evaluation)."""
+        if self.train:
+            return self.batches_per_worker() * self.num_workers
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def _my_shards(self, worker: int, workers: int, rng: random.Random) -> list[str]:
+        if self.resampled:
+            return rng.choices(self.shards, k=max(1, len(self.shards) // (self.world * workers)))
+        order = list(self.shards)
+        random.Random(f"{self.seed}-epoch-{self.epoch}").shuffle(order)  # same order on every reader
+        mine = order[self.rank::self.world][worker::workers]
+        if not mine:
+            raise ValueError(f"{len(self.shards)} shard(s) cannot feed {self.world} rank(s) x {workers} worker(s): "
+                             "each reader needs one; write smaller shards or use fewer workers")
+        return mine
+
+    def _train_samples(self, worker: int, workers: int) -> Iterator[dict | Skip]:
+        """This reader's samples, shuffled within each pass over its shards; a reader whose
+        shards run short of its batch quota starts another pass."""
+        shard_rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        for cycle in itertools.count():
+            shards = self._my_shards(worker, workers, shard_rng)
+            raw = (s for shard in shards for s in read_tar(shard))
+            rng = random.Random(f"{self.seed}-shuffle-{self.epoch}-{self.rank}-{worker}-{cycle}")
+            yield from wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(raw)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = self._worker()
+        if not self.train:
+            raw = (s for shard in self.shards[worker::workers] for s in read_tar(shard))
+            yield from batches(map(self.decoder, raw), self.batch_size, drop_last=False)
+            return
+        stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, drop_last=True)
+        yield from itertools.islice(stream, self.batches_per_worker())
+
+
+@dataclass
+class SkipLog:
+    """Skipped samples seen by the main process, for the end-of-epoch report."""
+    skipped: list[Skip] = field(default_factory=list)
+
+    def add(self, batch: dict) -> None:
+        self.skipped.extend(batch.get("skipped", []))
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no sample skipped"
+        by_reason = Counter(reason_kind(s.reason) for s in self.skipped)
+        first = "; ".join(f"{Path(s.shard).name}:{s.key}: {s.reason}" for s in self.skipped[:5])
+        return (f"{len(self.skipped)} sample(s) skipped ("
+                + ", ".join(f"{n} {r}" for r, n in by_reason.most_common()) + f"), e.g. {first}")
+
+    def clear(self) -> None:
+        self.skipped.clear()
+
+
+def make_loader(dataset: ShardDataset, workers: int = 0) -> DataLoader:
+    """A DataLoader over `dataset` (batches are made in the workers)."""
+    if workers < 0:
+        raise ValueError(f"workers: must be >= 0, got {workers}")
+    dataset.num_workers = max(1, workers)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers else None)

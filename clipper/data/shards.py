@@ -1,0 +1,114 @@
+"""Webdataset shards in the img2dataset layout: per sample `KEY.jpg|png`, `KEY.txt`, `KEY.json`.
+
+Deterministic: members carry fixed metadata (mtime 0, root owner, mode 644), so the same samples
+give byte-identical shards. Each shard is written to a temporary file and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import textwrap
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from ..checkpoint import atomic_path
+from .samples import Rejected, Sample
+
+SIZES_FILE, STATS_FILE, REJECTED_FILE, GRID_FILE = "sizes.json", "stats.json", "rejected.jsonl", "grid.png"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def reason_kind(reason: str) -> str:
+    """'dir/x.jpg: not a readable image (cannot identify ...)' -> 'not a readable image'."""
+    return reason.split(": ", 1)[-1].split(" (")[0]
+
+
+def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike, samples_per_shard: int = 1000,
+                 grid_size: int = 32, total: int | None = None, desc: str = "shards") -> dict:
+    """Write `items` as shards 00000.tar, 00001.tar, ... in `out_dir`, with sizes.json (samples per
+    shard), stats.json (counts, rejected inputs by reason), rejected.jsonl and grid.png."""
+    if samples_per_shard <= 0:
+        raise ValueError(f"samples_per_shard: must be positive, got {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.tar"), out / SIZES_FILE, out / STATS_FILE, out / REJECTED_FILE]:
+        stale.unlink(missing_ok=True)  # a rewrite with fewer shards must not leave old ones behind
+
+    sizes: dict[str, int] = {}
+    rejected: list[Rejected] = []
+    keys: set[str] = set()
+    grid: list[Sample] = []
+    shard: list[Sample] = []
+
+    def flush() -> None:
+        name = f"{len(sizes):05d}.tar"
+        with atomic_path(out / name) as tmp:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for s in shard:
+                    data, ext = s.image_bytes()
+                    _add(tar, f"{s.key}.{ext}", data)
+                    _add(tar, f"{s.key}.txt", s.text.encode("utf-8"))
+                    _add(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode())
+        sizes[name] = len(shard)
+        shard.clear()
+
+    for item in tqdm(items, total=total, desc=desc, unit="sample", mininterval=1.0):
+        if isinstance(item, Rejected):
+            rejected.append(item)
+            continue
+        if "." in item.key or "/" in item.key or item.key in keys:
+            raise ValueError(f"sample key {item.key!r}: duplicate, or contains '.' or '/'")
+        keys.add(item.key)
+        if len(grid) < grid_size:
+            grid.append(item)
+        shard.append(item)
+        if len(shard) == samples_per_shard:
+            flush()
+    if shard:
+        flush()
+    if not sizes:
+        raise ValueError(f"{out}: no sample was written ({len(rejected)} rejected)")
+
+    stats = {"samples": sum(sizes.values()), "shards": len(sizes), "rejected": len(rejected),
+             "rejected_by_reason": dict(sorted(Counter(reason_kind(r.reason) for r in rejected).items()))}
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
+    (out / REJECTED_FILE).write_text("".join(json.dumps({"source_id": r.source_id, "reason": r.reason},
+                                                        ensure_ascii=False) + "\n" for r in rejected))
+    if grid:
+        write_grid(grid, out / GRID_FILE)
+    return stats
+
+
+def write_grid(samples: list[Sample], path: str | os.PathLike, cell: int = 96, columns: int = 8) -> None:
+    """A contact sheet: each image scaled to `cell` px with its caption below, for a quick look."""
+    font = ImageFont.load_default()
+    rows = (len(samples) + columns - 1) // columns
+    text_h = 36
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, s in enumerate(samples):
+        data, _ = s.image_bytes()
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        scale = cell / max(im.size)  # small images (28 px) are enlarged without blur
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
+        sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
+        lines = textwrap.wrap(s.text, width=cell // 6)[:3]
+        draw.multiline_text((x + 2, y + cell + 1), "\n".join(lines), fill="black", font=font, spacing=0)
+    sheet.save(path)

@@ -1,0 +1,180 @@
+"""Training and evaluation pipelines over shards: splitting, equal batch counts, bad samples."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipper
+from clipper.data.pipeline import ShardDataset, SkipLog, list_shards, make_loader
+from clipper.data.samples import Sample
+from clipper.data.shards import write_shards
+
+CFG = clipper.preset("fmnist-tiny")  # 28 px, 1 channel, context 16
+
+
+def _samples(n, start=0, mode="L"):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        shape = (28, 28) if mode == "L" else (28, 28, 3)
+        yield Sample(key=f"s{i:04d}", image=rng.integers(0, 256, shape).astype(np.uint8), text=f"item number {i}")
+
+
+def _make_shards(tmp_path, sizes, name="shards"):
+    out = tmp_path / name
+    items, start = [], 0
+    for size in sizes:
+        items.extend(_samples(size, start))
+        start += size
+    # one call per shard layout: write_shards cuts at samples_per_shard, so build shards one by one
+    written = write_shards(items, out, samples_per_shard=max(sizes)) if len(set(sizes)) == 1 else None
+    if written is None:
+        for i, size in enumerate(sizes):
+            sub = tmp_path / f"{name}-{i}"
+            write_shards(items[sum(sizes[:i]):sum(sizes[:i + 1])], sub, samples_per_shard=size)
+            out.mkdir(exist_ok=True)
+            (sub / "00000.tar").rename(out / f"{i:05d}.tar")
+    return out
+
+
+def _keys_by_rank(shards, world, workers, batch, **kw):
+    out = []
+    for rank in range(world):
+        ds = ShardDataset(shards, CFG, batch_size=batch, rank=rank, world=world, **kw)
+        batches = list(make_loader(ds, workers))
+        assert all(len(b["key"]) == batch for b in batches)
+        assert len(batches) == ds.batches_per_epoch()
+        out.append([k for b in batches for k in b["key"]])
+    return out
+
+
+def test_two_ranks_two_workers_disjoint_complete_equal(tmp_path):
+    shards = _make_shards(tmp_path, [10] * 8)
+    per_rank = _keys_by_rank(shards, world=2, workers=2, batch=5)
+    assert len(per_rank[0]) == len(per_rank[1]) == 40
+    everything = per_rank[0] + per_rank[1]
+    assert len(set(everything)) == 80 == len(everything)  # disjoint and complete
+
+
+def test_uneven_shards_still_give_equal_batch_counts(tmp_path):
+    shards = _make_shards(tmp_path, [3, 17, 9, 11])
+    per_rank = _keys_by_rank(shards, world=2, workers=2, batch=4)
+    # 40 samples / (2 ranks x 2 workers x batch 4) = 2 batches per worker, 4 per rank
+    assert len(per_rank[0]) == len(per_rank[1]) == 16
+    # the reader holding the 3-sample shard cycles it, but never reads another reader's shard
+    assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_resampled_stream_has_fixed_epoch_length(tmp_path):
+    shards = _make_shards(tmp_path, [10] * 4)
+    per_rank = _keys_by_rank(shards, world=2, workers=1, batch=5, resampled=True)
+    assert len(per_rank[0]) == len(per_rank[1]) == 20
+
+
+def test_epochs_reshuffle_deterministically(tmp_path):
+    shards = _make_shards(tmp_path, [10] * 4)
+
+    def keys(epoch, seed=0):
+        ds = ShardDataset(shards, CFG, batch_size=10, seed=seed, rank=0, world=1)
+        ds.set_epoch(epoch)
+        return [k for b in make_loader(ds, 0) for k in b["key"]]
+
+    assert keys(0) == keys(0) and keys(0) != keys(1) and keys(0) != keys(0, seed=1)
+    assert sorted(keys(0)) == sorted(keys(1))
+
+
+def test_eval_visits_every_sample_once_in_order(tmp_path):
+    shards = _make_shards(tmp_path, [10, 10, 7], name="ev")
+    ds = ShardDataset(shards, CFG, batch_size=4, train=False, rank=0, world=1)
+    keys = [k for b in make_loader(ds, 0) for k in b["key"]]
+    assert keys == [f"s{i:04d}" for i in range(27)] and ds.batches_per_epoch() == 7
+    keys2 = [k for b in make_loader(ds, 2) for k in b["key"]]
+    assert sorted(keys2) == keys
+
+
+def test_batches_hold_model_inputs(tmp_path):
+    shards = _make_shards(tmp_path, [8])
+    batch = next(iter(make_loader(ShardDataset(shards, CFG, batch_size=4, rank=0, world=1), 0)))
+    assert batch["image"].shape == (4, 1, 28, 28) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (4, 16) and batch["text"].dtype == torch.long
+    tok = clipper.Tokenizer(16)
+    assert tok.decode(batch["text"][0]).startswith("item number")
+    rgb = clipper.preset("fmnist-tiny")
+    rgb.vision.in_channels, rgb.vision.image_mean, rgb.vision.image_std = 3, (0.5,) * 3, (0.5,) * 3
+    batch = next(iter(make_loader(ShardDataset(shards, rgb, batch_size=4, train=False, rank=0, world=1), 0)))
+    assert batch["image"].shape == (4, 3, 28, 28)  # grayscale images feed a 3-channel model
+    assert torch.equal(batch["image"][:, 0], batch["image"][:, 2])
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _png(size=(28, 28)):
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_samples_are_skipped_counted_and_named(tmp_path):
+    out = tmp_path / "bad"
+    out.mkdir()
+    with tarfile.open(out / "00000.tar", "w") as tar:
+        for i in range(6):
+            _add(tar, f"good{i}.png", _png())
+            _add(tar, f"good{i}.txt", b"fine caption")
+        _add(tar, "notimage.png", b"GIF89a garbage")
+        _add(tar, "notimage.txt", b"caption")
+        _add(tar, "empty.png", _png())
+        _add(tar, "empty.txt", b"  ")
+        _add(tar, "latin.png", _png())
+        _add(tar, "latin.txt", "caf\xe9".encode("latin-1"))
+        _add(tar, "huge.png", _png((300, 300)))
+        _add(tar, "huge.txt", b"big")
+        _add(tar, "nocap.png", _png())
+    with tarfile.open(out / "00001.tar", "w") as tar:
+        for i in range(4):
+            _add(tar, f"later{i}.png", _png())
+            _add(tar, f"later{i}.txt", b"fine caption")
+    data = (out / "00001.tar").read_bytes()
+    (out / "00001.tar").write_bytes(data[:512 * 9 + 100])  # cut inside the 4th sample's image
+
+    ds = ShardDataset(out, CFG, batch_size=3, train=False, rank=0, world=1, max_pixels=100 * 100)
+    log = SkipLog()
+    keys = []
+    for batch in make_loader(ds, 0):
+        log.add(batch)
+        keys.extend(batch["key"])
+    assert keys == [f"good{i}" for i in range(6)] + ["later0", "later1"]
+    reasons = {s.key: s.reason for s in log.skipped}
+    assert "not a readable image" in reasons["notimage"] and reasons["empty"] == "empty caption"
+    assert reasons["latin"] == "caption is not UTF-8" and "pixel limit" in reasons["huge"]
+    assert reasons["nocap"] == "no txt member" and "damaged tar" in reasons["later2"]
+    summary = log.summary()
+    assert summary.startswith("6 sample(s) skipped") and "00000.tar:notimage" in summary
+
+    # training over the same shards completes its epoch too
+    train = ShardDataset(out, CFG, batch_size=2, rank=0, world=1, max_pixels=100 * 100)
+    assert len(list(make_loader(train, 0))) == train.batches_per_epoch()
+
+
+def test_missing_or_empty_shard_lists_fail_at_once(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere/00000.tar: no such shard"):
+        list_shards(str(tmp_path / "nowhere/{00000..00001}.tar"))
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(ValueError, match="holds no .tar shards"):
+        ShardDataset(tmp_path / "emptydir", CFG, batch_size=2)
+    with pytest.raises(ValueError, match="no shards"):
+        list_shards([])
+
+
+def test_too_few_shards_for_the_readers(tmp_path):
+    shards = _make_shards(tmp_path, [10])
+    ds = ShardDataset(shards, CFG, batch_size=2, rank=1, world=2)
+    with pytest.raises(ValueError, match="cannot feed 2 rank"):
+        list(make_loader(ds, 0))

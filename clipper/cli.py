@@ -83,6 +83,13 @@ def cmd_data(args: argparse.Namespace) -> None:
     from .data import build, sources
     from .data.shards import write_shards
 
+    if args.source == "fetch":
+        from .data import emoji, fashion_mnist
+
+        print(f"fashion-mnist: {fashion_mnist.find_root()}")
+        font, cldr = emoji.find_files()
+        print(f"emoji font: {font}\nCLDR annotations: {cldr[0].parents[1]}")
+        return
     if args.source == "fashion-mnist":
         root = args.root
         if args.download:
@@ -101,6 +108,52 @@ def cmd_data(args: argparse.Namespace) -> None:
         rejected = f", {s['rejected']} rejected ({s['rejected_by_reason']})" if s["rejected"] else ""
         print(f"{split}: {s['samples']} pairs in {s['shards']} shard(s){rejected}")
     print(f"wrote {args.out}")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Preset, then --config file, then the flags, then --set FIELD=JSON overrides."""
+    import dataclasses
+
+    from .config import TrainConfig, from_dict, read_json, train_preset
+
+    cfg = train_preset(args.preset) if args.preset else TrainConfig()
+    if args.config:
+        cfg = read_json(TrainConfig, args.config)
+    data = dataclasses.asdict(cfg)
+    for flag in TRAIN_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    for item in args.set or []:
+        field, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # bare strings need no quotes
+        *parents, leaf = field.split(".")
+        target = data
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"--set {field}: {part!r} is not a section of the training config")
+            target = target[part]
+        target[leaf] = value
+    return from_dict(TrainConfig, data, "train").validate()
+
+
+TRAIN_FLAGS = {"model": str, "init": str, "train_data": str, "eval_task": str, "eval_data": str, "loss": str,
+               "batch_size": int, "accum_freq": int, "lr": float, "steps": int, "epochs": float,
+               "minutes": float, "workers": int, "seed": int, "checkpoint_every": int, "eval_every": int,
+               "device": str}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import Trainer
+
+    cfg = train_config_from_args(args)
+    summary = Trainer(cfg, args.out, resume=args.resume).fit()
+    print(json.dumps(summary))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="turn a data source into webdataset shards")
     data_sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    data_sub.add_parser("fetch", help="locate or fetch the Debian packages of the real sets (apt-get download)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output folder (real sets: one subfolder per split)")
     common.add_argument("--samples-per-shard", type=int, help="samples per .tar shard")
@@ -140,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image-column", default="image")
     q.add_argument("--caption-column", default="caption")
     p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("train", help="contrastive training (also under torchrun)",
+                       description="Settings: --preset, then --config FILE, then the flags below, then --set.")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, final model)")
+    p.add_argument("--preset", help="training preset: fmnist-tiny, emoji-small")
+    p.add_argument("--config", help="TrainConfig JSON file")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    for flag, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="any TrainConfig field, JSON value (e.g. augment.crop_scale=[0.5,1.0])")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("similarity", help="cosine similarity of images and texts")
     _add_model_args(p)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,26 +96,116 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data, "model").validate()
+        return from_dict(cls, data, "model").validate()
 
     def to_json(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(self, path)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return read_json(cls, path).validate()
 
 
-_NESTED = {"vision": VisionConfig, "text": TextConfig}
+@dataclass
+class AugmentConfig:
+    """Train-time augmentation. Defaults are mild: small crops keep the object the caption names."""
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction of the random resized crop
+    crop_ratio: tuple[float, float] = (0.9, 1.1)  # aspect ratio range of the crop
+    hflip: float = 0.0  # probability; off by default since captions may say left or right
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength
+
+
+@dataclass
+class TrainConfig:
+    """One contrastive training run. Batch sizes are per rank, as in open_clip."""
+    model: str = "fmnist-tiny"  # preset, or a model directory / open_clip checkpoint when `init` is unset
+    init: str | None = None  # start from these weights (clipper model dir or open_clip file) instead of random
+    train_data: str = ""  # shard folder, brace pattern or glob
+    eval_task: str = "none"  # "zeroshot-fmnist", "retrieval-emoji" or "none"
+    eval_data: str | None = None  # shards of the eval split
+    loss: str = "infonce"  # "infonce" or "sigmoid"
+    batch_size: int = 256
+    accum_freq: int = 1  # micro-batches per step; all negatives of the full batch are kept
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    image_lr_scale: float = 1.0  # per-tower learning-rate multipliers
+    text_lr_scale: float = 1.0
+    lock_image: bool = False  # LiT: train the text tower against a frozen image tower
+    lock_text: bool = False
+    steps: int | None = None  # the run ends at the first of steps, epochs, minutes that is set
+    epochs: float | None = None
+    minutes: float | None = None
+    seed: int = 0
+    workers: int = 1
+    shuffle_buffer: int = 2000
+    resampled: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    log_every: int = 10
+    eval_every: int = 0  # steps between evaluations (0: at the end only)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    stop_after: int | None = None  # leave after this many steps of this run (checkpointed), e.g. for job time limits
+    precision: str = "fp32"  # "bf16": autocast on CUDA
+    compile: bool = False
+    device: str = "auto"
+
+    def validate(self) -> "TrainConfig":
+        if self.loss not in ("infonce", "sigmoid"):
+            raise ConfigError(f"train.loss: {self.loss!r} is not one of infonce, sigmoid")
+        if self.eval_task not in ("none", "zeroshot-fmnist", "retrieval-emoji"):
+            raise ConfigError(f"train.eval_task: {self.eval_task!r} is not one of none, zeroshot-fmnist, "
+                              "retrieval-emoji")
+        if self.eval_task != "none" and not self.eval_data:
+            raise ConfigError(f"train.eval_data: needed for eval_task {self.eval_task}")
+        if self.steps is None and self.epochs is None and self.minutes is None:
+            raise ConfigError("train: set at least one of steps, epochs, minutes")
+        if self.batch_size % self.accum_freq:
+            raise ConfigError(f"train: batch_size {self.batch_size} is not divisible by accum_freq {self.accum_freq}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision: {self.precision!r} is not one of fp32, bf16")
+        if self.lock_image and self.lock_text:
+            raise ConfigError("train: lock_image and lock_text together leave nothing to train")
+        _positive(self, "train", ("batch_size", "accum_freq", "lr", "log_every", "checkpoint_every"))
+        return self
+
+
+# Training recipes for 2 CPU cores and a 10-minute budget (benchmarks/README.md: what was tried).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "fmnist-tiny": {"model": "fmnist-tiny", "eval_task": "zeroshot-fmnist", "batch_size": 256, "lr": 2e-3,
+                    "weight_decay": 0.1, "warmup_steps": 100, "minutes": 10.0, "workers": 1,
+                    "eval_every": 0, "checkpoint_every": 500},
+    "emoji-small": {"model": "emoji-small", "eval_task": "retrieval-emoji", "batch_size": 256, "lr": 1e-3,
+                    "weight_decay": 0.1, "warmup_steps": 100, "minutes": 10.0, "workers": 1,
+                    "eval_every": 0, "checkpoint_every": 500},
+}
+
+
+def train_preset(name: str) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown training preset {name!r} (presets: {', '.join(TRAIN_PRESETS)})")
+    return from_dict(TrainConfig, TRAIN_PRESETS[name], "train")
+
+
+def write_json(config: Any, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
+
+
+def read_json(cls: type, path: str | os.PathLike) -> Any:
+    """Dataclass `cls` from a JSON file; errors name the file and the field."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: unreadable ({e.strerror})") from None
+    try:
+        return from_dict(cls, data, cls.__name__.replace("Config", "").lower() or "config")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _positive(obj: Any, where: str, names: tuple[str, ...]) -> None:
@@ -123,45 +214,50 @@ def _positive(obj: Any, where: str, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{where}.{name}: must be positive, got {getattr(obj, name)}")
 
 
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from `data`, refusing unknown fields and values of the wrong type."""
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from `data` (nested dataclasses too), refusing unknown fields and
+    values of the wrong type; errors name the field's path."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        if cls is ModelConfig and name in _NESTED:
-            kwargs[name] = _from_dict(_NESTED[name], value, f"{where}.{name}")
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = from_dict(hints[name], value, f"{where}.{name}")
         else:
-            kwargs[name] = _check_type(value, fields[name].default, f"{where}.{name}")
+            kwargs[name] = _check_type(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
-def _check_type(value: Any, default: Any, where: str) -> Any:
-    """Coerce JSON values to the type of the field's default (ints where floats go, lists to tuples)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    elif isinstance(default, float) or default is None:
-        if value is None and default is None:
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Check a JSON value against a field's type hint (int, float, bool, str, tuple of numbers,
+    or any of these `| None`); ints are accepted where floats go, lists become tuples."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-    elif isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where}: expected a list of numbers, got {value!r}")
-        return tuple(float(v) for v in value)
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is tuple:
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        value = tuple(float(v) for v in value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
     return value
 
 

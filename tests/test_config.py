@@ -58,7 +58,7 @@ def test_unknown_field_is_named(tmp_path):
     ("vision", "image_mean", [0.5, 0.5], "2 values for in_channels=1"),
     ("vision", "pool", "max", "pool"),
     ("text", "context_length", 1, "context_length"),
-    ("text", "width", "wide", "expected an integer"),
+    ("text", "width", "wide", "expected int"),
     ("vision", "layers", 0, "must be positive"),
 ])
 def test_contradictory_or_malformed_fields(section, field, value, message):

@@ -31,13 +31,13 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import ModelConfig
+from ..config import AugmentConfig, ModelConfig
 from ..distributed import rank_and_world
 from ..images import MAX_PIXELS
 from ..tokenizer import Tokenizer
 from .shards import SIZES_FILE, reason_kind
 from .sources import read_caption
-from .transforms import AugmentConfig, eval_transform, train_transform
+from .transforms import TrainTransform, eval_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -118,12 +118,12 @@ def read_tar(shard: str) -> Iterator[dict | Skip]:
 
 
 class SampleDecoder:
-    """Raw sample -> (image tensor, token ids, key) or a Skip with the reason."""
+    """Raw sample -> (image tensor, token ids, key, metadata) or a Skip with the reason."""
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
                  max_pixels: int = MAX_PIXELS):
         self.image_size = config.vision.image_size
-        self.transform = train_transform(config.vision, augment or AugmentConfig()) if train \
+        self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
             else eval_transform(config.vision)
         self.tokenizer = Tokenizer(config.text.context_length)
         self.max_pixels = max_pixels
@@ -149,26 +149,35 @@ class SampleDecoder:
                 pixels = self.transform(im)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             return Skip(url, key, f"not a readable image ({e})")
-        return pixels, self.tokenizer([text])[0], key
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return Skip(url, key, "json member is not valid JSON")
+        return pixels, self.tokenizer([text])[0], key, meta
 
 
 def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool) -> Iterator[dict]:
     """Collate decoded samples; each batch carries the skips met since the previous one."""
-    images, tokens, keys, skipped = [], [], [], []
+    rows: list[tuple] = []
+    skipped: list[Skip] = []
+
+    def collate() -> dict:
+        images, tokens, keys, metas = zip(*rows) if rows else ((), (), (), ())
+        return {"image": torch.stack(images) if rows else torch.empty(0),
+                "text": torch.stack(tokens) if rows else torch.empty(0, dtype=torch.long),
+                "key": list(keys), "meta": list(metas), "skipped": list(skipped)}
+
     for item in items:
         if isinstance(item, Skip):
             skipped.append(item)
             continue
-        images.append(item[0])
-        tokens.append(item[1])
-        keys.append(item[2])
-        if len(images) == batch_size:
-            yield {"image": torch.stack(images), "text": torch.stack(tokens), "key": keys, "skipped": skipped}
-            images, tokens, keys, skipped = [], [], [], []
-    if (images and not drop_last) or skipped:
-        yield {"image": torch.stack(images) if images else torch.empty(0),
-               "text": torch.stack(tokens) if tokens else torch.empty(0, dtype=torch.long),
-               "key": keys, "skipped": skipped}
+        rows.append(item)
+        if len(rows) == batch_size:
+            yield collate()
+            rows.clear()
+            skipped.clear()
+    if (rows and not drop_last) or skipped:
+        yield collate()
 
 
 class ShardDataset(IterableDataset):
@@ -238,6 +247,7 @@ class ShardDataset(IterableDataset):
             raw = (s for shard in self.shards[worker::workers] for s in read_tar(shard))
             yield from batches(map(self.decoder, raw), self.batch_size, drop_last=False)
             return
+        self.decoder.transform.reseed(f"{self.seed}-augment-{self.epoch}-{self.rank}-{worker}")
         stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, drop_last=True)
         yield from itertools.islice(stream, self.batches_per_worker())
 

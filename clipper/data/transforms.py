@@ -3,23 +3,16 @@ centre crop, normalise) and the train-time augmentation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import random
 from typing import Callable
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
-from ..config import VisionConfig
-
-
-@dataclass
-class AugmentConfig:
-    """Train-time augmentation. Defaults are mild: small crops keep the object the caption names."""
-    crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction of the random resized crop
-    crop_ratio: tuple[float, float] = (0.9, 1.1)  # aspect ratio range of the crop
-    hflip: float = 0.0  # probability; off by default since captions may say left or right
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength
+from ..config import AugmentConfig, VisionConfig
 
 
 class ConvertMode:
@@ -42,12 +35,40 @@ def eval_transform(cfg: VisionConfig) -> Callable[[Image.Image], torch.Tensor]:
                       T.CenterCrop(cfg.image_size), *_to_model_input(cfg)])
 
 
-def train_transform(cfg: VisionConfig, aug: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
-    steps: list[Callable] = [T.RandomResizedCrop(cfg.image_size, scale=aug.crop_scale, ratio=aug.crop_ratio,
-                                                 interpolation=T.InterpolationMode.BICUBIC)]
-    if aug.hflip > 0:
-        steps.append(T.RandomHorizontalFlip(aug.hflip))
-    if aug.color_jitter > 0:
-        j = aug.color_jitter
-        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
-    return T.Compose([*steps, *_to_model_input(cfg)])
+class TrainTransform:
+    """Random resized crop (+ optional flip and colour jitter) drawing from its own seeded RNG, so
+    a data stream is reproducible whatever process runs it and whatever else uses torch's RNG."""
+
+    def __init__(self, cfg: VisionConfig, aug: AugmentConfig):
+        self.size, self.aug = cfg.image_size, aug
+        self.finish = T.Compose(_to_model_input(cfg))
+        self.rng = random.Random(0)
+
+    def reseed(self, seed: str) -> None:
+        self.rng = random.Random(seed)
+
+    def _crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) as torchvision's RandomResizedCrop draws them."""
+        area = width * height
+        log_ratio = (math.log(self.aug.crop_ratio[0]), math.log(self.aug.crop_ratio[1]))
+        for _ in range(10):
+            target = area * self.rng.uniform(*self.aug.crop_scale)
+            ratio = math.exp(self.rng.uniform(*log_ratio))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                return self.rng.randint(0, height - h), self.rng.randint(0, width - w), h, w
+        side = min(width, height)  # fall back to a centre crop
+        return (height - side) // 2, (width - side) // 2, side, side
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        top, left, h, w = self._crop_box(im.width, im.height)
+        im = TF.resized_crop(im, top, left, h, w, [self.size, self.size], T.InterpolationMode.BICUBIC)
+        if self.aug.hflip > 0 and self.rng.random() < self.aug.hflip:
+            im = TF.hflip(im)
+        if self.aug.color_jitter > 0:
+            j = self.aug.color_jitter
+            im = TF.adjust_brightness(im, self.rng.uniform(1 - j, 1 + j))
+            im = TF.adjust_contrast(im, self.rng.uniform(1 - j, 1 + j))
+            if im.mode == "RGB":
+                im = TF.adjust_saturation(im, self.rng.uniform(1 - j, 1 + j))
+        return self.finish(im)

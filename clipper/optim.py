@@ -1,0 +1,46 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+from .model import CLIP
+
+
+def lock_towers(model: CLIP, cfg: TrainConfig) -> None:
+    """LiT and friends: a locked tower's weights get no gradient (and no optimizer state)."""
+    for tower, locked in ((model.visual, cfg.lock_image), (model.text, cfg.lock_text)):
+        for p in tower.parameters():
+            p.requires_grad_(not locked)
+
+
+def param_groups(model: CLIP, cfg: TrainConfig) -> list[dict]:
+    """Per tower (own lr scale), decayed and not: gains, biases, 1-d embeddings and the logit
+    scale/bias (all tensors of dimension < 2) get no weight decay."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        tower = name.split(".")[0] if name.startswith(("visual.", "text.")) else "other"
+        groups.setdefault((tower, p.ndim >= 2), []).append(p)
+    scale = {"visual": cfg.image_lr_scale, "text": cfg.text_lr_scale, "other": 1.0}
+    return [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale[tower],
+             "name": f"{tower}{'' if decay else '-no-decay'}"} for (tower, decay), params in sorted(groups.items())]
+
+
+def make_optimizer(model: CLIP, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to zero as `progress` goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

@@ -1,0 +1,342 @@
+"""Contrastive training on one process or many (torchrun: DDP, gloo on CPU, nccl on GPU).
+
+    clipper train --preset fmnist-tiny --train-data data/shards/fmnist/train \
+        --eval-data data/shards/fmnist/test --minutes 10 --out runs/fmnist
+    torchrun --nproc_per_node 2 -m clipper.train --preset fmnist-tiny ...   (same arguments)
+
+Only rank 0 logs, evaluates and writes checkpoints; `--resume` continues from the run folder's
+latest complete checkpoint (model, optimizer, step, RNG, data position).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .checkpoint import is_model_dir
+from .config import ConfigError, TrainConfig, preset, write_json
+from .data.pipeline import ShardDataset, SkipLog, make_loader
+from .distributed import rank_and_world
+from .evaluate import retrieval, zero_shot
+from .factory import load
+from .losses import LOSSES
+from .model import CLIP
+from .model.clip import MAX_LOGIT_SCALE
+from .optim import learning_rate, lock_towers, make_optimizer, set_learning_rate
+from .runs import RunDir
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun/SLURM job if there is one (gloo on CPU, nccl on CUDA)."""
+    rank, world = rank_and_world()
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world
+
+
+def build_model(cfg: TrainConfig) -> CLIP:
+    """Random init from the preset, or the weights of `init` (clipper directory or open_clip file)."""
+    if cfg.init:
+        model = load(cfg.init) if is_model_dir(cfg.init) else load(cfg.model, pretrained=cfg.init)
+        if cfg.loss == "sigmoid" and model.logit_bias is None:
+            raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
+        return model.train()
+    config = preset(cfg.model)
+    if cfg.loss == "sigmoid" and config.init_logit_bias is None:
+        config.init_logit_bias, config.init_logit_scale = -10.0, math.log(10.0)  # SigLIP's init
+    return CLIP(config).train()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
+        self.cfg = cfg.validate()
+        self.device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        self.run = RunDir(out)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        random.seed(cfg.seed + self.rank)
+
+        self.model = build_model(cfg).to(self.device)
+        lock_towers(self.model, cfg)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.loss_fn = LOSSES[cfg.loss]
+        self.data = ShardDataset(cfg.train_data, self.model.config, cfg.batch_size, train=True, augment=cfg.augment,
+                                 seed=cfg.seed, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
+                                 rank=self.rank, world=self.world)
+        self.loader = make_loader(self.data, cfg.workers)
+        self.skips = SkipLog()
+        self.step = self.epoch = self.batch_in_epoch = self.samples = 0
+        self.elapsed = 0.0  # training wall time, carried over resumes
+        if resume:
+            self._resume()
+        elif self.is_main and self.run.latest_checkpoint() is not None:
+            raise ConfigError(f"{self.run.path}: holds checkpoints already; pass --resume to continue that run "
+                              "or choose another --out")
+        self.train_model: torch.nn.Module = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.model, dynamic=True)
+        if self.world > 1:
+            self.train_model = DistributedDataParallel(self.train_model)
+        self.total_steps = cfg.steps
+        if self.total_steps is None and cfg.epochs is not None:
+            self.total_steps = math.ceil(cfg.epochs * self.data.batches_per_epoch())
+        if self.is_main:
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            write_json(cfg, self.run.path / "config.json")
+
+    # --- state ------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "samples": self.samples, "elapsed": self.elapsed,
+                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
+
+    def _resume(self) -> None:
+        latest = self.run.latest_checkpoint()
+        if latest is None:
+            raise ConfigError(f"{self.run.path}: --resume, but no complete checkpoint in {self.run.checkpoints}")
+        model, state = RunDir.load_checkpoint(latest)
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.samples, self.elapsed = state["samples"], state["elapsed"]
+        torch.set_rng_state(state["rng_torch"])
+        random.setstate(state["rng_python"])
+        if self.is_main:
+            self.run.remove_partial()
+            tqdm.write(f"resumed from {latest} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            self.run.save_checkpoint(self.step, self.model, self._state(), self.cfg.keep_checkpoints)
+
+    # --- one optimisation step ------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward, backward and update on one batch."""
+        self.train_model.train()
+        losses = forward_backward(self.train_model, images, texts, self.loss_fn, self.cfg.accum_freq, self._autocast)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # keep the stored temperature where its clamp still passes gradients
+            self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+        return losses
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _progress(self) -> float:
+        parts = []
+        if self.total_steps:
+            parts.append(self.step / self.total_steps)
+        if self.cfg.minutes:
+            parts.append(self.elapsed / (60 * self.cfg.minutes))
+        return max(parts)
+
+    def _done(self, steps_this_run: int) -> bool:
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return True
+        if self.cfg.stop_after is not None and steps_this_run >= self.cfg.stop_after:
+            return True
+        return bool(self.cfg.minutes) and self.elapsed >= 60 * self.cfg.minutes
+
+    def _sync_elapsed(self) -> None:
+        """Every rank follows rank 0's clock, so all agree on the learning rate and on stopping."""
+        if self.world > 1 and self.cfg.minutes:
+            t = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(t, 0)
+            self.elapsed = float(t)
+
+    def _log(self, losses: dict[str, torch.Tensor], lr: float, rate: float) -> None:
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        if not self.is_main:
+            return
+        record = {"step": self.step, "epoch": self.epoch, "samples": self.samples, "elapsed": round(self.elapsed, 2),
+                  "lr": lr, "logit_scale": self.model.logit_scale.detach().exp().item(), "samples_per_s": round(rate, 1),
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  **{k: float(v) for k, v in zip(losses, values)}}
+        if self.model.logit_bias is not None:
+            record["logit_bias"] = self.model.logit_bias.detach().item()
+        if self.device.type == "cuda":
+            record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+        self.run.log(record)
+
+    def evaluate(self) -> dict[str, float] | None:
+        """The configured evaluation on rank 0 (None elsewhere or when there is none)."""
+        if not self.is_main or self.cfg.eval_task == "none":
+            return None
+        return evaluate_task(self.model, self.cfg.eval_task, self.cfg.eval_data, batch_size=512)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        steps_this_run = 0
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, unit="step",
+                   dynamic_ncols=True)
+        global_batch = cfg.batch_size * self.world
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM preemption: checkpoint, then leave
+        try:
+            while not self._done(steps_this_run):
+                self.data.set_epoch(self.epoch)
+                batches = iter(self.loader)
+                for _ in range(self.batch_in_epoch):  # resume mid-epoch: replay the stream up to the position
+                    next(batches)
+                t_log, steps_log = time.perf_counter(), 0
+                t_mark = t_log  # the budget counts all wall time in the loop: data, steps, evals, checkpoints
+                for batch in batches:
+                    self.skips.add(batch)
+                    lr = learning_rate(cfg, self.step, self._progress())
+                    set_learning_rate(self.optimizer, lr)
+                    losses = self.train_step(batch["image"].to(self.device, non_blocking=True),
+                                             batch["text"].to(self.device, non_blocking=True))
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    steps_this_run += 1
+                    steps_log += 1
+                    self.samples += global_batch
+                    now = time.perf_counter()
+                    self.elapsed, t_mark = self.elapsed + now - t_mark, now
+                    self._sync_elapsed()
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0:
+                        rate = steps_log * global_batch / (time.perf_counter() - t_log)
+                        self._log(losses, lr, rate)
+                        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", samples_s=f"{rate:.0f}")
+                        t_log, steps_log = time.perf_counter(), 0
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._record_eval()
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self._done(steps_this_run):
+                        break
+                else:
+                    if self.is_main:
+                        tqdm.write(f"epoch {self.epoch} done: {self.skips.summary()}")
+                    self.skips.clear()
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            if self.is_main:
+                tqdm.write(f"interrupted at step {self.step}: checkpoint written; continue with --resume")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+        self.save_checkpoint()
+        summary = {"step": self.step, "epoch": self.epoch, "samples": self.samples,
+                   "train_seconds": round(self.elapsed, 1),
+                   "samples_per_s": round(self.samples / self.elapsed, 1) if self.elapsed else None,
+                   "skipped": len(self.skips.skipped)}
+        finished = self.total_steps is not None and self.step >= self.total_steps or (
+            bool(cfg.minutes) and self.elapsed >= 60 * cfg.minutes)
+        if self.is_main and finished:
+            self.model.save(self.run.path / "model")
+            summary["eval"] = self._record_eval()
+            self.run.plot()
+        return summary
+
+    def _record_eval(self) -> dict[str, float] | None:
+        t0 = time.perf_counter()
+        metrics = self.evaluate()
+        if metrics is not None:
+            self.run.log({"step": self.step, "samples": self.samples, "elapsed": round(self.elapsed, 2),
+                          "eval_seconds": round(time.perf_counter() - t0, 2), "eval": metrics})
+            self.run.plot()
+            tqdm.write(f"step {self.step}: {self.cfg.eval_task} " +
+                       ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "n"))
+        return metrics
+
+
+def _features_loss(loss_fn, out: dict, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    bias = out["logit_bias"]
+    return loss_fn(image.float(), text.float(), out["logit_scale"].float(), None if bias is None else bias.float())
+
+
+def forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, loss_fn,
+                     accum_freq: int = 1, autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """Loss and gradients of one batch (`model` may be DDP-wrapped).
+
+    With accum_freq k > 1 (open_clip's --accum-freq): the features of the k micro-batches are
+    computed without gradients first; then each micro-batch is recomputed with gradients and scored
+    against all the cached others, so every negative of the full batch counts and the summed
+    gradients equal those of the whole batch at once.
+    """
+    if accum_freq == 1:
+        with autocast():
+            out = model(images, texts)
+            losses = _features_loss(loss_fn, out, out["image_features"], out["text_features"])
+        losses["loss"].backward()
+        return losses
+    img_chunks, txt_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
+    with torch.no_grad(), autocast():
+        cached = [model(i, t) for i, t in zip(img_chunks, txt_chunks)]
+    for j in range(accum_freq):
+        # DDP: reduce gradients once, after the last micro-batch
+        sync = model.no_sync() if j < accum_freq - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                out = model(img_chunks[j], txt_chunks[j])
+                feats = {name: torch.cat([c[name] for c in cached[:j]] + [out[name]] + [c[name] for c in cached[j + 1:]])
+                         for name in ("image_features", "text_features")}
+                if j < accum_freq - 1:  # the temperature (and bias) get their gradient once, not k times
+                    out = {**out, **{k: None if v is None else v.detach() for k, v in out.items() if k.startswith("logit")}}
+                losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"])
+            losses["loss"].backward()
+    return losses
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0) -> dict[str, float]:
+    """Run one protocol evaluation on eval-split shards (the same code as `clipper eval`)."""
+    from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
+
+    was_training = model.training
+    model.eval()
+    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1)
+    loader = make_loader(dataset, workers)
+    try:
+        if task == "zeroshot-fmnist":
+            return zero_shot(model, loader, CLASSES, EVAL_TEMPLATES)
+        if task == "retrieval-emoji":
+            return retrieval(model, loader)
+        raise ConfigError(f"unknown evaluation task {task!r}")
+    finally:
+        model.train(was_training)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m clipper.train` (e.g. under torchrun) takes the arguments of `clipper train`."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

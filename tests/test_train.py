@@ -1,0 +1,228 @@
+"""Contrastive training: losses, distributed and accumulation equivalence, resume, CLI smoke run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import clipper
+from clipper.config import TrainConfig
+from clipper.data.samples import Sample
+from clipper.data.shards import write_shards
+from clipper.losses import LOSSES, infonce_loss, sigmoid_loss
+from clipper.train import Trainer, forward_backward
+
+TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2,
+                                    "in_channels": 1, "image_mean": [0.5], "image_std": [0.5]},
+        "text": {"context_length": 12, "width": 32, "layers": 2, "heads": 2}}
+
+
+def tiny_model(bias=None):
+    torch.manual_seed(0)
+    cfg = clipper.ModelConfig.from_dict(TINY)
+    cfg.init_logit_bias = bias
+    return clipper.CLIP(cfg)
+
+
+def batch(n=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 1, 16, 16, generator=g)
+    texts = clipper.Tokenizer(12)([f"item {i} of {'many ' * (i % 4)}things" for i in range(n)])
+    return images, texts
+
+
+def test_losses_are_right_on_known_logits():
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-2.0)
+    logits = scale * img @ txt.T
+    expected = (torch.nn.functional.cross_entropy(logits, torch.arange(4))
+                + torch.nn.functional.cross_entropy(logits.T, torch.arange(4))) / 2
+    out = infonce_loss(img, txt, scale)
+    assert torch.allclose(out["loss"], expected)
+    assert torch.allclose(out["logit_pos"], logits.diagonal().mean())
+    z = logits + bias
+    labels = 2 * torch.eye(4) - 1
+    expected = -torch.nn.functional.logsigmoid(labels * z).sum() / 4
+    assert torch.allclose(sigmoid_loss(img, txt, scale, bias)["loss"], expected)
+    with pytest.raises(ValueError, match="logit bias"):
+        sigmoid_loss(img, txt, scale, None)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
+def test_accumulation_equals_one_big_batch(loss):
+    bias = -10.0 if loss == "sigmoid" else None
+    images, texts = batch()
+    ref = tiny_model(bias)
+    full = forward_backward(ref, images, texts, LOSSES[loss])
+    acc = tiny_model(bias)
+    accumulated = forward_backward(acc, images, texts, LOSSES[loss], accum_freq=2)
+    assert abs(full["loss"].item() - accumulated["loss"].item()) < 1e-5
+    g_ref, g_acc = _grads(ref), _grads(acc)
+    assert g_ref.keys() == g_acc.keys()
+    for name in g_ref:
+        assert torch.allclose(g_ref[name], g_acc[name], atol=1e-5, rtol=1e-4), name
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, world, port, loss, bias, out_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = DistributedDataParallel(tiny_model(bias))
+    images, texts = batch()
+    per = images.shape[0] // world
+    losses = forward_backward(model, images[rank * per:(rank + 1) * per], texts[rank * per:(rank + 1) * per],
+                              LOSSES[loss])
+    value = losses["loss"].detach().clone()
+    dist.all_reduce(value)
+    if rank == 0:
+        torch.save({"loss": value / world, "grads": _grads(model.module)}, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
+def test_two_ranks_equal_one_rank_with_the_whole_batch(loss, tmp_path):
+    bias = -10.0 if loss == "sigmoid" else None
+    out_path = tmp_path / "rank0.pt"
+    mp.start_processes(_rank_worker, args=(2, _free_port(), loss, bias, str(out_path)), nprocs=2,
+                       start_method="spawn")
+    two = torch.load(out_path, weights_only=True)
+    ref = tiny_model(bias)
+    images, texts = batch()
+    one = forward_backward(ref, images, texts, LOSSES[loss])
+    assert abs(two["loss"].item() - one["loss"].item()) < 1e-5
+    g_ref = _grads(ref)
+    assert g_ref.keys() == two["grads"].keys()
+    for name, g in g_ref.items():
+        assert torch.allclose(g, two["grads"][name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two classes of 16x16 images (bright and dark) with captions naming them."""
+    out = tmp_path_factory.mktemp("train-shards")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(192):
+        bright = i % 2 == 0
+        base = 200 if bright else 40
+        image = np.clip(base + rng.normal(0, 20, (16, 16)), 0, 255).astype(np.uint8)
+        samples.append(Sample(key=f"s{i:04d}", image=image, text="a bright square" if bright else "a dark square",
+                              meta={"label": int(not bright)}))
+    write_shards(samples, out, samples_per_shard=48)
+    return out
+
+
+def _cfg(shards, **kw):
+    base = dict(model="fmnist-tiny", train_data=str(shards), batch_size=16, lr=3e-3, warmup_steps=2, steps=20,
+                workers=0, log_every=5, checkpoint_every=10, seed=3, shuffle_buffer=50)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    """Point the fmnist-tiny preset at a 16 px model so training tests stay fast."""
+    from clipper import config
+
+    monkeypatch.setitem(config._PRESETS, "fmnist-tiny", TINY)
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_gives_identical_parameters(shards, tmp_path, tiny_preset):
+    straight = Trainer(_cfg(shards), tmp_path / "a")
+    straight.fit()
+    first = Trainer(_cfg(shards, stop_after=10), tmp_path / "b")
+    first.fit()
+    assert (tmp_path / "b" / "checkpoints" / "step-00000010").is_dir()
+    resumed = Trainer(_cfg(shards), tmp_path / "b", resume=True)
+    assert resumed.step == 10
+    resumed.fit()
+    a, b = _params(straight.model), _params(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_half_written_checkpoint_is_never_picked(shards, tmp_path, tiny_preset):
+    Trainer(_cfg(shards, stop_after=10), tmp_path / "run").fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    partial = ckpts / ".tmp-step-00000015-999"  # what a writer killed mid-checkpoint leaves
+    (partial / "model").mkdir(parents=True)
+    (partial / "model" / "config.json").write_text("{}")
+    (ckpts / "step-00000020").mkdir()  # a name without its state file is not complete either
+    resumed = Trainer(_cfg(shards), tmp_path / "run", resume=True)
+    assert resumed.step == 10 and not partial.exists()
+
+
+def test_refuses_to_overwrite_or_resume_nothing(shards, tmp_path, tiny_preset):
+    Trainer(_cfg(shards, stop_after=10), tmp_path / "run").fit()
+    with pytest.raises(clipper.ConfigError, match="pass --resume"):
+        Trainer(_cfg(shards), tmp_path / "run")
+    with pytest.raises(clipper.ConfigError, match="no complete checkpoint"):
+        Trainer(_cfg(shards), tmp_path / "empty", resume=True)
+
+
+def test_locked_image_tower_stays_fixed(shards, tmp_path, tiny_preset):
+    trainer = Trainer(_cfg(shards, steps=3, lock_image=True), tmp_path / "lit")
+    before = _params(trainer.model)
+    trainer.fit()
+    after = _params(trainer.model)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text."))
+
+
+def _run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "clipper.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_smoke_and_sigkill_resume(shards, tmp_path):
+    """End to end through the CLI (real fmnist-tiny preset at 28 px): the loss falls, the run
+    folder is complete; a run killed with SIGKILL resumes from its last complete checkpoint."""
+    out = tmp_path / "run"
+    args = ["--preset", "fmnist-tiny", "--train-data", str(shards), "--steps", "40", "--batch-size", "16",
+            "--workers", "0", "--eval-task", "none", "--out", str(out), "--set", "log_every=4", "--set", "checkpoint_every=2",
+            "--set", "warmup_steps=4", "--lr", "0.003"]
+    proc = _run_cli(args)
+    deadline = time.time() + 120
+    ckpts = out / "checkpoints"
+    while time.time() < deadline and len(list(ckpts.glob("step-*"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    resumed = _run_cli([*args, "--resume"])
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["step"] == 40
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    for name in ["config.json", "metrics.jsonl", "curves.png", "model/config.json", "model/model.safetensors"]:
+        assert (out / name).is_file(), name
+    assert (ckpts / "step-00000040" / "state.pt").is_file() and not list(ckpts.glob(".tmp-*"))
+    model = clipper.load(out / "model")
+    assert model.config.vision.image_size == 28

@@ -156,6 +156,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .train import evaluate_task
+
+    model = _load(args)
+    metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers)
+    print(json.dumps({"model": args.model, "task": args.task, **metrics}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clipper", description="CLIP-style image-text models, fast on CPUs.")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -206,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="any TrainConfig field, JSON value (e.g. augment.crop_scale=[0.5,1.0])")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="protocol metrics: zero-shot Fashion-MNIST, emoji retrieval")
+    _add_model_args(p)
+    p.add_argument("--task", required=True, choices=["zeroshot-fmnist", "retrieval-emoji"])
+    p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("similarity", help="cosine similarity of images and texts")
     _add_model_args(p)

@@ -14,3 +14,17 @@ def rank_and_world() -> tuple[int, int]:
         if rank_var in os.environ and world_var in os.environ:
             return int(os.environ[rank_var]), int(os.environ[world_var])
     return 0, 1
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives exec, so a
+    child of a big parent would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -47,7 +47,7 @@ def _load_pretrained(name: str, config: ModelConfig, pretrained: str | os.PathLi
         path = _download_open_clip(name, str(pretrained), config, quick_gelu, cache_dir)
     sd = read_state_dict(path)
     if is_open_clip_state_dict(sd):
-        return from_open_clip_state_dict(sd, config, source=str(path))
+        return from_open_clip_state_dict(sd, config, source=str(path), copy=False)
     return build_model(config, sd, str(path))
 
 

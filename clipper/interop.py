@@ -88,8 +88,9 @@ def config_from_open_clip_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bo
 
 
 def from_open_clip_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig | None = None,
-                              source: str = "open_clip state dict") -> CLIP:
-    """A clipper CLIP holding the weights of an open_clip CLIP state dict."""
+                              source: str = "open_clip state dict", copy: bool = True) -> CLIP:
+    """A clipper CLIP holding the weights of an open_clip CLIP state dict (copied, so that the two
+    models do not share storage; `copy=False` adopts tensors that nothing else holds)."""
     sd = {k: v for k, v in sd.items() if k not in _NON_WEIGHTS}
     if config is None:
         config = config_from_open_clip_state_dict(sd)
@@ -102,8 +103,8 @@ def from_open_clip_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig |
         raise CheckpointError(f"{source}: tensors clipper cannot place (not a ViT CLIP of this config?): "
                               f"{', '.join(unknown[:5])}")
     # open_clip stores logit_scale as a scalar or as shape [1]; clipper uses a scalar.
-    return build_model(config, {names[k]: (v.reshape(()) if k.startswith("logit_") else v) for k, v in sd.items()},
-                       source)
+    tensors = {names[k]: (v.reshape(()) if k.startswith("logit_") else v) for k, v in sd.items()}
+    return build_model(config, {k: v.clone() for k, v in tensors.items()} if copy else tensors, source)
 
 
 def is_open_clip_state_dict(sd: dict[str, torch.Tensor]) -> bool:
@@ -121,7 +122,7 @@ def load_open_clip_checkpoint(path: str | os.PathLike, config: ModelConfig | Non
             config = config_from_open_clip_state_dict(sd, quick_gelu=quick_gelu)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
-    return from_open_clip_state_dict(sd, config, source=str(path))
+    return from_open_clip_state_dict(sd, config, source=str(path), copy=False)
 
 
 def save_open_clip_checkpoint(model: CLIP, path: str | os.PathLike) -> Path:

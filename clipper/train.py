@@ -14,7 +14,6 @@ import contextlib
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import is_model_dir
 from .config import ConfigError, TrainConfig, preset, write_json
 from .data.pipeline import ShardDataset, SkipLog, make_loader
-from .distributed import rank_and_world
+from .distributed import peak_rss_mib, rank_and_world
 from .evaluate import retrieval, zero_shot
 from .factory import load
 from .losses import LOSSES
@@ -81,14 +80,14 @@ class Trainer:
         self.loss_fn = LOSSES[cfg.loss]
         self.data = ShardDataset(cfg.train_data, self.model.config, cfg.batch_size, train=True, augment=cfg.augment,
                                  seed=cfg.seed, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
-                                 rank=self.rank, world=self.world)
+                                 rank=self.rank, world=self.world, keywords_prob=cfg.keywords_prob)
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.elapsed = 0.0  # training wall time, carried over resumes
         if resume:
             self._resume()
-        elif self.is_main and self.run.latest_checkpoint() is not None:
+        elif self.run.latest_checkpoint() is not None:  # every rank sees the folder, so all stop alike
             raise ConfigError(f"{self.run.path}: holds checkpoints already; pass --resume to continue that run "
                               "or choose another --out")
         self.train_model: torch.nn.Module = self.model
@@ -137,7 +136,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward, backward and update on one batch."""
         self.train_model.train()
-        losses = forward_backward(self.train_model, images, texts, self.loss_fn, self.cfg.accum_freq, self._autocast)
+        losses = forward_backward(self.train_model, images, texts, self.loss_fn, self.cfg.accum_freq, self._autocast,
+                                  self.cfg.same_caption_positive)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.optimizer.step()
@@ -178,7 +178,7 @@ class Trainer:
             return
         record = {"step": self.step, "epoch": self.epoch, "samples": self.samples, "elapsed": round(self.elapsed, 2),
                   "lr": lr, "logit_scale": self.model.logit_scale.detach().exp().item(), "samples_per_s": round(rate, 1),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "peak_rss_mib": round(peak_rss_mib(), 1),
                   **{k: float(v) for k, v in zip(losses, values)}}
         if self.model.logit_bias is not None:
             record["logit_bias"] = self.model.logit_bias.detach().item()
@@ -271,24 +271,29 @@ class Trainer:
         return metrics
 
 
-def _features_loss(loss_fn, out: dict, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+def _features_loss(loss_fn, out: dict, image: torch.Tensor, text: torch.Tensor,
+                   tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
     bias = out["logit_bias"]
-    return loss_fn(image.float(), text.float(), out["logit_scale"].float(), None if bias is None else bias.float())
+    return loss_fn(image.float(), text.float(), out["logit_scale"].float(), None if bias is None else bias.float(),
+                   tokens=tokens)
 
 
 def forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, loss_fn,
-                     accum_freq: int = 1, autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
-    """Loss and gradients of one batch (`model` may be DDP-wrapped).
+                     accum_freq: int = 1, autocast=contextlib.nullcontext,
+                     same_caption_positive: bool = False) -> dict[str, torch.Tensor]:
+    """Loss and gradients of one batch (`model` may be DDP-wrapped); with `same_caption_positive`,
+    pairs with identical captions count as positives.
 
     With accum_freq k > 1 (open_clip's --accum-freq): the features of the k micro-batches are
     computed without gradients first; then each micro-batch is recomputed with gradients and scored
     against all the cached others, so every negative of the full batch counts and the summed
     gradients equal those of the whole batch at once.
     """
+    tokens = texts if same_caption_positive else None
     if accum_freq == 1:
         with autocast():
             out = model(images, texts)
-            losses = _features_loss(loss_fn, out, out["image_features"], out["text_features"])
+            losses = _features_loss(loss_fn, out, out["image_features"], out["text_features"], tokens)
         losses["loss"].backward()
         return losses
     img_chunks, txt_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
@@ -304,7 +309,7 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.
                          for name in ("image_features", "text_features")}
                 if j < accum_freq - 1:  # the temperature (and bias) get their gradient once, not k times
                     out = {**out, **{k: None if v is None else v.detach() for k, v in out.items() if k.startswith("logit")}}
-                losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"])
+                losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"], tokens)
             losses["loss"].backward()
     return losses
 

@@ -80,7 +80,7 @@ def test_csv_source(tmp_path):
     assert "no such file" in reasons[0] and "empty image path" in reasons[1] and "empty caption" in reasons[2]
     assert reasons[1].startswith("pairs.tsv:5")
     with pytest.raises(ValueError, match="no column 'image' \\(columns: path, text\\)"):
-        list(csv_samples(tmp_path / "pairs.tsv"))
+        csv_samples(tmp_path / "pairs.tsv")
 
 
 def _members(tar_path):
@@ -154,3 +154,15 @@ def test_fashion_mnist_bad_files(tiny_fmnist, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="missing Fashion-MNIST file"):
         fashion_mnist.find_root(tmp_path / "empty")
+
+
+def test_cli_data_folder_and_bad_paths(messy_folder, tmp_path, capsys):
+    from clipper.cli import main
+
+    assert main(["data", "folder", str(messy_folder), "--out", str(tmp_path / "shards")]) == 0
+    out = capsys.readouterr().out
+    assert "all: 4 pairs in 1 shard(s), 6 rejected" in out  # default pixel limit admits huge.png
+    assert (tmp_path / "shards" / "grid.png").is_file()
+    assert main(["data", "folder", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"clipper data: error: {tmp_path / 'nope'}: not a folder"

@@ -93,12 +93,12 @@ def test_gradients_match_open_clip():
     """Same loss, same gradients for every parameter: the pooled-row shortcut is exact in training too."""
     oc = small_open_clip().train()
     ours = from_open_clip_state_dict(oc.state_dict(), small_config("tok", False)).train()
-    images = torch.randn(4, 3, 32, 32)
-    tokens = open_clip.tokenize(TEXTS[:4], context_length=20)
+    images = torch.randn(6, 3, 32, 32)
+    tokens = open_clip.tokenize(TEXTS[:4] + TEXTS[:2], context_length=20)  # duplicates share one encoding
 
     def loss_of(img, txt, scale):
         logits = scale.exp() * img @ txt.T
-        labels = torch.arange(4)
+        labels = torch.arange(6)
         return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
 
     loss_oc = loss_of(oc.encode_image(images, normalize=True), oc.encode_text(tokens, normalize=True), oc.logit_scale)
@@ -112,3 +112,12 @@ def test_gradients_match_open_clip():
     for name, p in ours.named_parameters():
         g = oc_grads[open_clip_name(name)]
         assert torch.allclose(p.grad, g.reshape(p.grad.shape), atol=1e-5), name
+
+
+def test_converted_model_owns_its_weights():
+    oc = small_open_clip()
+    ours = from_open_clip_state_dict(oc.state_dict(), small_config())
+    before = ours.visual.proj.detach().clone()
+    with torch.no_grad():
+        oc.visual.proj.add_(1.0)
+    assert torch.equal(ours.visual.proj.detach(), before)

@@ -178,3 +178,16 @@ def test_too_few_shards_for_the_readers(tmp_path):
     ds = ShardDataset(shards, CFG, batch_size=2, rank=1, world=2)
     with pytest.raises(ValueError, match="cannot feed 2 rank"):
         list(make_loader(ds, 0))
+
+
+def test_keywords_replace_captions_only_in_training(tmp_path):
+    items = [Sample(key=f"k{i}", image=np.full((28, 28), i * 20, np.uint8), text=f"name {i}",
+                    meta={"keywords": ["alpha", f"beta{i}"]}) for i in range(8)]
+    write_shards(items, tmp_path / "kw", samples_per_shard=8)
+    tok = clipper.Tokenizer(16)
+    train = ShardDataset(tmp_path / "kw", CFG, batch_size=8, rank=0, world=1, keywords_prob=1.0)
+    texts = tok.batch_decode(next(iter(make_loader(train, 0)))["text"])
+    assert all(t.startswith("alpha | beta") for t in texts)
+    evaluation = ShardDataset(tmp_path / "kw", CFG, batch_size=8, train=False, rank=0, world=1, keywords_prob=1.0)
+    texts = tok.batch_decode(next(iter(make_loader(evaluation, 0)))["text"])
+    assert texts == [f"name {i}" for i in range(8)]

@@ -226,3 +226,20 @@ def test_cli_smoke_and_sigkill_resume(shards, tmp_path):
     assert (ckpts / "step-00000040" / "state.pt").is_file() and not list(ckpts.glob(".tmp-*"))
     model = clipper.load(out / "model")
     assert model.config.vision.image_size == 28
+
+
+def test_identical_captions_count_as_positives():
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(5.0)
+    unique = clipper.Tokenizer(8)(["a", "b", "c", "d"])
+    assert torch.allclose(infonce_loss(img, txt, scale, tokens=unique)["loss"], infonce_loss(img, txt, scale)["loss"])
+    dup = clipper.Tokenizer(8)(["a", "b", "a", "d"])
+    logits = scale * img @ txt.T
+    target = torch.tensor([[.5, 0, .5, 0], [0, 1, 0, 0], [.5, 0, .5, 0], [0, 0, 0, 1]])
+    i2t = -(target * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(target * logits.T.log_softmax(1)).sum(1).mean()
+    assert torch.allclose(infonce_loss(img, txt, scale, tokens=dup)["loss"], (i2t + t2i) / 2)
+    labels = 2 * (target > 0).float() - 1
+    expected = -torch.nn.functional.logsigmoid(labels * (logits - 1)).sum() / 4
+    assert torch.allclose(sigmoid_loss(img, txt, scale, torch.tensor(-1.0), tokens=dup)["loss"], expected)

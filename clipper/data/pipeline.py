@@ -121,12 +121,25 @@ class SampleDecoder:
     """Raw sample -> (image tensor, token ids, key, metadata) or a Skip with the reason."""
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0):
         self.image_size = config.vision.image_size
         self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
             else eval_transform(config.vision)
         self.tokenizer = Tokenizer(config.text.context_length)
         self.max_pixels = max_pixels
+        self.keywords_prob = keywords_prob if train else 0.0
+        self.rng = random.Random(0)
+
+    def reseed(self, seed: str) -> None:
+        self.rng = random.Random(seed + "-captions")
+        self.transform.reseed(seed)
+
+    def _text(self, text: str, meta: dict) -> str:
+        """The caption, or (training, with probability keywords_prob) the pair's keyword list."""
+        keywords = meta.get("keywords")
+        if self.keywords_prob and keywords and self.rng.random() < self.keywords_prob:
+            return " | ".join(keywords)
+        return text
 
     def __call__(self, sample: dict | Skip) -> tuple | Skip:
         if isinstance(sample, Skip):
@@ -153,7 +166,7 @@ class SampleDecoder:
             meta = json.loads(sample["json"]) if "json" in sample else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             return Skip(url, key, "json member is not valid JSON")
-        return pixels, self.tokenizer([text])[0], key, meta
+        return pixels, self.tokenizer([self._text(text, meta)])[0], key, meta
 
 
 def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool) -> Iterator[dict]:
@@ -186,13 +199,13 @@ class ShardDataset(IterableDataset):
     def __init__(self, shards, config: ModelConfig, batch_size: int, train: bool = True,
                  augment: AugmentConfig | None = None, seed: int = 0, resampled: bool = False,
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size: must be positive, got {batch_size}")
         self.shards = list_shards(shards)
         self.sizes = shard_sizes(self.shards)
-        self.decoder = SampleDecoder(config, train, augment, max_pixels)
+        self.decoder = SampleDecoder(config, train, augment, max_pixels, keywords_prob)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         r, w = rank_and_world()
@@ -247,7 +260,7 @@ class ShardDataset(IterableDataset):
             raw = (s for shard in self.shards[worker::workers] for s in read_tar(shard))
             yield from batches(map(self.decoder, raw), self.batch_size, drop_last=False)
             return
-        self.decoder.transform.reseed(f"{self.seed}-augment-{self.epoch}-{self.rank}-{worker}")
+        self.decoder.reseed(f"{self.seed}-augment-{self.epoch}-{self.rank}-{worker}")
         stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, drop_last=True)
         yield from itertools.islice(stream, self.batches_per_worker())
 

@@ -35,13 +35,18 @@ def _sample(index: int, image_path: Path, caption: str, source_id: str, max_pixe
 
 
 def folder_samples(root: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Iterator[Sample | Rejected]:
-    """Every image under `root` (recursive, sorted) with the caption in the .txt beside it."""
+    """Every image under `root` (recursive, sorted) with the caption in the .txt beside it.
+    A missing or image-less folder fails here, before any sample is read."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return _folder_items(root, images, max_pixels)
+
+
+def _folder_items(root: Path, images: list[Path], max_pixels: int) -> Iterator[Sample | Rejected]:
     for index, path in enumerate(images):
         rel = path.relative_to(root).as_posix()
         txt = path.with_suffix(".txt")
@@ -58,18 +63,24 @@ def folder_samples(root: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Ite
 
 def csv_samples(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
                 max_pixels: int = MAX_PIXELS) -> Iterator[Sample | Rejected]:
-    """Rows of a CSV (or .tsv) file; image paths are relative to the file's folder."""
+    """Rows of a CSV (or .tsv) file; image paths are relative to the file's folder. A missing
+    file or column fails here, before any sample is read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        for column in (image_column, caption_column):
-            if column not in columns:
-                raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
-        for index, row in enumerate(reader):
+        columns = next(csv.reader(f, delimiter=delimiter), [])
+    for column in (image_column, caption_column):
+        if column not in columns:
+            raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
+    return _csv_items(path, delimiter, image_column, caption_column, max_pixels)
+
+
+def _csv_items(path: Path, delimiter: str, image_column: str, caption_column: str,
+               max_pixels: int) -> Iterator[Sample | Rejected]:
+    with open(path, newline="", encoding="utf-8") as f:
+        for index, row in enumerate(csv.DictReader(f, delimiter=delimiter)):
             where = f"{path.name}:{index + 2}"  # line number, counting the header
             image = (row.get(image_column) or "").strip()
             if not image:

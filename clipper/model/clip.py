@@ -49,7 +49,13 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.text(tokens)
+        # Identical captions are encoded once (templated data and class prompts repeat a lot);
+        # the features are the same, and gradients of the copies add up in the shared row.
+        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        if unique.shape[0] < tokens.shape[0]:
+            features = self.text(unique)[inverse]
+        else:
+            features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:

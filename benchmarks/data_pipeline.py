@@ -1,0 +1,76 @@
+"""Training pipeline alone (read shards, decode, augment, tokenise, batch): samples/s with 0, 1
+and 2 DataLoader workers on the Fashion-MNIST and emoji shards, next to the training step alone
+(forward, backward, AdamW on a fixed batch) of the preset that trains on them. The pipeline must
+not be the bottleneck: the ratio pipeline/step should stay well above 1.
+
+    python benchmarks/data_pipeline.py [--batches 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+from recipe import ensure_shards  # noqa: E402
+
+from clipper.config import preset, train_preset  # noqa: E402
+from clipper.data.pipeline import ShardDataset, make_loader  # noqa: E402
+from clipper.losses import infonce_loss  # noqa: E402
+from clipper.model import CLIP  # noqa: E402
+from clipper.train import forward_backward  # noqa: E402
+
+
+def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int) -> float:
+    cfg = train_preset(model_preset)
+    ds = ShardDataset(shards, preset(model_preset), batch, train=True, augment=cfg.augment, rank=0, world=1)
+    it = iter(make_loader(ds, workers))
+    next(it)  # worker start-up is not throughput
+    t0 = time.perf_counter()
+    n = 0
+    for _, b in zip(range(batches), it):
+        n += len(b["key"])
+    return n / (time.perf_counter() - t0)
+
+
+def step_rate(shards: Path, model_preset: str, batch: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = CLIP(preset(model_preset)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ds = ShardDataset(shards, model.config, batch, train=True, rank=0, world=1)
+    b = next(iter(make_loader(ds, 0)))
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        forward_backward(model, b["image"], b["text"], infonce_loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {}
+    for data, model_preset in (("fmnist", "fmnist-tiny"), ("emoji", "emoji-small")):
+        shards = ensure_shards(data) / "train"
+        batch = train_preset(model_preset).batch_size
+        row = {f"pipeline_{w}_workers": round(pipeline_rate(shards, model_preset, batch, w, args.batches), 1)
+               for w in (0, 1, 2)}
+        row["train_step_only"] = round(step_rate(shards, model_preset, batch, 10), 1)
+        row["ratio_pipeline0_to_step"] = round(row["pipeline_0_workers"] / row["train_step_only"], 2)
+        results[data] = {"preset": model_preset, "batch": batch, "samples_per_s": row}
+        print(data, row, flush=True)
+    print("wrote", write_results("data_pipeline", results))
+
+
+if __name__ == "__main__":
+    main()

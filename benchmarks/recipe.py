@@ -1,0 +1,55 @@
+"""Shared by train_fmnist.py and train_emoji.py: build the shards if needed, train a preset for a
+fixed wall-clock budget through the real CLI, then evaluate every checkpoint (outside the budget)
+to get quality against training time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from clipper.runs import RunDir
+from clipper.train import evaluate_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_shards(name: str) -> Path:
+    from clipper.data.build import build_emoji, build_fashion_mnist
+
+    out = ROOT / "data" / "shards" / name
+    if not (out / "test" / "sizes.json").is_file():
+        (build_fashion_mnist if name == "fmnist" else build_emoji)(out)
+    return out
+
+
+def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoint_every: int,
+               extra: list[str]) -> dict:
+    shards = ensure_shards(data)
+    out = ROOT / "runs" / f"bench-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "clipper.train", "--preset", preset, "--train-data", str(shards / "train"),
+           "--eval-task", "none", "--minutes", str(minutes), "--out", str(out),
+           "--set", f"checkpoint_every={checkpoint_every}", "--set", "keep_checkpoints=1000", *extra]
+    print(" ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    wall = time.time() - t0
+    run = RunDir(out)
+    curve = []
+    for ckpt in run.complete_checkpoints():
+        model, state = RunDir.load_checkpoint(ckpt)
+        metrics = evaluate_task(model, eval_task, str(shards / "test"), batch_size=500)
+        curve.append({"step": state["step"], "elapsed_s": round(state["elapsed"], 1), "samples": state["samples"],
+                      **{k: round(v, 2) for k, v in metrics.items()}})
+        print(json.dumps(curve[-1]), flush=True)
+    train = [r for r in run.read_metrics() if "samples_per_s" in r]
+    return {"preset": preset, "run": str(out.relative_to(ROOT)), "minutes": minutes, "wall_s_incl_startup": round(wall, 1),
+            "train_config": json.loads((out / "config.json").read_text()),
+            "samples_seen": curve[-1]["samples"], "train_seconds": curve[-1]["elapsed_s"],
+            "samples_per_s": round(curve[-1]["samples"] / curve[-1]["elapsed_s"], 1),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in train) if train else None,
+            "final": curve[-1], "curve": curve, "threads": torch.get_num_threads()}

@@ -53,3 +53,16 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
             "samples_per_s": round(curve[-1]["samples"] / curve[-1]["elapsed_s"], 1),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in train) if train else None,
             "final": curve[-1], "curve": curve, "threads": torch.get_num_threads()}
+
+
+def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int) -> dict:
+    """The shared command line of the recipe benchmarks: parse, run, return the result."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides, as for clipper train")
+    args = ap.parse_args()
+    return run_recipe(preset, data, eval_task, args.minutes, args.checkpoint_every,
+                      [x for s in args.set for x in ("--set", s)])

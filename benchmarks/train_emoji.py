@@ -4,25 +4,18 @@ metrics on the 748 test emoji (text->image R@1/R@5, image->text R@1) for every c
     python benchmarks/train_emoji.py [--minutes 10] [--set FIELD=VALUE ...]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from recipe import run_recipe  # noqa: E402
+from recipe import main  # noqa: E402
 
 OPEN_CLIP_PEER = {"recipe": "open_clip ViT 4x128 patch 8 @64px, text 3x128, 10 min",
                   "t2i_R@1": 48.3, "t2i_R@5": 61.0, "i2t_R@1": 47.3}
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--checkpoint-every", type=int, default=100)
-    ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides, as for clipper train")
-    args = ap.parse_args()
-    result = run_recipe("emoji-small", "emoji", "retrieval-emoji", args.minutes, args.checkpoint_every,
-                        [x for s in args.set for x in ("--set", s)])
+    result = main(__doc__, "emoji-small", "emoji", "retrieval-emoji", checkpoint_every=100)
     result["open_clip_peer_reported"] = OPEN_CLIP_PEER
     f = result["final"]
     print(f"final t2i R@1 {f['t2i_R@1']:.1f}%  R@5 {f['t2i_R@5']:.1f}%  i2t R@1 {f['i2t_R@1']:.1f}% after "

@@ -5,25 +5,18 @@ training time: when does it pass open_clip's 88.6%?).
     python benchmarks/train_fmnist.py [--minutes 10] [--set FIELD=VALUE ...]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from recipe import run_recipe  # noqa: E402
+from recipe import main  # noqa: E402
 
 OPEN_CLIP_PEER = {"recipe": "open_clip ViT 4x128 patch 8 @32px, text ctx 16 3x128, 10 min", "samples_per_s": 419,
                   "top1": 88.6}
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--checkpoint-every", type=int, default=250)
-    ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides, as for clipper train")
-    args = ap.parse_args()
-    result = run_recipe("fmnist-tiny", "fmnist", "zeroshot-fmnist", args.minutes, args.checkpoint_every,
-                        [x for s in args.set for x in ("--set", s)])
+    result = main(__doc__, "fmnist-tiny", "fmnist", "zeroshot-fmnist", checkpoint_every=250)
     reached = [p for p in result["curve"] if p["top1"] >= OPEN_CLIP_PEER["top1"]]
     result["first_at_or_above_88.6"] = reached[0] if reached else None
     result["open_clip_peer_reported"] = OPEN_CLIP_PEER

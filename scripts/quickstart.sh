@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=5
 [ "${1:-}" = "--fast" ] && MINUTES=1
-source scripts/setup.sh
+source scripts/setup.sh ""  # an explicit (empty) extras argument: a sourced script otherwise sees ours
 
 clipper data fetch
 [ -f data/shards/fmnist/test/sizes.json ] || clipper data fashion-mnist --out data/shards/fmnist

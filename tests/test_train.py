@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,38 @@ def test_identical_captions_count_as_positives():
     labels = 2 * (target > 0).float() - 1
     expected = -torch.nn.functional.logsigmoid(labels * (logits - 1)).sum() / 4
     assert torch.allclose(sigmoid_loss(img, txt, scale, torch.tensor(-1.0), tokens=dup)["loss"], expected)
+
+
+def test_fine_tune_from_open_clip_file_with_lit(shards, tmp_path, tiny_preset):
+    """--init takes an open_clip checkpoint (architecture from the preset); LiT locks the image tower."""
+    from clipper.interop import save_open_clip_checkpoint
+
+    torch.manual_seed(11)
+    start = tiny_model()
+    path = save_open_clip_checkpoint(start, tmp_path / "pretrained.safetensors")
+    trainer = Trainer(_cfg(shards, steps=2, init=str(path), lock_image=True), tmp_path / "ft")
+    loaded = _params(trainer.model)
+    assert all(torch.equal(loaded[k], v) for k, v in start.state_dict().items())
+    trainer.fit()
+    after = _params(trainer.model)
+    assert all(torch.equal(after[k], loaded[k]) for k in after if k.startswith("visual."))
+    assert not torch.equal(after["text.proj"], loaded["text.proj"])
+
+
+def test_torchrun_two_processes(shards, tmp_path):
+    """The real entry point under torchrun: 2 gloo ranks train, rank 0 writes the run folder."""
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "clipper.train",
+           "--preset", "fmnist-tiny", "--train-data", str(shards), "--eval-task", "none", "--steps", "4",
+           "--batch-size", "8", "--workers", "0", "--out", str(out), "--set", "log_every=2",
+           "--set", "warmup_steps=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[-1]["samples"] == 4 * 8 * 2  # both ranks' batches count
+    assert (out / "model" / "model.safetensors").is_file()

@@ -1,0 +1,71 @@
+"""Render benchmarks/results/*.json as the README's table (`--write` replaces it in README.md)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table() -> str:
+    rows = ["| benchmark | open_clip | clipper | ratio / note |", "|---|---|---|---|"]
+    if r := _load("embed_model"):
+        for key, label in (("images", "images/s"), ("texts_prompts", "texts/s, prompts"),
+                           ("texts_full_context", "texts/s, full 77 tokens")):
+            rows.append(f"| embed-model {r['model']} b{r['batch']}: {label} | {r[key]['open_clip']} | "
+                        f"{r[key]['clipper']} | {r[key]['ratio']}x |")
+        rows.append(f"| embed-model: max cosine distance | | | {max(r['max_cosine_distance'].values()):.1e} |")
+    if r := _load("train_step"):
+        s = r["samples_per_s"]
+        rows.append(f"| train-step (ViT 6x192 p4 @32, text 4x192, b256): samples/s | {s['open_clip']} | "
+                    f"{s['clipper']} | {r['ratio']}x, first-step loss diff {r['loss_abs_diff']:.1e} |")
+        m = r["peak_rss_mib"]
+        rows.append(f"| train-step: peak RSS MiB | {m['open_clip']} | {m['clipper']} | |")
+    if r := _load("train_fmnist"):
+        peer = r["open_clip_peer_reported"]
+        first = r.get("first_at_or_above_88.6")
+        rows.append(f"| train-e2e Fashion-MNIST, {r['minutes']:g} min: zero-shot top-1 | {peer['top1']} "
+                    f"(reported) | {r['final']['top1']} | 88.6% first at "
+                    f"{first['elapsed_s'] if first else 'never'} s |")
+        rows.append(f"| train-e2e Fashion-MNIST: samples/s | {peer['samples_per_s']} (reported) | "
+                    f"{r['samples_per_s']} | {r['samples_seen']} samples seen |")
+    if r := _load("train_emoji"):
+        peer, f = r["open_clip_peer_reported"], r["final"]
+        rows.append(f"| emoji, {r['minutes']:g} min: t2i R@1 / R@5 / i2t R@1 | {peer['t2i_R@1']} / "
+                    f"{peer['t2i_R@5']} / {peer['i2t_R@1']} (reported) | {f['t2i_R@1']} / {f['t2i_R@5']} / "
+                    f"{f['i2t_R@1']} | {r['samples_per_s']} samples/s |")
+    if r := _load("data_pipeline"):
+        for data in ("fmnist", "emoji"):
+            s = r[data]["samples_per_s"]
+            rows.append(f"| data pipeline {data} ({r[data]['preset']}): samples/s at 0/1/2 workers | | "
+                        f"{s['pipeline_0_workers']} / {s['pipeline_1_workers']} / {s['pipeline_2_workers']} | "
+                        f"{s['ratio_pipeline0_to_step']}x the training step alone ({s['train_step_only']}/s) |")
+    machine = (_load("train_step") or _load("embed_model") or {}).get("machine", {})
+    return "\n".join(rows) + f"\n\nMachine: {machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} threads, " \
+                             f"torch {machine.get('torch', '?')}."
+
+
+def main() -> None:
+    text = table()
+    if "--write" in sys.argv:
+        readme = ROOT / "README.md"
+        content = readme.read_text()
+        block = f"{BEGIN}\n{text}\n{END}"
+        content = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S) \
+            if BEGIN in content else content.replace("BENCHMARK_TABLE", block)
+        readme.write_text(content)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,13 +15,14 @@ clipper data fetch
 [ -f data/shards/emoji/test/sizes.json ] || clipper data emoji --out data/shards/emoji
 
 stamp=$(date +%Y%m%d-%H%M%S)
+mkdir -p runs
 for set in fmnist emoji; do
   preset=$([ $set = fmnist ] && echo fmnist-tiny || echo emoji-small)
   task=$([ $set = fmnist ] && echo zeroshot-fmnist || echo retrieval-emoji)
   run="runs/quickstart-$set-$stamp"
   echo "== training $preset for $MINUTES minute(s) on data/shards/$set/train -> $run"
   clipper train --preset "$preset" --minutes "$MINUTES" --train-data "data/shards/$set/train" \
-    --eval-task none --out "$run" > "$run.summary.json"
+    --eval-data "data/shards/$set/test" --out "$run" > "$run.summary.json"
   clipper eval --model "$run/model" --task "$task" --data "data/shards/$set/test" > "$run.eval.json"
 done
 

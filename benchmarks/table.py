@@ -52,7 +52,9 @@ def table() -> str:
                         f"{s['ratio_pipeline0_to_step']}x the training step alone ({s['train_step_only']}/s) |")
     machine = (_load("train_step") or _load("embed_model") or {}).get("machine", {})
     return "\n".join(rows) + f"\n\nMachine: {machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} threads, " \
-                             f"torch {machine.get('torch', '?')}."
+                             f"torch {machine.get('torch', '?')}. \"(reported)\": open_clip's figures as issue #4 " \
+                             "gives them for this machine, not re-measured by these scripts; every other figure " \
+                             "comes from the results JSON of the script named in benchmarks/README.md."
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import random
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch

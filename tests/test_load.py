@@ -93,7 +93,7 @@ def test_cli_convert_both_ways_and_info(tmp_path, capsys):
 
 
 def test_cli_similarity(tmp_path, capsys):
-    for i, color in enumerate(["red", "blue"]):
+    for color in ["red", "blue"]:
         Image.new("RGB", (40, 30), color).save(tmp_path / f"{color}.png")
     code, out, _ = _run(capsys, "similarity", "--model", "emoji-small", str(tmp_path / "red.png"),
                         str(tmp_path / "blue.png"), "--texts", "a red square", "a blue square")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from clipper.runs import RunDir
-from clipper.train import evaluate_task
+from clipper.evaluate import evaluate_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .train import evaluate_task
+    from .evaluate import evaluate_task
 
     model = _load(args)
     metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers)

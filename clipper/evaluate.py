@@ -7,6 +7,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .config import ConfigError
+from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
+from .data.pipeline import ShardDataset, make_loader
 from .model import CLIP
 from .tokenizer import Tokenizer
 
@@ -73,3 +76,19 @@ def retrieval(model: CLIP, batches: Iterable[dict]) -> dict[str, float]:
     sim = (torch.cat(texts) @ torch.cat(images).T).cpu()
     t2i, i2t = recall_at_k(sim), recall_at_k(sim.T)
     return {**{f"t2i_{k}": v for k, v in t2i.items()}, **{f"i2t_{k}": v for k, v in i2t.items()}, "n": sim.shape[0]}
+
+
+def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0) -> dict[str, float]:
+    """Run one protocol evaluation on eval-split shards (the same code as `clipper eval`)."""
+    was_training = model.training
+    model.eval()
+    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1)
+    loader = make_loader(dataset, workers)
+    try:
+        if task == "zeroshot-fmnist":
+            return zero_shot(model, loader, CLASSES, EVAL_TEMPLATES)
+        if task == "retrieval-emoji":
+            return retrieval(model, loader)
+        raise ConfigError(f"unknown evaluation task {task!r}")
+    finally:
+        model.train(was_training)

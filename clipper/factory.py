@@ -30,7 +30,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
     elif path.is_file():
         model = load_open_clip_checkpoint(path, quick_gelu=bool(quick_gelu))
     elif path.exists():
-        raise CheckpointError(f"{path}: a directory without {'config.json'}: not a clipper model directory")
+        raise CheckpointError(f"{path}: a directory without config.json: not a clipper model directory")
     else:
         config = preset(str(name_or_path))
         if quick_gelu is not None:

@@ -28,7 +28,7 @@ from .checkpoint import is_model_dir
 from .config import ConfigError, TrainConfig, preset, write_json
 from .data.pipeline import ShardDataset, SkipLog, make_loader
 from .distributed import peak_rss_mib, rank_and_world
-from .evaluate import retrieval, zero_shot
+from .evaluate import evaluate_task
 from .factory import load
 from .losses import LOSSES
 from .model import CLIP
@@ -315,24 +315,6 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0) -> dict[str, float]:
-    """Run one protocol evaluation on eval-split shards (the same code as `clipper eval`)."""
-    from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
-
-    was_training = model.training
-    model.eval()
-    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1)
-    loader = make_loader(dataset, workers)
-    try:
-        if task == "zeroshot-fmnist":
-            return zero_shot(model, loader, CLASSES, EVAL_TEMPLATES)
-        if task == "retrieval-emoji":
-            return retrieval(model, loader)
-        raise ConfigError(f"unknown evaluation task {task!r}")
-    finally:
-        model.train(was_training)
 
 
 def main(argv: list[str] | None = None) -> int:

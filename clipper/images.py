@@ -17,18 +17,30 @@ class ImageError(ValueError):
     """An input that is not a readable image; the message names it."""
 
 
-def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    path = Path(path)
+def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB or L image from encoded bytes; `where` names the input in errors."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
-                raise ImageError(f"{path}: {im.width}x{im.height} exceeds the pixel limit ({max_pixels})")
+                raise ImageError(f"{where}: {im.width}x{im.height} exceeds the pixel limit ({max_pixels})")
             im.load()
             return im.copy() if im.mode in ("RGB", "L") else im.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ImageError(f"{where}: not a readable image ({e})") from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({e})") from None
+    except OSError as e:
+        raise ImageError(f"{path}: unreadable ({e.strerror})") from None
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    path = Path(path)
+    return decode_image(_read(path), str(path), max_pixels)
 
 
 def load_images(paths: Iterable[str | os.PathLike]) -> list[Image.Image]:
@@ -39,8 +51,8 @@ def image_file_bytes(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> t
     """(bytes, 'jpg' | 'png') of an image file, checked to decode: JPEG and PNG files pass through
     untouched, other formats are re-encoded as PNG."""
     path = Path(path)
-    im = open_image(path, max_pixels)
-    data = path.read_bytes()
+    data = _read(path)  # read once: checked by decoding, then stored as it is
+    im = decode_image(data, str(path), max_pixels)
     if data[:3] == b"\xff\xd8\xff":
         return data, "jpg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":

@@ -77,7 +77,9 @@ def shard_sizes(shards: list[str]) -> list[int]:
     cache: dict[Path, dict] = {}
     for shard in shards:
         path = Path(shard)
-        table = cache.setdefault(path.parent, _read_sizes(path.parent / SIZES_FILE))
+        if path.parent not in cache:  # one sizes.json per folder, read once
+            cache[path.parent] = _read_sizes(path.parent / SIZES_FILE)
+        table = cache[path.parent]
         if path.name in table:
             sizes.append(int(table[path.name]))
         else:

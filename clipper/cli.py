@@ -15,16 +15,39 @@ from .data.debian import PackageError
 USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, PackageError, ValueError)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory, open_clip checkpoint file, or preset name")
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference: bool = False) -> None:
+    p.add_argument("--model", required=required, help="model directory, open_clip checkpoint file, or preset name")
     p.add_argument("--pretrained", help="with a preset: open_clip pretrained tag or weights file")
     p.add_argument("--quick-gelu", action="store_true", default=None, help="force QuickGELU (OpenAI weights)")
+    if inference:
+        p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers (CPU; ~3x faster)")
+        p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+        p.add_argument("--workers", type=int, default=1, help="processes decoding images (0: none)")
+
+
+def _model_spec(args: argparse.Namespace) -> dict:
+    """What `clipper.load` needs to load this model again (saved beside embeddings, for search)."""
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    pretrained = args.pretrained
+    if pretrained and Path(pretrained).exists():
+        pretrained = str(Path(pretrained).resolve())
+    return {"model": model, "pretrained": pretrained, "quick_gelu": args.quick_gelu,
+            "quantize": getattr(args, "quantize", None)}
+
+
+def _load_spec(spec: dict):
+    from .factory import load
+
+    model = load(spec["model"], pretrained=spec.get("pretrained"), quick_gelu=spec.get("quick_gelu"))
+    if spec.get("quantize") == "int8":
+        from .quantize import quantize_int8
+
+        model = quantize_int8(model)
+    return model
 
 
 def _load(args: argparse.Namespace):
-    from .factory import load
-
-    return load(args.model, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
+    return _load_spec(_model_spec(args))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -57,21 +80,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_similarity(args: argparse.Namespace) -> None:
-    import torch
-
-    from .images import load_images
-    from .tokenizer import Tokenizer
-    from .data.transforms import eval_transform
+    from .embed import embed_images, embed_texts
 
     if not args.texts:
         raise ValueError("--texts: give at least one text")
     model = _load(args)
-    cfg = model.config
-    pixels = torch.stack([eval_transform(cfg.vision)(im) for im in load_images(args.images)])
-    tokens = Tokenizer(cfg.text.context_length)(args.texts)
-    with torch.inference_mode():
-        sims = model.encode_image(pixels, normalize=True) @ model.encode_text(tokens, normalize=True).T
-        probs = (model.logit_scale.exp().clamp(max=100) * sims).softmax(dim=-1)
+    sims = embed_images(model, args.images, to_numpy=False) @ embed_texts(model, args.texts, to_numpy=False).T
+    probs = (model.logit_scale.exp().clamp(max=100) * sims).softmax(dim=-1)
     width = max(len(Path(p).name) for p in args.images)
     print(" " * width + "".join(f"  {t[:18]:>18s}" for t in args.texts))
     for path, row, prow in zip(args.images, sims.tolist(), probs.tolist()):
@@ -156,12 +171,124 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: {what} file is not UTF-8 text") from None
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ValueError(f"{path}: no {what} in it (one per line)")
+    return lines
+
+
+def _labels(args: argparse.Namespace, required: bool) -> list[str] | None:
+    if args.labels and args.labels_file:
+        raise ValueError("give --labels or --labels-file, not both")
+    if args.labels_file:
+        return _read_lines(args.labels_file, "labels")
+    if args.labels:
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+        if labels:
+            return labels
+    if required:
+        raise ValueError("--labels: give the class names (comma-separated) or --labels-file")
+    return None
+
+
+def _templates(args: argparse.Namespace) -> list[str] | None:
+    return _read_lines(args.templates, "templates") if args.templates else None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_task
 
+    classnames = _labels(args, required=args.task == "zeroshot")
     model = _load(args)
-    metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers)
+    metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers,
+                            classnames=classnames, templates=_templates(args))
     print(json.dumps({"model": args.model, "task": args.task, **metrics}))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from .embed import embed_folder, embed_text_file
+
+    if args.input is None and args.texts is None:
+        raise ValueError("give INPUT (images) and/or --texts FILE")
+    model, spec = _load(args), _model_spec(args)
+    if args.input is not None:
+        m = embed_folder(model, spec, args.input, args.out, dtype=args.dtype, batch_size=args.batch_size,
+                         workers=args.workers, exact_decode=args.exact_decode)
+        print(f"{m['images']} image(s) -> {Path(args.out) / 'img_emb.npy'} ({m['dim']}-d {m['dtype']})"
+              + (f"; {m['skipped']} skipped, listed in {Path(args.out) / 'skipped.jsonl'}" if m["skipped"] else ""))
+    if args.texts is not None:
+        m = embed_text_file(model, spec, args.texts, args.out, dtype=args.dtype)
+        print(f"{m['texts']} text(s) -> {Path(args.out) / 'text_emb.npy'}")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from .data.inputs import list_images
+    from .embed import classify_embeddings, embed_items
+
+    labels = _labels(args, required=True)
+    items = [item for spec in args.images for item in list_images(spec)[0]]
+    model = _load(args)
+    embedded = embed_items(model, items, args.batch_size, args.workers, progress=len(items) > args.batch_size)
+    for i, why in embedded.failed:
+        print(f"clipper classify: skipped {items[i].id}: {why}", file=sys.stderr)
+    if not embedded.kept:
+        raise ValueError("no readable image to classify")
+    result = classify_embeddings(model, embedded.embeddings, labels, _templates(args), k=args.k)
+    for i, top in zip(embedded.kept, result.top):
+        if args.json:
+            print(json.dumps({"image": items[i].id, "top": [{"label": l, "prob": round(p, 6)} for l, p in top]}))
+        else:
+            print(f"{items[i].id}\t" + "  ".join(f"{l} ({p:.3f})" for l, p in top))
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .index import Index
+
+    folder = Path(args.emb_dir)
+    vectors_path = folder / "img_emb.npy"
+    if not vectors_path.is_file():
+        raise FileNotFoundError(f"{vectors_path}: no embeddings (make them with `clipper embed`)")
+    vectors = np.load(vectors_path, mmap_mode="r")
+    index = Index.build(vectors, args.kind, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
+                        ivf_lists=args.ivf_lists, nprobe=args.nprobe)
+    index.save(folder)
+    print(f"{args.kind} index of {len(index)} {index.dim}-d vectors in {folder}")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .embed import EMBED_MANIFEST, embed_images, embed_texts, read_jsonl
+    from .index import Index
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give a text QUERY or --image PATH (one of them)")
+    folder = Path(args.index)
+    index = Index.load(folder)
+    if args.model:
+        spec = _model_spec(args)
+    else:
+        spec = json.loads((folder / EMBED_MANIFEST).read_text())["model"]
+        if not Path(spec["model"]).exists() and not spec.get("pretrained"):
+            raise ValueError(f"{folder} was embedded with a randomly initialised {spec['model']}: "
+                             "its queries cannot be embedded again; pass --model")
+    model = _load_spec(spec)
+    query = embed_texts(model, [args.query]) if args.query is not None else embed_images(model, [args.image])
+    if query.shape[1] != index.dim:
+        raise ValueError(f"the model embeds in {query.shape[1]} dimensions, {folder} holds {index.dim}-d vectors")
+    result = index.search(query, args.k)
+    ids = read_jsonl(folder / "ids.jsonl")
+    for rank, (score, i) in enumerate(zip(result.scores[0].tolist(), result.indices[0].tolist()), 1):
+        row = ids[i]
+        if args.json:
+            print(json.dumps({"rank": rank, "score": round(score, 6), **row}, ensure_ascii=False))
+        else:
+            print(f"{rank:3d}  {score:.4f}  {row['id']}" + (f"  {row['caption']}" if row.get("caption") else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,13 +342,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any TrainConfig field, JSON value (e.g. augment.crop_scale=[0.5,1.0])")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="protocol metrics: zero-shot Fashion-MNIST, emoji retrieval")
+    labels = argparse.ArgumentParser(add_help=False)
+    labels.add_argument("--labels", help="class names, comma-separated")
+    labels.add_argument("--labels-file", help="class names, one per line")
+    labels.add_argument("--templates", help="prompt templates with {} for the name, one per line "
+                                            "(default: 'a photo of a {}.'); several are averaged")
+
+    p = sub.add_parser("eval", parents=[labels], help="zero-shot accuracy or retrieval recall on eval shards",
+                       description="zeroshot-fmnist and retrieval-emoji: the protocol of design.md; zeroshot: "
+                                   "shards whose json holds 'label' (index) or 'class' (name), with --labels; "
+                                   "retrieval: any (image, caption) shards. Prints JSON.")
     _add_model_args(p)
-    p.add_argument("--task", required=True, choices=["zeroshot-fmnist", "retrieval-emoji"])
+    p.add_argument("--task", required=True, choices=["zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval"])
     p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
+    p.add_argument("--quantize", choices=["int8"], help="evaluate the int8 model")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("embed", help="embed images (file, folder, list file, shards) and/or texts into .npy",
+                       description="Writes img_emb.npy + ids.jsonl (row-aligned) and skipped.jsonl into --out; "
+                                   "an interrupted run resumes where it stopped. --texts FILE: text_emb.npy + "
+                                   "texts.jsonl.")
+    p.add_argument("input", nargs="?", help="image file, folder (recursive), list file (.txt: one path per line), "
+                                            "or shards (.tar, folder of .tar, brace pattern)")
+    _add_model_args(p, inference=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--texts", help="UTF-8 file of texts to embed, one per line")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--exact-decode", action="store_true",
+                   help="decode JPEGs at full size (default: at a reduced scale when twice the model size)")
+    p.set_defaults(fn=cmd_embed)
+
+    p = sub.add_parser("classify", parents=[labels], help="zero-shot labels for images from class names")
+    p.add_argument("images", nargs="+", help="image files, folders or list files")
+    _add_model_args(p, inference=True)
+    p.add_argument("-k", type=int, default=5, help="labels shown per image")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.set_defaults(fn=cmd_classify)
+
+    p = sub.add_parser("index", help="build a search index over `clipper embed` output")
+    p.add_argument("emb_dir", help="folder written by `clipper embed`")
+    p.add_argument("--kind", choices=["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf"], default="exact",
+                   help="exact: torch matmul (default); faiss-*: needs faiss-cpu (extra 'index')")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--ivf-lists", type=int)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.set_defaults(fn=cmd_index)
+
+    p = sub.add_parser("search", help="nearest images to a text or an image")
+    p.add_argument("index", help="folder of embeddings with an index (`clipper index`)")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--image", help="image query instead of text")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="one JSON object per result")
+    _add_model_args(p, required=False)
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("similarity", help="cosine similarity of images and texts")
     _add_model_args(p)

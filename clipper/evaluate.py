@@ -1,8 +1,9 @@
 """The protocol metrics (design.md section 3): zero-shot classification with template ensembling,
-and image<->text retrieval recall@k."""
+and image<->text retrieval recall@k; on the protocol's sets or on any labelled / paired shards."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -10,21 +11,10 @@ import torch
 from .config import ConfigError
 from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
 from .data.pipeline import ShardDataset, make_loader
+from .embed import label_embeddings
 from .model import CLIP
-from .tokenizer import Tokenizer
 
-
-@torch.inference_mode()
-def class_embeddings(model: CLIP, classnames: Sequence[str], templates: Sequence[str],
-                     batch_size: int = 256) -> torch.Tensor:
-    """[C, D]: per class, the mean of its normalised template embeddings, re-normalised."""
-    tokenizer = Tokenizer(model.config.text.context_length)
-    texts = [t.format(c) for c in classnames for t in templates]
-    device = next(model.parameters()).device
-    emb = torch.cat([model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True)
-                     for i in range(0, len(texts), batch_size)])
-    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
-    return torch.nn.functional.normalize(emb, dim=-1)
+TASKS = ("zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval")
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -38,20 +28,31 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 @torch.inference_mode()
-def zero_shot(model: CLIP, batches: Iterable[dict], classnames: Sequence[str], templates: Sequence[str],
-              label_field: str = "label") -> dict[str, float]:
-    """Zero-shot accuracy over eval batches whose metadata hold the class index."""
-    classes = class_embeddings(model, classnames, templates)
-    device = classes.device
+def zero_shot(model: CLIP, batches: Iterable[dict], classnames: Sequence[str],
+              templates: Sequence[str] | None = None) -> dict[str, float]:
+    """Zero-shot accuracy over eval batches whose metadata hold the class: its index in
+    `classnames` ("label") or its name ("class")."""
+    device = next(model.parameters()).device
+    classes = label_embeddings(model, classnames, templates).to(device)
+    position = {name: i for i, name in enumerate(classnames)}
     logits, labels = [], []
     for batch in batches:
         if not batch["key"]:
             continue
-        logits.append(model.encode_image(batch["image"].to(device), normalize=True) @ classes.T)
-        labels.extend(m[label_field] for m in batch["meta"])
+        logits.append(model.encode_image(batch["image"].to(device), normalize=True).float() @ classes.T)
+        labels.extend(_class_index(m, key, position) for m, key in zip(batch["meta"], batch["key"]))
     if not labels:
         raise ValueError("zero-shot evaluation: no images")
     return classification_metrics(torch.cat(logits).cpu(), torch.tensor(labels))
+
+
+def _class_index(meta: dict, key: str, position: dict[str, int]) -> int:
+    if isinstance(meta.get("label"), int) and 0 <= meta["label"] < len(position):
+        return meta["label"]
+    if meta.get("class") in position:
+        return position[meta["class"]]
+    raise ValueError(f"sample {key}: its json needs 'label' (an index into the {len(position)} classes) "
+                     f"or 'class' (one of them), got {json.dumps(meta)[:200]}")
 
 
 def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -78,8 +79,17 @@ def retrieval(model: CLIP, batches: Iterable[dict]) -> dict[str, float]:
     return {**{f"t2i_{k}": v for k, v in t2i.items()}, **{f"i2t_{k}": v for k, v in i2t.items()}, "n": sim.shape[0]}
 
 
-def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0) -> dict[str, float]:
-    """Run one protocol evaluation on eval-split shards (the same code as `clipper eval`)."""
+def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0,
+                  classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> dict[str, float]:
+    """Run one evaluation on eval-split shards (the same code as `clipper eval`).
+
+    zeroshot-fmnist / retrieval-emoji: the protocol's; zeroshot: any shards whose json names the
+    class, with `classnames` (and `templates`, default "a photo of a {}."); retrieval: any paired shards.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown evaluation task {task!r} (one of {', '.join(TASKS)})")
+    if task == "zeroshot" and not classnames:
+        raise ConfigError("task zeroshot: give the class names (--labels or --labels-file)")
     was_training = model.training
     model.eval()
     dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1)
@@ -87,8 +97,8 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
     try:
         if task == "zeroshot-fmnist":
             return zero_shot(model, loader, CLASSES, EVAL_TEMPLATES)
-        if task == "retrieval-emoji":
-            return retrieval(model, loader)
-        raise ConfigError(f"unknown evaluation task {task!r}")
+        if task == "zeroshot":
+            return zero_shot(model, loader, list(classnames), templates)
+        return retrieval(model, loader)
     finally:
         model.train(was_training)

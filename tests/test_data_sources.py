@@ -62,7 +62,7 @@ def test_folder_source_keeps_good_and_names_bad(messy_folder):
     assert good["nested/deeper/c.webp"].ext == "png"  # re-encoded; JPEG and PNG pass through untouched
     assert good["a.png"].image == (messy_folder / "a.png").read_bytes()
     assert "not a readable image" in bad["corrupt.jpg"] and "corrupt.jpg" in bad["corrupt.jpg"]
-    assert "not a readable image" in bad["text.jpg"] and "not a readable image" in bad["zero.png"]
+    assert "not an image (unknown format)" in bad["text.jpg"] and "not an image" in bad["zero.png"]
     assert "no caption file" in bad["nocaption.png"]
     assert "empty caption" in bad["empty.png"] and "not UTF-8" in bad["latin1.png"]
     assert "exceeds the pixel limit" in bad["huge.png"]
@@ -92,7 +92,8 @@ def test_shards_layout_stats_and_determinism(messy_folder, tmp_path):
     stats = write_shards(folder_samples(messy_folder, max_pixels=200 * 200), tmp_path / "s1", samples_per_shard=2)
     write_shards(folder_samples(messy_folder, max_pixels=200 * 200), tmp_path / "s2", samples_per_shard=2)
     assert stats["samples"] == 3 and stats["shards"] == 2 and stats["rejected"] == 7
-    assert stats["rejected_by_reason"]["not a readable image"] == 3
+    kinds = stats["rejected_by_reason"]
+    assert kinds["not a readable image"] == 1 and kinds["not an image"] == 2  # truncated; text, 0 bytes
     assert json.loads((tmp_path / "s1" / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 1}
     assert len((tmp_path / "s1" / "rejected.jsonl").read_text().splitlines()) == 7
     for name in ["00000.tar", "00001.tar", "grid.png"]:

@@ -103,7 +103,7 @@ def test_cli_similarity(tmp_path, capsys):
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "fake.png").write_text("not an image")
     code, _, err = _run(capsys, "similarity", "--model", "emoji-small", str(tmp_path / "fake.png"), "--texts", "x")
-    assert code == 2 and "fake.png: not a readable image" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "fake.png: not an image" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, "info", "--model", "nope")
     assert code == 2 and err.startswith("clipper info: error:")
 

@@ -7,6 +7,7 @@ import math
 import random
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -26,13 +27,44 @@ class ConvertMode:
 
 
 def _to_model_input(cfg: VisionConfig) -> list[Callable]:
-    mode = "L" if cfg.in_channels == 1 else "RGB"  # grayscale in a 3-channel model: channels repeat
-    return [ConvertMode(mode), T.ToTensor(), T.Normalize(cfg.image_mean, cfg.image_std)]
+    return [ConvertMode(_mode(cfg)), T.ToTensor(), T.Normalize(cfg.image_mean, cfg.image_std)]
+
+
+def _mode(cfg: VisionConfig) -> str:
+    return "L" if cfg.in_channels == 1 else "RGB"  # grayscale in a 3-channel model: channels repeat
+
+
+class ResizeCrop:
+    """PIL image -> uint8 tensor [C, S, S]: shortest side resized (bicubic), centre crop, model's mode.
+
+    Kept in uint8 so that decoding workers hand over a quarter of the bytes; `Normalize` finishes
+    the job on whole batches.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        self.size, self.mode = cfg.image_size, _mode(cfg)
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        im = TF.center_crop(TF.resize(im, self.size, T.InterpolationMode.BICUBIC), self.size)
+        pixels = torch.from_numpy(np.array(im if im.mode == self.mode else im.convert(self.mode)))
+        return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
+
+
+class Normalize:
+    """uint8 [..., C, H, W] -> float32 scaled to [0, 1] then standardised: the same arithmetic as
+    torchvision's ToTensor + Normalize, so the numbers are identical."""
+
+    def __init__(self, cfg: VisionConfig):
+        self.mean = torch.tensor(cfg.image_mean).view(-1, 1, 1)
+        self.std = torch.tensor(cfg.image_std).view(-1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.float().div_(255).sub_(self.mean).div_(self.std)
 
 
 def eval_transform(cfg: VisionConfig) -> Callable[[Image.Image], torch.Tensor]:
-    return T.Compose([T.Resize(cfg.image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(cfg.image_size), *_to_model_input(cfg)])
+    """The model's own preprocessing (open_clip's): the same tensors as its `preprocess`."""
+    return T.Compose([ResizeCrop(cfg), Normalize(cfg)])
 
 
 class TrainTransform:

@@ -67,6 +67,25 @@ class CLIP(nn.Module):
             "logit_bias": self.logit_bias,
         }
 
+    # The user-facing verbs; `clipper.embed` does the work (imported late: it builds on this module).
+    def embed_images(self, images, batch_size: int = 64, **kwargs):
+        """Normalised float32 embeddings of PIL images or paths: see `clipper.embed.embed_images`."""
+        from ..embed import embed_images
+
+        return embed_images(self, images, batch_size=batch_size, **kwargs)
+
+    def embed_texts(self, texts, batch_size: int = 256, **kwargs):
+        """Normalised float32 embeddings of texts: see `clipper.embed.embed_texts`."""
+        from ..embed import embed_texts
+
+        return embed_texts(self, texts, batch_size=batch_size, **kwargs)
+
+    def classify(self, images, labels, templates=None, k: int = 5, **kwargs):
+        """Zero-shot probabilities over `labels` and the top k: see `clipper.embed.classify`."""
+        from ..embed import classify
+
+        return classify(self, images, labels, templates, k, **kwargs)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write a model directory (config.json + model.safetensors), atomically."""
         from ..checkpoint import save_model

@@ -33,10 +33,13 @@ class Attention(nn.Module):
         H = self.heads
         if query is None:
             q, k, v = self.qkv(x).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
+        elif isinstance(self.qkv, nn.Linear):
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(query, w[:C], b[:C]).view(B, -1, H, C // H).transpose(1, 2)
             k, v = F.linear(x, w[C:], b[C:]).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # a packed projection that cannot be sliced (int8): project all, keep the query rows' q
+            q = self.qkv(query)[..., :C].reshape(B, -1, H, C // H).transpose(1, 2)
+            k, v = self.qkv(x).view(B, L, 3, H, C // H)[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and query is None)
         return self.out(y.transpose(1, 2).reshape(B, -1, C))
 

@@ -1,0 +1,139 @@
+"""Image inputs for embedding: a file, a folder (recursive), a list file, or webdataset shards, as
+one ordered list of items that any process can read by position (the order is deterministic)."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .pipeline import IMAGE_EXTS as SHARD_IMAGE_EXTS
+from .pipeline import list_shards
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+# Files a folder of images commonly holds beside them: not reported as skipped.
+SIDECAR_SUFFIXES = {".txt", ".json"}
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """Where one image's bytes live: a whole file, or `size` bytes at `offset` in a shard."""
+    id: str
+    path: str
+    offset: int = 0
+    size: int = -1
+    caption: str | None = None
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.size < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
+
+    def record(self) -> dict:
+        row = {"id": self.id}
+        return row | {"caption": self.caption} if self.caption is not None else row
+
+
+@dataclass(frozen=True)
+class InputSkip:
+    id: str
+    reason: str
+
+
+def list_images(spec: str | os.PathLike) -> tuple[list[ImageItem], list[InputSkip]]:
+    """Items in a fixed order, plus the files passed over (no image extension), for the record.
+
+    `spec` is an image file; a folder (searched recursively; captions from same-named .txt files);
+    a list file (.txt/.lst/.list: one path per line, relative to the list's folder, optionally a
+    tab and a caption); or shards (a .tar, a folder holding .tar files, a brace pattern or glob).
+    """
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        if any(path.glob("*.tar")):  # a shard folder (its grid.png preview is not a sample)
+            return _shard_items(text), []
+        return _folder_items(path)
+    if path.is_file():
+        if path.suffix.lower() in LIST_SUFFIXES:
+            return _list_file_items(path), []
+        if path.suffix.lower() == ".tar":
+            return _shard_items(text), []
+        return [ImageItem(str(path), str(path))], []
+    if any(c in text for c in "{*?["):
+        return _shard_items(text), []
+    raise FileNotFoundError(f"{text}: no such file or folder")
+
+
+def _caption_beside(path: Path) -> str | None:
+    txt = path.with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    try:
+        return txt.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _folder_items(root: Path) -> tuple[list[ImageItem], list[InputSkip]]:
+    items, skipped = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            items.append(ImageItem(str(path), str(path), caption=_caption_beside(path)))
+        elif suffix not in SIDECAR_SUFFIXES:
+            skipped.append(InputSkip(str(path), "not an image file (extension)"))
+    if not items:
+        raise ValueError(f"{root}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items, skipped
+
+
+def _list_file_items(list_file: Path) -> list[ImageItem]:
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{list_file}: list file is not UTF-8 text") from None
+    items = []
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, caption = line.partition("\t")
+        path = Path(name.strip())
+        path = path if path.is_absolute() else list_file.parent / path
+        items.append(ImageItem(str(path), str(path), caption=caption.strip() or None))
+    if not items:
+        raise ValueError(f"{list_file}: list file names no images")
+    return items
+
+
+def _shard_items(spec: str) -> list[ImageItem]:
+    """The image member of every sample in the shards, located by offset (read without untarring)."""
+    items = []
+    for shard in list_shards(spec):
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.split("/")[-1].partition(".")
+                    samples.setdefault(key, {})[ext.lower()] = member
+                    if ext.lower() == "txt":
+                        samples[key]["caption"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"{shard}: not a readable tar shard ({e})") from None
+        for key, sample in samples.items():
+            ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
+            member = sample.get(ext)
+            item_id = f"{Path(shard).name}/{key}"
+            if member is None:  # read() then fails on purpose, and the sample is listed as skipped
+                items.append(ImageItem(item_id, shard, 0, 0, sample.get("caption")))
+            else:
+                items.append(ImageItem(item_id, shard, member.offset_data, member.size, sample.get("caption")))
+    return items

@@ -1,0 +1,291 @@
+"""Embedding images and texts, fast on CPUs: decode and resize in DataLoader workers in uint8,
+normalise whole batches, run the model under `inference_mode`; and zero-shot classification.
+
+`embed_folder` writes an output folder that survives interruption: parts of `part_size` items
+are written atomically as they complete, a rerun skips the finished parts, and the last step
+joins them into `img_emb.npy` + `ids.jsonl` (+ `skipped.jsonl`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .checkpoint import atomic_path
+from .data.inputs import ImageItem, InputSkip, list_images
+from .data.transforms import Normalize, ResizeCrop
+from .images import MAX_PIXELS, ImageError, decode_image
+from .model import CLIP
+from .tokenizer import Tokenizer
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+class ImageFiles(Dataset):
+    """Item i -> (i, uint8 pixels [C, S, S] or None, reason). JPEGs at least twice the model's
+    size are decoded at a reduced scale (`Image.draft`), unless `exact_decode`."""
+
+    def __init__(self, items: Sequence[ImageItem | Image.Image], model: CLIP, exact_decode: bool = False,
+                 max_pixels: int = MAX_PIXELS):
+        self.items, self.resize = items, ResizeCrop(model.config.vision)
+        self.draft_size = None if exact_decode else model.config.vision.image_size
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        item = self.items[i]
+        if isinstance(item, Image.Image):
+            return i, self.resize(item if item.mode in ("RGB", "L") else item.convert("RGB")), ""
+        try:
+            data = item.read()
+            if not data:
+                raise ImageError(f"{item.id}: empty (0 bytes)")
+            return i, self.resize(decode_image(data, item.id, self.max_pixels, self.draft_size)), ""
+        except OSError as e:
+            return i, None, f"unreadable ({e.strerror or e})"
+        except ImageError as e:
+            return i, None, str(e).removeprefix(f"{item.id}: ")
+
+
+def _collate(rows: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list]:
+    good = [(i, p) for i, p, _ in rows if p is not None]
+    pixels = torch.stack([p for _, p in good]) if good else None
+    return [i for i, _ in good], pixels, [(i, why) for i, p, why in rows if p is None]
+
+
+def _device(model: CLIP) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_items(images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image) -> list:
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    return [im if isinstance(im, Image.Image) else ImageItem(str(im), str(im)) for im in images]
+
+
+@dataclass
+class Embedded:
+    """Embeddings [K, D] of the readable inputs; `kept` their positions in the input list, and
+    `failed` (position, reason) for the others."""
+    embeddings: torch.Tensor
+    kept: list[int]
+    failed: list[tuple[int, str]]
+
+
+@torch.inference_mode()
+def embed_items(model: CLIP, items: Sequence[ImageItem | Image.Image], batch_size: int = 64, workers: int = 0,
+                exact_decode: bool = False, progress: bool = False) -> Embedded:
+    """Embed images, skipping unreadable ones; decoding runs in `workers` processes (0: this one)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers: must be >= 0, got {workers}")
+    dataset = ImageFiles(items, model, exact_decode)
+    order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=order, num_workers=min(workers, len(order)), collate_fn=_collate,
+                        prefetch_factor=4 if workers and order else None)
+    normalize, device = Normalize(model.config.vision), _device(model)
+    parts, kept, failed = [], [], []
+    with tqdm(total=len(items), unit="img", desc="embed", disable=not progress) as bar:
+        for index, pixels, bad in loader:
+            if pixels is not None:
+                parts.append(model.encode_image(normalize(pixels).to(device), normalize=True).float().cpu())
+            kept += index
+            failed += bad
+            bar.update(len(index) + len(bad))
+    emb = torch.cat(parts) if parts else torch.empty(0, model.config.embed_dim)
+    return Embedded(emb, kept, failed)
+
+
+def embed_images(model: CLIP, images, batch_size: int = 64, workers: int = 0, to_numpy: bool = True,
+                 exact_decode: bool = False, progress: bool = False) -> np.ndarray | torch.Tensor:
+    """L2-normalised float32 embeddings [N, D] of PIL images or image paths, in input order.
+    An unreadable path raises ImageError naming it (`embed_items` skips them instead)."""
+    items = _as_items(images)
+    result = embed_items(model, items, batch_size, workers, exact_decode, progress)
+    if result.failed:
+        i, why = result.failed[0]
+        raise ImageError(f"{items[i].id}: {why}")
+    return result.embeddings.numpy() if to_numpy else result.embeddings
+
+
+@torch.inference_mode()
+def embed_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256,
+                to_numpy: bool = True) -> np.ndarray | torch.Tensor:
+    """L2-normalised float32 embeddings [N, D] of texts. Each batch is computed only up to its
+    longest text (the causal tower's end-of-text output does not depend on what follows)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
+    tokenizer, device = Tokenizer(model.config.text.context_length), _device(model)
+    parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
+             for i in range(0, len(texts), batch_size)]
+    out = torch.cat(parts) if parts else torch.empty(0, model.config.embed_dim)
+    return out.numpy() if to_numpy else out
+
+
+@torch.inference_mode()
+def label_embeddings(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+    """[C, D]: per label, the mean of its normalised template embeddings, re-normalised."""
+    labels, templates = list(labels), list(templates or DEFAULT_TEMPLATES)
+    if not labels:
+        raise ValueError("labels: give at least one label")
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ValueError(f"template {t!r}: needs exactly one '{{}}' where the label goes")
+    emb = embed_texts(model, [t.format(c) for c in labels for t in templates], to_numpy=False)
+    return torch.nn.functional.normalize(emb.view(len(labels), len(templates), -1).mean(dim=1), dim=-1)
+
+
+@dataclass
+class Classification:
+    """probs [N, C] over the labels; top[n] = [(label, probability), ...] best first."""
+    probs: np.ndarray
+    top: list[list[tuple[str, float]]]
+
+
+def classify_embeddings(model: CLIP, image_emb: torch.Tensor, labels: Sequence[str],
+                        templates: Sequence[str] | None = None, k: int = 5) -> Classification:
+    classes = label_embeddings(model, labels, templates)
+    scale = model.logit_scale.detach().exp().clamp(max=100).item()
+    probs = (scale * image_emb.float() @ classes.T).softmax(dim=-1)
+    values, index = probs.topk(min(k, len(labels)), dim=-1)
+    top = [[(labels[j], p) for j, p in zip(row_i, row_v)] for row_i, row_v in zip(index.tolist(), values.tolist())]
+    return Classification(probs.numpy(), top)
+
+
+def classify(model: CLIP, images, labels: Sequence[str], templates: Sequence[str] | None = None, k: int = 5,
+             batch_size: int = 64, workers: int = 0) -> Classification:
+    """Zero-shot classification of images (PIL or paths) among `labels` made into prompts by
+    `templates` (default "a photo of a {}."; several are averaged)."""
+    emb = embed_images(model, images, batch_size=batch_size, workers=workers, to_numpy=False)
+    return classify_embeddings(model, emb, list(labels), templates, k)
+
+
+# ---------------------------------------------------------------- output folders
+
+EMBED_MANIFEST = "embed.json"
+
+
+def _fingerprint(model_spec: dict | str, items: list[ImageItem], dtype: str, exact_decode: bool) -> str:
+    h = hashlib.sha1(json.dumps([model_spec, dtype, exact_decode]).encode())
+    for item in items:
+        h.update(f"{item.id}\0{item.offset}\0{item.size}\n".encode())
+    return h.hexdigest()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _parts(out: Path, n_items: int, part_size: int) -> Iterator[tuple[int, range, Path]]:
+    for p, start in enumerate(range(0, n_items, part_size)):
+        yield p, range(start, min(start + part_size, n_items)), out / "parts" / f"{p:06d}"
+
+
+def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike, out: str | os.PathLike,
+                 dtype: str = "float16", batch_size: int = 64, workers: int = 0, part_size: int = 4096,
+                 exact_decode: bool = False, progress: bool = True) -> dict:
+    """Embed every image of `source` (see `list_images`) into `out`; resumes an interrupted run.
+
+    Writes img_emb.npy [N, D] (`dtype`), ids.jsonl (row-aligned: id, caption if any),
+    skipped.jsonl (id, reason) and embed.json (counts, and `model_spec`: how to load the model
+    again, for searching); returns the manifest.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype: float16 or float32, got {dtype!r}")
+    items, passed_over = list_images(source)
+    out = Path(out)
+    plan = {"model": model_spec, "source": str(Path(source).resolve()) if Path(source).exists() else str(source), "dtype": dtype, "part_size": part_size,
+            "fingerprint": _fingerprint(model_spec, items, dtype, exact_decode)}
+    plan_path = out / "parts" / "plan.json"
+    if plan_path.exists():
+        if json.loads(plan_path.read_text())["fingerprint"] != plan["fingerprint"]:
+            raise ValueError(f"{out}: holds an unfinished embedding of other inputs or settings; "
+                             "use another --out or remove it")
+    elif (out / EMBED_MANIFEST).exists():
+        done = json.loads((out / EMBED_MANIFEST).read_text())
+        if done.get("fingerprint") == plan["fingerprint"]:
+            return done
+        raise ValueError(f"{out}: already holds embeddings of other inputs or settings; use another --out")
+    else:
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(plan_path, [plan])  # one JSON object: reads back with json.loads
+
+    todo = [(rows, stem) for _, rows, stem in _parts(out, len(items), part_size)
+            if not stem.with_suffix(".npy").exists()]
+    with tqdm(total=len(items), unit="img", desc="embed", disable=not progress,
+              initial=len(items) - sum(len(rows) for rows, _ in todo)) as bar:
+        for rows, stem in todo:
+            part = embed_items(model, [items[i] for i in rows], batch_size, workers, exact_decode)
+            records = [items[rows[i]].record() for i in part.kept]
+            records += [{"skip": items[rows[i]].id, "reason": why} for i, why in part.failed]
+            _write_jsonl(stem.with_suffix(".jsonl"), records)
+            _write_npy(stem.with_suffix(".npy"), part.embeddings.numpy().astype(dtype))  # last: marks the part done
+            bar.update(len(rows))
+    return _join_parts(out, items, passed_over, plan, model.config.embed_dim)
+
+
+def _join_parts(out: Path, items: list[ImageItem], passed_over: list[InputSkip], plan: dict, dim: int) -> dict:
+    vectors, ids, skipped = [], [], [{"id": s.id, "reason": s.reason} for s in passed_over]
+    for _, _, stem in _parts(out, len(items), plan["part_size"]):
+        vectors.append(np.load(stem.with_suffix(".npy")))
+        for row in read_jsonl(stem.with_suffix(".jsonl")):
+            if "skip" in row:
+                skipped.append({"id": row["skip"], "reason": row["reason"]})
+            else:
+                ids.append(row)
+    emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), plan["dtype"])
+    _write_npy(out / "img_emb.npy", emb)
+    _write_jsonl(out / "ids.jsonl", ids)
+    _write_jsonl(out / "skipped.jsonl", skipped)
+    manifest = {**{k: plan[k] for k in ("model", "source", "dtype", "fingerprint")},
+                "images": len(ids), "skipped": len(skipped), "dim": dim}
+    with atomic_path(out / EMBED_MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    for stem in sorted((out / "parts").iterdir()):
+        stem.unlink()
+    (out / "parts").rmdir()
+    return manifest
+
+
+def embed_text_file(model: CLIP, model_spec: dict | str, texts_file: str | os.PathLike, out: str | os.PathLike,
+                    dtype: str = "float16", batch_size: int = 256) -> dict:
+    """text_emb.npy + texts.jsonl (row-aligned) for a UTF-8 file of one text per line."""
+    try:
+        texts = [line.strip() for line in Path(texts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{texts_file}: not UTF-8 text") from None
+    if not texts:
+        raise ValueError(f"{texts_file}: holds no texts (one per line)")
+    out = Path(out)
+    emb = np.concatenate([embed_texts(model, texts[i:i + 4096], batch_size)
+                          for i in tqdm(range(0, len(texts), 4096), desc="embed texts", unit="chunk",
+                                        disable=len(texts) <= 4096)])
+    _write_npy(out / "text_emb.npy", emb.astype(dtype))
+    _write_jsonl(out / "texts.jsonl", [{"text": t} for t in texts])
+    return {"model": model_spec, "texts": len(texts), "dim": int(emb.shape[1]), "dtype": dtype}

@@ -1,0 +1,143 @@
+"""Nearest-neighbour search over normalised embeddings (inner product = cosine similarity).
+
+`exact`: a torch matmul over the vectors held in memory as float32, in blocks with a running
+top-k (the score matrix of many queries stays bounded). With `faiss-cpu` installed (extra `index`): `faiss-flat` (exact),
+`faiss-hnsw` and `faiss-ivf` (approximate, for large collections).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_path
+
+INDEX_FILE = "index.json"
+FAISS_FILE = "index.faiss"
+KINDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf")
+SCORES_PER_BLOCK = 1 << 26  # query x vector scores held at once (256 MiB)
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError("faiss indexes need faiss-cpu: pip install 'clipper[index]'") from None
+    return faiss
+
+
+@dataclass
+class SearchResult:
+    """scores [Q, k] and positions [Q, k] into the indexed vectors, best first."""
+    scores: np.ndarray
+    indices: np.ndarray
+
+
+class Index:
+    def __init__(self, vectors: np.ndarray, kind: str = "exact", faiss_index=None, params: dict | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors: expected [N, D], got shape {list(vectors.shape)}")
+        self.vectors, self.kind, self.params = vectors, kind, params or {}
+        self.faiss_index = faiss_index
+        self._matrix: torch.Tensor | None = None  # float32 copy for exact search, made on first use
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, kind: str = "exact", hnsw_m: int = 32, ef_search: int = 128,
+              ivf_lists: int | None = None, nprobe: int = 32, seed: int = 0) -> "Index":
+        """`hnsw_m`, `ef_search`: HNSW graph degree and search breadth; `ivf_lists`, `nprobe`: IVF
+        cells (default about 4 sqrt(N)) and cells visited per query. Wider is slower and closer to exact."""
+        if kind == "exact":
+            return cls(vectors, kind)
+        if kind not in KINDS:
+            raise ValueError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
+        faiss = _faiss()
+        data = np.ascontiguousarray(vectors, dtype=np.float32)
+        n, d = data.shape
+        if kind == "faiss-flat":
+            index, params = faiss.IndexFlatIP(d), {}
+        elif kind == "faiss-hnsw":
+            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = max(40, 2 * hnsw_m)
+            index.hnsw.efSearch = ef_search
+            params = {"hnsw_m": hnsw_m, "ef_search": ef_search}
+        else:
+            lists = ivf_lists or max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 points per list
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            sample = data[rng.choice(n, min(n, 256 * lists), replace=False)]
+            index.train(sample)
+            index.nprobe = nprobe
+            params = {"ivf_lists": lists, "nprobe": nprobe}
+        index.add(data)
+        return cls(vectors, kind, index, params)
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10) -> SearchResult:
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+        if q.ndim == 1:
+            q = q[None]
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries: dimension {q.shape[1]}, the index holds {self.dim}-d vectors")
+        k = min(k, len(self))
+        if k < 1:
+            raise ValueError("k: must be >= 1 (and the index non-empty)")
+        if self.faiss_index is not None:
+            scores, indices = self.faiss_index.search(q.numpy(), k)
+            return SearchResult(scores, indices)
+        if self._matrix is None:
+            self._matrix = torch.from_numpy(np.array(self.vectors, dtype=np.float32))
+        rows = max(k, SCORES_PER_BLOCK // q.shape[0])
+        best_s, best_i = None, None
+        for start in range(0, len(self), rows):
+            s, i = (q @ self._matrix[start:start + rows].T).topk(min(k, len(self) - start), dim=1)
+            i += start
+            if best_s is not None:  # merge with the best so far
+                s, order = torch.cat([best_s, s], 1).topk(k, dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, order)
+            best_s, best_i = s, i
+        return SearchResult(best_s.numpy(), best_i.numpy())
+
+    def save(self, folder: str | os.PathLike, vectors_file: str = "img_emb.npy") -> None:
+        """index.json (+ index.faiss) in `folder`, which holds the vectors as `vectors_file`."""
+        folder = Path(folder)
+        if self.faiss_index is not None:
+            faiss = _faiss()
+            with atomic_path(folder / FAISS_FILE) as tmp:
+                faiss.write_index(self.faiss_index, str(tmp))
+        meta = {"kind": self.kind, "count": len(self), "dim": self.dim, "vectors": vectors_file, **self.params}
+        with atomic_path(folder / INDEX_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Index":
+        folder = Path(folder)
+        meta_path = folder / INDEX_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{folder}: no {INDEX_FILE} (build one with `clipper index {folder}`)")
+        meta = json.loads(meta_path.read_text())
+        vectors = np.load(folder / meta["vectors"], mmap_mode="r")
+        if vectors.shape != (meta["count"], meta["dim"]):
+            raise ValueError(f"{folder / meta['vectors']}: shape {list(vectors.shape)} does not match "
+                             f"{INDEX_FILE} ({meta['count']} x {meta['dim']}); rebuild the index")
+        faiss_index = None
+        if meta["kind"] != "exact":
+            faiss_index = _faiss().read_index(str(folder / FAISS_FILE))
+            if "nprobe" in meta:
+                faiss_index.nprobe = meta["nprobe"]
+            if "ef_search" in meta:
+                faiss_index.hnsw.efSearch = meta["ef_search"]
+        params = {k: v for k, v in meta.items() if k not in ("kind", "count", "dim", "vectors")}
+        return cls(vectors, meta["kind"], faiss_index, params)

@@ -48,6 +48,6 @@ def quantize_int8(model: CLIP) -> CLIP:
     quantized = copy.deepcopy(model).cpu().eval()
     for module in list(quantized.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
     return quantized.requires_grad_(False)

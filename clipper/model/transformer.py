@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear, linear
+
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
@@ -22,8 +24,8 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.out = Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool = False, query: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,8 +37,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
         elif isinstance(self.qkv, nn.Linear):
             w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(query, w[:C], b[:C]).view(B, -1, H, C // H).transpose(1, 2)
-            k, v = F.linear(x, w[C:], b[C:]).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+            q = linear(query, w[:C], b[:C]).view(B, -1, H, C // H).transpose(1, 2)
+            k, v = linear(x, w[C:], b[C:]).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
         else:  # a packed projection that cannot be sliced (int8): project all, keep the query rows' q
             q = self.qkv(query)[..., :C].reshape(B, -1, H, C // H).transpose(1, 2)
             k, v = self.qkv(x).view(B, L, 3, H, C // H)[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)
@@ -47,9 +49,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, quick_gelu: bool):
         super().__init__()
-        self.fc = nn.Linear(width, hidden)
+        self.fc = Linear(width, hidden)
         self.act = QuickGELU() if quick_gelu else nn.GELU()
-        self.proj = nn.Linear(hidden, width)
+        self.proj = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.act(self.fc(x)))

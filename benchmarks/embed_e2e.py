@@ -1,0 +1,144 @@
+"""Embedding a folder of JPEGs end to end (read, decode, resize, model), ViT-B-32 @ 224, same
+weights: clipper's `embed` (fp32 and --quantize int8) vs open_clip's standard path (its
+`preprocess` in a DataLoader with the same number of workers, then `encode_image`), 2 threads.
+
+The JPEGs are Fashion-MNIST test images upscaled to 256 px (RGB, quality 90), generated once into
+data/cache/embed_e2e/. Also: the int8 model's zero-shot top-1 on the Fashion-MNIST test shards
+against fp32, for a trained model (default: the run recorded by train_fmnist.py).
+
+    python benchmarks/embed_e2e.py [--images 2000] [--workers 1] [--fmnist-model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+from clipper.config import preset  # noqa: E402
+from clipper.embed import embed_folder  # noqa: E402
+from clipper.interop import from_open_clip_state_dict  # noqa: E402
+from clipper.quantize import quantize_int8  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_jpegs(n: int) -> Path:
+    from clipper.data.fashion_mnist import load_split
+
+    folder = ROOT / "data" / "cache" / "embed_e2e" / f"fmnist-256-{n}"
+    if len(list(folder.glob("*.jpg"))) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = load_split("test")
+    for i in range(n):
+        im = Image.fromarray(images[i % len(images)]).convert("RGB").resize((256, 256), Image.BICUBIC)
+        im.save(folder / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
+class Files(Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(Image.open(self.paths[i]))
+
+
+@torch.inference_mode()
+def open_clip_embed(model, preprocess, paths, batch, workers) -> np.ndarray:
+    loader = DataLoader(Files(paths, preprocess), batch_size=batch, num_workers=workers)
+    return torch.cat([model.encode_image(x, normalize=True) for x in loader]).numpy()
+
+
+def clipper_embed(model, folder: Path, batch: int, workers: int) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as out:
+        embed_folder(model, "bench", folder, out, dtype="float32", batch_size=batch, workers=workers, progress=False)
+        return np.load(Path(out) / "img_emb.npy")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def int8_accuracy(model_dir: Path) -> dict:
+    from clipper.checkpoint import load_model
+    from clipper.evaluate import evaluate_task
+
+    shards = ROOT / "data" / "shards" / "fmnist" / "test"
+    model = load_model(model_dir)
+    fp32 = evaluate_task(model, "zeroshot-fmnist", str(shards))["top1"]
+    int8 = evaluate_task(quantize_int8(model), "zeroshot-fmnist", str(shards))["top1"]
+    return {"model": str(model_dir.relative_to(ROOT)), "fp32_top1": round(fp32, 2), "int8_top1": round(int8, 2),
+            "drop_points": round(fp32 - int8, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--fmnist-model", help="trained fmnist-tiny model directory for the int8 accuracy check")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    folder = make_jpegs(args.images)
+    paths = sorted(folder.glob("*.jpg"))
+
+    torch.manual_seed(0)
+    oc, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    oc.eval()
+    ours = from_open_clip_state_dict(oc.state_dict(), preset("ViT-B-32")).eval()
+    ours8 = quantize_int8(ours)
+
+    runs = {"open_clip": lambda: open_clip_embed(oc, preprocess, paths, args.batch, args.workers),
+            "clipper_fp32": lambda: clipper_embed(ours, folder, args.batch, args.workers),
+            "clipper_int8": lambda: clipper_embed(ours8, folder, args.batch, args.workers)}
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    vectors = {}
+    for _ in range(args.repeats):  # alternate, so that machine noise hits all alike
+        for name, fn in runs.items():
+            vectors[name], s = timed(fn)
+            seconds[name].append(s)
+            print(f"{name:14s} {len(paths) / s:7.2f} images/s", flush=True)
+    rate = {k: round(len(paths) / float(np.median(v)), 2) for k, v in seconds.items()}
+    cos_fp32 = (vectors["open_clip"] * vectors["clipper_fp32"]).sum(1)
+    cos_int8 = (vectors["clipper_fp32"] * vectors["clipper_int8"]).sum(1)
+    results = {
+        "model": "ViT-B-32", "images": len(paths), "workers": args.workers, "batch": args.batch,
+        "repeats": args.repeats, "images_per_s": rate,
+        "ratio_fp32": round(rate["clipper_fp32"] / rate["open_clip"], 3),
+        "ratio_int8": round(rate["clipper_int8"] / rate["open_clip"], 3),
+        "fp32_max_abs_diff_vs_open_clip": float(np.abs(vectors["open_clip"] - vectors["clipper_fp32"]).max()),
+        "fp32_min_cosine_vs_open_clip": float(cos_fp32.min()),
+        "int8_min_cosine_vs_fp32": float(cos_int8.min()),
+    }
+    model_dir = args.fmnist_model
+    if model_dir is None and (ROOT / "benchmarks" / "results" / "train_fmnist.json").is_file():
+        model_dir = ROOT / json.loads((ROOT / "benchmarks" / "results" / "train_fmnist.json").read_text())["run"] / "model"
+    if model_dir is not None and Path(model_dir).is_dir():
+        results["int8_fmnist_zero_shot"] = int8_accuracy(Path(model_dir).resolve())
+        print(results["int8_fmnist_zero_shot"], flush=True)
+    print(json.dumps({k: v for k, v in results.items() if k != "int8_fmnist_zero_shot"}, indent=1))
+    print("wrote", write_results("embed_e2e", results))
+
+
+if __name__ == "__main__":
+    main()

@@ -44,7 +44,7 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
         model, state = RunDir.load_checkpoint(ckpt)
         metrics = evaluate_task(model, eval_task, str(shards / "test"), batch_size=500)
         curve.append({"step": state["step"], "elapsed_s": round(state["elapsed"], 1), "samples": state["samples"],
-                      **{k: round(v, 2) for k, v in metrics.items()}})
+                      **{k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()}})
         print(json.dumps(curve[-1]), flush=True)
     train = [r for r in run.read_metrics() if "samples_per_s" in r]
     return {"preset": preset, "run": str(out.relative_to(ROOT)), "minutes": minutes, "wall_s_incl_startup": round(wall, 1),

@@ -167,6 +167,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import Trainer
 
     cfg = train_config_from_args(args)
+    if args.verb == "train-captioner":
+        cfg.objective = "caption"
+        if args.unfreeze_image:
+            cfg.lock_image = False
+        cfg.validate()
     summary = Trainer(cfg, args.out, resume=args.resume).fit()
     print(json.dumps(summary))
 
@@ -246,6 +251,27 @@ def cmd_classify(args: argparse.Namespace) -> None:
             print(f"{items[i].id}\t" + "  ".join(f"{l} ({p:.3f})" for l, p in top))
 
 
+GENERATION_FLAGS = {"max_new_tokens": int, "min_new_tokens": int, "num_beams": int, "length_penalty": float,
+                    "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float,
+                    "num_return_sequences": int, "seed": int}
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    from .data.inputs import list_images
+    from .generate import caption
+
+    items = [item for spec in args.images for item in list_images(spec)[0]]
+    options = {k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None}
+    model = _load(args)
+    captions = caption(model, [item.path for item in items], args.prompt, do_sample=args.sample, **options)
+    for item, text in zip(items, captions):
+        texts = text if isinstance(text, list) else [text]
+        if args.json:
+            print(json.dumps({"image": item.id, "captions": texts}, ensure_ascii=False))
+        else:
+            print(f"{item.id}\t" + "\t".join(texts))
+
+
 def cmd_index(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -291,6 +317,18 @@ def cmd_search(args: argparse.Namespace) -> None:
             print(f"{rank:3d}  {score:.4f}  {row['id']}" + (f"  {row['caption']}" if row.get("caption") else ""))
 
 
+def _add_train_args(p: argparse.ArgumentParser, presets: str) -> None:
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, final model)")
+    p.add_argument("--preset", help=f"training preset: {presets}")
+    p.add_argument("--config", help="TrainConfig JSON file")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    for flag, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="any TrainConfig field, JSON value (e.g. augment.crop_scale=[0.5,1.0])")
+    p.set_defaults(fn=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clipper", description="CLIP-style image-text models, fast on CPUs.")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -332,15 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="contrastive training (also under torchrun)",
                        description="Settings: --preset, then --config FILE, then the flags below, then --set.")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, final model)")
-    p.add_argument("--preset", help="training preset: fmnist-tiny, emoji-small")
-    p.add_argument("--config", help="TrainConfig JSON file")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    for flag, kind in TRAIN_FLAGS.items():
+    _add_train_args(p, "fmnist-tiny, emoji-small")
+
+    p = sub.add_parser("train-captioner", help="train a caption decoder on a model's image tower",
+                       description="The caption objective of `clipper train` (same flags): --init names the "
+                                   "trained model; its image tower stays frozen unless --unfreeze-image.")
+    _add_train_args(p, "emoji-captioner, fmnist-captioner")
+    p.add_argument("--unfreeze-image", action="store_true", help="train the image tower too")
+
+    p = sub.add_parser("caption", help="caption images with a model that has a decoder")
+    p.add_argument("images", nargs="+", help="image files, folders or list files")
+    _add_model_args(p)
+    p.add_argument("--prompt", help="text the captions start with")
+    p.add_argument("--sample", action="store_true", help="sample (temperature, top-k, top-p) instead of greedy/beam")
+    for flag, kind in GENERATION_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind)
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="any TrainConfig field, JSON value (e.g. augment.crop_scale=[0.5,1.0])")
-    p.set_defaults(fn=cmd_train)
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.set_defaults(fn=cmd_caption)
 
     labels = argparse.ArgumentParser(add_help=False)
     labels.add_argument("--labels", help="class names, comma-separated")
@@ -353,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "shards whose json holds 'label' (index) or 'class' (name), with --labels; "
                                    "retrieval: any (image, caption) shards. Prints JSON.")
     _add_model_args(p)
-    p.add_argument("--task", required=True, choices=["zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval"])
+    p.add_argument("--task", required=True, choices=["zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval",
+                                                      "captioning-emoji", "captioning-fmnist", "captioning"])
     p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
     p.add_argument("--quantize", choices=["int8"], help="evaluate the int8 model")
     p.add_argument("--batch-size", type=int, default=500)

@@ -76,6 +76,28 @@ class TextConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """The captioner: a causal LM whose input starts with the image encoder's tokens (projected)."""
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    context_length: int = 32  # text tokens: start, prompt, caption, end
+    # Output (and input) vocabulary as CLIP BPE ids, e.g. the tokens of the training captions: a
+    # 49,408-way head would cost several times the rest of a small decoder. Empty: all ids.
+    vocab: tuple[int, ...] = ()
+
+    def validate(self, where: str = "decoder") -> None:
+        _positive(self, where, ("width", "layers", "heads", "mlp_ratio", "context_length"))
+        if self.width % self.heads:
+            raise ConfigError(f"{where}: width {self.width} is not divisible by heads {self.heads}")
+        if self.context_length < 3:
+            raise ConfigError(f"{where}.context_length: needs room for start, one token and end (>= 3)")
+        if any(v < 0 for v in self.vocab) or len(set(self.vocab)) != len(self.vocab):
+            raise ConfigError(f"{where}.vocab: expected distinct token ids (non-negative integers)")
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -83,11 +105,14 @@ class ModelConfig:
     quick_gelu: bool = False  # OpenAI-trained weights use x * sigmoid(1.702 x)
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set for the sigmoid (SigLIP) loss
+    decoder: DecoderConfig | None = None  # a captioner on top of the image encoder
 
     def validate(self) -> "ModelConfig":
         _positive(self, "model", ("embed_dim",))
         self.vision.validate()
         self.text.validate()
+        if self.decoder is not None:
+            self.decoder.validate()
         return self
 
     # --- JSON -------------------------------------------------------------------------------
@@ -117,9 +142,12 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    """One contrastive training run. Batch sizes are per rank, as in open_clip."""
+    """One training run: contrastive, or a captioner on a trained model. Batch sizes are per rank,
+    as in open_clip."""
+    objective: str = "contrastive"  # "caption": train a decoder on `init`'s image tower
     model: str = "fmnist-tiny"  # preset, or a model directory / open_clip checkpoint when `init` is unset
     init: str | None = None  # start from these weights (clipper model dir or open_clip file) instead of random
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # caption: added when `init` has none
     train_data: str = ""  # shard folder, brace pattern or glob
     eval_task: str = "none"  # "zeroshot-fmnist", "retrieval-emoji" or "none"
     eval_data: str | None = None  # shards of the eval split
@@ -156,11 +184,16 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> "TrainConfig":
+        if self.objective not in ("contrastive", "caption"):
+            raise ConfigError(f"train.objective: {self.objective!r} is not one of contrastive, caption")
+        if self.objective == "caption" and not self.init:
+            raise ConfigError("train.init: the caption objective trains on a model's image tower; name the model")
         if self.loss not in ("infonce", "sigmoid"):
             raise ConfigError(f"train.loss: {self.loss!r} is not one of infonce, sigmoid")
-        if self.eval_task not in ("none", "zeroshot-fmnist", "retrieval-emoji"):
-            raise ConfigError(f"train.eval_task: {self.eval_task!r} is not one of none, zeroshot-fmnist, "
-                              "retrieval-emoji")
+        tasks = ("none", "zeroshot-fmnist", "retrieval-emoji", "captioning-emoji", "captioning-fmnist")
+        if self.eval_task not in tasks:
+            raise ConfigError(f"train.eval_task: {self.eval_task!r} is not one of {', '.join(tasks)}")
+        self.decoder.validate("train.decoder")
         if self.eval_task != "none" and not self.eval_data:
             raise ConfigError(f"train.eval_data: needed for eval_task {self.eval_task}")
         if self.steps is None and self.epochs is None and self.minutes is None:
@@ -185,6 +218,20 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                     "weight_decay": 0.1, "warmup_steps": 50, "minutes": 10.0, "workers": 1,
                     "keywords_prob": 0.5, "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
                     "eval_every": 0, "checkpoint_every": 500},
+}
+
+
+# Captioners: stage 1 (image tower frozen) on a contrastive model trained with the preset above.
+TRAIN_PRESETS |= {
+    "emoji-captioner": {"objective": "caption", "eval_task": "captioning-emoji", "batch_size": 128, "lr": 1e-3,
+                        "weight_decay": 0.05, "warmup_steps": 50, "minutes": 10.0, "workers": 1, "lock_image": True,
+                        "decoder": {"width": 128, "layers": 3, "heads": 4, "context_length": 32},
+                        "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
+                        "checkpoint_every": 500},
+    "fmnist-captioner": {"objective": "caption", "eval_task": "captioning-fmnist", "batch_size": 128, "lr": 1e-3,
+                         "weight_decay": 0.05, "warmup_steps": 50, "minutes": 10.0, "workers": 1, "lock_image": True,
+                         "decoder": {"width": 128, "layers": 2, "heads": 4, "context_length": 24},
+                         "checkpoint_every": 500},
 }
 
 
@@ -230,8 +277,11 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
+        inner = [a for a in typing.get_args(hints[name]) if a is not type(None)]
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = from_dict(hints[name], value, f"{where}.{name}")
+        elif value is not None and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):  # Optional[config]
+            kwargs[name] = from_dict(inner[0], value, f"{where}.{name}")
         else:
             kwargs[name] = _check_type(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
@@ -254,6 +304,9 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
+    elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is int:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
     elif typing.get_origin(hint) is tuple:
         ok = isinstance(value, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)

@@ -4,6 +4,7 @@ and image<->text retrieval recall@k; on the protocol's sets or on any labelled /
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -14,7 +15,8 @@ from .data.pipeline import ShardDataset, make_loader
 from .embed import label_embeddings
 from .model import CLIP
 
-TASKS = ("zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval")
+TASKS = ("zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval", "captioning-emoji", "captioning-fmnist",
+         "captioning")
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -79,12 +81,75 @@ def retrieval(model: CLIP, batches: Iterable[dict]) -> dict[str, float]:
     return {**{f"t2i_{k}": v for k, v in t2i.items()}, **{f"i2t_{k}": v for k, v in i2t.items()}, "n": sim.shape[0]}
 
 
+def simple_tokens(text: str) -> list[str]:
+    """Lowercased words without punctuation: the tokenization the caption metrics compare."""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def named_class(caption: str, classnames: Sequence[str]) -> int | None:
+    """The class a caption names (longest name first, so 't-shirt' is not read as 'shirt')."""
+    text = caption.lower()
+    for name in sorted(classnames, key=len, reverse=True):
+        if re.search(r"(?<![\w-])" + re.escape(name.lower()) + r"(?![\w-])", text):
+            return list(classnames).index(name)
+    return None
+
+
+def caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Exact match, BLEU-4, ROUGE-L and CIDEr-D (pycocoevalcap's scorers, on `simple_tokens`:
+    no Java), in percent, of one prediction against one reference per image."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError:
+        raise ConfigError("captioning metrics need pycocoevalcap: pip install 'clipper[caption]'") from None
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError("caption metrics: need one prediction per reference (and at least one)")
+    res = {i: [" ".join(simple_tokens(p)) or "empty"] for i, p in enumerate(predictions)}
+    gts = {i: [" ".join(simple_tokens(r))] for i, r in enumerate(references)}
+    exact = sum(res[i] == gts[i] for i in res) / len(res)
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0][3]
+    rouge = Rouge().compute_score(gts, res)[0]
+    cider = Cider().compute_score(gts, res)[0]
+    return {"exact_match": 100 * exact, "bleu4": 100 * bleu, "rouge_l": 100 * rouge, "cider_d": 100 * cider,
+            "n": len(predictions)}
+
+
+@torch.inference_mode()
+def captioning(model: CLIP, batches: Iterable[dict], classnames: Sequence[str] | None = None,
+               generation=None) -> dict[str, float]:
+    """Caption every eval image (greedy unless `generation` says otherwise) and score against its
+    caption; with `classnames`, also the share of captions naming the image's class."""
+    from .generate import generate
+
+    device = next(model.parameters()).device
+    predictions, references, labels = [], [], []
+    for batch in batches:
+        if not batch["key"]:
+            continue
+        predictions += [c[0] for c in generate(model, batch["image"].to(device), cfg=generation)]
+        references += batch["caption"]
+        if classnames is not None:
+            position = {name: i for i, name in enumerate(classnames)}
+            labels += [_class_index(m, k, position) for m, k in zip(batch["meta"], batch["key"])]
+    if not predictions:
+        raise ValueError("captioning evaluation: no images")
+    metrics = caption_metrics(predictions, references)
+    if classnames is not None:
+        named = [named_class(p, classnames) == y for p, y in zip(predictions, labels)]
+        metrics["class_named"] = 100 * sum(named) / len(named)
+    metrics["examples"] = [{"caption": p, "reference": r} for p, r in list(zip(predictions, references))[:8]]
+    return metrics
+
+
 def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0,
                   classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> dict[str, float]:
     """Run one evaluation on eval-split shards (the same code as `clipper eval`).
 
-    zeroshot-fmnist / retrieval-emoji: the protocol's; zeroshot: any shards whose json names the
-    class, with `classnames` (and `templates`, default "a photo of a {}."); retrieval: any paired shards.
+    zeroshot-fmnist / retrieval-emoji / captioning-emoji / captioning-fmnist: the protocol's;
+    zeroshot: any shards whose json names the class, with `classnames` (and `templates`, default
+    "a photo of a {}."); retrieval, captioning: any paired shards.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown evaluation task {task!r} (one of {', '.join(TASKS)})")
@@ -92,13 +157,21 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
         raise ConfigError("task zeroshot: give the class names (--labels or --labels-file)")
     was_training = model.training
     model.eval()
-    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1)
+    captions = task.startswith("captioning")
+    if captions and model.decoder is None:
+        raise ConfigError(f"task {task}: the model has no caption decoder")
+    context = model.config.decoder.context_length if captions else None
+    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, context_length=context)
     loader = make_loader(dataset, workers)
     try:
         if task == "zeroshot-fmnist":
             return zero_shot(model, loader, CLASSES, EVAL_TEMPLATES)
         if task == "zeroshot":
             return zero_shot(model, loader, list(classnames), templates)
+        if task == "captioning-fmnist":
+            return captioning(model, loader, CLASSES)
+        if task in ("captioning-emoji", "captioning"):
+            return captioning(model, loader, classnames)
         return retrieval(model, loader)
     finally:
         model.train(was_training)

@@ -98,7 +98,10 @@ class Index:
             scores, indices = self.faiss_index.search(q.numpy(), k)
             return SearchResult(scores, indices)
         if self._matrix is None:
-            self._matrix = torch.from_numpy(np.array(self.vectors, dtype=np.float32))
+            matrix = np.asarray(self.vectors, dtype=np.float32)
+            if not (matrix.flags.writeable and matrix.flags.c_contiguous):  # e.g. a read-only memory map
+                matrix = np.array(matrix, order="C")
+            self._matrix = torch.from_numpy(matrix)
         rows = max(k, SCORES_PER_BLOCK // q.shape[0])
         best_s, best_i = None, None
         for start in range(0, len(self), rows):

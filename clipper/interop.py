@@ -55,8 +55,9 @@ def _key_map(model: CLIP) -> dict[str, str]:
 
 
 def to_open_clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
-    """The state dict that open_clip's CLIP of the same config loads with strict=True."""
-    return {open_clip_name(k): v for k, v in model.state_dict().items()}
+    """The state dict that open_clip's CLIP of the same config loads with strict=True (a
+    captioner's decoder has no open_clip counterpart and is left out)."""
+    return {open_clip_name(k): v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
 
 
 def config_from_open_clip_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bool = False,

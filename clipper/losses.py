@@ -89,3 +89,19 @@ def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
 
 
 LOSSES = {"infonce": infonce_loss, "sigmoid": sigmoid_loss}
+
+
+def caption_loss(model, images: torch.Tensor, tokens: torch.Tensor, train_image: bool = False) -> dict[str, torch.Tensor]:
+    """Captioning cross-entropy on the caption and end tokens of `tokens` [B, L] (CLIP BPE rows
+    [start, caption..., end, 0...]); the image tower runs without gradients unless `train_image`."""
+    decoder = model.decoder
+    eot = tokens.argmax(dim=-1)  # the end token has the largest id
+    length = int(eot.max()) + 1
+    tokens = tokens[:, :length]
+    positions = torch.arange(length, device=tokens.device)
+    valid = positions[None] <= eot[:, None]
+    index = torch.zeros_like(tokens)
+    index[valid] = decoder.to_vocab(tokens[valid], "caption")
+    with torch.set_grad_enabled(train_image and torch.is_grad_enabled()):
+        image_tokens = model.visual.tokens(images)
+    return decoder(image_tokens, index, valid & (positions[None] > 0))

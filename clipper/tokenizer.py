@@ -83,3 +83,13 @@ class Tokenizer:
 
     def batch_decode(self, rows: torch.Tensor | Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(r) for r in rows]
+
+
+def caption_vocabulary(captions: Iterable[str], context_length: int) -> tuple[int, ...]:
+    """Sorted BPE ids of the captions (as tokenized at `context_length`), start and end included:
+    the output vocabulary of a captioner trained on them."""
+    tokenizer = Tokenizer(context_length)
+    ids = {tokenizer.sot_id, tokenizer.eot_id}
+    for caption in captions:
+        ids.update(tokenizer.encode(caption)[: context_length - 2])
+    return tuple(sorted(ids))

@@ -11,6 +11,7 @@ latest complete checkpoint (model, optimizer, step, RNG, data position).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import is_model_dir
 from .config import ConfigError, TrainConfig, preset, write_json
-from .data.pipeline import ShardDataset, SkipLog, make_loader
+from .data.pipeline import ShardDataset, SkipLog, make_loader, shard_captions
 from .distributed import peak_rss_mib, rank_and_world
 from .evaluate import evaluate_task
 from .factory import load
@@ -35,6 +36,7 @@ from .model import CLIP
 from .model.clip import MAX_LOGIT_SCALE
 from .optim import learning_rate, lock_towers, make_optimizer, set_learning_rate
 from .runs import RunDir
+from .tokenizer import caption_vocabulary
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -48,9 +50,15 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def build_model(cfg: TrainConfig) -> CLIP:
-    """Random init from the preset, or the weights of `init` (clipper directory or open_clip file)."""
+    """Random init from the preset, or the weights of `init` (clipper directory or open_clip file);
+    the caption objective adds a decoder (vocabulary: the training captions' tokens) if it has none."""
     if cfg.init:
         model = load(cfg.init) if is_model_dir(cfg.init) else load(cfg.model, pretrained=cfg.init)
+        if cfg.objective == "caption":
+            if model.decoder is None:
+                vocab = cfg.decoder.vocab or caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
+                model.add_decoder(dataclasses.replace(cfg.decoder, vocab=vocab))
+            return model.train()
         if cfg.loss == "sigmoid" and model.logit_bias is None:
             raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
         return model.train()
@@ -77,9 +85,11 @@ class Trainer:
         lock_towers(self.model, cfg)
         self.optimizer = make_optimizer(self.model, cfg)
         self.loss_fn = LOSSES[cfg.loss]
+        context = self.model.config.decoder.context_length if cfg.objective == "caption" else None
         self.data = ShardDataset(cfg.train_data, self.model.config, cfg.batch_size, train=True, augment=cfg.augment,
                                  seed=cfg.seed, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
-                                 rank=self.rank, world=self.world, keywords_prob=cfg.keywords_prob)
+                                 rank=self.rank, world=self.world, keywords_prob=cfg.keywords_prob,
+                                 context_length=context)
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
@@ -135,8 +145,12 @@ class Trainer:
     def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward, backward and update on one batch."""
         self.train_model.train()
-        losses = forward_backward(self.train_model, images, texts, self.loss_fn, self.cfg.accum_freq, self._autocast,
-                                  self.cfg.same_caption_positive)
+        if self.cfg.objective == "caption":
+            losses = caption_forward_backward(self.train_model, images, texts, self.cfg.accum_freq, self._autocast,
+                                              train_image=not self.cfg.lock_image)
+        else:
+            losses = forward_backward(self.train_model, images, texts, self.loss_fn, self.cfg.accum_freq,
+                                      self._autocast, self.cfg.same_caption_positive)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.optimizer.step()
@@ -266,7 +280,7 @@ class Trainer:
                           "eval_seconds": round(time.perf_counter() - t0, 2), "eval": metrics})
             self.run.plot()
             tqdm.write(f"step {self.step}: {self.cfg.eval_task} " +
-                       ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "n"))
+                       ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
         return metrics
 
 
@@ -311,6 +325,25 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.
                 losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"], tokens)
             losses["loss"].backward()
     return losses
+
+
+def caption_forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, accum_freq: int = 1,
+                             autocast=contextlib.nullcontext, train_image: bool = False) -> dict[str, torch.Tensor]:
+    """Caption loss and gradients of one batch, in `accum_freq` micro-batches weighted by their
+    caption tokens (the sum equals the whole batch's token-mean loss)."""
+    eot = texts.argmax(dim=-1)
+    total = float(eot.sum())  # predicted tokens: the caption and its end token, per row
+    loss = torch.zeros(())
+    for j, (i_chunk, t_chunk, e_chunk) in enumerate(zip(images.chunk(accum_freq), texts.chunk(accum_freq),
+                                                       eot.chunk(accum_freq))):
+        sync = model.no_sync() if j < accum_freq - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                part = model(i_chunk, t_chunk, objective="caption", train_image=train_image)["loss"]
+            part = part * (float(e_chunk.sum()) / total)
+            part.backward()
+        loss += part.detach().float().cpu()
+    return {"loss": loss}
 
 
 def _raise_interrupt(signum, frame):

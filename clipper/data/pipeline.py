@@ -119,15 +119,28 @@ def read_tar(shard: str) -> Iterator[dict | Skip]:
         yield current
 
 
+def shard_captions(spec) -> Iterator[str]:
+    """Every readable caption (txt member) of the shards, in order (images are not decoded)."""
+    for shard in list_shards(spec):
+        for sample in read_tar(shard):
+            if isinstance(sample, Skip) or "txt" not in sample:
+                continue
+            try:
+                yield read_caption(sample["txt"], sample["__key__"])
+            except ValueError:
+                continue  # counted when the pipeline meets it
+
+
 class SampleDecoder:
-    """Raw sample -> (image tensor, token ids, key, metadata) or a Skip with the reason."""
+    """Raw sample -> (image tensor, token ids, key, metadata, caption) or a Skip with the reason.
+    Captions are tokenized for the text tower, or to `context_length` (the captioner's)."""
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
-                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0):
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None):
         self.image_size = config.vision.image_size
         self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
             else eval_transform(config.vision)
-        self.tokenizer = Tokenizer(config.text.context_length)
+        self.tokenizer = Tokenizer(context_length or config.text.context_length)
         self.max_pixels = max_pixels
         self.keywords_prob = keywords_prob if train else 0.0
         self.rng = random.Random(0)
@@ -168,7 +181,8 @@ class SampleDecoder:
             meta = json.loads(sample["json"]) if "json" in sample else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             return Skip(url, key, "json member is not valid JSON")
-        return pixels, self.tokenizer([self._text(text, meta)])[0], key, meta
+        text = self._text(text, meta)
+        return pixels, self.tokenizer([text])[0], key, meta, text
 
 
 def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool) -> Iterator[dict]:
@@ -177,10 +191,10 @@ def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool) -> 
     skipped: list[Skip] = []
 
     def collate() -> dict:
-        images, tokens, keys, metas = zip(*rows) if rows else ((), (), (), ())
+        images, tokens, keys, metas, captions = zip(*rows) if rows else ((), (), (), (), ())
         return {"image": torch.stack(images) if rows else torch.empty(0),
                 "text": torch.stack(tokens) if rows else torch.empty(0, dtype=torch.long),
-                "key": list(keys), "meta": list(metas), "skipped": list(skipped)}
+                "key": list(keys), "meta": list(metas), "caption": list(captions), "skipped": list(skipped)}
 
     for item in items:
         if isinstance(item, Skip):
@@ -201,13 +215,13 @@ class ShardDataset(IterableDataset):
     def __init__(self, shards, config: ModelConfig, batch_size: int, train: bool = True,
                  augment: AugmentConfig | None = None, seed: int = 0, resampled: bool = False,
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
-                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0):
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size: must be positive, got {batch_size}")
         self.shards = list_shards(shards)
         self.sizes = shard_sizes(self.shards)
-        self.decoder = SampleDecoder(config, train, augment, max_pixels, keywords_prob)
+        self.decoder = SampleDecoder(config, train, augment, max_pixels, keywords_prob, context_length)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         r, w = rank_and_world()

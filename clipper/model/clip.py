@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .decoder import CaptionDecoder
 from .text import TextTransformer
 from .vision import VisionTransformer
 
@@ -25,6 +26,15 @@ class CLIP(nn.Module):
         bias = config.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.init_weights()
+        self.decoder = None
+        if config.decoder is not None:
+            self.add_decoder(config.decoder)
+
+    def add_decoder(self, cfg) -> None:
+        """Attach a (freshly initialised) captioner on the image tower's tokens."""
+        v = self.config.vision
+        self.config.decoder = cfg
+        self.decoder = CaptionDecoder(cfg, v.width, v.grid ** 2 + 1, self.config.quick_gelu)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -58,8 +68,14 @@ class CLIP(nn.Module):
             features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Normalised features of both towers plus the temperature (and bias) that the losses use."""
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, objective: str = "contrastive",
+                train_image: bool = False) -> dict[str, torch.Tensor | None]:
+        """contrastive: normalised features of both towers plus the temperature (and bias) that the
+        losses use. caption: the decoder's caption loss (through forward, so that DDP sees it)."""
+        if objective == "caption":
+            from ..losses import caption_loss
+
+            return caption_loss(self, images, tokens, train_image)
         return {
             "image_features": self.encode_image(images, normalize=True),
             "text_features": self.encode_text(tokens, normalize=True),
@@ -85,6 +101,12 @@ class CLIP(nn.Module):
         from ..embed import classify
 
         return classify(self, images, labels, templates, k, **kwargs)
+
+    def caption(self, images, prompt=None, **kwargs):
+        """Captions of PIL images or paths: see `clipper.generate.caption`."""
+        from ..generate import caption
+
+        return caption(self, images, prompt, **kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a model directory (config.json + model.safetensors), atomically."""

@@ -46,6 +46,23 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, -1, C))
 
 
+    def forward_cached(self, x: torch.Tensor, mask: torch.Tensor | None,
+                       kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+        """Self-attention of new tokens x [B, T, C] over a KV cache (k, v [B, H, S, C/H], filled up
+        to `start`) plus themselves; their keys and values are written into the cache. `mask`
+        [B, 1, T, start + T] (True = attend); None: causal among the new tokens."""
+        B, T, C = x.shape
+        H = self.heads
+        q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv is not None:
+            k_cache, v_cache, start = kv
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, quick_gelu: bool):
         super().__init__()
@@ -67,6 +84,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x: torch.Tensor, mask: torch.Tensor | None,
+                       kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln_1(x), mask, kv)
         return x + self.mlp(self.ln_2(x))
 
     def forward_at(self, x: torch.Tensor, index: torch.Tensor, causal: bool = False) -> torch.Tensor:

@@ -22,15 +22,23 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(w ** -0.5 * torch.randn(w, embed_dim))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W], normalised -> pooled, projected features [B, embed_dim]."""
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if images.ndim != 4 or images.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"images: expected [batch, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
                              f"got {list(images.shape)}")
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+        return self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Every output token, normalised: [B, 1 + grid^2, width] (class token first): the captioner's input."""
+        return self.ln_post(self.transformer(self._embed(images)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W], normalised -> pooled, projected features [B, embed_dim]."""
+        cfg = self.cfg
+        x = self._embed(images)
         if cfg.pool == "tok":
             # Only the class token's output is used: the last block runs its query and MLP on it alone.
             index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)

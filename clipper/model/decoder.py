@@ -1,0 +1,149 @@
+"""The captioner: a small causal LM whose input starts with the image encoder's tokens.
+
+Sequence: [image prefix (P tokens, projected by an MLP)] [start] [prompt ...] [caption ...] [end].
+Training (teacher forcing) runs it whole with a causal mask; the loss covers the caption and end
+tokens only. Generation runs the prefix and prompt once (`prefill`), filling a preallocated KV
+cache, then feeds one token per step (`decode`): one query over the cache, the vocabulary head on
+that position only. Prompts of different lengths are left-padded; pads are masked out as keys and
+positions count real tokens only, so a padded row computes what it would alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DecoderConfig
+from .linear import Linear
+from .transformer import Block
+
+BPE_VOCAB_SIZE = 49408
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer [layers, B, heads, max_len, head_dim]; `length` filled."""
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor  # [B, max_len] bool: which cached positions are real tokens (not padding)
+    positions: torch.Tensor  # [B]: the position id of each row's next token
+    length: int = 0
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """The cache of rows `rows` (beam reordering, several samples per image)."""
+        return KVCache(self.k[:, rows], self.v[:, rows], self.valid[rows], self.positions[rows], self.length)
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, image_width: int, prefix_length: int, quick_gelu: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        vocab = list(cfg.vocab) or list(range(BPE_VOCAB_SIZE))
+        # ids[j] = BPE id of vocabulary entry j; index[bpe] = j, or -1 where the id is not in it
+        self.register_buffer("ids", torch.tensor(vocab, dtype=torch.long), persistent=False)
+        index = torch.full((max(max(vocab) + 1, BPE_VOCAB_SIZE),), -1, dtype=torch.long)
+        index[self.ids] = torch.arange(len(vocab))
+        self.register_buffer("index", index, persistent=False)
+        self.prefix_length = prefix_length
+        self.projector = nn.Sequential(Linear(image_width, w), nn.GELU(), Linear(w, w))
+        self.token_embedding = nn.Embedding(len(vocab), w)
+        self.positional_embedding = nn.Parameter(torch.randn(prefix_length + cfg.context_length, w) * 0.01)
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, quick_gelu) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(w)
+        self.head = Linear(w, len(vocab), bias=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        out_std = w ** -0.5 * (2 * cfg.layers) ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, std=out_std)
+            nn.init.normal_(block.mlp.proj.weight, std=out_std)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.ids.numel()
+
+    def to_vocab(self, bpe: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+        """BPE ids -> vocabulary indices; ids outside the decoder's vocabulary are an error."""
+        if bpe.numel() and int(bpe.max()) >= self.index.numel():
+            raise ValueError(f"{what}: token id {int(bpe.max())} is not a CLIP BPE id")
+        out = self.index[bpe]
+        if (out < 0).any():
+            missing = sorted(set(bpe[out < 0].tolist()))[:5]
+            raise ValueError(f"{what}: token id(s) {missing} are not in the captioner's vocabulary "
+                             f"({self.vocab_size} tokens, from its training captions)")
+        return out
+
+    # --- the network -----------------------------------------------------------------------------
+    def _embed(self, prefix: torch.Tensor | None, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(tokens)
+        if prefix is not None:
+            x = torch.cat([prefix, x], dim=1)
+        return x + self.positional_embedding[positions]
+
+    def _run(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block.forward_cached(x, mask, None if cache is None else (cache.k[i], cache.v[i], cache.length))
+        return self.ln_final(x)
+
+    def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> dict:
+        """Teacher-forced caption loss. tokens [B, T] vocabulary indices [start, ..., end, pad...];
+        loss_mask [B, T]: which tokens are predicted (caption and end, not start, prompt or padding)."""
+        prefix = self.projector(image_tokens)
+        B, P, T = tokens.shape[0], prefix.shape[1], tokens.shape[1]
+        x = self._embed(prefix, tokens, torch.arange(P + T, device=tokens.device))
+        h = self._run(x, None, None)  # right padding: causal attention never lets a pad reach a real token
+        # Position P + t - 1 predicts token t: the head runs on those positions only.
+        rows, cols = loss_mask[:, 1:].nonzero(as_tuple=True)
+        logits = self.head(h[rows, P + cols])
+        targets = tokens[rows, cols + 1]
+        loss = F.cross_entropy(logits.float(), targets)
+        return {"loss": loss, "tokens": torch.tensor(float(targets.numel()))}
+
+    # --- generation --------------------------------------------------------------------------------
+    def _masked(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                cache_room: int | None) -> tuple[torch.Tensor, KVCache | None]:
+        """Prefix + left-padded text through the network; the last position's logits, and a cache
+        with room for `cache_room` more tokens (None: no cache)."""
+        prefix = self.projector(image_tokens)
+        B, P, T = tokens.shape[0], prefix.shape[1], tokens.shape[1]
+        L = P + T
+        key_valid = torch.cat([valid.new_ones(B, P), valid], dim=1)
+        positions = key_valid.long().cumsum(1) - 1  # pads take no position
+        x = self._embed(prefix, tokens, positions.clamp(min=0))
+        cache = None
+        if cache_room is not None:
+            shape = (len(self.blocks), B, self.cfg.heads, L + cache_room, self.cfg.width // self.cfg.heads)
+            cache = KVCache(x.new_zeros(shape), x.new_zeros(shape),
+                            torch.cat([key_valid, key_valid.new_ones(B, cache_room)], 1), positions[:, -1] + 1)
+        # causal among real tokens; a pad row attends to itself only (no empty softmax)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        mask = (causal[None] & key_valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=x.device)[None]
+        h = self._run(x, mask[:, None], cache)
+        if cache is not None:
+            cache.length = L
+        return self.head(h[:, -1]), cache
+
+    def prefill(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                max_new_tokens: int) -> tuple[torch.Tensor, KVCache]:
+        """Run prefix + left-padded text [B, T] (vocabulary indices; `valid` marks real tokens)
+        once; return the next-token logits [B, V] and a cache with room for `max_new_tokens`."""
+        return self._masked(image_tokens, tokens, valid, max_new_tokens)
+
+    def decode(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed one token per row [B] (vocabulary indices); return the next-token logits [B, V]."""
+        if cache.length >= cache.k.shape[3]:
+            raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
+        x = self.token_embedding(token)[:, None] + self.positional_embedding[cache.positions][:, None]
+        mask = cache.valid[:, None, None, : cache.length + 1]
+        h = self._run(x, mask, cache)
+        cache.length += 1
+        cache.positions = cache.positions + 1
+        return self.head(h[:, -1])
+
+    def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] by recomputing the whole sequence (no cache): the reference the
+        cached path must match, and the baseline of the decode benchmark."""
+        return self._masked(image_tokens, tokens, valid, None)[0]

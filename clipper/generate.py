@@ -7,6 +7,7 @@ one token through the KV cache. Beams and extra samples copy the cache rows, not
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 24
+    max_new_tokens: int | None = None  # None: as many as the decoder's context leaves after the prompt
     min_new_tokens: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0  # beam hypotheses are ranked by log-prob / length ** length_penalty
@@ -34,7 +35,8 @@ class GenerationConfig:
     use_cache: bool = True  # False: recompute the whole sequence each step (the reference; slow)
 
     def validate(self) -> "GenerationConfig":
-        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+        if (self.max_new_tokens is not None and self.max_new_tokens < 1) or self.min_new_tokens < 0 or \
+                self.min_new_tokens > (self.max_new_tokens or self.min_new_tokens):
             raise ValueError("generation: need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
         if self.num_beams < 1 or self.num_return_sequences < 1:
             raise ValueError("generation: num_beams and num_return_sequences must be >= 1")
@@ -219,9 +221,12 @@ def generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None = 
     device = next(model.parameters()).device
     tokens, valid = text.prompts(prompts, device)
     room = model.config.decoder.context_length - int(valid.sum(1).max())
-    if cfg.max_new_tokens > room:
+    if cfg.max_new_tokens is None:
+        cfg = dataclasses.replace(cfg, max_new_tokens=room)
+    if not cfg.min_new_tokens <= cfg.max_new_tokens <= room:
         raise ValueError(f"max_new_tokens {cfg.max_new_tokens}: the longest prompt leaves room for {room} "
-                         f"(decoder context {model.config.decoder.context_length})")
+                         f"(decoder context {model.config.decoder.context_length}), and min_new_tokens "
+                         f"{cfg.min_new_tokens} must fit")
     image_tokens = model.visual.tokens(pixels.to(device))
     stepper = _Stepper(model, image_tokens, tokens, valid, cfg)
     seen = _seen(tokens, valid, model.decoder.vocab_size)

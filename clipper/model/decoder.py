@@ -44,10 +44,10 @@ class CaptionDecoder(nn.Module):
         w = cfg.width
         vocab = list(cfg.vocab) or list(range(BPE_VOCAB_SIZE))
         # ids[j] = BPE id of vocabulary entry j; index[bpe] = j, or -1 where the id is not in it
-        self.register_buffer("ids", torch.tensor(vocab, dtype=torch.long), persistent=False)
+        self.register_buffer("ids", torch.tensor(vocab, dtype=torch.long))
         index = torch.full((max(max(vocab) + 1, BPE_VOCAB_SIZE),), -1, dtype=torch.long)
         index[self.ids] = torch.arange(len(vocab))
-        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("index", index)
         self.prefix_length = prefix_length
         self.projector = nn.Sequential(Linear(image_width, w), nn.GELU(), Linear(w, w))
         self.token_embedding = nn.Embedding(len(vocab), w)

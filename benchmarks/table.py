@@ -50,6 +50,33 @@ def table() -> str:
             rows.append(f"| data pipeline {data} ({r[data]['preset']}): samples/s at 0/1/2 workers | | "
                         f"{s['pipeline_0_workers']} / {s['pipeline_1_workers']} / {s['pipeline_2_workers']} | "
                         f"{s['ratio_pipeline0_to_step']}x the training step alone ({s['train_step_only']}/s) |")
+    if r := _load("embed_e2e"):
+        ips = r["images_per_s"]
+        rows.append(f"| embed-e2e {r['images']} JPEGs 256 px, ViT-B-32, {r['workers']} worker: images/s fp32 | "
+                    f"{ips['open_clip']} | {ips['clipper_fp32']} | {r['ratio_fp32']}x, max abs diff "
+                    f"{r['fp32_max_abs_diff_vs_open_clip']:.1e} |")
+        acc = r.get("int8_fmnist_zero_shot")
+        rows.append(f"| embed-e2e: images/s `--quantize int8` | {ips['open_clip']} | {ips['clipper_int8']} | "
+                    f"{r['ratio_int8']}x, min cosine to fp32 {r['int8_min_cosine_vs_fp32']:.4f}"
+                    + (f"; fmnist top-1 {acc['fp32_top1']} -> {acc['int8_top1']}" if acc else "") + " |")
+    if r := _load("search"):
+        for n, row in r["sizes"].items():
+            cells = "; ".join(f"{kind} {m['p50_ms']} ms, R@10 {m['recall_at_10']}" for kind, m in row.items()
+                              if isinstance(m, dict))
+            rows.append(f"| search {int(n):,} x {r['dim']}-d, 1 query: p50 latency, recall@10 vs exact | | {cells} | |")
+    if r := _load("decode"):
+        t = r["tokens_per_s"]
+        rows.append(f"| decode {r['new_tokens']} tokens x {r['batch']} images, decoder {r['decoder']}: tokens/s | "
+                    f"{t.get('open_clip_coca', 'n/a')} (CoCa generate) | {t['clipper_kv_cache']} (KV cache), "
+                    f"{t['clipper_recompute']} (recompute) | cache {r['cache_vs_recompute']}x recompute"
+                    + (f", {r['cache_vs_open_clip_coca']}x CoCa" if "cache_vs_open_clip_coca" in r else "") + " |")
+    for data in ("emoji", "fmnist"):
+        if r := _load(f"train_captioner_{data}"):
+            f = r["final"]
+            named = f" / class named {f['class_named']}%" if "class_named" in f else ""
+            rows.append(f"| captioner {data}, {r['minutes']:g} min (image tower frozen): exact / BLEU-4 / CIDEr-D"
+                        f"{' / class named' if named else ''} | | {f['exact_match']} / {f['bleu4']} / {f['cider_d']}"
+                        f"{named.replace(' / class named', ' /')} | {r['samples_per_s']} samples/s |")
     machine = (_load("train_step") or _load("embed_model") or {}).get("machine", {})
     return "\n".join(rows) + f"\n\nMachine: {machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} threads, " \
                              f"torch {machine.get('torch', '?')}. \"(reported)\": open_clip's figures as issue #4 " \

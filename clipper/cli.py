@@ -272,6 +272,19 @@ def cmd_caption(args: argparse.Namespace) -> None:
             print(f"{item.id}\t" + "\t".join(texts))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from .serve import Service, serve
+    except ImportError:
+        raise ValueError("clipper serve needs FastAPI and uvicorn: pip install 'clipper[serve]'") from None
+
+    model = _load(args)
+    service = Service(model, Path(args.model).name, args.index, max_batch=args.max_batch)
+    print(f"clipper serve: http://{args.host}:{args.port}/ (model {args.model}"
+          + (f", index {args.index})" if args.index else ")"), flush=True)
+    serve(service, args.host, args.port)
+
+
 def cmd_index(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -427,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="labels shown per image")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.set_defaults(fn=cmd_classify)
+
+    p = sub.add_parser("serve", help="HTTP API (embeddings, classify, caption, search) and a demo page",
+                       description="Needs the 'serve' extra (FastAPI, uvicorn). Bound to 127.0.0.1 unless --host.")
+    _add_model_args(p)
+    p.add_argument("--index", help="folder from `clipper embed` + `clipper index`, for /search")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("index", help="build a search index over `clipper embed` output")
     p.add_argument("emb_dir", help="folder written by `clipper embed`")

@@ -183,3 +183,26 @@ def test_caption_metrics_and_class_naming():
     assert named_class("a photo of a t-shirt.", classes) == 0
     assert named_class("a shirt, an item of clothing", classes) == 2
     assert named_class("a photo of a sandal", classes) is None
+
+
+def test_captioner_resume_equals_a_straight_run(tmp_path):
+    from clipper.config import TrainConfig
+    from clipper.train import Trainer
+
+    rng = np.random.default_rng(2)
+    images, labels = _two_class_images(rng, 48)
+    write_shards([Sample(key=f"k{i}", image=im, text=CAPTIONS[y]) for i, (im, y) in enumerate(zip(images, labels))],
+                 tmp_path / "shards", samples_per_shard=12)
+    torch.manual_seed(0)
+    clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY)).save(tmp_path / "clip")
+    cfg = dict(objective="caption", init=str(tmp_path / "clip"), train_data=str(tmp_path / "shards"), batch_size=8,
+               steps=6, workers=0, lr=3e-3, warmup_steps=2, log_every=1, checkpoint_every=3, lock_image=False,
+               decoder=DecoderConfig(width=32, layers=1, heads=2, context_length=8))
+    Trainer(TrainConfig(**cfg), tmp_path / "straight").fit()
+    Trainer(TrainConfig(**cfg, stop_after=3), tmp_path / "resumed").fit()
+    Trainer(TrainConfig(**cfg), tmp_path / "resumed", resume=True).fit()
+    a = clipper.load(tmp_path / "straight" / "model").state_dict()
+    b = clipper.load(tmp_path / "resumed" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    name = "visual.transformer.blocks.0.mlp.fc.weight"
+    assert not torch.equal(a[name], clipper.load(tmp_path / "clip").state_dict()[name])  # lock_image=False trains it

@@ -34,7 +34,10 @@ class ImageItem:
             return f.read(self.size)
 
     def record(self) -> dict:
+        """The row of ids.jsonl: id and caption, and where a shard member's bytes are."""
         row = {"id": self.id}
+        if self.size >= 0:
+            row |= {"shard": self.path, "offset": self.offset, "size": self.size}
         return row | {"caption": self.caption} if self.caption is not None else row
 
 

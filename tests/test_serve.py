@@ -1,0 +1,196 @@
+"""`clipper serve` with a real server on 127.0.0.1: every endpoint, bad inputs (4xx, and the
+server keeps serving), 50 concurrent embedding requests equal to single ones, and the demo page
+in headless Chromium."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+import clipper  # noqa: E402
+from clipper.config import DecoderConfig  # noqa: E402
+from clipper.embed import embed_folder, embed_images, embed_texts  # noqa: E402
+from clipper.index import Index  # noqa: E402
+from clipper.serve import Limits, Service, create_app  # noqa: E402
+from clipper.tokenizer import caption_vocabulary  # noqa: E402
+
+RGB_TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
+            "text": {"context_length": 12, "width": 32, "layers": 2, "heads": 2}}
+
+
+def _png(seed: int, size=(20, 20)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY))
+    model.add_decoder(DecoderConfig(width=32, layers=1, heads=2, context_length=10,
+                                    vocab=caption_vocabulary(["a red square", "a blue square"], 10)))
+    model.eval()
+    (tmp / "imgs").mkdir()
+    for i in range(6):
+        (tmp / "imgs" / f"{i}.png").write_bytes(_png(i))
+    embed_folder(model, "test", tmp / "imgs", tmp / "emb", dtype="float32", progress=False)
+    Index.build(np.load(tmp / "emb" / "img_emb.npy")).save(tmp / "emb")
+    service = Service(model, "tiny", str(tmp / "emb"), Limits(max_images=4, max_pixels=300 * 300,
+                                                              max_body_bytes=1 << 20))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield {"url": url, "model": model, "tmp": tmp, "service": service}
+    srv.should_exit = True
+    thread.join(timeout=5)
+
+
+def call(server, path, body=None, raw: bytes | None = None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(server["url"] + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            payload = r.read()
+            return r.status, (json.loads(payload) if r.headers.get_content_type() == "application/json" else payload)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_page_and_metrics(server):
+    status, health = call(server, "/health")
+    assert status == 200 and health["caption"] and health["index"] == 6
+    status, page = call(server, "/")
+    assert status == 200 and b"clipper" in page and b"/classify" in page
+    call(server, "/v1/embeddings", {"input": "x"})
+    status, metrics = call(server, "/metrics")
+    assert metrics["requests"]["embeddings"] >= 1 and metrics["latency_ms"]["embeddings"]["p50"] > 0
+
+
+def test_embeddings_in_the_openai_shape(server):
+    status, out = call(server, "/v1/embeddings", {"input": ["a dog", "a red square"], "modality": "text"})
+    assert status == 200 and out["object"] == "list" and len(out["data"]) == 2 and out["usage"]["prompt_tokens"] > 0
+    expected = embed_texts(server["model"], ["a dog", "a red square"])
+    assert np.allclose([d["embedding"] for d in out["data"]], expected, atol=1e-5)
+    png = _png(0)
+    status, out = call(server, "/v1/embeddings", {"input": ["data:image/png;base64," + _b64(png)], "modality": "image"})
+    expected = embed_images(server["model"], [Image.open(io.BytesIO(png))])
+    assert status == 200 and np.allclose(out["data"][0]["embedding"], expected[0], atol=1e-5)
+
+
+def test_classify_caption_search_thumbnail(server):
+    png = _b64(_png(3))
+    status, out = call(server, "/classify", {"image": png, "labels": ["red", "blue", "green"], "k": 2})
+    assert status == 200 and len(out["labels"]) == 2 and abs(sum(x["prob"] for x in out["labels"])) <= 1 + 1e-6
+    status, out = call(server, "/caption", {"image": png, "options": {"num_beams": 2}})
+    assert status == 200 and isinstance(out["captions"][0], str)
+    status, out = call(server, "/search", {"image": png, "k": 3})
+    assert status == 200 and out["results"][0]["id"].endswith("3.png") and out["results"][0]["score"] > 0.99
+    status, out = call(server, "/search", {"text": "a red square", "k": 6})
+    assert status == 200 and len(out["results"]) == 6
+    status, thumb = call(server, f"/thumbnail/{out['results'][0]['index']}")
+    assert status == 200 and thumb[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path,body,raw,status,message", [
+    ("/v1/embeddings", {"input": _b64(b"not an image at all"), "modality": "image"}, None, 400, "not an image"),
+    ("/v1/embeddings", {"input": "x", "modality": "audio"}, None, 400, "modality"),
+    ("/v1/embeddings", {"input": []}, None, 400, "empty list"),
+    ("/v1/embeddings", {"input": ["x" * 3000]}, None, 413, "characters"),
+    ("/v1/embeddings", None, b"{not json", 400, "not valid JSON"),
+    ("/v1/embeddings", {"input": [_b64(_png(1))] * 5, "modality": "image"}, None, 413, "at most 4"),
+    ("/classify", {"image": _b64(_png(1, (400, 400))), "labels": ["a"]}, None, 413, "pixel limit"),
+    ("/classify", {"image": _b64(_png(1)), "labels": []}, None, 400, "labels"),
+    ("/search", {"text": "a", "image": _b64(_png(1))}, None, 400, "one of them"),
+    ("/search", {"text": "a", "k": 0}, None, 400, "k:"),
+    ("/caption", {"image": _b64(_png(1)), "options": {"beams": 3}}, None, 400, "options"),
+    ("/v1/embeddings", None, b'{"input": "' + b"x" * (1 << 20) + b'"}', 413, "exceeds"),
+])
+def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, path, body, raw, status, message):
+    got, out = call(server, path, body, raw)
+    assert got == status and message in out["error"]["message"], out
+    assert call(server, "/health")[0] == 200
+
+
+def test_fifty_concurrent_requests_match_single_ones(server):
+    texts = [f"a photo of thing number {i}" for i in range(50)]
+    single = embed_texts(server["model"], texts)
+    batches_before = server["service"].texts.batches
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda t: call(server, "/v1/embeddings", {"input": t}), texts))
+    assert all(status == 200 for status, _ in results)
+    got = np.array([out["data"][0]["embedding"] for _, out in results])
+    assert np.allclose(got, single, atol=1e-5)
+    assert server["service"].texts.batches - batches_before < 50  # requests were batched together
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    if shutil.which("apt-get") and os.geteuid() == 0:  # install it as the README's setup would
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        return shutil.which("chromium")
+    return None
+
+
+def test_demo_page_in_headless_chromium(server):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
+    image = server["tmp"] / "imgs" / "2.png"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server["url"] + "/")
+        page.wait_for_function("document.getElementById('status').textContent.includes('indexed')")
+        page.fill("#labels", "red, blue, green")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#top .bar", timeout=15000)
+        page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=15000)
+        page.wait_for_selector("#neighbours .hit img", timeout=15000)
+        assert page.locator("#top .bar").count() == 3
+        assert "2.png" in page.locator("#neighbours .hit").first.inner_text()
+        page.fill("#query", "a red square")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#results .hit img", timeout=15000)
+        assert page.locator("#results .hit").count() == 6
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        if os.environ.get("CLIPPER_SCREENSHOT"):  # docs/demo.png is made this way
+            page.screenshot(path=os.environ["CLIPPER_SCREENSHOT"], full_page=True)
+        browser.close()

@@ -9,6 +9,7 @@ ViT 4 x 128 on 32 px with 8 px patches, decoder 3 x 128, the full 49,408-token v
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -55,9 +56,7 @@ def main() -> None:
     fns = {"clipper_kv_cache": lambda: generate(model, pixels, cfg=GenerationConfig(**fixed)),
            "clipper_recompute": lambda: generate(model, pixels, cfg=GenerationConfig(use_cache=False, **fixed))}
     note = None
-    try:
-        import transformers  # noqa: F401
-
+    if importlib.util.find_spec("transformers") is not None:
         coca = open_clip_coca()
 
         def run_coca():
@@ -67,7 +66,7 @@ def main() -> None:
             assert out.shape[1] == NEW_TOKENS + 1, out.shape  # start token + 32 generated
 
         fns["open_clip_coca"] = run_coca
-    except ImportError:
+    else:
         note = "open_clip CoCa generate needs transformers, which is not installed: not measured"
     rates = interleaved_rates(fns, items_per_call=BATCH * NEW_TOKENS, repeats=args.repeats)
     results = {"batch": BATCH, "new_tokens": NEW_TOKENS, "decoder": f"{LAYERS} x {WIDTH}, {HEADS} heads",

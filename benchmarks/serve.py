@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
+
+from clipper.serve import free_port, wait_until_up  # noqa: E402
 
 
 def post(url: str, body: dict) -> float:
@@ -63,20 +64,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per (modality, concurrency)")
     ap.add_argument("--seconds", type=float, default=60, help="time bound per (modality, concurrency)")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     server = subprocess.Popen([sys.executable, "-m", "clipper.cli", "serve", "--model", args.model,
                                "--port", str(port)], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_up(base)
         rng = np.random.default_rng(0)
         images = []
         for _ in range(16):

@@ -309,21 +309,14 @@ def create_app(service: Service):
         finally:
             service.latency[name].append(time.perf_counter() - t0)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        return await handle(request, "embeddings", service.embeddings)
+    def endpoint(name: str, op):
+        async def run(request: Request):
+            return await handle(request, name, op)
+        return run
 
-    @app.post("/classify")
-    async def classify(request: Request):
-        return await handle(request, "classify", service.classify)
-
-    @app.post("/caption")
-    async def caption(request: Request):
-        return await handle(request, "caption", service.caption)
-
-    @app.post("/search")
-    async def search(request: Request):
-        return await handle(request, "search", service.search)
+    for path, name, op in (("/v1/embeddings", "embeddings", service.embeddings), ("/classify", "classify", service.classify),
+                           ("/caption", "caption", service.caption), ("/search", "search", service.search)):
+        app.post(path, name=name)(endpoint(name, op))
 
     @app.get("/thumbnail/{i}")
     async def thumbnail(i: int):
@@ -352,3 +345,44 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, seconds: float = 120) -> None:
+    """Poll `url`/health until the server answers (or raise after `seconds`)."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url.rstrip("/") + "/health", timeout=1)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url}: no answer after {seconds} s") from None
+            time.sleep(0.1)
+
+
+def serve_in_thread(service: Service) -> tuple[str, Callable[[], None]]:
+    """Start the service on a free loopback port in a thread: (base URL, stop function)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    wait_until_up(url)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return url, stop

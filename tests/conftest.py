@@ -51,3 +51,29 @@ def small_open_clip(pool_type: str = "tok", quick_gelu: bool = False, init_logit
         text_cfg=SMALL_TEXT,
         quick_gelu=quick_gelu, init_logit_bias=init_logit_bias,
     ).eval()
+
+
+# A tiny RGB CLIP (16 px) for the verb, captioner and server tests.
+RGB_TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
+            "text": {"context_length": 12, "width": 32, "layers": 2, "heads": 2}}
+
+
+def rgb_tiny(seed: int = 0):
+    import clipper
+
+    torch.manual_seed(seed)
+    return clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY)).eval()
+
+
+def two_class_images(rng, n: int):
+    """Red-dominated (label 0) or blue-dominated (label 1) noise images, 16 px."""
+    import numpy as np
+    from PIL import Image
+
+    labels = rng.integers(0, 2, n)
+    images = []
+    for label in labels:
+        pixels = rng.integers(0, 120, (16, 16, 3))
+        pixels[..., 0 if label == 0 else 2] += 135
+        images.append(Image.fromarray(pixels.astype(np.uint8)))
+    return images, labels

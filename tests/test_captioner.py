@@ -17,9 +17,8 @@ from clipper.data.transforms import eval_transform
 from clipper.evaluate import caption_metrics, named_class
 from clipper.generate import GenerationConfig, generate
 from clipper.tokenizer import Tokenizer, caption_vocabulary
+from conftest import RGB_TINY, two_class_images
 
-RGB_TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
-            "text": {"context_length": 12, "width": 32, "layers": 2, "heads": 2}}
 CAPTIONS = ["a red square", "a blue square"]
 PROMPTS = ["", "a photo of", "a red", "a very very small"]
 
@@ -92,16 +91,6 @@ def test_beam_width_one_is_greedy_and_limits_hold():
         generate(model, pixels[:1], ["zebra"], GenerationConfig())
 
 
-def _two_class_images(rng, n):
-    labels = rng.integers(0, 2, n)
-    images = []
-    for label in labels:
-        pixels = rng.integers(0, 120, (16, 16, 3))
-        pixels[..., 0 if label == 0 else 2] += 135
-        images.append(Image.fromarray(pixels.astype(np.uint8)))
-    return images, labels
-
-
 def test_tiny_captioner_learns_two_captions(tmp_path):
     rng = np.random.default_rng(0)
     model = captioner(caption_vocabulary(CAPTIONS, 16)).train()
@@ -109,7 +98,7 @@ def test_tiny_captioner_learns_two_captions(tmp_path):
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if n.startswith(("decoder.", "visual."))], lr=3e-3)
     losses = []
     for _ in range(60):
-        images, labels = _two_class_images(rng, 16)
+        images, labels = two_class_images(rng, 16)
         out = model(torch.stack([transform(im) for im in images]), tok([CAPTIONS[i] for i in labels]),
                     objective="caption", train_image=True)
         opt.zero_grad()
@@ -118,7 +107,7 @@ def test_tiny_captioner_learns_two_captions(tmp_path):
         losses.append(out["loss"].item())
     assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])
     model.eval()
-    images, labels = _two_class_images(rng, 10)
+    images, labels = two_class_images(rng, 10)
     assert model.caption(images) == [CAPTIONS[i] for i in labels]  # and it stopped at end-of-text
     longer = model.caption(images[:2], min_new_tokens=5, max_new_tokens=6)
     assert all(len(tok.encode(c)) >= 5 for c in longer)
@@ -145,7 +134,7 @@ def test_caption_verb_output(tmp_path, capsys):
 
 def test_train_captioner_verb_end_to_end(tmp_path, capsys):
     rng = np.random.default_rng(1)
-    images, labels = _two_class_images(rng, 64)
+    images, labels = two_class_images(rng, 64)
     write_shards([Sample(key=f"k{i}", image=im, text=CAPTIONS[y], meta={"class": ["red", "blue"][y]})
                   for i, (im, y) in enumerate(zip(images, labels))], tmp_path / "shards", samples_per_shard=16)
     torch.manual_seed(0)
@@ -190,7 +179,7 @@ def test_captioner_resume_equals_a_straight_run(tmp_path):
     from clipper.train import Trainer
 
     rng = np.random.default_rng(2)
-    images, labels = _two_class_images(rng, 48)
+    images, labels = two_class_images(rng, 48)
     write_shards([Sample(key=f"k{i}", image=im, text=CAPTIONS[y]) for i, (im, y) in enumerate(zip(images, labels))],
                  tmp_path / "shards", samples_per_shard=12)
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """The embedding verbs: Python API, `clipper embed / classify / index / search / eval`, int8."""
 
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -17,14 +16,8 @@ from clipper.embed import classify, embed_folder, embed_images, embed_texts
 from clipper.evaluate import evaluate_task
 from clipper.index import Index
 from clipper.quantize import quantize_int8
+from conftest import rgb_tiny, two_class_images
 
-RGB_TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
-            "text": {"context_length": 12, "width": 32, "layers": 2, "heads": 2}}
-
-
-def rgb_tiny(seed=0):
-    torch.manual_seed(seed)
-    return clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY)).eval()
 
 
 def _random_image(rng, size=(24, 20)):
@@ -156,17 +149,6 @@ def test_embed_shards_and_list_files(tmp_path):
     assert np.abs(np.load(tmp_path / "b" / "img_emb.npy") - direct).max() <= 1e-6
 
 
-def _two_class_batch(rng, n):
-    """Red-dominated or blue-dominated noise images and their captions."""
-    labels = rng.integers(0, 2, n)
-    images = []
-    for label in labels:
-        pixels = rng.integers(0, 120, (16, 16, 3))
-        pixels[..., 0 if label == 0 else 2] += 135
-        images.append(Image.fromarray(pixels.astype(np.uint8)))
-    return images, labels
-
-
 def test_classify_a_model_trained_on_two_classes(tmp_path, capsys):
     from clipper.data.transforms import eval_transform
     from clipper.losses import infonce_loss
@@ -177,7 +159,7 @@ def test_classify_a_model_trained_on_two_classes(tmp_path, capsys):
     captions = ["a photo of a red square.", "a photo of a blue square."]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for _ in range(40):
-        images, labels = _two_class_batch(rng, 16)
+        images, labels = two_class_images(rng, 16)
         tokens = tokenizer([captions[i] for i in labels])
         out = model(torch.stack([transform(im) for im in images]), tokens)
         loss = infonce_loss(out["image_features"], out["text_features"], out["logit_scale"], tokens=tokens)["loss"]
@@ -185,7 +167,7 @@ def test_classify_a_model_trained_on_two_classes(tmp_path, capsys):
         loss.backward()
         opt.step()
     model.eval()
-    images, labels = _two_class_batch(rng, 20)
+    images, labels = two_class_images(rng, 20)
     result = classify(model, images, ["red", "blue"], templates=["a photo of a {} square."], k=2)
     assert result.probs.shape == (20, 2) and np.allclose(result.probs.sum(1), 1, atol=1e-5)
     assert [top[0][0] for top in result.top] == [["red", "blue"][i] for i in labels]

@@ -7,10 +7,7 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,17 +18,16 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 import clipper  # noqa: E402
 from clipper.config import DecoderConfig  # noqa: E402
 from clipper.embed import embed_folder, embed_images, embed_texts  # noqa: E402
 from clipper.index import Index  # noqa: E402
-from clipper.serve import Limits, Service, create_app  # noqa: E402
+from clipper.serve import Limits, Service, serve_in_thread  # noqa: E402
 from clipper.tokenizer import caption_vocabulary  # noqa: E402
+from conftest import RGB_TINY  # noqa: E402
 
-RGB_TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
-            "text": {"context_length": 12, "width": 32, "layers": 2, "heads": 2}}
 
 
 def _png(seed: int, size=(20, 20)) -> bytes:
@@ -60,23 +56,9 @@ def server(tmp_path_factory):
     Index.build(np.load(tmp / "emb" / "img_emb.npy")).save(tmp / "emb")
     service = Service(model, "tiny", str(tmp / "emb"), Limits(max_images=4, max_pixels=300 * 300,
                                                               max_body_bytes=1 << 20))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    url, stop = serve_in_thread(service)
     yield {"url": url, "model": model, "tmp": tmp, "service": service}
-    srv.should_exit = True
-    thread.join(timeout=5)
+    stop()
 
 
 def call(server, path, body=None, raw: bytes | None = None):

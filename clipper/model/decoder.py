@@ -92,7 +92,7 @@ class CaptionDecoder(nn.Module):
         """Teacher-forced caption loss. tokens [B, T] vocabulary indices [start, ..., end, pad...];
         loss_mask [B, T]: which tokens are predicted (caption and end, not start, prompt or padding)."""
         prefix = self.projector(image_tokens)
-        B, P, T = tokens.shape[0], prefix.shape[1], tokens.shape[1]
+        P, T = prefix.shape[1], tokens.shape[1]
         x = self._embed(prefix, tokens, torch.arange(P + T, device=tokens.device))
         h = self._run(x, None, None)  # right padding: causal attention never lets a pad reach a real token
         # Position P + t - 1 predicts token t: the head runs on those positions only.

@@ -62,7 +62,7 @@ def main() -> None:
         def run_coca():
             with torch.inference_mode():
                 out = coca.generate(pixels, generation_type="top_k", top_k=1, seq_len=NEW_TOKENS + 1,
-                                    min_seq_len=NEW_TOKENS + 1, fixed_output_length=True)
+                                    min_seq_len=NEW_TOKENS, fixed_output_length=True)
             assert out.shape[1] == NEW_TOKENS + 1, out.shape  # start token + 32 generated
 
         fns["open_clip_coca"] = run_coca

@@ -70,13 +70,26 @@ def table() -> str:
                     f"{t.get('open_clip_coca', 'n/a')} (CoCa generate) | {t['clipper_kv_cache']} (KV cache), "
                     f"{t['clipper_recompute']} (recompute) | cache {r['cache_vs_recompute']}x recompute"
                     + (f", {r['cache_vs_open_clip_coca']}x CoCa" if "cache_vs_open_clip_coca" in r else "") + " |")
-    for data in ("emoji", "fmnist"):
-        if r := _load(f"train_captioner_{data}"):
-            f = r["final"]
-            named = f" / class named {f['class_named']}%" if "class_named" in f else ""
-            rows.append(f"| captioner {data}, {r['minutes']:g} min (image tower frozen): exact / BLEU-4 / CIDEr-D"
-                        f"{' / class named' if named else ''} | | {f['exact_match']} / {f['bleu4']} / {f['cider_d']}"
-                        f"{named.replace(' / class named', ' /')} | {r['samples_per_s']} samples/s |")
+    if r := _load("train_captioner_emoji"):
+        f = r["final"]
+        rows.append(f"| captioner emoji, {r['minutes']:g} min (image tower frozen): exact / BLEU-4 / ROUGE-L / CIDEr-D | "
+                    f"| {f['exact_match']} / {f['bleu4']} / {f['rouge_l']} / {f['cider_d']} | "
+                    f"{r['samples_per_s']} samples/s, greedy, 748 test emoji |")
+    if r := _load("train_captioner_fmnist"):
+        f = r["final"]
+        rows.append(f"| captioner Fashion-MNIST, {r['minutes']:g} min: captions naming the right class | | "
+                    f"{f['class_named']}% | {r['samples_per_s']} samples/s, greedy, 10,000 test images |")
+    if r := _load("serve"):
+        cells = {m: " / ".join(f"{r[f'{m}_{c}_clients']['requests_per_s']}" for c in (1, 8, 32)) for m in ("text", "image")}
+        p95 = {m: " / ".join(f"{r[f'{m}_{c}_clients']['p95_ms']}" for c in (1, 8, 32)) for m in ("text", "image")}
+        for m in ("text", "image"):
+            rows.append(f"| serve {r['model']} /v1/embeddings {m}: requests/s at 1 / 8 / 32 clients | | {cells[m]} | "
+                        f"p95 ms {p95[m]} |")
+    if r := _load("open_clip_trainer"):
+        f = r["final"]
+        rows.append(f"| open_clip_train.main on the Fashion-MNIST shards ({r['epochs']} epochs, "
+                    f"{r['wall_s_incl_startup']:.0f} s): zero-shot top-1 | {f['top1']} | | "
+                    f"{r['samples_per_s_incl_startup']} samples/s incl. startup |")
     machine = (_load("train_step") or _load("embed_model") or {}).get("machine", {})
     return "\n".join(rows) + f"\n\nMachine: {machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} threads, " \
                              f"torch {machine.get('torch', '?')}. \"(reported)\": open_clip's figures as issue #4 " \

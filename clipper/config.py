@@ -173,6 +173,7 @@ class TrainConfig:
     workers: int = 1
     shuffle_buffer: int = 2000
     resampled: bool = False
+    min_epoch_batches: int = 0  # stretch a small set's epoch to this many batches (workers restart each epoch)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     log_every: int = 10
     eval_every: int = 0  # steps between evaluations (0: at the end only)
@@ -217,7 +218,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "emoji-small": {"model": "emoji-small", "eval_task": "retrieval-emoji", "batch_size": 256, "lr": 1e-3,
                     "weight_decay": 0.1, "warmup_steps": 50, "minutes": 10.0, "workers": 1,
                     "keywords_prob": 0.5, "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
-                    "eval_every": 0, "checkpoint_every": 500},
+                    "eval_every": 0, "checkpoint_every": 500, "min_epoch_batches": 64},
 }
 
 
@@ -227,7 +228,7 @@ TRAIN_PRESETS |= {
                         "weight_decay": 0.05, "warmup_steps": 50, "minutes": 10.0, "workers": 1, "lock_image": True,
                         "decoder": {"width": 128, "layers": 3, "heads": 4, "context_length": 32},
                         "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
-                        "checkpoint_every": 500},
+                        "checkpoint_every": 500, "min_epoch_batches": 64},
     "fmnist-captioner": {"objective": "caption", "eval_task": "captioning-fmnist", "batch_size": 128, "lr": 1e-3,
                          "weight_decay": 0.05, "warmup_steps": 50, "minutes": 10.0, "workers": 1, "lock_image": True,
                          "decoder": {"width": 128, "layers": 2, "heads": 4, "context_length": 24},

@@ -251,7 +251,7 @@ class Service:
         if self.ids is None or not 0 <= i < len(self.ids):
             raise BadRequest(f"no indexed image {i}", 404)
         row = self.ids[i]
-        item = ImageItem(row["id"], row.get("shard", row["id"]), row.get("offset", 0), row.get("size", -1))
+        item = ImageItem(row["id"], row.get("path", row["id"]), row.get("offset", 0), row.get("size", -1))
         try:
             im = decode_image(item.read(), item.id)
         except (OSError, ImageError) as e:

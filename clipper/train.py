@@ -89,7 +89,7 @@ class Trainer:
         self.data = ShardDataset(cfg.train_data, self.model.config, cfg.batch_size, train=True, augment=cfg.augment,
                                  seed=cfg.seed, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
                                  rank=self.rank, world=self.world, keywords_prob=cfg.keywords_prob,
-                                 context_length=context)
+                                 context_length=context, min_epoch_batches=cfg.min_epoch_batches)
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0

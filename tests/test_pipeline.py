@@ -68,6 +68,16 @@ def test_uneven_shards_still_give_equal_batch_counts(tmp_path):
     assert not set(per_rank[0]) & set(per_rank[1])
 
 
+def test_small_sets_stretch_the_epoch_over_several_passes(tmp_path):
+    shards = _make_shards(tmp_path, [10] * 4)
+    ds = ShardDataset(shards, CFG, batch_size=5, rank=0, world=1, min_epoch_batches=20)
+    keys = [k for b in make_loader(ds, 2) for k in b["key"]]
+    assert ds.batches_per_epoch() == 20 and len(keys) == 100
+    # every sample comes round 2.5 times, none a third time before all came twice
+    counts = {k: keys.count(k) for k in set(keys)}
+    assert len(counts) == 40 and set(counts.values()) <= {2, 3}
+
+
 def test_resampled_stream_has_fixed_epoch_length(tmp_path):
     shards = _make_shards(tmp_path, [10] * 4)
     per_rank = _keys_by_rank(shards, world=2, workers=1, batch=5, resampled=True)

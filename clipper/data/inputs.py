@@ -34,10 +34,11 @@ class ImageItem:
             return f.read(self.size)
 
     def record(self) -> dict:
-        """The row of ids.jsonl: id and caption, and where a shard member's bytes are."""
-        row = {"id": self.id}
+        """The row of ids.jsonl: id, caption, and where the bytes are (absolute path; for a shard
+        member its offset and size), so that a server started anywhere can show the image."""
+        row = {"id": self.id, "path": str(Path(self.path).resolve())}
         if self.size >= 0:
-            row |= {"shard": self.path, "offset": self.offset, "size": self.size}
+            row |= {"offset": self.offset, "size": self.size}
         return row | {"caption": self.caption} if self.caption is not None else row
 
 

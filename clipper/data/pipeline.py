@@ -215,7 +215,8 @@ class ShardDataset(IterableDataset):
     def __init__(self, shards, config: ModelConfig, batch_size: int, train: bool = True,
                  augment: AugmentConfig | None = None, seed: int = 0, resampled: bool = False,
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
-                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None):
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
+                 min_epoch_batches: int = 0):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size: must be positive, got {batch_size}")
@@ -224,6 +225,7 @@ class ShardDataset(IterableDataset):
         self.decoder = SampleDecoder(config, train, augment, max_pixels, keywords_prob, context_length)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.min_epoch_batches = min_epoch_batches
         r, w = rank_and_world()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.epoch = 0
@@ -234,7 +236,10 @@ class ShardDataset(IterableDataset):
         return sum(self.sizes)
 
     def batches_per_worker(self) -> int:
-        return max(1, self.num_samples // (self.world * self.num_workers * self.batch_size))
+        """One pass over the samples, or `min_epoch_batches` (a small set: the readers make more
+        passes within the epoch, since every epoch restarts the DataLoader workers)."""
+        one_pass = self.num_samples // (self.world * self.num_workers * self.batch_size)
+        return max(1, one_pass, -(-self.min_epoch_batches // self.num_workers))
 
     def batches_per_epoch(self) -> int:
         """Per rank; the same on every rank (training), every sample once (evaluation)."""

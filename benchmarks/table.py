@@ -70,6 +70,11 @@ def table() -> str:
                     f"{t.get('open_clip_coca', 'n/a')} (CoCa generate) | {t['clipper_kv_cache']} (KV cache), "
                     f"{t['clipper_recompute']} (recompute) | cache {r['cache_vs_recompute']}x recompute"
                     + (f", {r['cache_vs_open_clip_coca']}x CoCa" if "cache_vs_open_clip_coca" in r else "") + " |")
+        if "captioner_vocab_size" in r:
+            rows.append(f"| decode, same decoder with the emoji captioner's {r['captioner_vocab_size']}-token vocabulary: "
+                        f"tokens/s | | {t['clipper_kv_cache_captioner_vocab']} (KV cache), "
+                        f"{t['clipper_recompute_captioner_vocab']} (recompute) | cache "
+                        f"{r['cache_vs_recompute_captioner_vocab']}x recompute |")
     if r := _load("train_captioner_emoji"):
         f = r["final"]
         rows.append(f"| captioner emoji, {r['minutes']:g} min (image tower frozen): exact / BLEU-4 / ROUGE-L / CIDEr-D | "

@@ -124,6 +124,7 @@ def captioning(model: CLIP, batches: Iterable[dict], classnames: Sequence[str] |
     from .generate import generate
 
     device = next(model.parameters()).device
+    position = {name: i for i, name in enumerate(classnames or ())}
     predictions, references, labels = [], [], []
     for batch in batches:
         if not batch["key"]:
@@ -131,7 +132,6 @@ def captioning(model: CLIP, batches: Iterable[dict], classnames: Sequence[str] |
         predictions += [c[0] for c in generate(model, batch["image"].to(device), cfg=generation)]
         references += batch["caption"]
         if classnames is not None:
-            position = {name: i for i, name in enumerate(classnames)}
             labels += [_class_index(m, k, position) for m, k in zip(batch["meta"], batch["key"])]
     if not predictions:
         raise ValueError("captioning evaluation: no images")

@@ -56,14 +56,12 @@ def sample_captions(model_dir: Path, shards: Path, n: int = 8) -> list[dict]:
     from .images import decode_image
 
     model = load(model_dir)
+    readable = (s for shard in list_shards(shards) for s in read_tar(shard) if isinstance(s, dict) and "txt" in s)
     samples = []
-    for shard in list_shards(shards):
-        for s in read_tar(shard):
-            ext = next((e for e in IMAGE_EXTS if isinstance(s, dict) and e in s), None)
-            if ext and "txt" in s:
-                samples.append((decode_image(s[ext], s["__key__"]), s["txt"].decode("utf-8", "replace").strip()))
-            if len(samples) == n:
-                break
+    for s in readable:
+        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        if ext:
+            samples.append((decode_image(s[ext], s["__key__"]), s["txt"].decode("utf-8", "replace").strip()))
         if len(samples) == n:
             break
     captions = caption(model, [im for im, _ in samples], num_beams=3)

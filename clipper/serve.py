@@ -30,6 +30,7 @@ from .data.transforms import Normalize, ResizeCrop
 from .embed import EMBED_MANIFEST, classify_embeddings, embed_texts, read_jsonl
 from .images import ImageError, decode_image
 from .model import CLIP
+from .tokenizer import Tokenizer
 
 DEMO_PAGE = Path(__file__).with_name("demo.html")
 
@@ -95,6 +96,7 @@ class Service:
                  max_batch: int = 32):
         self.model, self.model_name, self.limits = model.eval(), model_name, limits or Limits()
         self.resize, self.normalize = ResizeCrop(model.config.vision), Normalize(model.config.vision)
+        self.tokenizer = Tokenizer(model.config.text.context_length)  # usage counts
         self.texts = Batcher(self._embed_texts, max_batch)
         self.images = Batcher(self._embed_images, max_batch)
         self.index = self.ids = None
@@ -178,18 +180,13 @@ class Service:
         if modality == "text":
             texts = self.texts_of(body["input"], "input")
             vectors = await self.embed(texts=texts)
-            tokens = sum(len(self.model_tokens(t)) for t in texts)
+            tokens = sum(len(self.tokenizer.encode(t)) for t in texts)
         else:
             vectors = await self.embed(images=self.images_of(body["input"], "input"))
             tokens = 0
         return {"object": "list", "model": self.model_name,
                 "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "images": 0 if modality == "text" else len(vectors)}}
-
-    def model_tokens(self, text: str) -> list[int]:
-        from .tokenizer import Tokenizer
-
-        return Tokenizer(self.model.config.text.context_length).encode(text)
 
     async def classify(self, body: dict) -> dict:
         image = self.image(body.get("image"), "image")

@@ -50,15 +50,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    # emoji-small's towers on 32 px images: 17 image tokens, as many as CoCa's pooler keeps below
+    config = clipper.preset("emoji-small")
+    config.vision.image_size = 32
     torch.manual_seed(0)
-    model = clipper.load("emoji-small")
+    model = clipper.CLIP(config)
     model.add_decoder(DecoderConfig(width=WIDTH, layers=LAYERS, heads=HEADS, context_length=40))
     model.eval()
     # The emoji captioner's own vocabulary (its training captions' tokens): the 49,408-way head
     # read for every new token dominates the small decoder above, in both of its paths.
     vocab = caption_vocabulary(shard_captions(ensure_shards("emoji") / "train"), 40)
     torch.manual_seed(0)
-    compact = clipper.load("emoji-small")
+    compact = clipper.CLIP(config)
     compact.add_decoder(DecoderConfig(width=WIDTH, layers=LAYERS, heads=HEADS, context_length=40, vocab=vocab))
     compact.eval()
     pixels = torch.randn(BATCH, 3, 32, 32)

@@ -27,11 +27,19 @@ def ensure_shards(name: str) -> Path:
     return out
 
 
+def holdout_split(train: Path) -> tuple[str, str]:
+    """(training shards, validation shard): the training split's last shard held out, so that recipe
+    choices are made without the test split."""
+    tars = sorted(train.glob("*.tar"))
+    return f"{train}/{{{','.join(t.name for t in tars[:-1])}}}", str(tars[-1])
+
+
 def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoint_every: int,
-               extra: list[str]) -> dict:
+               extra: list[str], holdout: bool = False) -> dict:
     shards = ensure_shards(data)
+    train, evaluation = (holdout_split(shards / "train") if holdout else (str(shards / "train"), str(shards / "test")))
     out = ROOT / "runs" / f"bench-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "-m", "clipper.train", "--preset", preset, "--train-data", str(shards / "train"),
+    cmd = [sys.executable, "-m", "clipper.train", "--preset", preset, "--train-data", train,
            "--eval-task", "none", "--minutes", str(minutes), "--out", str(out),
            "--set", f"checkpoint_every={checkpoint_every}", "--set", "keep_checkpoints=1000", *extra]
     print(" ".join(cmd), flush=True)
@@ -42,12 +50,13 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
     curve = []
     for ckpt in run.complete_checkpoints():
         model, state = RunDir.load_checkpoint(ckpt)
-        metrics = evaluate_task(model, eval_task, str(shards / "test"), batch_size=500)
+        metrics = evaluate_task(model, eval_task, evaluation, batch_size=500)
         curve.append({"step": state["step"], "elapsed_s": round(state["elapsed"], 1), "samples": state["samples"],
                       **{k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()}})
         print(json.dumps(curve[-1]), flush=True)
     train = [r for r in run.read_metrics() if "samples_per_s" in r]
-    return {"preset": preset, "run": str(out.relative_to(ROOT)), "minutes": minutes, "wall_s_incl_startup": round(wall, 1),
+    return {"preset": preset, "run": str(out.relative_to(ROOT)), "minutes": minutes,
+            "evaluated_on": "validation (last training shard, held out)" if holdout else "test split", "wall_s_incl_startup": round(wall, 1),
             "train_config": json.loads((out / "config.json").read_text()),
             "samples_seen": curve[-1]["samples"], "train_seconds": curve[-1]["elapsed_s"],
             "samples_per_s": round(curve[-1]["samples"] / curve[-1]["elapsed_s"], 1),
@@ -63,6 +72,13 @@ def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
     ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides, as for clipper train")
+    ap.add_argument("--holdout", action="store_true",
+                    help="recipe work: train without the last training shard and score on it, not on the test split")
     args = ap.parse_args()
     return run_recipe(preset, data, eval_task, args.minutes, args.checkpoint_every,
-                      [x for s in args.set for x in ("--set", s)])
+                      [x for s in args.set for x in ("--set", s)], args.holdout)
+
+
+def results_name(name: str, result: dict) -> str:
+    """Validation runs (--holdout) get their own results file: the table reports the test split."""
+    return name if result["evaluated_on"] == "test split" else f"{name}_holdout"

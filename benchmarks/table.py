@@ -31,6 +31,10 @@ def table() -> str:
                     f"{s['clipper']} | {r['ratio']}x, first-step loss diff {r['loss_abs_diff']:.1e} |")
         m = r["peak_rss_mib"]
         rows.append(f"| train-step: peak RSS MiB | {m['open_clip']} | {m['clipper']} | |")
+    if r := _load("train_step_bf16"):
+        s, m = r["samples_per_s"], r["peak_rss_mib"]
+        rows.append(f"| train-step, both under CPU bf16 autocast: samples/s | {s['open_clip']} | {s['clipper']} | "
+                    f"{r['ratio']}x; peak RSS MiB {m['open_clip']} vs {m['clipper']} |")
     if r := _load("train_fmnist"):
         peer = r["open_clip_peer_reported"]
         first = r.get("first_at_or_above_88.6")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from recipe import main  # noqa: E402
+from recipe import main, results_name  # noqa: E402
 
 OPEN_CLIP_PEER = {"recipe": "open_clip ViT 4x128 patch 8 @64px, text 3x128, 10 min",
                   "t2i_R@1": 48.3, "t2i_R@5": 61.0, "i2t_R@1": 47.3}
@@ -20,4 +20,4 @@ if __name__ == "__main__":
     f = result["final"]
     print(f"final t2i R@1 {f['t2i_R@1']:.1f}%  R@5 {f['t2i_R@5']:.1f}%  i2t R@1 {f['i2t_R@1']:.1f}% after "
           f"{result['train_seconds']} s ({result['samples_per_s']} samples/s)")
-    print("wrote", write_results("train_emoji", result))
+    print("wrote", write_results(results_name("train_emoji", result), result))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from recipe import main  # noqa: E402
+from recipe import main, results_name  # noqa: E402
 
 OPEN_CLIP_PEER = {"recipe": "open_clip ViT 4x128 patch 8 @32px, text ctx 16 3x128, 10 min", "samples_per_s": 419,
                   "top1": 88.6}
@@ -23,4 +23,4 @@ if __name__ == "__main__":
     print(f"final top-1 {result['final']['top1']:.2f}% after {result['train_seconds']} s "
           f"({result['samples_per_s']} samples/s); >= 88.6% first at "
           f"{reached[0]['elapsed_s'] if reached else 'never'} s")
-    print("wrote", write_results("train_fmnist", result))
+    print("wrote", write_results(results_name("train_fmnist", result), result))

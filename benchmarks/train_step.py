@@ -28,7 +28,10 @@ VISION = {"image_size": 32, "patch_size": 4, "width": 192, "layers": 6, "head_wi
 TEXT = {"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4}
 
 
-def build(batch: int, only: str | None = None):
+def build(batch: int, only: str | None = None, device: str = "cpu", bf16: bool = False):
+    """The two step functions (open_clip, clipper) on the same weights and batch; `bf16`: autocast."""
+    import contextlib
+
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -49,6 +52,9 @@ def build(batch: int, only: str | None = None):
     picks = torch.randint(0, 10, (batch, 2), generator=g).tolist()
     captions = [TRAIN_TEMPLATES[t].format(CLASSES[c]) for t, c in picks]
     texts = Tokenizer(32)(captions)
+    oc, ours, images, texts = oc.to(device), ours.to(device), images.to(device), texts.to(device)
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 \
+        else contextlib.nullcontext
     if only == "clipper":
         del oc  # measure clipper's memory alone
     elif only == "open_clip":
@@ -58,18 +64,20 @@ def build(batch: int, only: str | None = None):
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.1) if only != "open_clip" else None
 
     def step_open_clip():
-        out = oc(images, texts)
-        loss = oc_loss(out["image_features"] if isinstance(out, dict) else out[0],
-                       out["text_features"] if isinstance(out, dict) else out[1],
-                       out["logit_scale"] if isinstance(out, dict) else out[2])
+        with autocast():
+            out = oc(images, texts)
+            loss = oc_loss(out["image_features"] if isinstance(out, dict) else out[0],
+                           out["text_features"] if isinstance(out, dict) else out[1],
+                           out["logit_scale"] if isinstance(out, dict) else out[2])
         loss.backward()
         opt_oc.step()
         opt_oc.zero_grad(set_to_none=True)
         return loss.item()
 
     def step_clipper():
-        out = ours(images, texts)
-        loss = infonce_loss(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
+        with autocast():
+            out = ours(images, texts)
+            loss = infonce_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"])["loss"]
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -79,10 +87,11 @@ def build(batch: int, only: str | None = None):
     return step_open_clip, step_clipper
 
 
-def peak_rss(which: str, batch: int, steps: int, threads: int) -> float:
+def peak_rss(which: str, batch: int, steps: int, threads: int, precision: str) -> float:
     """Peak RSS (MiB) of a fresh process running `steps` training steps of one framework alone."""
     out = subprocess.run([sys.executable, __file__, "--only", which, "--batch", str(batch), "--steps", str(steps),
-                          "--threads", str(threads)], capture_output=True, text=True, check=True)
+                          "--threads", str(threads), "--precision", precision], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
@@ -91,10 +100,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: both under CPU bf16 autocast (results/train_step_bf16.json)")
     ap.add_argument("--only", choices=["open_clip", "clipper"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    step_open_clip, step_clipper = build(args.batch, args.only)
+    step_open_clip, step_clipper = build(args.batch, args.only, bf16=args.precision == "bf16")
     if args.only:
         (step_open_clip if args.only == "open_clip" else step_clipper)()
         for _ in range(args.steps):
@@ -107,15 +118,16 @@ def main() -> None:
     rates = interleaved_rates({"open_clip": step_open_clip, "clipper": step_clipper}, items_per_call=args.batch,
                               repeats=args.steps, warmup=0)
     result = {"config": {"vision": VISION, "text": TEXT, "embed_dim": 128, "batch": args.batch,
-                         "optimizer": "AdamW"},
+                         "optimizer": "AdamW", "precision": args.precision},
               "distinct_captions_in_batch": step_open_clip.distinct_captions, "first_step_loss": first, "loss_abs_diff": abs(first["open_clip"] - first["clipper"]),
               "samples_per_s": {k: round(v["per_s_median"], 2) for k, v in rates.items()}}
     result["ratio"] = round(result["samples_per_s"]["clipper"] / result["samples_per_s"]["open_clip"], 3)
     print(f"samples/s: open_clip {result['samples_per_s']['open_clip']:.1f}  clipper "
           f"{result['samples_per_s']['clipper']:.1f}  ratio {result['ratio']:.3f}", flush=True)
-    result["peak_rss_mib"] = {w: round(peak_rss(w, args.batch, 2, args.threads), 1) for w in ("open_clip", "clipper")}
+    result["peak_rss_mib"] = {w: round(peak_rss(w, args.batch, 2, args.threads, args.precision), 1)
+                              for w in ("open_clip", "clipper")}
     print(f"peak RSS MiB: {result['peak_rss_mib']}")
-    print("wrote", write_results("train_step", result))
+    print("wrote", write_results("train_step" if args.precision == "fp32" else "train_step_bf16", result))
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     stop_after: int | None = None  # leave after this many steps of this run (checkpointed), e.g. for job time limits
-    precision: str = "fp32"  # "bf16": autocast on CUDA
+    precision: str = "fp32"  # "bf16": autocast on CUDA, and on CPUs with native bf16 (else fp32)
     compile: bool = False
     device: str = "auto"
 
@@ -211,12 +211,14 @@ class TrainConfig:
 
 # Training recipes for 2 CPU cores and a 10-minute budget (benchmarks/README.md: what was tried).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # bf16 where the CPU has it natively (fp32 elsewhere); no worker: on 2 cores a worker process
+    # fights the step's two threads (measured 2,458 vs 2,240 samples/s; emoji 1,293 vs 1,009).
     "fmnist-tiny": {"model": "fmnist-tiny", "eval_task": "zeroshot-fmnist", "batch_size": 256, "lr": 2e-3,
-                    "weight_decay": 0.1, "warmup_steps": 100, "minutes": 10.0, "workers": 1,
+                    "weight_decay": 0.1, "warmup_steps": 100, "minutes": 10.0, "workers": 0, "precision": "bf16",
                     "same_caption_positive": True, "eval_every": 0, "checkpoint_every": 500},
     # No flips or colour jitter: names say "facing right", "red", "medium-dark skin tone".
     "emoji-small": {"model": "emoji-small", "eval_task": "retrieval-emoji", "batch_size": 256, "lr": 1e-3,
-                    "weight_decay": 0.1, "warmup_steps": 50, "minutes": 10.0, "workers": 1,
+                    "weight_decay": 0.1, "warmup_steps": 50, "minutes": 10.0, "workers": 0, "precision": "bf16",
                     "keywords_prob": 0.5, "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
                     "eval_every": 0, "checkpoint_every": 500, "min_epoch_batches": 64},
 }
@@ -330,11 +332,12 @@ _PRESETS: dict[str, dict[str, Any]] = {
                    "in_channels": 1, "image_mean": [0.2860], "image_std": [0.3530]},
         "text": {"context_length": 16, "width": 128, "layers": 3, "heads": 4},
     },
-    # Emoji: the 64x64 renders seen at 32 px through 8x8 patches (16 tokens): measured faster and
-# better than 48 or 64 px within the same budget. A context of 32 holds every name and keyword list.
+    # Emoji: the 64x64 renders seen at 48 px through 8x8 patches (36 tokens). At 32 px (16 tokens)
+    # retrieval saturated after ~7 of the 10 minutes; 48 px scored better on a held-out shard
+    # (benchmarks/README.md, E6-E7). A context of 32 holds every name and keyword list.
     "emoji-small": {
         "embed_dim": 128,
-        "vision": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4, "heads": 2,
+        "vision": {"image_size": 48, "patch_size": 8, "width": 128, "layers": 4, "heads": 2,
                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
         "text": {"context_length": 32, "width": 128, "layers": 3, "heads": 2},
     },

@@ -134,22 +134,21 @@ def _seen(tokens: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor
 
 
 def _greedy_or_sample(stepper: _Stepper, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[int]]:
-    R = seen.shape[0]
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    out = [[] for _ in range(R)]
-    done = torch.zeros(R, dtype=torch.bool)
+    R, device = seen.shape[0], seen.device
+    generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    rows = torch.arange(R, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    steps = []  # one token per row per step, read back once at the end (no per-step Python work per row)
     for step in range(cfg.max_new_tokens):
-        token = _sample(_process(stepper.logits, seen, step, cfg, text.eot), cfg, generator).cpu()
-        token = torch.where(done, text.eot, token)
-        for r in (~done).nonzero()[:, 0].tolist():
-            if token[r] != text.eot:
-                out[r].append(int(token[r]))
+        token = _sample(_process(stepper.logits, seen, step, cfg, text.eot), cfg, generator).masked_fill(done, text.eot)
+        steps.append(token)
         done |= token == text.eot
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        if step == cfg.max_new_tokens - 1 or bool(done.all()):
             break
-        seen[torch.arange(R), token.to(seen.device)] = True
-        stepper.feed(token.to(seen.device))
-    return out
+        if cfg.repetition_penalty != 1.0:
+            seen[rows, token] = True
+        stepper.feed(token)
+    return [row[:row.index(text.eot)] if text.eot in row else row for row in torch.stack(steps, 1).tolist()]
 
 
 def _beam_search(stepper: _Stepper, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[list[int]]]:

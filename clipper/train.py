@@ -68,6 +68,14 @@ def build_model(cfg: TrainConfig) -> CLIP:
     return CLIP(config).train()
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off: on CUDA, and on CPUs whose oneDNN has native bf16 instructions
+    (elsewhere it is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
         self.cfg = cfg.validate()
@@ -78,6 +86,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
         self.run = RunDir(out)
+        self.bf16 = cfg.precision == "bf16" and bf16_supported(self.device)
+        if cfg.precision == "bf16" and not self.bf16 and self.is_main:
+            print("precision bf16: this CPU has no native bf16 matmul (AVX512-BF16/AMX), training in fp32",
+                  file=sys.stderr)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed + self.rank)
 
@@ -138,8 +150,8 @@ class Trainer:
 
     # --- one optimisation step ------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -57,12 +57,13 @@ def test_left_padding_changes_nothing():
     assert batch == alone
 
 
-def test_cache_logits_match_recompute_step_by_step():
+@pytest.mark.parametrize("padded", [True, False])  # unpadded: decode attends without any mask
+def test_cache_logits_match_recompute_step_by_step(padded):
     model = captioner()
     decoder = model.decoder
     image_tokens = model.visual.tokens(torch.randn(2, 3, 16, 16))
     tokens = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6]])
-    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    valid = torch.tensor([[not padded, not padded, True, True], [True, True, True, True]])
     with torch.inference_mode():
         logits, cache = decoder.prefill(image_tokens, tokens, valid, 3)
         for step in range(3):

@@ -17,7 +17,7 @@ def test_own_presets():
     f = preset("fmnist-tiny")
     assert (f.vision.image_size, f.vision.in_channels) == (28, 1)
     e = preset("emoji-small")
-    assert (e.vision.image_size, e.vision.in_channels) == (32, 3)  # the 64 px renders, resized
+    assert (e.vision.image_size, e.vision.in_channels) == (48, 3)  # the 64 px renders, resized
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-S-32", "ViT-M-32"])

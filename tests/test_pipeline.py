@@ -201,3 +201,52 @@ def test_keywords_replace_captions_only_in_training(tmp_path):
     evaluation = ShardDataset(tmp_path / "kw", CFG, batch_size=8, train=False, rank=0, world=1, keywords_prob=1.0)
     texts = tok.batch_decode(next(iter(make_loader(evaluation, 0)))["text"])
     assert texts == [f"name {i}" for i in range(8)]
+
+
+def _archive(path, fmt=tarfile.USTAR_FORMAT, mode="w"):
+    names = ["a.png", "deep/folder/b.txt", "x" * 90 + "/" + "y" * 60 + ".json"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["z" * 150 + ".txt", "caf\u00e9.txt"]  # long and non-ASCII names: pax / GNU headers
+    with tarfile.open(path, mode, format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("deep"))  # zero-size entries are files too
+        info = tarfile.TarInfo("deep/folder")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for i, name in enumerate(names):
+            _add(tar, name, bytes(j % 251 for j in range(i, i + 700)) * (i + 1))
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+@pytest.mark.parametrize("fmt,mode", [(tarfile.USTAR_FORMAT, "w"), (tarfile.PAX_FORMAT, "w"),
+                                      (tarfile.GNU_FORMAT, "w"), (tarfile.USTAR_FORMAT, "w:gz")])
+def test_tar_reader_equals_tarfile(tmp_path, fmt, mode):
+    from clipper.data.tar import tar_members
+
+    path = tmp_path / "a.tar"
+    expected = _archive(path, fmt, mode)
+    assert list(tar_members(str(path))) == expected
+
+
+def test_tar_reader_names_the_damage(tmp_path):
+    from clipper.data.tar import TarDamage, tar_members
+
+    path = tmp_path / "a.tar"
+    members = _archive(path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:512 * 6 + 100])  # inside the third file's data (headers: 0, 512, 1024, 2560)
+    read = []
+    with pytest.raises(TarDamage, match="unexpected end of data") as err:
+        for m in tar_members(str(cut)):
+            read.append(m)
+    assert read == members[:2] and err.value.member == members[2][0]
+    bad = bytearray(data)
+    bad[1024 + 10] ^= 0xFF  # the second file's header checksum no longer matches
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    with pytest.raises(TarDamage, match="bad tar header at byte 1024"):
+        list(tar_members(str(tmp_path / "bad.tar")))
+    for name, content in (("empty.tar", b""), ("text.tar", b"not a tar archive at all" * 40)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(TarDamage):
+            list(tar_members(str(tmp_path / name)))

@@ -19,9 +19,8 @@ import itertools
 import json
 import os
 import random
-import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from ..images import MAX_PIXELS
 from ..tokenizer import Tokenizer
 from .shards import SIZES_FILE, reason_kind
 from .sources import read_caption
-from .transforms import TrainTransform, eval_transform
+from .tar import TarDamage, tar_members
+from .transforms import Normalize, ResizeCrop, TrainTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -99,24 +99,28 @@ def read_tar(shard: str) -> Iterator[dict | Skip]:
     A damaged archive ends the shard with a Skip naming where it broke."""
     current: dict | None = None
     try:
-        with tarfile.open(shard, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.split("/")[-1]
-                key, _, ext = base.partition(".")
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": shard}
-                current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
-        yield Skip(shard, current["__key__"] if current else "?", f"damaged tar ({e})")
+        for name, data in tar_members(shard):
+            key, ext = _key_ext(name)
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": shard}
+            current[ext.lower()] = data
+    except (TarDamage, OSError) as e:
+        broken = _key_ext(e.member)[0] if getattr(e, "member", None) else None
+        if current is not None and broken is not None and broken != current["__key__"]:
+            yield current  # complete: the cut is in a later sample's member
+            current = None
+        yield Skip(shard, broken or (current["__key__"] if current else "?"), f"damaged tar ({e})")
         return
     if current is not None:
         yield current
+
+
+def _key_ext(member: str) -> tuple[str, str]:
+    key, _, ext = member.split("/")[-1].partition(".")
+    return key, ext
 
 
 def shard_captions(spec) -> Iterator[str]:
@@ -138,8 +142,10 @@ class SampleDecoder:
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None):
         self.image_size = config.vision.image_size
+        # uint8 per sample (a quarter of the bytes through the worker queue); `normalize` per batch
         self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
-            else eval_transform(config.vision)
+            else ResizeCrop(config.vision)
+        self.normalize = Normalize(config.vision)
         self.tokenizer = Tokenizer(context_length or config.text.context_length)
         self.max_pixels = max_pixels
         self.keywords_prob = keywords_prob if train else 0.0
@@ -185,14 +191,16 @@ class SampleDecoder:
         return pixels, self.tokenizer([text])[0], key, meta, text
 
 
-def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool) -> Iterator[dict]:
-    """Collate decoded samples; each batch carries the skips met since the previous one."""
+def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool,
+            normalize: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
+    """Collate decoded samples (uint8 images, `normalize`d as one batch); each batch carries the
+    skips met since the previous one."""
     rows: list[tuple] = []
     skipped: list[Skip] = []
 
     def collate() -> dict:
         images, tokens, keys, metas, captions = zip(*rows) if rows else ((), (), (), (), ())
-        return {"image": torch.stack(images) if rows else torch.empty(0),
+        return {"image": normalize(torch.stack(images)) if rows else torch.empty(0),
                 "text": torch.stack(tokens) if rows else torch.empty(0, dtype=torch.long),
                 "key": list(keys), "meta": list(metas), "caption": list(captions), "skipped": list(skipped)}
 
@@ -279,10 +287,11 @@ class ShardDataset(IterableDataset):
         worker, workers = self._worker()
         if not self.train:
             raw = (s for shard in self.shards[worker::workers] for s in read_tar(shard))
-            yield from batches(map(self.decoder, raw), self.batch_size, drop_last=False)
+            yield from batches(map(self.decoder, raw), self.batch_size, False, self.decoder.normalize)
             return
         self.decoder.reseed(f"{self.seed}-augment-{self.epoch}-{self.rank}-{worker}")
-        stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, drop_last=True)
+        stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, True,
+                         self.decoder.normalize)
         yield from itertools.islice(stream, self.batches_per_worker())
 
 

@@ -16,20 +16,6 @@ from torchvision.transforms import functional as TF
 from ..config import AugmentConfig, VisionConfig
 
 
-class ConvertMode:
-    """PIL mode conversion as a picklable step (DataLoader workers may be spawned)."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def __call__(self, im: Image.Image) -> Image.Image:
-        return im if im.mode == self.mode else im.convert(self.mode)
-
-
-def _to_model_input(cfg: VisionConfig) -> list[Callable]:
-    return [ConvertMode(_mode(cfg)), T.ToTensor(), T.Normalize(cfg.image_mean, cfg.image_std)]
-
-
 def _mode(cfg: VisionConfig) -> str:
     return "L" if cfg.in_channels == 1 else "RGB"  # grayscale in a 3-channel model: channels repeat
 
@@ -46,8 +32,13 @@ class ResizeCrop:
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
         im = TF.center_crop(TF.resize(im, self.size, T.InterpolationMode.BICUBIC), self.size)
-        pixels = torch.from_numpy(np.array(im if im.mode == self.mode else im.convert(self.mode)))
-        return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
+        return uint8_tensor(im, self.mode)
+
+
+def uint8_tensor(im: Image.Image, mode: str) -> torch.Tensor:
+    """PIL image -> uint8 tensor [C, H, W] in `mode`."""
+    pixels = torch.from_numpy(np.array(im if im.mode == mode else im.convert(mode)))
+    return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
 
 
 class Normalize:
@@ -69,11 +60,11 @@ def eval_transform(cfg: VisionConfig) -> Callable[[Image.Image], torch.Tensor]:
 
 class TrainTransform:
     """Random resized crop (+ optional flip and colour jitter) drawing from its own seeded RNG, so
-    a data stream is reproducible whatever process runs it and whatever else uses torch's RNG."""
+    a data stream is reproducible whatever process runs it and whatever else uses torch's RNG.
+    Returns uint8 [C, S, S], like ResizeCrop; `Normalize` finishes whole batches."""
 
     def __init__(self, cfg: VisionConfig, aug: AugmentConfig):
-        self.size, self.aug = cfg.image_size, aug
-        self.finish = T.Compose(_to_model_input(cfg))
+        self.size, self.aug, self.mode = cfg.image_size, aug, _mode(cfg)
         self.rng = random.Random(0)
 
     def reseed(self, seed: str) -> None:
@@ -103,4 +94,4 @@ class TrainTransform:
             im = TF.adjust_contrast(im, self.rng.uniform(1 - j, 1 + j))
             if im.mode == "RGB":
                 im = TF.adjust_saturation(im, self.rng.uniform(1 - j, 1 + j))
-        return self.finish(im)
+        return uint8_tensor(im, self.mode)

@@ -31,10 +31,12 @@ class KVCache:
     valid: torch.Tensor  # [B, max_len] bool: which cached positions are real tokens (not padding)
     positions: torch.Tensor  # [B]: the position id of each row's next token
     length: int = 0
+    padded: bool = True  # some row has padding among its keys (else decode needs no mask)
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache of rows `rows` (beam reordering, several samples per image)."""
-        return KVCache(self.k[:, rows], self.v[:, rows], self.valid[rows], self.positions[rows], self.length)
+        return KVCache(self.k[:, rows], self.v[:, rows], self.valid[rows], self.positions[rows], self.length,
+                       self.padded)
 
 
 class CaptionDecoder(nn.Module):
@@ -117,7 +119,8 @@ class CaptionDecoder(nn.Module):
         if cache_room is not None:
             shape = (len(self.blocks), B, self.cfg.heads, L + cache_room, self.cfg.width // self.cfg.heads)
             cache = KVCache(x.new_zeros(shape), x.new_zeros(shape),
-                            torch.cat([key_valid, key_valid.new_ones(B, cache_room)], 1), positions[:, -1] + 1)
+                            torch.cat([key_valid, key_valid.new_ones(B, cache_room)], 1), positions[:, -1] + 1,
+                            padded=not bool(valid.all()))
         # causal among real tokens; a pad row attends to itself only (no empty softmax)
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         mask = (causal[None] & key_valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=x.device)[None]
@@ -136,12 +139,15 @@ class CaptionDecoder(nn.Module):
         """Feed one token per row [B] (vocabulary indices); return the next-token logits [B, V]."""
         if cache.length >= cache.k.shape[3]:
             raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
-        x = self.token_embedding(token)[:, None] + self.positional_embedding[cache.positions][:, None]
-        mask = cache.valid[:, None, None, : cache.length + 1]
-        h = self._run(x, mask, cache)
+        # .forward, not __call__, on this per-token path (see Attention.forward_cached)
+        x = (self.token_embedding.forward(token) + self.positional_embedding[cache.positions])[:, None]
+        # one query over the cache: without padding it may see every cached key, so no mask at all
+        mask = cache.valid[:, None, None, : cache.length + 1] if cache.padded else None
+        for i, block in enumerate(self.blocks):
+            x = block.forward_cached(x, mask, (cache.k[i], cache.v[i], cache.length))
         cache.length += 1
         cache.positions = cache.positions + 1
-        return self.head(h[:, -1])
+        return self.head.forward(self.ln_final.forward(x[:, -1]))
 
     def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] by recomputing the whole sequence (no cache): the reference the

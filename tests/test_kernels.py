@@ -1,0 +1,78 @@
+"""The hand-picked CPU paths equal the reference ops they replace: short-sequence attention vs
+SDPA, oneDNN / few-row / bf16-autocast linear vs F.linear, and the linear under torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipper.model import linear as linear_module
+from clipper.model.linear import linear
+from clipper.model.transformer import SHORT_KEYS, attend
+
+
+def _qkv(b, h, lq, lk, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, requires_grad=True) for n in (lq, lk, lk)]
+
+
+@pytest.mark.parametrize("lq,lk,causal,masked", [(17, 17, False, False), (16, 16, True, False), (1, 40, False, True),
+                                                 (5, 23, False, True), (SHORT_KEYS + 13,) * 2 + (True, False)])
+def test_attention_equals_sdpa_with_gradients(lq, lk, causal, masked):
+    q, k, v = _qkv(3, 2, lq, lk, 8)
+    mask = None
+    if masked:  # padding: every row keeps at least one key
+        mask = torch.rand(3, 1, lq, lk, generator=torch.Generator().manual_seed(1)) > 0.3
+        mask[..., 0] = True
+    grad = torch.randn(3, 2, lq, 8)
+    ours = attend(q, k, v, mask, causal)
+    (ours * grad).sum().backward()
+    ours_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, t in zip(ours_grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_linear_equals_f_linear_forward_and_backward(rows):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 48, generator=g, requires_grad=True)
+    w = torch.randn(96, 48, generator=g, requires_grad=True)
+    b = torch.randn(96, generator=g, requires_grad=True)
+    grad = torch.randn(rows, 96, generator=g)
+    (linear(x, w, b) * grad).sum().backward()
+    ours = [t.grad.clone() for t in (x, w, b)]
+    out = linear(x, w, b)
+    for t in (x, w, b):
+        t.grad = None
+    ref = F.linear(x, w, b)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    for a, t in zip(ours, (x, w, b)):
+        torch.testing.assert_close(a, t.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_linear_under_cpu_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    w = torch.randn(16, 32, generator=g, requires_grad=True)
+    b = torch.randn(16, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w, b)
+        ref = F.linear(x, w, b)  # autocast's own bf16 linear
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.02)
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32  # master weights stay fp32
+    torch.testing.assert_close(b.grad, torch.full((16,), 64.0))
+
+
+@pytest.mark.skipif(not linear_module.ONEDNN, reason="oneDNN linear not in this torch build")
+def test_linear_compiles():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g), torch.randn(16, generator=g)
+    compiled = torch.compile(lambda x: linear(x, w, b), backend="inductor")
+    torch.testing.assert_close(compiled(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)

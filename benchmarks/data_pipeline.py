@@ -9,7 +9,6 @@ not be the bottleneck: the ratio pipeline/step should stay well above 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from clipper.config import preset, train_preset  # noqa: E402
 from clipper.data.pipeline import ShardDataset, make_loader  # noqa: E402
 from clipper.losses import infonce_loss  # noqa: E402
 from clipper.model import CLIP  # noqa: E402
-from clipper.train import bf16_supported, forward_backward  # noqa: E402
+from clipper.train import autocast_for, forward_backward  # noqa: E402
 
 
 def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int) -> float:
@@ -47,8 +46,7 @@ def step_rate(shards: Path, model_preset: str, batch: int, steps: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ds = ShardDataset(shards, model.config, batch, train=True, rank=0, world=1)
     b = next(iter(make_loader(ds, 0)))
-    bf16 = cfg.precision == "bf16" and bf16_supported(torch.device("cpu"))
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = autocast_for(cfg.precision, torch.device("cpu"))
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()

@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,6 +77,13 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory: bf16 autocast where `precision` asks for it and it pays off, else none."""
+    if precision == "bf16" and bf16_supported(device):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
         self.cfg = cfg.validate()
@@ -86,8 +94,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
         self.run = RunDir(out)
-        self.bf16 = cfg.precision == "bf16" and bf16_supported(self.device)
-        if cfg.precision == "bf16" and not self.bf16 and self.is_main:
+        self._autocast = autocast_for(cfg.precision, self.device)
+        if cfg.precision == "bf16" and not bf16_supported(self.device) and self.is_main:
             print("precision bf16: this CPU has no native bf16 matmul (AVX512-BF16/AMX), training in fp32",
                   file=sys.stderr)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -149,11 +157,6 @@ class Trainer:
             self.run.save_checkpoint(self.step, self.model, self._state(), self.cfg.keep_checkpoints)
 
     # --- one optimisation step ------------------------------------------------------------------
-    def _autocast(self):
-        if self.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward, backward and update on one batch."""
         self.train_model.train()

@@ -143,11 +143,10 @@ class CaptionDecoder(nn.Module):
         x = (self.token_embedding.forward(token) + self.positional_embedding[cache.positions])[:, None]
         # one query over the cache: without padding it may see every cached key, so no mask at all
         mask = cache.valid[:, None, None, : cache.length + 1] if cache.padded else None
-        for i, block in enumerate(self.blocks):
-            x = block.forward_cached(x, mask, (cache.k[i], cache.v[i], cache.length))
+        h = self._run(x, mask, cache)
         cache.length += 1
         cache.positions = cache.positions + 1
-        return self.head.forward(self.ln_final.forward(x[:, -1]))
+        return self.head.forward(h[:, -1])
 
     def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] by recomputing the whole sequence (no cache): the reference the

@@ -58,10 +58,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     know the oneDNN op, so the casts are made here)."""
     if torch.compiler.is_compiling():  # inductor lowers F.linear itself (oneDNN included); the raw op breaks it
         return F.linear(x, weight, bias)
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+    cpu = x.device.type == "cpu"
+    if cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = None if bias is None else bias.to(torch.bfloat16)
-    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _DNN_DTYPES and x.numel() \
+    if ONEDNN and cpu and x.dtype == weight.dtype and x.dtype in _DNN_DTYPES and x.numel() \
             and (x.numel() >= _FEW_ROWS * x.shape[-1] or weight.shape[0] > 1024):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):

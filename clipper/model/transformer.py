@@ -6,6 +6,8 @@ one to one). Attention: `attend`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,15 +43,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-_UPPER: dict[tuple, torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _upper(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    key = (rows, cols, device)
-    if key not in _UPPER:
-        with torch.inference_mode(False):  # a mask made under inference mode could not be saved for backward
-            _UPPER[key] = torch.ones(rows, cols, dtype=torch.bool, device=device).triu(1)
-    return _UPPER[key]
+    with torch.inference_mode(False):  # a mask made under inference mode could not be saved for backward
+        return torch.ones(rows, cols, dtype=torch.bool, device=device).triu(1)
 
 
 class Attention(nn.Module):

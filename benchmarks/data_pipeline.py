@@ -1,5 +1,6 @@
 """Training pipeline alone (read shards, decode, augment, tokenise, batch): samples/s with 0, 1
-and 2 DataLoader workers on the Fashion-MNIST and emoji shards, next to the training step alone
+and 2 DataLoader workers on the Fashion-MNIST and emoji shards (decoded images cached, as after
+the first pass of a run; and with no worker and no cache), next to the training step alone
 (forward, backward, AdamW on a fixed batch) of the preset that trains on them. The pipeline must
 not be the bottleneck: the ratio pipeline/step should stay well above 1.
 
@@ -26,11 +27,16 @@ from clipper.model import CLIP  # noqa: E402
 from clipper.train import autocast_for, forward_backward  # noqa: E402
 
 
-def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int) -> float:
+def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int, cache: bool) -> float:
+    """Samples/s of the preset's training pipeline (its augmentation and captions, its decoded-image
+    cache or none), measured after one pass over the set: the state of most of a run."""
     cfg = train_preset(model_preset)
-    ds = ShardDataset(shards, preset(model_preset), batch, train=True, augment=cfg.augment, rank=0, world=1)
+    ds = ShardDataset(shards, preset(model_preset), batch, train=True, augment=cfg.augment, rank=0, world=1,
+                      keywords_prob=cfg.keywords_prob, keyword_single=cfg.keyword_single,
+                      cache_mb=cfg.decoded_cache_mb if cache else 0, min_epoch_batches=10**9)  # one endless epoch
     it = iter(make_loader(ds, workers))
-    next(it)  # worker start-up is not throughput
+    for _ in range(ds.num_samples // (batch * max(1, workers)) + 2):
+        next(it)  # worker start-up and the first pass (filling the caches) are not throughput
     t0 = time.perf_counter()
     n = 0
     for _, b in zip(range(batches), it):
@@ -67,8 +73,10 @@ def main() -> None:
     for data, model_preset in (("fmnist", "fmnist-tiny"), ("emoji", "emoji-small")):
         shards = ensure_shards(data) / "train"
         batch = train_preset(model_preset).batch_size
-        row = {f"pipeline_{w}_workers": round(pipeline_rate(shards, model_preset, batch, w, args.batches), 1)
+        row = {f"pipeline_{w}_workers": round(pipeline_rate(shards, model_preset, batch, w, args.batches, True), 1)
                for w in (0, 1, 2)}
+        row["pipeline_0_workers_no_cache"] = round(pipeline_rate(shards, model_preset, batch, 0, args.batches,
+                                                                 False), 1)
         row["train_step_only"] = round(step_rate(shards, model_preset, batch, 10), 1)
         row["ratio_pipeline0_to_step"] = round(row["pipeline_0_workers"] / row["train_step_only"], 2)
         results[data] = {"preset": model_preset, "batch": batch, "samples_per_s": row}

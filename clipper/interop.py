@@ -57,6 +57,9 @@ def _key_map(model: CLIP) -> dict[str, str]:
 def to_open_clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     """The state dict that open_clip's CLIP of the same config loads with strict=True (a
     captioner's decoder has no open_clip counterpart and is left out)."""
+    if model.config.text.pool != "eot":
+        raise ValueError(f"text.pool {model.config.text.pool!r}: open_clip's CLIP pools the end-of-text "
+                         "token of a causal text tower; this model cannot be exported to it")
     return {open_clip_name(k): v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
 
 

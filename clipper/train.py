@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import is_model_dir
-from .config import ConfigError, TrainConfig, preset, write_json
+from .config import ConfigError, ModelConfig, TrainConfig, preset, write_json
 from .data.pipeline import ShardDataset, SkipLog, make_loader, shard_captions
 from .distributed import peak_rss_mib, rank_and_world
 from .evaluate import evaluate_task
@@ -63,7 +63,8 @@ def build_model(cfg: TrainConfig) -> CLIP:
         if cfg.loss == "sigmoid" and model.logit_bias is None:
             raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
         return model.train()
-    config = preset(cfg.model)
+    # a preset name, or a ModelConfig JSON file (a custom architecture without code)
+    config = ModelConfig.from_json(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
     if cfg.loss == "sigmoid" and config.init_logit_bias is None:
         config.init_logit_bias, config.init_logit_scale = -10.0, math.log(10.0)  # SigLIP's init
     return CLIP(config).train()
@@ -109,7 +110,8 @@ class Trainer:
         self.data = ShardDataset(cfg.train_data, self.model.config, cfg.batch_size, train=True, augment=cfg.augment,
                                  seed=cfg.seed, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
                                  rank=self.rank, world=self.world, keywords_prob=cfg.keywords_prob,
-                                 context_length=context, min_epoch_batches=cfg.min_epoch_batches)
+                                 context_length=context, min_epoch_batches=cfg.min_epoch_batches,
+                                 cache_mb=cfg.decoded_cache_mb, keyword_single=cfg.keyword_single)
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0

@@ -121,3 +121,31 @@ def test_converted_model_owns_its_weights():
     with torch.no_grad():
         oc.visual.proj.add_(1.0)
     assert torch.equal(ours.visual.proj.detach(), before)
+
+
+def test_mean_pooled_text_sees_only_its_own_tokens():
+    """text.pool = "mean": bidirectional over start .. end-of-text, padding masked out, so a text
+    encodes alike alone and beside a longer one, and equals a plain unmasked pass over its tokens."""
+    import clipper
+
+    config = small_config()
+    config.text.pool = "mean"
+    torch.manual_seed(0)
+    model = clipper.CLIP(config).eval()
+    tok = clipper.Tokenizer(config.text.context_length)
+    short, long = tok(["a cat"]), tok(["a very long caption about a small grey cat on a mat"])
+    with torch.no_grad():
+        alone = model.encode_text(short, normalize=False)
+        batch = model.encode_text(torch.cat([short, long]), normalize=False)
+        torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=1e-5)
+        text = model.text
+        n = int(short.argmax()) + 1
+        x = text.token_embedding(short[:, :n]) + text.positional_embedding[:n]
+        manual = text.ln_final(text.transformer(x).mean(1)) @ text.proj
+        torch.testing.assert_close(alone, manual, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        to_open_clip_state_dict(model)
+    bad = small_config()
+    bad.text.pool = "max"
+    with pytest.raises(clipper.config.ConfigError, match="text.pool"):
+        bad.validate()

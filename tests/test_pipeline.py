@@ -168,9 +168,36 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path):
     summary = log.summary()
     assert summary.startswith("6 sample(s) skipped") and "00000.tar:notimage" in summary
 
-    # training over the same shards completes its epoch too
-    train = ShardDataset(out, CFG, batch_size=2, rank=0, world=1, max_pixels=100 * 100)
-    assert len(list(make_loader(train, 0))) == train.batches_per_epoch()
+    # training over the same shards completes its epochs too, and with decoded images kept in
+    # memory a bad sample is skipped (and counted) again on every pass, never cached
+    train = ShardDataset(out, CFG, batch_size=2, rank=0, world=1, max_pixels=100 * 100, cache_mb=1)
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        batches = list(make_loader(train, 0))
+        assert len(batches) == train.batches_per_epoch()
+        assert sum(len(b["skipped"]) for b in batches) >= 5
+    assert len(train.decoder.cache.images) == 6 + 2  # the good images of both shards
+
+
+def test_decoded_cache_changes_nothing_but_speed(tmp_path):
+    shards = _make_shards(tmp_path, [10] * 3)
+
+    def run(cache_mb):
+        ds = ShardDataset(shards, CFG, batch_size=5, rank=0, world=1, min_epoch_batches=15, cache_mb=cache_mb)
+        out = []
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            out += list(make_loader(ds, 0))
+        return ds, out
+
+    _, plain = run(0)
+    cached, batches = run(1)
+    assert [b["key"] for b in batches] == [b["key"] for b in plain]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, plain))
+    assert len(cached.decoder.cache.images) == 30
+    # a budget of 4 images of 28 x 28 keeps 4; the others are decoded each time
+    small, _ = run(4 * 28 * 28 / 2**20)
+    assert len(small.decoder.cache.images) == 4 and small.decoder.cache.used == 4 * 28 * 28
 
 
 def test_missing_or_empty_shard_lists_fail_at_once(tmp_path):
@@ -194,13 +221,15 @@ def test_keywords_replace_captions_only_in_training(tmp_path):
     items = [Sample(key=f"k{i}", image=np.full((28, 28), i * 20, np.uint8), text=f"name {i}",
                     meta={"keywords": ["alpha", f"beta{i}"]}) for i in range(8)]
     write_shards(items, tmp_path / "kw", samples_per_shard=8)
-    tok = clipper.Tokenizer(16)
     train = ShardDataset(tmp_path / "kw", CFG, batch_size=8, rank=0, world=1, keywords_prob=1.0)
-    texts = tok.batch_decode(next(iter(make_loader(train, 0)))["text"])
-    assert all(t.startswith("alpha | beta") for t in texts)
+    batch = next(iter(make_loader(train, 0)))
+    assert batch["caption"] == [f"alpha | beta{k[1:]}" for k in batch["key"]]
+    single = ShardDataset(tmp_path / "kw", CFG, batch_size=8, rank=0, world=1, keywords_prob=1.0, keyword_single=1.0)
+    batch = next(iter(make_loader(single, 0)))
+    assert all(c in ("alpha", f"beta{k[1:]}") for k, c in zip(batch["key"], batch["caption"]))
+    assert len(set(batch["caption"])) > 2  # one keyword each, drawn at random
     evaluation = ShardDataset(tmp_path / "kw", CFG, batch_size=8, train=False, rank=0, world=1, keywords_prob=1.0)
-    texts = tok.batch_decode(next(iter(make_loader(evaluation, 0)))["text"])
-    assert texts == [f"name {i}" for i in range(8)]
+    assert next(iter(make_loader(evaluation, 0)))["caption"] == [f"name {i}" for i in range(8)]
 
 
 def _archive(path, fmt=tarfile.USTAR_FORMAT, mode="w"):

@@ -279,3 +279,16 @@ def test_torchrun_two_processes(shards, tmp_path):
     assert [r["step"] for r in records] == [2, 4]
     assert records[-1]["samples"] == 4 * 8 * 2  # both ranks' batches count
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_model_from_a_config_file(tmp_path):
+    from clipper.train import build_model
+
+    cfg = clipper.ModelConfig.from_dict(TINY)
+    cfg.text.pool = "mean"
+    cfg.to_json(tmp_path / "arch.json")
+    model = build_model(TrainConfig(model=str(tmp_path / "arch.json"), steps=1))
+    assert model.config == cfg
+    (tmp_path / "bad.json").write_text(json.dumps(TINY | {"text": TINY["text"] | {"pool": "max"}}))
+    with pytest.raises(clipper.config.ConfigError, match="text.pool"):
+        build_model(TrainConfig(model=str(tmp_path / "bad.json"), steps=1))

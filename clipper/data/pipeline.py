@@ -135,12 +135,32 @@ def shard_captions(spec) -> Iterator[str]:
                 continue  # counted when the pipeline meets it
 
 
+class DecodedCache:
+    """Decoded training images kept in memory up to a byte budget, keyed by (shard, key): a small
+    set is read many times per run and its decoding (PNG inflate) then costs more than the crop."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self.images: dict[tuple[str, str], Image.Image] = {}
+
+    def get(self, url: str, key: str) -> Image.Image | None:
+        return self.images.get((url, key))
+
+    def put(self, url: str, key: str, im: Image.Image) -> None:
+        size = im.width * im.height * len(im.getbands())
+        if self.used + size <= self.budget:  # full: later images are decoded each time
+            self.images[(url, key)] = im
+            self.used += size
+
+
 class SampleDecoder:
     """Raw sample -> (image tensor, token ids, key, metadata, caption) or a Skip with the reason.
-    Captions are tokenized for the text tower, or to `context_length` (the captioner's)."""
+    Captions are tokenized for the text tower, or to `context_length` (the captioner's). Training
+    keeps decoded images in a `DecodedCache` of `cache_mb` MiB."""
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
-                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None):
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
+                 cache_mb: float = 0.0, keyword_single: float = 0.0):
         self.image_size = config.vision.image_size
         # uint8 per sample (a quarter of the bytes through the worker queue); `normalize` per batch
         self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
@@ -149,16 +169,21 @@ class SampleDecoder:
         self.tokenizer = Tokenizer(context_length or config.text.context_length)
         self.max_pixels = max_pixels
         self.keywords_prob = keywords_prob if train else 0.0
+        self.keyword_single = keyword_single
         self.rng = random.Random(0)
+        self.cache = DecodedCache(int(cache_mb * 2**20) if train else 0)
 
     def reseed(self, seed: str) -> None:
         self.rng = random.Random(seed + "-captions")
         self.transform.reseed(seed)
 
     def _text(self, text: str, meta: dict) -> str:
-        """The caption, or (training, with probability keywords_prob) the pair's keyword list."""
+        """The caption, or (training, with probability keywords_prob) the pair's keyword list, or
+        (a `keyword_single` share of those times) one keyword of it."""
         keywords = meta.get("keywords")
         if self.keywords_prob and keywords and self.rng.random() < self.keywords_prob:
+            if self.keyword_single and self.rng.random() < self.keyword_single:
+                return self.rng.choice(keywords)
             return " | ".join(keywords)
         return text
 
@@ -176,11 +201,15 @@ class SampleDecoder:
         except ValueError as e:
             return Skip(url, key, str(e).split(": ", 1)[-1])
         try:
-            with Image.open(io.BytesIO(sample[ext])) as im:
+            im = self.cache.get(url, key)
+            if im is None:
+                im = Image.open(io.BytesIO(sample[ext]))  # in memory: nothing to close
                 if im.width * im.height > self.max_pixels:
                     return Skip(url, key, f"image over the pixel limit ({im.width}x{im.height})")
                 im.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at reduced scale
-                pixels = self.transform(im)
+                im.load()
+                self.cache.put(url, key, im)
+            pixels = self.transform(im)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             return Skip(url, key, f"not a readable image ({e})")
         try:
@@ -224,13 +253,14 @@ class ShardDataset(IterableDataset):
                  augment: AugmentConfig | None = None, seed: int = 0, resampled: bool = False,
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
-                 min_epoch_batches: int = 0):
+                 min_epoch_batches: int = 0, cache_mb: float = 0.0, keyword_single: float = 0.0):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size: must be positive, got {batch_size}")
         self.shards = list_shards(shards)
         self.sizes = shard_sizes(self.shards)
-        self.decoder = SampleDecoder(config, train, augment, max_pixels, keywords_prob, context_length)
+        self.decoder = SampleDecoder(config, train, augment, max_pixels, keywords_prob, context_length, cache_mb,
+                                     keyword_single)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.min_epoch_batches = min_epoch_batches
@@ -321,4 +351,9 @@ def make_loader(dataset: ShardDataset, workers: int = 0) -> DataLoader:
         raise ValueError(f"workers: must be >= 0, got {workers}")
     dataset.num_workers = max(1, workers)
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, collate_fn=_as_is)
+
+
+def _as_is(batch: dict) -> dict:
+    # The default (default_convert) walks every caption and metadata list of every batch.
+    return batch

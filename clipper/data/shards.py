@@ -24,7 +24,7 @@ from .samples import Rejected, Sample
 SIZES_FILE, STATS_FILE, REJECTED_FILE, GRID_FILE = "sizes.json", "stats.json", "rejected.jsonl", "grid.png"
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     info.uid = info.gid = 0
@@ -60,9 +60,9 @@ def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike,
             with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
                 for s in shard:
                     data, ext = s.image_bytes()
-                    _add(tar, f"{s.key}.{ext}", data)
-                    _add(tar, f"{s.key}.txt", s.text.encode("utf-8"))
-                    _add(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode())
+                    add_member(tar, f"{s.key}.{ext}", data)
+                    add_member(tar, f"{s.key}.txt", s.text.encode("utf-8"))
+                    add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode())
         sizes[name] = len(shard)
         shard.clear()
 

@@ -25,9 +25,9 @@ BPE_VOCAB_SIZE = 49408
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer [layers, B, heads, max_len, head_dim]; `length` filled."""
-    k: torch.Tensor
-    v: torch.Tensor
+    """Keys and values of every layer [layers, 2, B, heads, max_len, head_dim] (one tensor: a
+    step writes both with one copy); `length` positions filled."""
+    kv: torch.Tensor
     valid: torch.Tensor  # [B, max_len] bool: which cached positions are real tokens (not padding)
     positions: torch.Tensor  # [B]: the position id of each row's next token
     length: int = 0
@@ -35,8 +35,7 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache of rows `rows` (beam reordering, several samples per image)."""
-        return KVCache(self.k[:, rows], self.v[:, rows], self.valid[rows], self.positions[rows], self.length,
-                       self.padded)
+        return KVCache(self.kv[:, :, rows], self.valid[rows], self.positions[rows], self.length, self.padded)
 
 
 class CaptionDecoder(nn.Module):
@@ -87,7 +86,7 @@ class CaptionDecoder(nn.Module):
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = block.forward_cached(x, mask, None if cache is None else (cache.k[i], cache.v[i], cache.length))
+            x = block.forward_cached(x, mask, None if cache is None else (cache.kv[i], cache.length))
         return self.ln_final(x)
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> dict:
@@ -117,8 +116,8 @@ class CaptionDecoder(nn.Module):
         x = self._embed(prefix, tokens, positions.clamp(min=0))
         cache = None
         if cache_room is not None:
-            shape = (len(self.blocks), B, self.cfg.heads, L + cache_room, self.cfg.width // self.cfg.heads)
-            cache = KVCache(x.new_zeros(shape), x.new_zeros(shape),
+            shape = (len(self.blocks), 2, B, self.cfg.heads, L + cache_room, self.cfg.width // self.cfg.heads)
+            cache = KVCache(x.new_zeros(shape),
                             torch.cat([key_valid, key_valid.new_ones(B, cache_room)], 1), positions[:, -1] + 1,
                             padded=not bool(valid.all()))
         # causal among real tokens; a pad row attends to itself only (no empty softmax)
@@ -137,7 +136,7 @@ class CaptionDecoder(nn.Module):
 
     def decode(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed one token per row [B] (vocabulary indices); return the next-token logits [B, V]."""
-        if cache.length >= cache.k.shape[3]:
+        if cache.length >= cache.kv.shape[4]:
             raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
         # .forward, not __call__, on this per-token path (see Attention.forward_cached)
         x = (self.token_embedding.forward(token) + self.positional_embedding[cache.positions])[:, None]

@@ -28,9 +28,14 @@ class TextTransformer(nn.Module):
         if tokens.shape[1] > self.cfg.context_length:
             raise ValueError(f"tokens: length {tokens.shape[1]} exceeds context_length {self.cfg.context_length}")
         eot = tokens.argmax(dim=-1)
-        # Causal attention: nothing after the batch's last end-of-text token can change the pooled
-        # features, so the sequence is cut there (exact, and most captions are short).
+        # Nothing after the batch's last end-of-text token can change the pooled features (causal
+        # attention, or padding masked out), so the sequence is cut there: exact, and most captions are short.
         length = int(eot.max()) + 1 if tokens.numel() else 0
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
-        x = self.transformer(x, causal=True, pool_index=eot)
+        if self.cfg.pool == "eot":
+            x = self.transformer(x, causal=True, pool_index=eot)
+        else:
+            text = torch.arange(length, device=tokens.device) <= eot[:, None]  # [B, L]: start .. end-of-text
+            x = self.transformer(x, mask=text[:, None, None, :])
+            x = (x * text[..., None]).sum(1) / text.sum(1, keepdim=True)
         return self.ln_final(x) @ self.proj

@@ -24,7 +24,8 @@ class QuickGELU(nn.Module):
 
 # On CPU, the fused SDPA kernel loses to two batched matmuls and a softmax for short key
 # sequences (fp32, 2 threads, forward + backward: 7.8 vs 2.4 ms at 256 x 4 heads x 17 tokens,
-# 28 vs 18 ms at 64 x 12 x 50; in bf16 30 vs 3 ms) and wins from about 77 keys on.
+# 28 vs 18 ms at 64 x 12 x 50; in bf16 30 vs 3 ms) and wins from about 77 keys on. One query
+# (a decode step) is the exception: SDPA 11.6 vs 18.7 us at 8 x 4 heads x 50 keys.
 SHORT_KEYS = 64
 
 
@@ -33,7 +34,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal) for a boolean
     `mask` (True = attend) or none; the causal mask is aligned top-left, as SDPA's."""
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if q.device.type != "cpu" or Lk > SHORT_KEYS:
+    if q.device.type != "cpu" or Lk > SHORT_KEYS or Lq == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # softmax in fp32 under bf16 autocast
     if causal:
@@ -76,19 +77,19 @@ class Attention(nn.Module):
 
 
     def forward_cached(self, x: torch.Tensor, mask: torch.Tensor | None,
-                       kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
-        """Self-attention of new tokens x [B, T, C] over a KV cache (k, v [B, H, S, C/H], filled up
-        to `start`) plus themselves; their keys and values are written into the cache. `mask`
-        [B, 1, T, start + T] (True = attend); None: causal among the new tokens."""
+                       kv: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+        """Self-attention of new tokens x [B, T, C] over a KV cache (keys and values [2, B, H, S,
+        C/H], filled up to `start`) plus themselves; their keys and values are written into the
+        cache. `mask` [B, 1, T, start + T] (True = attend); None: causal among the new tokens."""
         B, T, C = x.shape
         H = self.heads
         # .forward, not __call__: a decode step is ~30 tiny calls, and hook dispatch is ~2 us each
-        q, k, v = self.qkv.forward(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv.forward(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         if kv is not None:
-            k_cache, v_cache, start = kv
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+            cache, start = kv
+            cache[:, :, :, start:start + T] = qkv[1:]  # keys and values in one copy
+            k, v = cache[:, :, :, :start + T].unbind(0)
         y = attend(q, k, v, mask, mask is None and T > 1)
         return self.out.forward(y.transpose(1, 2).reshape(B, T, C))
 
@@ -112,12 +113,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_cached(self, x: torch.Tensor, mask: torch.Tensor | None,
-                       kv: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+                       kv: tuple[torch.Tensor, int] | None) -> torch.Tensor:
         x = x + self.attn.forward_cached(self.ln_1.forward(x), mask, kv)
         return x + self.mlp.forward(self.ln_2.forward(x))
 
@@ -142,11 +143,13 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None) -> torch.Tensor:
-        """All outputs [B, L, C]; with `pool_index` [B], only the output at that position [B, C]."""
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All outputs [B, L, C]; with `pool_index` [B], only the output at that position [B, C].
+        `mask` [B, 1, 1, L]: which keys every query may see (True = attend)."""
         last = len(self.blocks) - 1 if pool_index is not None else len(self.blocks)
         for block in self.blocks[:last]:
-            x = block(x, causal=causal)
+            x = block(x, causal=causal, mask=mask)
         if pool_index is not None:
             x = self.blocks[last].forward_at(x, pool_index, causal=causal)
         return x

@@ -10,6 +10,7 @@ not be the bottleneck: the ratio pipeline/step should stay well above 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from common import write_results  # noqa: E402
 from recipe import ensure_shards  # noqa: E402
 
 from clipper.config import preset, train_preset  # noqa: E402
-from clipper.data.pipeline import ShardDataset, make_loader  # noqa: E402
+from clipper.data.pipeline import ShardDataset, make_loader, training_dataset  # noqa: E402
 from clipper.losses import infonce_loss  # noqa: E402
 from clipper.model import CLIP  # noqa: E402
 from clipper.train import autocast_for, forward_backward  # noqa: E402
@@ -30,10 +31,11 @@ from clipper.train import autocast_for, forward_backward  # noqa: E402
 def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int, cache: bool) -> float:
     """Samples/s of the preset's training pipeline (its augmentation and captions, its decoded-image
     cache or none), measured after one pass over the set: the state of most of a run."""
-    cfg = train_preset(model_preset)
-    ds = ShardDataset(shards, preset(model_preset), batch, train=True, augment=cfg.augment, rank=0, world=1,
-                      keywords_prob=cfg.keywords_prob, keyword_single=cfg.keyword_single,
-                      cache_mb=cfg.decoded_cache_mb if cache else 0, min_epoch_batches=10**9)  # one endless epoch
+    cfg = dataclasses.replace(train_preset(model_preset), train_data=str(shards), batch_size=batch,
+                              min_epoch_batches=10**9)  # one endless epoch
+    if not cache:
+        cfg.decoded_cache_mb = 0
+    ds = training_dataset(cfg, preset(model_preset), rank=0, world=1)
     it = iter(make_loader(ds, workers))
     for _ in range(ds.num_samples // (batch * max(1, workers)) + 2):
         next(it)  # worker start-up and the first pass (filling the caches) are not throughput

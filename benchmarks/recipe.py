@@ -105,7 +105,8 @@ def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int
     ap.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
     ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides, as for clipper train")
     ap.add_argument("--holdout", action="store_true",
-                    help="recipe work: train without the last training shard and score on it, not on the test split")
+                    help="recipe work: train without a random sixth of the training pairs and score on it, "
+                         "not on the test split")
     args = ap.parse_args()
     return run_recipe(preset, data, eval_task, args.minutes, args.checkpoint_every,
                       [x for s in args.set for x in ("--set", s)], args.holdout)

@@ -51,11 +51,11 @@ def table() -> str:
     if r := _load("data_pipeline"):
         for data in ("fmnist", "emoji"):
             s = r[data]["samples_per_s"]
-            first = f"; {s['pipeline_0_workers_no_cache']} at 0 without the decoded-image cache" \
+            no_cache = f"; {s['pipeline_0_workers_no_cache']} at 0 without the decoded-image cache" \
                 if "pipeline_0_workers_no_cache" in s else ""
             rows.append(f"| data pipeline {data} ({r[data]['preset']}): samples/s at 0/1/2 workers | | "
                         f"{s['pipeline_0_workers']} / {s['pipeline_1_workers']} / {s['pipeline_2_workers']} | "
-                        f"{s['ratio_pipeline0_to_step']}x the training step alone ({s['train_step_only']}/s){first} |")
+                        f"{s['ratio_pipeline0_to_step']}x the training step alone ({s['train_step_only']}/s){no_cache} |")
     if r := _load("embed_e2e"):
         ips = r["images_per_s"]
         rows.append(f"| embed-e2e {r['images']} JPEGs 256 px, ViT-B-32, {r['workers']} worker: images/s fp32 | "

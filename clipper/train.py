@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import is_model_dir
 from .config import ConfigError, ModelConfig, TrainConfig, preset, write_json
-from .data.pipeline import ShardDataset, SkipLog, make_loader, shard_captions
+from .data.pipeline import SkipLog, make_loader, shard_captions, training_dataset
 from .distributed import peak_rss_mib, rank_and_world
 from .evaluate import evaluate_task
 from .factory import load
@@ -107,11 +107,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.loss_fn = LOSSES[cfg.loss]
         context = self.model.config.decoder.context_length if cfg.objective == "caption" else None
-        self.data = ShardDataset(cfg.train_data, self.model.config, cfg.batch_size, train=True, augment=cfg.augment,
-                                 seed=cfg.seed, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
-                                 rank=self.rank, world=self.world, keywords_prob=cfg.keywords_prob,
-                                 context_length=context, min_epoch_batches=cfg.min_epoch_batches,
-                                 cache_mb=cfg.decoded_cache_mb, keyword_single=cfg.keyword_single)
+        self.data = training_dataset(cfg, self.model.config, self.rank, self.world, context)
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0

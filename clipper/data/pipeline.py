@@ -30,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import AugmentConfig, ModelConfig
+from ..config import AugmentConfig, ModelConfig, TrainConfig
 from ..distributed import rank_and_world
 from ..images import MAX_PIXELS
 from ..tokenizer import Tokenizer
@@ -259,8 +259,8 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"batch_size: must be positive, got {batch_size}")
         self.shards = list_shards(shards)
         self.sizes = shard_sizes(self.shards)
-        self.decoder = SampleDecoder(config, train, augment, max_pixels, keywords_prob, context_length, cache_mb,
-                                     keyword_single)
+        self.decoder = SampleDecoder(config, train, augment, max_pixels=max_pixels, keywords_prob=keywords_prob,
+                                     context_length=context_length, cache_mb=cache_mb, keyword_single=keyword_single)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.min_epoch_batches = min_epoch_batches
@@ -323,6 +323,17 @@ class ShardDataset(IterableDataset):
         stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, True,
                          self.decoder.normalize)
         yield from itertools.islice(stream, self.batches_per_worker())
+
+
+def training_dataset(cfg: TrainConfig, config: ModelConfig, rank: int | None = None, world: int | None = None,
+                     context_length: int | None = None) -> ShardDataset:
+    """The training stream `cfg` describes (its shards, batch, augmentation, captions, cache) for a
+    model of `config`; captions tokenized to `context_length` where given (a captioner's)."""
+    return ShardDataset(cfg.train_data, config, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
+                        resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world,
+                        keywords_prob=cfg.keywords_prob, context_length=context_length,
+                        min_epoch_batches=cfg.min_epoch_batches, cache_mb=cfg.decoded_cache_mb,
+                        keyword_single=cfg.keyword_single)
 
 
 @dataclass

@@ -70,9 +70,13 @@ class _Text:
             tokens[i, T - len(row):], valid[i, T - len(row):] = ids, True
         return tokens.to(device), valid.to(device)
 
-    def text(self, indices: list[int]) -> str:
-        return self.tokenizer.decode(self.decoder.ids[torch.tensor(indices, dtype=torch.long)].tolist()
-                                     if indices else [])
+    def texts(self, prompts: Sequence[str], per_image: list[list[list[int]]]) -> list[list[str]]:
+        """Each image's prompt followed by its generated vocabulary indices, as text; one lookup of
+        BPE ids for all of them (a tensor op per caption costs as much as a decode step's)."""
+        flat = [i for seqs in per_image for seq in seqs for i in seq]
+        bpe = iter(self.decoder.ids[torch.tensor(flat, dtype=torch.long)].tolist() if flat else [])
+        return [[self.tokenizer.decode(self.tokenizer.encode(prompt) + [next(bpe) for _ in seq]) for seq in seqs]
+                for prompt, seqs in zip(prompts, per_image)]
 
 
 def _process(logits: torch.Tensor, seen: torch.Tensor, step: int, cfg: GenerationConfig, eot: int) -> torch.Tensor:
@@ -239,9 +243,7 @@ def generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None = 
             seen = seen[rows]
         flat = _greedy_or_sample(stepper, seen, text, cfg)
         per_image = [flat[i * n:(i + 1) * n] for i in range(B)]
-    prompt_ids = [text.tokenizer.encode(p) for p in prompts]
-    return [[text.text(model.decoder.to_vocab(torch.tensor(pid, dtype=torch.long)).tolist() + seq)
-             for seq in seqs] for pid, seqs in zip(prompt_ids, per_image)]
+    return text.texts(prompts, per_image)
 
 
 def caption(model: CLIP, images, prompt: str | Sequence[str] | None = None, batch_size: int = 32,

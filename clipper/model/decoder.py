@@ -32,10 +32,12 @@ class KVCache:
     positions: torch.Tensor  # [B]: the position id of each row's next token
     length: int = 0
     padded: bool = True  # some row has padding among its keys (else decode needs no mask)
+    steps: list | None = None  # each block's decode step, bound to its weights at the first decode
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache of rows `rows` (beam reordering, several samples per image)."""
-        return KVCache(self.kv[:, :, rows], self.valid[rows], self.positions[rows], self.length, self.padded)
+        return KVCache(self.kv[:, :, rows], self.valid[rows], self.positions[rows], self.length, self.padded,
+                       self.steps)
 
 
 class CaptionDecoder(nn.Module):
@@ -139,13 +141,17 @@ class CaptionDecoder(nn.Module):
         if cache.length >= cache.kv.shape[4]:
             raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
         # .forward, not __call__, on this per-token path (see Attention.forward_cached)
-        x = (self.token_embedding.forward(token) + self.positional_embedding[cache.positions])[:, None]
+        x = self.token_embedding.forward(token) + self.positional_embedding[cache.positions]
         # one query over the cache: without padding it may see every cached key, so no mask at all
-        mask = cache.valid[:, None, None, : cache.length + 1] if cache.padded else None
-        h = self._run(x, mask, cache)
+        n = cache.length
+        mask = cache.valid[:, None, None, :n + 1] if cache.padded else None
+        if cache.steps is None:
+            cache.steps = [block.stepper() for block in self.blocks]
+        for step, kv in zip(cache.steps, cache.kv):
+            x = step(x, kv, n, mask)
         cache.length += 1
         cache.positions = cache.positions + 1
-        return self.head.forward(h[:, -1])
+        return self.head.forward(self.ln_final.forward(x))
 
     def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] by recomputing the whole sequence (no cache): the reference the

@@ -56,14 +56,15 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, on oneDNN for fp32 CPU tensors, and for bf16 under CPU bf16 autocast (which does not
     know the oneDNN op, so the casts are made here)."""
+    if x.numel() < _FEW_ROWS * x.shape[-1] and weight.shape[0] <= 1024:
+        return F.linear(x, weight, bias)  # first: a decode step's linears must not pay for the checks below
     if torch.compiler.is_compiling():  # inductor lowers F.linear itself (oneDNN included); the raw op breaks it
         return F.linear(x, weight, bias)
     cpu = x.device.type == "cpu"
     if cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = None if bias is None else bias.to(torch.bfloat16)
-    if ONEDNN and cpu and x.dtype == weight.dtype and x.dtype in _DNN_DTYPES and x.numel() \
-            and (x.numel() >= _FEW_ROWS * x.shape[-1] or weight.shape[0] > 1024):
+    if ONEDNN and cpu and x.dtype == weight.dtype and x.dtype in _DNN_DTYPES:
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _OneDNNLinear.apply(x, weight, bias)

@@ -7,12 +7,21 @@ one to one). Attention: `attend`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .linear import Linear, linear
+
+
+def _bound(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer as a function of its input, its weights looked up once (int8 layers: as is)."""
+    if isinstance(layer, nn.Linear):
+        weight, bias = layer.weight, layer.bias
+        return lambda x: linear(x, weight, bias)
+    return layer.forward
 
 
 class QuickGELU(nn.Module):
@@ -121,6 +130,26 @@ class Block(nn.Module):
                        kv: tuple[torch.Tensor, int] | None) -> torch.Tensor:
         x = x + self.attn.forward_cached(self.ln_1.forward(x), mask, kv)
         return x + self.mlp.forward(self.ln_2.forward(x))
+
+    def stepper(self) -> Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]:
+        """The block's decode step, bound to its current weights: step(x, kv, n, mask) takes one
+        new token per row, x [B, C], attends to the cache kv [2, B, H, S, C/H] filled up to n and to
+        itself (no causal mask needed), and writes its key and value at n. A step is ~30 ops of a
+        few us each on 8 rows, so it keeps rows 2-D and looks no module attribute up (~80 lookups
+        per token otherwise): 405 -> 365 us per token for a 3-layer decoder here."""
+        ln_1, ln_2, H = self.ln_1, self.ln_2, self.attn.heads
+        qkv, out, fc, proj = (_bound(m) for m in (self.attn.qkv, self.attn.out, self.mlp.fc, self.mlp.proj))
+        act = self.mlp.act.forward
+
+        def step(x: torch.Tensor, kv: torch.Tensor, n: int, mask: torch.Tensor | None) -> torch.Tensor:
+            B, C = x.shape
+            h = qkv(torch.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)).view(B, 3, H, 1, C // H)
+            kv[:, :, :, n:n + 1] = h[:, 1:].transpose(0, 1)
+            y = F.scaled_dot_product_attention(h[:, 0], kv[0, :, :, :n + 1], kv[1, :, :, :n + 1], attn_mask=mask)
+            x = x + out(y.view(B, C))
+            return x + proj(act(fc(torch.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps))))
+
+        return step
 
     def forward_at(self, x: torch.Tensor, index: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """The block's output at one position per sample (`index` [B]), as [B, C].

@@ -48,6 +48,25 @@ def test_cached_generation_equals_full_recompute(options):
     assert all(c.startswith(p) for p, row in zip(PROMPTS, cached) for c in row)
 
 
+def test_int8_captioner_cache_equals_its_recompute():
+    """The decode step binds each block's linear layers once per generation; int8 layers (not
+    nn.Linear) go through their own forward, on both paths alike."""
+    from clipper.quantize import quantize_int8
+
+    model = captioner(_vocab())
+    quantized = quantize_int8(model)
+    assert type(quantized.decoder.blocks[0].attn.qkv).__name__ == "Int8Linear"
+    pixels = torch.randn(4, 3, 16, 16)
+    cached = generate(quantized, pixels, PROMPTS, GenerationConfig(max_new_tokens=7))
+    assert cached == generate(quantized, pixels, PROMPTS, GenerationConfig(max_new_tokens=7, use_cache=False))
+    # the step reads the weights at generation time: new weights loaded in place are used
+    reference = generate(model, pixels, PROMPTS, GenerationConfig(max_new_tokens=7))
+    other = captioner(_vocab(), seed=1)
+    model.load_state_dict(other.state_dict())
+    assert generate(model, pixels, PROMPTS, GenerationConfig(max_new_tokens=7)) == \
+        generate(other, pixels, PROMPTS, GenerationConfig(max_new_tokens=7)) != reference
+
+
 def test_left_padding_changes_nothing():
     """Each image with its prompt alone gives what it gives inside a batch of mixed prompt lengths."""
     model = captioner(_vocab())

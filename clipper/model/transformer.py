@@ -136,7 +136,7 @@ class Block(nn.Module):
         new token per row, x [B, C], attends to the cache kv [2, B, H, S, C/H] filled up to n and to
         itself (no causal mask needed), and writes its key and value at n. A step is ~30 ops of a
         few us each on 8 rows, so it keeps rows 2-D and looks no module attribute up (~80 lookups
-        per token otherwise): 405 -> 365 us per token for a 3-layer decoder here."""
+        per token otherwise): ~420 -> ~345 us per token, 3 layers x 128, 8 rows."""
         ln_1, ln_2, H = self.ln_1, self.ln_2, self.attn.heads
         qkv, out, fc, proj = (_bound(m) for m in (self.attn.qkv, self.attn.out, self.mlp.fc, self.mlp.proj))
         act = self.mlp.act.forward

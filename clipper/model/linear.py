@@ -64,7 +64,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = None if bias is None else bias.to(torch.bfloat16)
-    if ONEDNN and cpu and x.dtype == weight.dtype and x.dtype in _DNN_DTYPES:
+    if ONEDNN and cpu and x.dtype == weight.dtype and x.dtype in _DNN_DTYPES and x.numel():
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _OneDNNLinear.apply(x, weight, bias)

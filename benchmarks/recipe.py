@@ -4,10 +4,12 @@ to get quality against training time."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -32,9 +34,6 @@ def holdout_split(train: Path, fraction: int = 6) -> tuple[str, str]:
     """(training shards, validation shards): one training pair in `fraction`, chosen by a hash of
     its key (a random sample, like the test split), held out, so that recipe choices are made
     without the test split. Written once beside the training shards, in `holdout/`."""
-    import hashlib
-    import tarfile
-
     from clipper.data.pipeline import Skip, read_tar
     from clipper.data.shards import SIZES_FILE, add_member
 

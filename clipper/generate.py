@@ -75,8 +75,11 @@ class _Text:
         BPE ids for all of them (a tensor op per caption costs as much as a decode step's)."""
         flat = [i for seqs in per_image for seq in seqs for i in seq]
         bpe = iter(self.decoder.ids[torch.tensor(flat, dtype=torch.long)].tolist() if flat else [])
-        return [[self.tokenizer.decode(self.tokenizer.encode(prompt) + [next(bpe) for _ in seq]) for seq in seqs]
-                for prompt, seqs in zip(prompts, per_image)]
+        out = []
+        for prompt, seqs in zip(prompts, per_image):
+            ids = self.tokenizer.encode(prompt)
+            out.append([self.tokenizer.decode(ids + [next(bpe) for _ in seq]) for seq in seqs])
+        return out
 
 
 def _process(logits: torch.Tensor, seen: torch.Tensor, step: int, cfg: GenerationConfig, eot: int) -> torch.Tensor:

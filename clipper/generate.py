@@ -145,9 +145,11 @@ def _greedy_or_sample(stepper: _Stepper, seen: torch.Tensor, text: _Text, cfg: G
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = torch.arange(R, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
-    steps = []  # one token per row per step, read back once at the end (no per-step Python work per row)
+    # one token per row per step, read back once at the end (no per-step Python work per row); a row
+    # that has ended keeps going until all have (rows are independent) and is cut at its first end
+    steps = []
     for step in range(cfg.max_new_tokens):
-        token = _sample(_process(stepper.logits, seen, step, cfg, text.eot), cfg, generator).masked_fill(done, text.eot)
+        token = _sample(_process(stepper.logits, seen, step, cfg, text.eot), cfg, generator)
         steps.append(token)
         done |= token == text.eot
         if step == cfg.max_new_tokens - 1 or bool(done.all()):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from clipper.model import linear as linear_module
-from clipper.model.linear import linear
+from clipper.model.linear import bound_linear, linear
 from clipper.model.transformer import SHORT_KEYS, attend
 
 
@@ -53,6 +53,18 @@ def test_linear_equals_f_linear_forward_and_backward(rows):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
     for a, t in zip(ours, (x, w, b)):
         torch.testing.assert_close(a, t.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,out,bias", [(8, 96, True), (8, 96, False), (40, 96, True), (8, 2000, True)])
+def test_bound_linear_equals_linear_and_sees_weights_loaded_in_place(rows, out, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 48, generator=g)
+    w = torch.randn(out, 48, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    f = bound_linear(w, b)
+    torch.testing.assert_close(f(x), linear(x, w, b), atol=1e-5, rtol=1e-5)
+    w.copy_(torch.randn(out, 48, generator=g))  # a checkpoint loaded into the same tensors
+    torch.testing.assert_close(f(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
 def test_linear_under_cpu_bf16_autocast():

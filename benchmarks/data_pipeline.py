@@ -25,7 +25,8 @@ from clipper.config import preset, train_preset  # noqa: E402
 from clipper.data.pipeline import ShardDataset, make_loader, training_dataset  # noqa: E402
 from clipper.losses import infonce_loss  # noqa: E402
 from clipper.model import CLIP  # noqa: E402
-from clipper.train import autocast_for, forward_backward  # noqa: E402
+from clipper.objectives import contrastive_forward_backward  # noqa: E402
+from clipper.train import autocast_for  # noqa: E402
 
 
 def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int, cache: bool) -> float:
@@ -58,8 +59,8 @@ def step_rate(shards: Path, model_preset: str, batch: int, steps: int) -> float:
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()
-        forward_backward(model, b["image"], b["text"], infonce_loss, autocast=autocast,
-                         same_caption_positive=cfg.same_caption_positive)
+        contrastive_forward_backward(model, b["image"], b["text"], infonce_loss, autocast=autocast,
+                                     same_caption_positive=cfg.same_caption_positive)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return steps * batch / (time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from common import interleaved_rates, write_results  # noqa: E402
 
 import clipper  # noqa: E402
 from clipper.config import DecoderConfig  # noqa: E402
-from clipper.data.pipeline import shard_captions  # noqa: E402
+from clipper.data.reader import shard_captions  # noqa: E402
 from clipper.generate import GenerationConfig, generate  # noqa: E402
 from clipper.tokenizer import caption_vocabulary  # noqa: E402
 from recipe import ensure_shards  # noqa: E402

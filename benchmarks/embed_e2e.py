@@ -79,7 +79,7 @@ def timed(fn):
 
 
 def int8_accuracy(model_dir: Path) -> dict:
-    from clipper.checkpoint import load_model
+    from clipper.factory import load_model
     from clipper.evaluate import evaluate_task
 
     shards = ROOT / "data" / "shards" / "fmnist" / "test"

@@ -36,7 +36,7 @@ def export_csv(shards: Path, out: Path) -> Path:
     """The training shards as PNG files + a TSV (filepath, title): open_clip_train's webdataset
     reader fails on the installed webdataset (KeyError 'fname' in group_by_keys_nothrow), its CSV
     reader works. Same images and captions, in shard order; open_clip shuffles them itself."""
-    from clipper.data.pipeline import list_shards, read_tar
+    from clipper.data.reader import list_shards, read_tar
 
     table = out / "train.tsv"
     if table.is_file():

@@ -34,7 +34,7 @@ def holdout_split(train: Path, fraction: int = 6) -> tuple[str, str]:
     """(training shards, validation shards): one training pair in `fraction`, chosen by a hash of
     its key (a random sample, like the test split), held out, so that recipe choices are made
     without the test split. Written once beside the training shards, in `holdout/`."""
-    from clipper.data.pipeline import Skip, read_tar
+    from clipper.data.reader import Skip, read_tar
     from clipper.data.shards import SIZES_FILE, add_member
 
     out = train.parent / "holdout"

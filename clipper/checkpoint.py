@@ -1,4 +1,4 @@
-"""Model directories (config.json + model.safetensors), safe weight reading and atomic writes.
+"""Model directories (config.json + model.safetensors) and safe weight reading.
 
 Nothing here unpickles arbitrary objects: torch files are read with `weights_only=True` and
 must hold a dict of tensors; safetensors files cannot hold anything else.
@@ -6,54 +6,25 @@ must hold a dict of tensors; safetensors files cannot hold anything else.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .model import CLIP
+from .errors import CheckpointError
+from .io import atomic_path
+
+if TYPE_CHECKING:  # this module reads and writes files; building models is clipper.factory's job
+    from .model import CLIP
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Wrappers that training code adds in front of parameter names (DDP, torch.compile).
 _PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A weights file or model directory that cannot be used; the message names the file."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block completes.
-
-    A reader sees the old file or the new one, never half of one, whatever kills the writer.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -124,16 +95,6 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
 
 
-def build_model(config: ModelConfig, sd: dict[str, torch.Tensor] | None, source: str = "weights") -> CLIP:
-    """A CLIP for `config`: random-initialised, or holding `sd` without initialising first."""
-    if sd is None:
-        return CLIP(config)
-    with torch.device("meta"):
-        model = CLIP(config)
-    load_weights(model, sd, source)
-    return model
-
-
 def save_model(model: CLIP, path: str | os.PathLike) -> Path:
     """Write `path`/config.json and `path`/model.safetensors; each file is replaced atomically,
     weights first, so an interrupted save leaves the previous model readable."""
@@ -151,10 +112,10 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def load_model(path: str | os.PathLike) -> CLIP:
-    """Read a model directory written by `save_model`."""
+def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """(config, weights, weights file name) of a model directory written by `save_model`."""
     path = Path(path)
     if not is_model_dir(path):
         raise CheckpointError(f"{path}: not a clipper model directory (no {CONFIG_NAME})")
     config = ModelConfig.from_json(path / CONFIG_NAME)
-    return build_model(config, read_state_dict(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+    return config, read_state_dict(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)

@@ -3,26 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data.debian import PackageError
+from .errors import ClipperError, ConfigError, DataError
+from .evaluate import EVAL_TASKS
+from .generate import GenerationConfig
+from .io import read_lines
 
-# Errors that mean "bad input": reported as one line and exit status 2, never a traceback.
-USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, PackageError, ValueError)
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference: bool = False) -> None:
-    p.add_argument("--model", required=required, help="model directory, open_clip checkpoint file, or preset name")
+    p.add_argument("--model", required=required, help="model directory, open_clip checkpoint file, or preset name"
+                   + ("" if required else " (default: the model the folder was embedded with)"))
     p.add_argument("--pretrained", help="with a preset: open_clip pretrained tag or weights file")
     p.add_argument("--quick-gelu", action="store_true", default=None, help="force QuickGELU (OpenAI weights)")
     if inference:
         p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers (CPU; ~3x faster)")
-        p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-        p.add_argument("--workers", type=int, default=1, help="processes decoding images (0: none)")
+        p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+        p.add_argument("--workers", type=int, default=1, help="processes decoding images (0: none; default: 1)")
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """A flag for each scalar field of the config dataclass `cls` (nested configs are set with
+    --set), with the field's help text and default; unset flags parse as None (no override).
+    Returns the field names."""
+    names = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if f.name in skip or dataclasses.is_dataclass(hint) or any(dataclasses.is_dataclass(a) for a in typing.get_args(hint)):
+            continue
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{f.metadata['help']} (default: {json.dumps(list(default) if isinstance(default, tuple) else default)})"
+        flag = "--" + f.name.replace("_", "-")
+        if kinds[0] is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(kinds[0]) is tuple:
+            item = typing.get_args(kinds[0])[0]
+            p.add_argument(flag, dest=f.name, type=item, nargs="+", metavar=item.__name__.upper(), help=text)
+        else:
+            p.add_argument(flag, dest=f.name, type=kinds[0], help=text)
+        names.append(f.name)
+    return names
+
+
+def _flag_values(args: argparse.Namespace, names: list[str]) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _model_spec(args: argparse.Namespace) -> dict:
@@ -83,10 +113,10 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     from .embed import embed_images, embed_texts
 
     if not args.texts:
-        raise ValueError("--texts: give at least one text")
+        raise ConfigError("--texts: give at least one text")
     model = _load(args)
     sims = embed_images(model, args.images, to_numpy=False) @ embed_texts(model, args.texts, to_numpy=False).T
-    probs = (model.logit_scale.exp().clamp(max=100) * sims).softmax(dim=-1)
+    probs = (model.scale() * sims).softmax(dim=-1)
     width = max(len(Path(p).name) for p in args.images)
     print(" " * width + "".join(f"  {t[:18]:>18s}" for t in args.texts))
     for path, row, prow in zip(args.images, sims.tolist(), probs.tolist()):
@@ -127,82 +157,38 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     """Preset, then --config file, then the flags, then --set FIELD=JSON overrides."""
-    import dataclasses
+    from .config import merge_train_config
 
-    from .config import TrainConfig, from_dict, read_json, train_preset
-
-    cfg = train_preset(args.preset) if args.preset else TrainConfig()
-    if args.config:
-        cfg = read_json(TrainConfig, args.config)
-    data = dataclasses.asdict(cfg)
-    for flag in TRAIN_FLAGS:
-        value = getattr(args, flag)
-        if value is not None:
-            data[flag] = value
-    for item in args.set or []:
-        field, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # bare strings need no quotes
-        *parents, leaf = field.split(".")
-        target = data
-        for part in parents:
-            if not isinstance(target.get(part), dict):
-                raise ConfigError(f"--set {field}: {part!r} is not a section of the training config")
-            target = target[part]
-        target[leaf] = value
-    return from_dict(TrainConfig, data, "train").validate()
-
-
-TRAIN_FLAGS = {"model": str, "init": str, "train_data": str, "eval_task": str, "eval_data": str, "loss": str,
-               "batch_size": int, "accum_freq": int, "lr": float, "steps": int, "epochs": float,
-               "minutes": float, "workers": int, "seed": int, "checkpoint_every": int, "eval_every": int,
-               "device": str}
+    overrides = _flag_values(args, args.config_fields)
+    if args.verb == "train-captioner":
+        overrides["objective"] = "caption"
+    return merge_train_config(args.preset, args.config, overrides, args.set or [])
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import Trainer
 
     cfg = train_config_from_args(args)
-    if args.verb == "train-captioner":
-        cfg.objective = "caption"
-        if args.unfreeze_image:
-            cfg.lock_image = False
-        cfg.validate()
     summary = Trainer(cfg, args.out, resume=args.resume).fit()
     print(json.dumps(summary))
 
 
-def _read_lines(path: str, what: str) -> list[str]:
-    try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: {what} file is not UTF-8 text") from None
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if not lines:
-        raise ValueError(f"{path}: no {what} in it (one per line)")
-    return lines
-
-
 def _labels(args: argparse.Namespace, required: bool) -> list[str] | None:
     if args.labels and args.labels_file:
-        raise ValueError("give --labels or --labels-file, not both")
+        raise ConfigError("give --labels or --labels-file, not both")
     if args.labels_file:
-        return _read_lines(args.labels_file, "labels")
+        return read_lines(args.labels_file, "labels")
     if args.labels:
         labels = [x.strip() for x in args.labels.split(",") if x.strip()]
         if labels:
             return labels
     if required:
-        raise ValueError("--labels: give the class names (comma-separated) or --labels-file")
+        raise ConfigError("--labels: give the class names (comma-separated) or --labels-file")
     return None
 
 
 def _templates(args: argparse.Namespace) -> list[str] | None:
-    return _read_lines(args.templates, "templates") if args.templates else None
+    return read_lines(args.templates, "templates") if args.templates else None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -219,7 +205,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from .embed import embed_folder, embed_text_file
 
     if args.input is None and args.texts is None:
-        raise ValueError("give INPUT (images) and/or --texts FILE")
+        raise ConfigError("give INPUT (images) and/or --texts FILE")
     model, spec = _load(args), _model_spec(args)
     if args.input is not None:
         m = embed_folder(model, spec, args.input, args.out, dtype=args.dtype, batch_size=args.batch_size,
@@ -242,7 +228,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     for i, why in embedded.failed:
         print(f"clipper classify: skipped {items[i].id}: {why}", file=sys.stderr)
     if not embedded.kept:
-        raise ValueError("no readable image to classify")
+        raise DataError("no readable image to classify")
     result = classify_embeddings(model, embedded.embeddings, labels, _templates(args), k=args.k)
     for i, top in zip(embedded.kept, result.top):
         if args.json:
@@ -251,17 +237,12 @@ def cmd_classify(args: argparse.Namespace) -> None:
             print(f"{items[i].id}\t" + "  ".join(f"{l} ({p:.3f})" for l, p in top))
 
 
-GENERATION_FLAGS = {"max_new_tokens": int, "min_new_tokens": int, "num_beams": int, "length_penalty": float,
-                    "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float,
-                    "num_return_sequences": int, "seed": int}
-
-
 def cmd_caption(args: argparse.Namespace) -> None:
     from .data.inputs import list_images
     from .generate import caption
 
     items = [item for spec in args.images for item in list_images(spec)[0]]
-    options = {k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None}
+    options = _flag_values(args, args.config_fields)
     model = _load(args)
     captions = caption(model, [item.path for item in items], args.prompt, do_sample=args.sample, **options)
     for item, text in zip(items, captions):
@@ -276,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         from .serve import Service, serve
     except ImportError:
-        raise ValueError("clipper serve needs FastAPI and uvicorn: pip install 'clipper[serve]'") from None
+        raise ConfigError("clipper serve needs FastAPI and uvicorn: pip install 'clipper[serve]'") from None
 
     model = _load(args)
     service = Service(model, Path(args.model).name, args.index, max_batch=args.max_batch)
@@ -286,42 +267,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from .index import Index
+    from .index import Index, load_vectors
 
     folder = Path(args.emb_dir)
-    vectors_path = folder / "img_emb.npy"
-    if not vectors_path.is_file():
-        raise FileNotFoundError(f"{vectors_path}: no embeddings (make them with `clipper embed`)")
-    vectors = np.load(vectors_path, mmap_mode="r")
-    index = Index.build(vectors, args.kind, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
-                        ivf_lists=args.ivf_lists, nprobe=args.nprobe)
+    index = Index.build(load_vectors(folder / "img_emb.npy"), args.kind, hnsw_m=args.hnsw_m,
+                        ef_search=args.ef_search, ivf_lists=args.ivf_lists, nprobe=args.nprobe)
     index.save(folder)
     print(f"{args.kind} index of {len(index)} {index.dim}-d vectors in {folder}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .embed import EMBED_MANIFEST, embed_images, embed_texts, read_jsonl
-    from .index import Index
+    from .embed import embed_images, embed_texts, open_index
 
     if (args.query is None) == (args.image is None):
-        raise ValueError("give a text QUERY or --image PATH (one of them)")
+        raise ConfigError("give a text QUERY or --image PATH (one of them)")
     folder = Path(args.index)
-    index = Index.load(folder)
+    index, ids, manifest = open_index(folder)
     if args.model:
         spec = _model_spec(args)
     else:
-        spec = json.loads((folder / EMBED_MANIFEST).read_text())["model"]
+        spec = manifest["model"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
+            raise DataError(f"{folder}/embed.json: 'model' does not say how to load the model; pass --model")
         if not Path(spec["model"]).exists() and not spec.get("pretrained"):
-            raise ValueError(f"{folder} was embedded with a randomly initialised {spec['model']}: "
-                             "its queries cannot be embedded again; pass --model")
+            raise DataError(f"{folder} was embedded with a randomly initialised {spec['model']}: "
+                            "its queries cannot be embedded again; pass --model")
     model = _load_spec(spec)
     query = embed_texts(model, [args.query]) if args.query is not None else embed_images(model, [args.image])
     if query.shape[1] != index.dim:
-        raise ValueError(f"the model embeds in {query.shape[1]} dimensions, {folder} holds {index.dim}-d vectors")
+        raise DataError(f"the model embeds in {query.shape[1]} dimensions, {folder} holds {index.dim}-d vectors")
     result = index.search(query, args.k)
-    ids = read_jsonl(folder / "ids.jsonl")
     for rank, (score, i) in enumerate(zip(result.scores[0].tolist(), result.indices[0].tolist()), 1):
         row = ids[i]
         if args.json:
@@ -331,15 +306,16 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser, presets: str) -> None:
+    from .config import TrainConfig
+
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, final model)")
     p.add_argument("--preset", help=f"training preset: {presets}")
-    p.add_argument("--config", help="TrainConfig JSON file")
+    p.add_argument("--config", help="TrainConfig JSON file (its fields override the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    for flag, kind in TRAIN_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="any TrainConfig field, JSON value (e.g. augment.crop_scale=[0.5,1.0])")
-    p.set_defaults(fn=cmd_train)
+                   help="any TrainConfig field, JSON value, nested with dots (e.g. augment.crop_scale=[0.5,1.0], "
+                        "decoder.layers=3); applied last")
+    p.set_defaults(fn=cmd_train, config_fields=add_config_flags(p, TrainConfig))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("input", help="folder (searched recursively)")
     q = data_sub.add_parser("csv", parents=[common], help="CSV/TSV of image path and caption")
     q.add_argument("input", help="the .csv or .tsv file; image paths relative to its folder")
-    q.add_argument("--image-column", default="image")
-    q.add_argument("--caption-column", default="caption")
+    q.add_argument("--image-column", default="image", help="column of the image paths (default: image)")
+    q.add_argument("--caption-column", default="caption", help="column of the captions (default: caption)")
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("train", help="contrastive training (also under torchrun)",
@@ -387,19 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-captioner", help="train a caption decoder on a model's image tower",
                        description="The caption objective of `clipper train` (same flags): --init names the "
-                                   "trained model; its image tower stays frozen unless --unfreeze-image.")
+                                   "trained model; the captioner presets freeze its image tower (--no-lock-image "
+                                   "trains it too).")
     _add_train_args(p, "emoji-captioner, fmnist-captioner")
-    p.add_argument("--unfreeze-image", action="store_true", help="train the image tower too")
 
     p = sub.add_parser("caption", help="caption images with a model that has a decoder")
     p.add_argument("images", nargs="+", help="image files, folders or list files")
     _add_model_args(p)
     p.add_argument("--prompt", help="text the captions start with")
     p.add_argument("--sample", action="store_true", help="sample (temperature, top-k, top-p) instead of greedy/beam")
-    for flag, kind in GENERATION_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.set_defaults(fn=cmd_caption)
+    p.set_defaults(fn=cmd_caption, config_fields=add_config_flags(p, GenerationConfig, skip=("do_sample",)))
 
     labels = argparse.ArgumentParser(add_help=False)
     labels.add_argument("--labels", help="class names, comma-separated")
@@ -407,17 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--templates", help="prompt templates with {} for the name, one per line "
                                             "(default: 'a photo of a {}.'); several are averaged")
 
-    p = sub.add_parser("eval", parents=[labels], help="zero-shot accuracy or retrieval recall on eval shards",
-                       description="zeroshot-fmnist and retrieval-emoji: the protocol of design.md; zeroshot: "
-                                   "shards whose json holds 'label' (index) or 'class' (name), with --labels; "
-                                   "retrieval: any (image, caption) shards. Prints JSON.")
+    p = sub.add_parser("eval", parents=[labels], help="zero-shot accuracy, retrieval recall or caption metrics",
+                       description="Tasks (the *-fmnist and *-emoji ones follow docs/protocol.md), and the shards "
+                                   "each runs on: " + "; ".join(f"{name}: {t.data}" for name, t in EVAL_TASKS.items())
+                                   + ". Prints JSON.")
     _add_model_args(p)
-    p.add_argument("--task", required=True, choices=["zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval",
-                                                      "captioning-emoji", "captioning-fmnist", "captioning"])
+    p.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="the evaluation (see above)")
     p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
     p.add_argument("--quantize", choices=["int8"], help="evaluate the int8 model")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
+    p.add_argument("--workers", type=int, default=0, help="processes decoding images (default: 0)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("embed", help="embed images (file, folder, list file, shards) and/or texts into .npy",
@@ -429,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, inference=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--texts", help="UTF-8 file of texts to embed, one per line")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="dtype of the stored vectors (default: float16)")
     p.add_argument("--exact-decode", action="store_true",
                    help="decode JPEGs at full size (default: at a reduced scale when twice the model size)")
     p.set_defaults(fn=cmd_embed)
@@ -437,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", parents=[labels], help="zero-shot labels for images from class names")
     p.add_argument("images", nargs="+", help="image files, folders or list files")
     _add_model_args(p, inference=True)
-    p.add_argument("-k", type=int, default=5, help="labels shown per image")
+    p.add_argument("-k", type=int, default=5, help="labels shown per image (default: 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.set_defaults(fn=cmd_classify)
 
@@ -445,26 +419,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Needs the 'serve' extra (FastAPI, uvicorn). Bound to 127.0.0.1 unless --host.")
     _add_model_args(p)
     p.add_argument("--index", help="folder from `clipper embed` + `clipper index`, for /search")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass (default: 32)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("index", help="build a search index over `clipper embed` output")
     p.add_argument("emb_dir", help="folder written by `clipper embed`")
     p.add_argument("--kind", choices=["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf"], default="exact",
                    help="exact: torch matmul (default); faiss-*: needs faiss-cpu (extra 'index')")
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int, default=128)
-    p.add_argument("--ivf-lists", type=int)
-    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--hnsw-m", type=int, default=32, help="faiss-hnsw: graph degree (default: 32)")
+    p.add_argument("--ef-search", type=int, default=128, help="faiss-hnsw: search breadth (default: 128)")
+    p.add_argument("--ivf-lists", type=int, help="faiss-ivf: cells (default: about 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=32, help="faiss-ivf: cells visited per query (default: 32)")
     p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser("search", help="nearest images to a text or an image")
     p.add_argument("index", help="folder of embeddings with an index (`clipper index`)")
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="image query instead of text")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="results (default: 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per result")
     _add_model_args(p, required=False)
     p.set_defaults(fn=cmd_search)
@@ -478,10 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb. Bad input (a ClipperError) is one line on stderr and exit status 2; anything
+    else is a bug and raises with its traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except USER_ERRORS as e:
+    except ClipperError as e:
         print(f"clipper {args.verb}: error: {e}", file=sys.stderr)
         return 2
     return 0

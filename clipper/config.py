@@ -12,17 +12,17 @@ import json
 import math
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import io
+from .errors import ConfigError
+
 # open_clip's defaults (OpenAI's dataset statistics), used unless a preset says otherwise.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ConfigError(ValueError):
-    """A config that is unknown, malformed or contradictory."""
 
 
 @dataclass
@@ -129,80 +129,93 @@ class ModelConfig:
         return from_dict(cls, data, "model").validate()
 
     def to_json(self, path: str | os.PathLike) -> None:
-        write_json(self, path)
+        write_config(self, path)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        return read_json(cls, path).validate()
+        return read_config(cls, path).validate()
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text: the description of its command-line flag."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclass
 class AugmentConfig:
     """Train-time augmentation. Defaults are mild: small crops keep the object the caption names."""
-    crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction of the random resized crop
-    crop_ratio: tuple[float, float] = (0.9, 1.1)  # aspect ratio range of the crop
-    hflip: float = 0.0  # probability; off by default since captions may say left or right
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength
+    crop_scale: tuple[float, float] = setting((0.8, 1.0), "area fraction range of the random resized crop")
+    crop_ratio: tuple[float, float] = setting((0.9, 1.1), "aspect ratio range of the random resized crop")
+    hflip: float = setting(0.0, "probability of a horizontal flip (off: captions may say left or right)")
+    color_jitter: float = setting(0.0, "brightness/contrast/saturation jitter strength")
 
 
 @dataclass
 class TrainConfig:
     """One training run: contrastive, or a captioner on a trained model. Batch sizes are per rank,
     as in open_clip."""
-    objective: str = "contrastive"  # "caption": train a decoder on `init`'s image tower
-    model: str = "fmnist-tiny"  # preset name or ModelConfig .json file (random init); with `init`, its architecture
-    init: str | None = None  # start from these weights (clipper model dir or open_clip file) instead of random
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # caption: added when `init` has none
-    train_data: str = ""  # shard folder, brace pattern or glob
-    eval_task: str = "none"  # "zeroshot-fmnist", "retrieval-emoji" or "none"
-    eval_data: str | None = None  # shards of the eval split
-    loss: str = "infonce"  # "infonce" or "sigmoid"
-    same_caption_positive: bool = False  # identical captions in a batch are positives, not negatives
-    keywords_prob: float = 0.0  # train on the pair's keyword list (json "keywords") instead of txt this often
-    # of those times, this share one keyword alone (a word shared by many images: with
-    # same_caption_positive, the batch's images captioned alike are its positives)
-    keyword_single: float = 0.0
-    batch_size: int = 256
-    accum_freq: int = 1  # micro-batches per step; all negatives of the full batch are kept
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    grad_clip: float | None = 1.0
-    image_lr_scale: float = 1.0  # per-tower learning-rate multipliers
-    text_lr_scale: float = 1.0
-    lock_image: bool = False  # LiT: train the text tower against a frozen image tower
-    lock_text: bool = False
-    steps: int | None = None  # the run ends at the first of steps, epochs, minutes that is set
-    epochs: float | None = None
-    minutes: float | None = None
-    seed: int = 0
-    workers: int = 1
-    shuffle_buffer: int = 2000
-    resampled: bool = False
-    min_epoch_batches: int = 0  # stretch a small set's epoch to this many batches (workers restart each epoch)
-    decoded_cache_mb: float = 512.0  # decoded training images kept per reader process (small sets decode once)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    log_every: int = 10
-    eval_every: int = 0  # steps between evaluations (0: at the end only)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    stop_after: int | None = None  # leave after this many steps of this run (checkpointed), e.g. for job time limits
-    precision: str = "fp32"  # "bf16": autocast on CUDA, and on CPUs with native bf16 (else fp32)
-    compile: bool = False
-    device: str = "auto"
+    objective: str = setting("contrastive", "what is trained: contrastive (both towers) or caption "
+                                            "(a decoder on the image tower of --init)")
+    model: str = setting("fmnist-tiny", "preset name or ModelConfig .json file (random init); with --init, "
+                                        "the architecture of an open_clip weights file")
+    init: str | None = setting(None, "start from these weights (clipper model dir or open_clip file) "
+                                     "instead of random")
+    decoder: DecoderConfig = setting(help="caption: the decoder added when --init has none (--set decoder.X=...)",
+                                     factory=DecoderConfig)
+    train_data: str = setting("", "training shards: folder, brace pattern or glob")
+    eval_task: str = setting("none", "evaluation during and after training (see `clipper eval --help`), or none")
+    eval_data: str | None = setting(None, "shards of the eval split, for --eval-task")
+    loss: str = setting("infonce", "contrastive loss: infonce or sigmoid (SigLIP)")
+    same_caption_positive: bool = setting(False, "identical captions in a batch are positives, not negatives")
+    keywords_prob: float = setting(0.0, "train on the pair's keyword list (json 'keywords') instead of its "
+                                        "caption this often")
+    keyword_single: float = setting(0.0, "of those times, this share one keyword alone (a word shared by many "
+                                         "images: with same_caption_positive, their positives)")
+    batch_size: int = setting(256, "samples per step and rank")
+    accum_freq: int = setting(1, "micro-batches per step (all negatives of the full batch are kept)")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.1, "AdamW weight decay (not on gains, biases, embeddings of dim < 2)")
+    betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas")
+    eps: float = setting(1e-6, "AdamW epsilon")
+    warmup_steps: int = setting(100, "linear warmup steps before the cosine decay")
+    grad_clip: float | None = setting(1.0, "clip the gradient norm to this (null: no clipping)")
+    image_lr_scale: float = setting(1.0, "learning-rate multiplier of the image tower")
+    text_lr_scale: float = setting(1.0, "learning-rate multiplier of the text tower")
+    lock_image: bool = setting(False, "freeze the image tower (LiT; captioners train on a frozen tower)")
+    lock_text: bool = setting(False, "freeze the text tower")
+    steps: int | None = setting(None, "stop after this many steps (the run ends at the first of steps, "
+                                      "epochs, minutes)")
+    epochs: float | None = setting(None, "stop after this many epochs")
+    minutes: float | None = setting(None, "stop after this much training wall time")
+    seed: int = setting(0, "seed of the initial weights, data order and augmentation")
+    workers: int = setting(1, "data loader processes (0: decode in the training process)")
+    shuffle_buffer: int = setting(2000, "samples in the shuffle buffer of each reader")
+    resampled: bool = setting(False, "draw shards with replacement (an endless stream cut into epochs)")
+    min_epoch_batches: int = setting(0, "stretch a small set's epoch to this many batches (workers restart "
+                                        "each epoch)")
+    decoded_cache_mb: float = setting(512.0, "MiB of decoded training images kept per reader process "
+                                             "(small sets decode once)")
+    augment: AugmentConfig = setting(help="train-time augmentation (--set augment.X=...)", factory=AugmentConfig)
+    log_every: int = setting(10, "steps between lines of metrics.jsonl")
+    eval_every: int = setting(0, "steps between evaluations (0: at the end only)")
+    checkpoint_every: int = setting(500, "steps between checkpoints")
+    keep_checkpoints: int = setting(2, "complete checkpoints kept (older ones are deleted)")
+    stop_after: int | None = setting(None, "leave after this many steps of this run, checkpointed (job time "
+                                           "limits); continue with --resume")
+    precision: str = setting("fp32", "bf16: autocast on CUDA and on CPUs with native bf16 (else fp32)")
+    compile: bool = setting(False, "torch.compile the model")
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
 
     def validate(self) -> "TrainConfig":
-        if self.objective not in ("contrastive", "caption"):
-            raise ConfigError(f"train.objective: {self.objective!r} is not one of contrastive, caption")
-        if self.objective == "caption" and not self.init:
-            raise ConfigError("train.init: the caption objective trains on a model's image tower; name the model")
+        from .evaluate import EVAL_TASKS  # the registries build on this module: imported when used
+        from .objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.loss not in ("infonce", "sigmoid"):
             raise ConfigError(f"train.loss: {self.loss!r} is not one of infonce, sigmoid")
-        tasks = ("none", "zeroshot-fmnist", "retrieval-emoji", "captioning-emoji", "captioning-fmnist")
-        if self.eval_task not in tasks:
-            raise ConfigError(f"train.eval_task: {self.eval_task!r} is not one of {', '.join(tasks)}")
+        if self.eval_task != "none" and self.eval_task not in EVAL_TASKS:
+            raise ConfigError(f"train.eval_task: {self.eval_task!r} is not one of none, {', '.join(EVAL_TASKS)}")
         self.decoder.validate("train.decoder")
         if self.eval_task != "none" and not self.eval_data:
             raise ConfigError(f"train.eval_data: needed for eval_task {self.eval_task}")
@@ -220,6 +233,7 @@ class TrainConfig:
         if self.decoded_cache_mb < 0:
             raise ConfigError(f"train.decoded_cache_mb: must be >= 0, got {self.decoded_cache_mb}")
         _positive(self, "train", ("batch_size", "accum_freq", "lr", "log_every", "checkpoint_every"))
+        OBJECTIVES[self.objective].validate(self)
         return self
 
 
@@ -260,18 +274,66 @@ def train_preset(name: str) -> TrainConfig:
     return from_dict(TrainConfig, TRAIN_PRESETS[name], "train")
 
 
-def write_json(config: Any, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
+def merge_train_config(preset_name: str | None = None, file: str | os.PathLike | None = None,
+                       overrides: dict[str, Any] | None = None, sets: Sequence[str] = ()) -> TrainConfig:
+    """A run's settings, each layer over the one before: a named preset (else the defaults), a
+    TrainConfig JSON file (only the fields it names), `overrides` (the CLI's flags), then
+    `FIELD=VALUE` strings (`--set`: a JSON value or a bare string, nested fields with dots)."""
+    data = dataclasses.asdict(train_preset(preset_name) if preset_name else TrainConfig())
+    if file is not None:
+        layer = _read_json_object(file)
+        try:
+            _deep_update(data, layer, "train")
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
+    data.update(overrides or {})
+    for item in sets:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # bare strings need no quotes
+        *parents, leaf = name.split(".")
+        target = data
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"--set {name}: {part!r} is not a section of the training config")
+            target = target[part]
+        target[leaf] = value
+    return from_dict(TrainConfig, data, "train").validate()
 
 
-def read_json(cls: type, path: str | os.PathLike) -> Any:
-    """Dataclass `cls` from a JSON file; errors name the file and the field."""
+def _deep_update(data: dict[str, Any], layer: Any, where: str) -> None:
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(layer).__name__}")
+    for key, value in layer.items():
+        if isinstance(data.get(key), dict) and isinstance(value, dict):
+            _deep_update(data[key], value, f"{where}.{key}")
+        else:
+            data[key] = value  # unknown fields are refused by from_dict, naming them
+
+
+def write_config(config: Any, path: str | os.PathLike) -> None:
+    """A config dataclass as JSON, written atomically."""
+    io.write_json(path, dataclasses.asdict(config))
+
+
+def _read_json_object(path: str | os.PathLike) -> Any:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(f"{path}: unreadable ({e.strerror})") from None
+
+
+def read_config(cls: type, path: str | os.PathLike) -> Any:
+    """Dataclass `cls` from a JSON file; errors name the file and the field."""
+    data = _read_json_object(path)
     try:
         return from_dict(cls, data, cls.__name__.replace("Config", "").lower() or "config")
     except ConfigError as e:

@@ -21,10 +21,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import atomic_path
 from .data.inputs import ImageItem, InputSkip, list_images
 from .data.transforms import Normalize, ResizeCrop
-from .images import MAX_PIXELS, ImageError, decode_image
+from .errors import ConfigError, DataError, ImageError
+from .images import MAX_PIXELS, decode_image
+from .index import Index
+from .io import atomic_path, read_json_object, read_jsonl, read_lines, write_json, write_jsonl
 from .model import CLIP
 from .tokenizer import Tokenizer
 
@@ -65,10 +67,6 @@ def _collate(rows: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int
     return [i for i, _ in good], pixels, [(i, why) for i, p, why in rows if p is None]
 
 
-def _device(model: CLIP) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _as_items(images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image) -> list:
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
@@ -89,14 +87,14 @@ def embed_items(model: CLIP, items: Sequence[ImageItem | Image.Image], batch_siz
                 exact_decode: bool = False, progress: bool = False) -> Embedded:
     """Embed images, skipping unreadable ones; decoding runs in `workers` processes (0: this one)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"workers: must be >= 0, got {workers}")
+        raise ConfigError(f"workers: must be >= 0, got {workers}")
     dataset = ImageFiles(items, model, exact_decode)
     order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     loader = DataLoader(dataset, batch_sampler=order, num_workers=min(workers, len(order)), collate_fn=_collate,
                         prefetch_factor=4 if workers and order else None)
-    normalize, device = Normalize(model.config.vision), _device(model)
+    normalize, device = Normalize(model.config.vision), model.device
     parts, kept, failed = [], [], []
     with tqdm(total=len(items), unit="img", desc="embed", disable=not progress) as bar:
         for index, pixels, bad in loader:
@@ -130,7 +128,7 @@ def embed_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256,
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
-    tokenizer, device = Tokenizer(model.config.text.context_length), _device(model)
+    tokenizer, device = Tokenizer(model.config.text.context_length), model.device
     parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
              for i in range(0, len(texts), batch_size)]
     out = torch.cat(parts) if parts else torch.empty(0, model.config.embed_dim)
@@ -142,10 +140,10 @@ def label_embeddings(model: CLIP, labels: Sequence[str], templates: Sequence[str
     """[C, D]: per label, the mean of its normalised template embeddings, re-normalised."""
     labels, templates = list(labels), list(templates or DEFAULT_TEMPLATES)
     if not labels:
-        raise ValueError("labels: give at least one label")
+        raise ConfigError("labels: give at least one label")
     for t in templates:
         if t.count("{}") != 1:
-            raise ValueError(f"template {t!r}: needs exactly one '{{}}' where the label goes")
+            raise ConfigError(f"template {t!r}: needs exactly one '{{}}' where the label goes")
     emb = embed_texts(model, [t.format(c) for c in labels for t in templates], to_numpy=False)
     return torch.nn.functional.normalize(emb.view(len(labels), len(templates), -1).mean(dim=1), dim=-1)
 
@@ -160,7 +158,7 @@ class Classification:
 def classify_embeddings(model: CLIP, image_emb: torch.Tensor, labels: Sequence[str],
                         templates: Sequence[str] | None = None, k: int = 5) -> Classification:
     classes = label_embeddings(model, labels, templates)
-    scale = model.logit_scale.detach().exp().clamp(max=100).item()
+    scale = model.scale().item()
     probs = (scale * image_emb.float() @ classes.T).softmax(dim=-1)
     values, index = probs.topk(min(k, len(labels)), dim=-1)
     top = [[(labels[j], p) for j, p in zip(row_i, row_v)] for row_i, row_v in zip(index.tolist(), values.tolist())]
@@ -187,19 +185,32 @@ def _fingerprint(model_spec: dict | str, items: list[ImageItem], dtype: str, exa
     return h.hexdigest()
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def _write_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """embed.json of a `clipper embed` output folder: counts, dimension, and how to load the model."""
+    return read_json_object(Path(folder) / EMBED_MANIFEST, "embedding manifest",
+                            {"model": (dict, str), "dim": int, "images": int})
+
+
+def open_index(folder: str | os.PathLike, dim: int | None = None) -> tuple[Index, list[dict], dict]:
+    """The search index of a `clipper embed` + `clipper index` folder, its ids.jsonl rows (one per
+    vector, each with an "id") and its manifest; with `dim`, the vectors must have it."""
+    folder = Path(folder)
+    index, manifest = Index.load(folder), read_manifest(folder)
+    ids = read_jsonl(folder / "ids.jsonl", "ids file")
+    if len(ids) != len(index):
+        raise DataError(f"{folder / 'ids.jsonl'}: {len(ids)} rows for {len(index)} indexed vectors; "
+                        "embed and index the folder again")
+    bad = next((n for n, row in enumerate(ids, 1) if not isinstance(row.get("id"), str)), None)
+    if bad is not None:
+        raise DataError(f"{folder / 'ids.jsonl'}: row {bad} has no string 'id'")
+    if dim is not None and index.dim != dim:
+        raise DataError(f"{folder}: holds {index.dim}-d vectors, the model embeds in {dim} dimensions")
+    return index, ids, manifest
 
 
 def _parts(out: Path, n_items: int, part_size: int) -> Iterator[tuple[int, range, Path]]:
@@ -217,24 +228,24 @@ def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike,
     again, for searching); returns the manifest.
     """
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype: float16 or float32, got {dtype!r}")
+        raise ConfigError(f"dtype: float16 or float32, got {dtype!r}")
     items, passed_over = list_images(source)
     out = Path(out)
     plan = {"model": model_spec, "source": str(Path(source).resolve()) if Path(source).exists() else str(source), "dtype": dtype, "part_size": part_size,
             "fingerprint": _fingerprint(model_spec, items, dtype, exact_decode)}
     plan_path = out / "parts" / "plan.json"
     if plan_path.exists():
-        if json.loads(plan_path.read_text())["fingerprint"] != plan["fingerprint"]:
-            raise ValueError(f"{out}: holds an unfinished embedding of other inputs or settings; "
+        if read_json_object(plan_path, "embedding plan", {"fingerprint": str})["fingerprint"] != plan["fingerprint"]:
+            raise DataError(f"{out}: holds an unfinished embedding of other inputs or settings; "
                              "use another --out or remove it")
     elif (out / EMBED_MANIFEST).exists():
-        done = json.loads((out / EMBED_MANIFEST).read_text())
+        done = read_manifest(out)
         if done.get("fingerprint") == plan["fingerprint"]:
             return done
-        raise ValueError(f"{out}: already holds embeddings of other inputs or settings; use another --out")
+        raise DataError(f"{out}: already holds embeddings of other inputs or settings; use another --out")
     else:
         plan_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(plan_path, [plan])  # one JSON object: reads back with json.loads
+        write_json(plan_path, plan)
 
     todo = [(rows, stem) for _, rows, stem in _parts(out, len(items), part_size)
             if not stem.with_suffix(".npy").exists()]
@@ -244,7 +255,7 @@ def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike,
             part = embed_items(model, [items[i] for i in rows], batch_size, workers, exact_decode)
             records = [items[rows[i]].record() for i in part.kept]
             records += [{"skip": items[rows[i]].id, "reason": why} for i, why in part.failed]
-            _write_jsonl(stem.with_suffix(".jsonl"), records)
+            write_jsonl(stem.with_suffix(".jsonl"), records)
             _write_npy(stem.with_suffix(".npy"), part.embeddings.numpy().astype(dtype))  # last: marks the part done
             bar.update(len(rows))
     return _join_parts(out, items, passed_over, plan, model.config.embed_dim)
@@ -261,12 +272,11 @@ def _join_parts(out: Path, items: list[ImageItem], passed_over: list[InputSkip],
                 ids.append(row)
     emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), plan["dtype"])
     _write_npy(out / "img_emb.npy", emb)
-    _write_jsonl(out / "ids.jsonl", ids)
-    _write_jsonl(out / "skipped.jsonl", skipped)
+    write_jsonl(out / "ids.jsonl", ids)
+    write_jsonl(out / "skipped.jsonl", skipped)
     manifest = {**{k: plan[k] for k in ("model", "source", "dtype", "fingerprint")},
                 "images": len(ids), "skipped": len(skipped), "dim": dim}
-    with atomic_path(out / EMBED_MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
+    write_json(out / EMBED_MANIFEST, manifest)
     for stem in sorted((out / "parts").iterdir()):
         stem.unlink()
     (out / "parts").rmdir()
@@ -276,16 +286,11 @@ def _join_parts(out: Path, items: list[ImageItem], passed_over: list[InputSkip],
 def embed_text_file(model: CLIP, model_spec: dict | str, texts_file: str | os.PathLike, out: str | os.PathLike,
                     dtype: str = "float16", batch_size: int = 256) -> dict:
     """text_emb.npy + texts.jsonl (row-aligned) for a UTF-8 file of one text per line."""
-    try:
-        texts = [line.strip() for line in Path(texts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{texts_file}: not UTF-8 text") from None
-    if not texts:
-        raise ValueError(f"{texts_file}: holds no texts (one per line)")
+    texts = read_lines(texts_file, "texts", comments=False)
     out = Path(out)
     emb = np.concatenate([embed_texts(model, texts[i:i + 4096], batch_size)
                           for i in tqdm(range(0, len(texts), 4096), desc="embed texts", unit="chunk",
                                         disable=len(texts) <= 4096)])
     _write_npy(out / "text_emb.npy", emb.astype(dtype))
-    _write_jsonl(out / "texts.jsonl", [{"text": t} for t in texts])
+    write_jsonl(out / "texts.jsonl", [{"text": t} for t in texts])
     return {"model": model_spec, "texts": len(texts), "dim": int(emb.shape[1]), "dtype": dtype}

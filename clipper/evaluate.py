@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from .config import ConfigError
 from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
 from .data.pipeline import ShardDataset, make_loader
 from .embed import label_embeddings
 from .model import CLIP
-
-TASKS = ("zeroshot-fmnist", "retrieval-emoji", "zeroshot", "retrieval", "captioning-emoji", "captioning-fmnist",
-         "captioning")
-
+from .errors import ConfigError, DataError
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """top-1, top-5 (or top-C when fewer classes) and mean per-class recall, in percent."""
@@ -34,7 +32,7 @@ def zero_shot(model: CLIP, batches: Iterable[dict], classnames: Sequence[str],
               templates: Sequence[str] | None = None) -> dict[str, float]:
     """Zero-shot accuracy over eval batches whose metadata hold the class: its index in
     `classnames` ("label") or its name ("class")."""
-    device = next(model.parameters()).device
+    device = model.device
     classes = label_embeddings(model, classnames, templates).to(device)
     position = {name: i for i, name in enumerate(classnames)}
     logits, labels = [], []
@@ -44,7 +42,7 @@ def zero_shot(model: CLIP, batches: Iterable[dict], classnames: Sequence[str],
         logits.append(model.encode_image(batch["image"].to(device), normalize=True).float() @ classes.T)
         labels.extend(_class_index(m, key, position) for m, key in zip(batch["meta"], batch["key"]))
     if not labels:
-        raise ValueError("zero-shot evaluation: no images")
+        raise DataError("zero-shot evaluation: no images")
     return classification_metrics(torch.cat(logits).cpu(), torch.tensor(labels))
 
 
@@ -53,7 +51,7 @@ def _class_index(meta: dict, key: str, position: dict[str, int]) -> int:
         return meta["label"]
     if meta.get("class") in position:
         return position[meta["class"]]
-    raise ValueError(f"sample {key}: its json needs 'label' (an index into the {len(position)} classes) "
+    raise DataError(f"sample {key}: its json needs 'label' (an index into the {len(position)} classes) "
                      f"or 'class' (one of them), got {json.dumps(meta)[:200]}")
 
 
@@ -67,7 +65,7 @@ def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dic
 @torch.inference_mode()
 def retrieval(model: CLIP, batches: Iterable[dict]) -> dict[str, float]:
     """Text->image and image->text recall@1/5/10 over paired eval batches (query i matches item i)."""
-    device = next(model.parameters()).device
+    device = model.device
     images, texts = [], []
     for batch in batches:
         if not batch["key"]:
@@ -75,7 +73,7 @@ def retrieval(model: CLIP, batches: Iterable[dict]) -> dict[str, float]:
         images.append(model.encode_image(batch["image"].to(device), normalize=True))
         texts.append(model.encode_text(batch["text"].to(device), normalize=True))
     if not images:
-        raise ValueError("retrieval evaluation: no pairs")
+        raise DataError("retrieval evaluation: no pairs")
     sim = (torch.cat(texts) @ torch.cat(images).T).cpu()
     t2i, i2t = recall_at_k(sim), recall_at_k(sim.T)
     return {**{f"t2i_{k}": v for k, v in t2i.items()}, **{f"i2t_{k}": v for k, v in i2t.items()}, "n": sim.shape[0]}
@@ -123,7 +121,7 @@ def captioning(model: CLIP, batches: Iterable[dict], classnames: Sequence[str] |
     caption; with `classnames`, also the share of captions naming the image's class."""
     from .generate import generate
 
-    device = next(model.parameters()).device
+    device = model.device
     position = {name: i for i, name in enumerate(classnames or ())}
     predictions, references, labels = [], [], []
     for batch in batches:
@@ -134,7 +132,7 @@ def captioning(model: CLIP, batches: Iterable[dict], classnames: Sequence[str] |
         if classnames is not None:
             labels += [_class_index(m, k, position) for m, k in zip(batch["meta"], batch["key"])]
     if not predictions:
-        raise ValueError("captioning evaluation: no images")
+        raise DataError("captioning evaluation: no images")
     metrics = caption_metrics(predictions, references)
     if classnames is not None:
         named = [named_class(p, classnames) == y for p, y in zip(predictions, labels)]
@@ -143,35 +141,52 @@ def captioning(model: CLIP, batches: Iterable[dict], classnames: Sequence[str] |
     return metrics
 
 
+@dataclass(frozen=True)
+class EvalTask:
+    """An evaluation: `run(model, batches, **inputs)` -> metrics, on shards of the kind `data` says.
+    `inputs`: which of the user's class names / templates it takes; `required`: those it cannot run
+    without; `captions`: it scores generated captions (the model needs a decoder)."""
+    run: Callable[..., dict]
+    data: str
+    inputs: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    captions: bool = False
+
+
+EVAL_TASKS: dict[str, EvalTask] = {
+    "zeroshot-fmnist": EvalTask(partial(zero_shot, classnames=CLASSES, templates=EVAL_TEMPLATES),
+                                "the Fashion-MNIST test shards; the protocol's class names and templates"),
+    "retrieval-emoji": EvalTask(retrieval, "the emoji test shards (text->image with the tts names)"),
+    "captioning-emoji": EvalTask(captioning, "the emoji test shards, captions against the tts names",
+                                 inputs=("classnames",), captions=True),
+    "captioning-fmnist": EvalTask(partial(captioning, classnames=CLASSES),
+                                  "the Fashion-MNIST test shards (and the share of captions naming the class)",
+                                  captions=True),
+    "zeroshot": EvalTask(zero_shot, "any shards whose json holds 'label' (index) or 'class' (name); --labels "
+                                    "(and --templates, default 'a photo of a {}.')",
+                         inputs=("classnames", "templates"), required=("classnames",)),
+    "retrieval": EvalTask(retrieval, "any (image, caption) shards"),
+    "captioning": EvalTask(captioning, "any (image, caption) shards; with --labels also the share naming the class",
+                           inputs=("classnames",), captions=True),
+}
+
+
 def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0,
                   classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> dict[str, float]:
-    """Run one evaluation on eval-split shards (the same code as `clipper eval`).
-
-    zeroshot-fmnist / retrieval-emoji / captioning-emoji / captioning-fmnist: the protocol's;
-    zeroshot: any shards whose json names the class, with `classnames` (and `templates`, default
-    "a photo of a {}."); retrieval, captioning: any paired shards.
-    """
-    if task not in TASKS:
-        raise ConfigError(f"unknown evaluation task {task!r} (one of {', '.join(TASKS)})")
-    if task == "zeroshot" and not classnames:
-        raise ConfigError("task zeroshot: give the class names (--labels or --labels-file)")
+    """Run one evaluation of EVAL_TASKS on eval-split shards (the same code as `clipper eval`)."""
+    if task not in EVAL_TASKS:
+        raise ConfigError(f"unknown evaluation task {task!r} (one of {', '.join(EVAL_TASKS)})")
+    spec = EVAL_TASKS[task]
+    given = {"classnames": list(classnames) if classnames else None, "templates": templates}
+    if any(not given[name] for name in spec.required):
+        raise ConfigError(f"task {task}: give the class names (--labels or --labels-file)")
+    if spec.captions and model.decoder is None:
+        raise ConfigError(f"task {task}: the model has no caption decoder")
     was_training = model.training
     model.eval()
-    captions = task.startswith("captioning")
-    if captions and model.decoder is None:
-        raise ConfigError(f"task {task}: the model has no caption decoder")
-    context = model.config.decoder.context_length if captions else None
+    context = model.config.decoder.context_length if spec.captions else None
     dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, context_length=context)
-    loader = make_loader(dataset, workers)
     try:
-        if task == "zeroshot-fmnist":
-            return zero_shot(model, loader, CLASSES, EVAL_TEMPLATES)
-        if task == "zeroshot":
-            return zero_shot(model, loader, list(classnames), templates)
-        if task == "captioning-fmnist":
-            return captioning(model, loader, CLASSES)
-        if task in ("captioning-emoji", "captioning"):
-            return captioning(model, loader, classnames)
-        return retrieval(model, loader)
+        return spec.run(model, make_loader(dataset, workers), **{name: given[name] for name in spec.inputs})
     finally:
         model.train(was_training)

@@ -8,10 +8,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, build_model, is_model_dir, load_model, read_state_dict
-from .config import ConfigError, ModelConfig, preset
+from .checkpoint import is_model_dir, read_model_dir, read_state_dict
+from .config import ModelConfig, preset
+from .errors import CheckpointError, ConfigError
 from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
 from .model import CLIP
+
+
+def load_model(path: str | os.PathLike) -> CLIP:
+    """A model directory written by `CLIP.save` (config.json + model.safetensors)."""
+    config, sd, source = read_model_dir(path)
+    return CLIP.from_state_dict(config, sd, source)
 
 
 def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None,
@@ -48,7 +55,7 @@ def _load_pretrained(name: str, config: ModelConfig, pretrained: str | os.PathLi
     sd = read_state_dict(path)
     if is_open_clip_state_dict(sd):
         return from_open_clip_state_dict(sd, config, source=str(path), copy=False)
-    return build_model(config, sd, str(path))
+    return CLIP.from_state_dict(config, sd, str(path))
 
 
 def _download_open_clip(name: str, tag: str, config: ModelConfig, quick_gelu: bool | None,

@@ -17,37 +17,41 @@ from PIL import Image
 
 from .model import CLIP
 from .tokenizer import Tokenizer
+from .config import setting
+from .errors import ConfigError
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int | None = None  # None: as many as the decoder's context leaves after the prompt
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0  # beam hypotheses are ranked by log-prob / length ** length_penalty
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no limit
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the caption
-    num_return_sequences: int = 1
-    seed: int | None = None  # sampling: a fixed seed gives the same captions
-    use_cache: bool = True  # False: recompute the whole sequence each step (the reference; slow)
+    max_new_tokens: int | None = setting(None, "most tokens to generate (default: what the decoder's context "
+                                               "leaves after the prompt)")
+    min_new_tokens: int = setting(0, "no end-of-text before this many tokens")
+    num_beams: int = setting(1, "beam search with this many beams (1: greedy or sampling)")
+    length_penalty: float = setting(1.0, "beam hypotheses are ranked by log-prob / length ** length_penalty")
+    do_sample: bool = setting(False, "sample (temperature, top-k, top-p) instead of greedy/beam")
+    temperature: float = setting(1.0, "sampling temperature")
+    top_k: int = setting(0, "sample among the k most likely tokens (0: no limit)")
+    top_p: float = setting(1.0, "sample among the most likely tokens that reach this probability (nucleus)")
+    repetition_penalty: float = setting(1.0, "> 1 discourages tokens already in the prompt or the caption")
+    num_return_sequences: int = setting(1, "captions per image (sampling, or the best beams)")
+    seed: int | None = setting(None, "sampling seed: a fixed seed gives the same captions")
+    use_cache: bool = setting(True, "decode with the KV cache (--no-use-cache: recompute the whole sequence "
+                                    "each step, the slow reference)")
 
     def validate(self) -> "GenerationConfig":
         if (self.max_new_tokens is not None and self.max_new_tokens < 1) or self.min_new_tokens < 0 or \
                 self.min_new_tokens > (self.max_new_tokens or self.min_new_tokens):
-            raise ValueError("generation: need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
+            raise ConfigError("generation: need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
         if self.num_beams < 1 or self.num_return_sequences < 1:
-            raise ValueError("generation: num_beams and num_return_sequences must be >= 1")
+            raise ConfigError("generation: num_beams and num_return_sequences must be >= 1")
         if self.num_beams > 1 and self.do_sample:
-            raise ValueError("generation: beam search with sampling is not supported; choose one")
+            raise ConfigError("generation: beam search with sampling is not supported; choose one")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ValueError("generation: num_return_sequences cannot exceed num_beams")
+            raise ConfigError("generation: num_return_sequences cannot exceed num_beams")
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
-            raise ValueError("generation: several captions need do_sample or num_beams >= num_return_sequences")
+            raise ConfigError("generation: several captions need do_sample or num_beams >= num_return_sequences")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError("generation: need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+            raise ConfigError("generation: need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
         return self
 
 
@@ -219,20 +223,20 @@ def generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None = 
     """Captions [image][sequence] for preprocessed images [B, C, H, W]; `prompts` (one per image,
     or none) start each caption and are returned as part of it."""
     if model.decoder is None:
-        raise ValueError("this model has no caption decoder (train one with `clipper train-captioner`)")
+        raise ConfigError("this model has no caption decoder (train one with `clipper train-captioner`)")
     cfg = (cfg or GenerationConfig()).validate()
     text = _Text(model)
     B = pixels.shape[0]
     prompts = list(prompts) if prompts is not None else [""] * B
     if len(prompts) != B:
-        raise ValueError(f"prompts: {len(prompts)} for {B} image(s)")
-    device = next(model.parameters()).device
+        raise ConfigError(f"prompts: {len(prompts)} for {B} image(s)")
+    device = model.device
     tokens, valid = text.prompts(prompts, device)
     room = model.config.decoder.context_length - int(valid.sum(1).max())
     if cfg.max_new_tokens is None:
         cfg = dataclasses.replace(cfg, max_new_tokens=room)
     if not cfg.min_new_tokens <= cfg.max_new_tokens <= room:
-        raise ValueError(f"max_new_tokens {cfg.max_new_tokens}: the longest prompt leaves room for {room} "
+        raise ConfigError(f"max_new_tokens {cfg.max_new_tokens}: the longest prompt leaves room for {room} "
                          f"(decoder context {model.config.decoder.context_length}), and min_new_tokens "
                          f"{cfg.min_new_tokens} must fit")
     image_tokens = model.visual.tokens(pixels.to(device))

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .errors import ImageError
+
 # Larger images are refused (decompression bombs); 89.5 MP is Pillow's own warning threshold.
 MAX_PIXELS = 89_478_485
-
-
-class ImageError(ValueError):
-    """An input that is not a readable image; the message names it."""
 
 
 def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
@@ -47,10 +44,6 @@ def _read(path: Path) -> bytes:
 def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     path = Path(path)
     return decode_image(_read(path), str(path), max_pixels)
-
-
-def load_images(paths: Iterable[str | os.PathLike]) -> list[Image.Image]:
-    return [open_image(p) for p in paths]
 
 
 def image_file_bytes(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[bytes, str]:

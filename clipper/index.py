@@ -7,7 +7,6 @@ top-k (the score matrix of many queries stays bounded). With `faiss-cpu` install
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path
+from .errors import ConfigError, DataError, MissingFileError
+from .io import atomic_path, read_json_object, write_json
 
 INDEX_FILE = "index.json"
 FAISS_FILE = "index.faiss"
@@ -27,7 +27,7 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ValueError("faiss indexes need faiss-cpu: pip install 'clipper[index]'") from None
+        raise ConfigError("faiss indexes need faiss-cpu: pip install 'clipper[index]'") from None
     return faiss
 
 
@@ -41,9 +41,9 @@ class SearchResult:
 class Index:
     def __init__(self, vectors: np.ndarray, kind: str = "exact", faiss_index=None, params: dict | None = None):
         if kind not in KINDS:
-            raise ValueError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
+            raise ConfigError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
         if vectors.ndim != 2:
-            raise ValueError(f"vectors: expected [N, D], got shape {list(vectors.shape)}")
+            raise DataError(f"vectors: expected [N, D], got shape {list(vectors.shape)}")
         self.vectors, self.kind, self.params = vectors, kind, params or {}
         self.faiss_index = faiss_index
         self._matrix: torch.Tensor | None = None  # float32 copy for exact search, made on first use
@@ -63,7 +63,7 @@ class Index:
         if kind == "exact":
             return cls(vectors, kind)
         if kind not in KINDS:
-            raise ValueError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
+            raise ConfigError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
         faiss = _faiss()
         data = np.ascontiguousarray(vectors, dtype=np.float32)
         n, d = data.shape
@@ -90,10 +90,10 @@ class Index:
         if q.ndim == 1:
             q = q[None]
         if q.shape[1] != self.dim:
-            raise ValueError(f"queries: dimension {q.shape[1]}, the index holds {self.dim}-d vectors")
+            raise ConfigError(f"queries: dimension {q.shape[1]}, the index holds {self.dim}-d vectors")
         k = min(k, len(self))
         if k < 1:
-            raise ValueError("k: must be >= 1 (and the index non-empty)")
+            raise ConfigError("k: must be >= 1 (and the index non-empty)")
         if self.faiss_index is not None:
             scores, indices = self.faiss_index.search(q.numpy(), k)
             return SearchResult(scores, indices)
@@ -121,26 +121,48 @@ class Index:
             with atomic_path(folder / FAISS_FILE) as tmp:
                 faiss.write_index(self.faiss_index, str(tmp))
         meta = {"kind": self.kind, "count": len(self), "dim": self.dim, "vectors": vectors_file, **self.params}
-        with atomic_path(folder / INDEX_FILE) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2))
+        write_json(folder / INDEX_FILE, meta)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Index":
         folder = Path(folder)
         meta_path = folder / INDEX_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder}: no {INDEX_FILE} (build one with `clipper index {folder}`)")
-        meta = json.loads(meta_path.read_text())
-        vectors = np.load(folder / meta["vectors"], mmap_mode="r")
+            raise MissingFileError(f"{folder}: no {INDEX_FILE} (build one with `clipper index {folder}`)")
+        meta = read_json_object(meta_path, "index description", {"kind": str, "count": int, "dim": int, "vectors": str})
+        if meta["kind"] not in KINDS:
+            raise DataError(f"{meta_path}: kind {meta['kind']!r} is not one of {', '.join(KINDS)}")
+        vectors = load_vectors(folder / meta["vectors"])
         if vectors.shape != (meta["count"], meta["dim"]):
-            raise ValueError(f"{folder / meta['vectors']}: shape {list(vectors.shape)} does not match "
-                             f"{INDEX_FILE} ({meta['count']} x {meta['dim']}); rebuild the index")
+            raise DataError(f"{folder / meta['vectors']}: shape {list(vectors.shape)} does not match "
+                            f"{INDEX_FILE} ({meta['count']} x {meta['dim']}); rebuild the index")
         faiss_index = None
         if meta["kind"] != "exact":
-            faiss_index = _faiss().read_index(str(folder / FAISS_FILE))
+            faiss = _faiss()
+            try:
+                faiss_index = faiss.read_index(str(folder / FAISS_FILE))
+            except RuntimeError as e:  # faiss reports every bad file as a RuntimeError
+                raise DataError(f"{folder / FAISS_FILE}: not a readable faiss index ({str(e).strip()[:200]})") from None
+            if faiss_index.ntotal != len(vectors) or faiss_index.d != vectors.shape[1]:
+                raise DataError(f"{folder / FAISS_FILE}: {faiss_index.ntotal} x {faiss_index.d} vectors, "
+                                f"{INDEX_FILE} says {meta['count']} x {meta['dim']}; rebuild the index")
             if "nprobe" in meta:
                 faiss_index.nprobe = meta["nprobe"]
             if "ef_search" in meta:
                 faiss_index.hnsw.efSearch = meta["ef_search"]
         params = {k: v for k, v in meta.items() if k not in ("kind", "count", "dim", "vectors")}
         return cls(vectors, meta["kind"], faiss_index, params)
+
+
+def load_vectors(path: str | os.PathLike) -> np.ndarray:
+    """An [N, D] float .npy file, memory-mapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such embeddings file (make one with `clipper embed`)")
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy file ({str(e).strip()[:200]})") from None
+    if vectors.ndim != 2 or vectors.dtype.kind != "f":
+        raise DataError(f"{path}: expected an [N, D] float array, got {vectors.dtype} {list(vectors.shape)}")
+    return vectors

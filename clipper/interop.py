@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, atomic_path, build_model, read_state_dict
+from .checkpoint import read_state_dict
 from .config import ModelConfig, TextConfig, VisionConfig
+from .errors import CheckpointError
+from .io import atomic_path
 from .model import CLIP
+from .errors import ConfigError
 
 # (clipper pattern, open_clip pattern); block indices carry over as \1.
 _RULES = [
@@ -58,7 +61,7 @@ def to_open_clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     """The state dict that open_clip's CLIP of the same config loads with strict=True (a
     captioner's decoder has no open_clip counterpart and is left out)."""
     if model.config.text.pool != "eot":
-        raise ValueError(f"text.pool {model.config.text.pool!r}: open_clip's CLIP pools the end-of-text "
+        raise ConfigError(f"text.pool {model.config.text.pool!r}: open_clip's CLIP pools the end-of-text "
                          "token of a causal text tower; this model cannot be exported to it")
     return {open_clip_name(k): v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
 
@@ -108,7 +111,7 @@ def from_open_clip_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig |
                               f"{', '.join(unknown[:5])}")
     # open_clip stores logit_scale as a scalar or as shape [1]; clipper uses a scalar.
     tensors = {names[k]: (v.reshape(()) if k.startswith("logit_") else v) for k, v in sd.items()}
-    return build_model(config, {k: v.clone() for k, v in tensors.items()} if copy else tensors, source)
+    return CLIP.from_state_dict(config, {k: v.clone() for k, v in tensors.items()} if copy else tensors, source)
 
 
 def is_open_clip_state_dict(sd: dict[str, torch.Tensor]) -> bool:

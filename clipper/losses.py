@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -79,7 +81,7 @@ def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
     """SigLIP: every (image, text) pair is a binary problem, +1 for positives, -1 elsewhere;
     other ranks' texts are this rank's negatives. Normalised by the local batch size."""
     if logit_bias is None:
-        raise ValueError("sigmoid loss needs a model with a logit bias (config init_logit_bias, e.g. -10)")
+        raise ConfigError("sigmoid loss needs a model with a logit bias (config init_logit_bias, e.g. -10)")
     all_text, offset = gather(text)
     logits = logit_scale * image @ all_text.T + logit_bias
     positives = positive_mask(tokens, image.shape[0], all_text.shape[0], offset, image.device)
@@ -89,19 +91,3 @@ def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
 
 
 LOSSES = {"infonce": infonce_loss, "sigmoid": sigmoid_loss}
-
-
-def caption_loss(model, images: torch.Tensor, tokens: torch.Tensor, train_image: bool = False) -> dict[str, torch.Tensor]:
-    """Captioning cross-entropy on the caption and end tokens of `tokens` [B, L] (CLIP BPE rows
-    [start, caption..., end, 0...]); the image tower runs without gradients unless `train_image`."""
-    decoder = model.decoder
-    eot = tokens.argmax(dim=-1)  # the end token has the largest id
-    length = int(eot.max()) + 1
-    tokens = tokens[:, :length]
-    positions = torch.arange(length, device=tokens.device)
-    valid = positions[None] <= eot[:, None]
-    index = torch.zeros_like(tokens)
-    index[valid] = decoder.to_vocab(tokens[valid], "caption")
-    with torch.set_grad_enabled(train_image and torch.is_grad_enabled()):
-        image_tokens = model.visual.tokens(images)
-    return decoder(image_tokens, index, valid & (positions[None] > 0))

@@ -10,20 +10,6 @@ from .config import TrainConfig
 from .model import CLIP
 
 
-def lock_towers(model: CLIP, cfg: TrainConfig) -> None:
-    """LiT and friends: a locked tower's weights get no gradient (and no optimizer state). The
-    caption objective trains the decoder (and the image tower unless locked), nothing else; the
-    contrastive one leaves a decoder alone."""
-    caption = cfg.objective == "caption"
-    for part, locked in ((model.visual, cfg.lock_image), (model.text, cfg.lock_text or caption),
-                         (model.decoder, not caption)):
-        for p in part.parameters() if part is not None else ():
-            p.requires_grad_(not locked)
-    for p in (model.logit_scale, model.logit_bias):
-        if p is not None:
-            p.requires_grad_(not caption)
-
-
 def param_groups(model: CLIP, cfg: TrainConfig) -> list[dict]:
     """Per tower (own lr scale), decayed and not: gains, biases, 1-d embeddings and the logit
     scale/bias (all tensors of dimension < 2) get no weight decay."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .model import CLIP
+from .errors import ConfigError
 
 
 class Int8Linear(nn.Module):
@@ -44,7 +45,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: CLIP) -> CLIP:
     """A copy of `model` for CPU inference with int8 linear layers (the original is untouched)."""
     if not hasattr(torch.ops.quantized, "linear_dynamic"):
-        raise RuntimeError("this torch build has no fbgemm int8 kernels (torch.ops.quantized.linear_dynamic)")
+        raise ConfigError("this torch build has no fbgemm int8 kernels (torch.ops.quantized.linear_dynamic)")
     quantized = copy.deepcopy(model).cpu().eval()
     for module in list(quantized.modules()):
         for name, child in list(module.named_children()):

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, save_model
+from .checkpoint import save_model
+from .errors import CheckpointError
+from .factory import load_model
+from .io import read_jsonl
 from .model import CLIP
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -78,9 +81,7 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.metrics, "metrics file") if self.metrics.is_file() else []
 
     def plot(self) -> Path:
         """curves.png: training loss (and learning rate), and every evaluation metric, by step."""

@@ -27,8 +27,9 @@ from PIL import Image
 
 from .data.inputs import ImageItem
 from .data.transforms import Normalize, ResizeCrop
-from .embed import EMBED_MANIFEST, classify_embeddings, embed_texts, read_jsonl
-from .images import ImageError, decode_image
+from .embed import classify_embeddings, embed_texts, open_index
+from .errors import ImageError
+from .images import decode_image
 from .model import CLIP
 from .tokenizer import Tokenizer
 
@@ -101,13 +102,7 @@ class Service:
         self.images = Batcher(self._embed_images, max_batch)
         self.index = self.ids = None
         if index_dir is not None:
-            from .index import Index
-
-            self.index = Index.load(index_dir)
-            self.ids = read_jsonl(Path(index_dir) / "ids.jsonl")
-            manifest = json.loads((Path(index_dir) / EMBED_MANIFEST).read_text())
-            if manifest["dim"] != model.config.embed_dim:
-                raise ValueError(f"{index_dir}: {manifest['dim']}-d vectors, the model embeds in {model.config.embed_dim}")
+            self.index, self.ids, _ = open_index(index_dir, model.config.embed_dim)
         self.counts: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))

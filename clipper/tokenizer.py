@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .errors import ConfigError
+
 
 @functools.lru_cache(maxsize=1)
 def _bpe():
@@ -46,7 +48,7 @@ class Tokenizer:
 
     def __init__(self, context_length: int = 77):
         if context_length < 2:
-            raise ValueError(f"context_length: needs room for start and end tokens (>= 2), got {context_length}")
+            raise ConfigError(f"context_length: needs room for start and end tokens (>= 2), got {context_length}")
         self.context_length = context_length
         bpe = _bpe()
         self.sot_id: int = bpe.sot_token_id

@@ -11,7 +11,6 @@ latest complete checkpoint (model, optimizer, step, RNG, data position).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -26,18 +25,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import is_model_dir
-from .config import ConfigError, ModelConfig, TrainConfig, preset, write_json
-from .data.pipeline import SkipLog, make_loader, shard_captions, training_dataset
+from .config import TrainConfig, write_config
+from .data.pipeline import SkipLog, make_loader, training_dataset
 from .distributed import peak_rss_mib, rank_and_world
+from .errors import ConfigError
 from .evaluate import evaluate_task
-from .factory import load
-from .losses import LOSSES
-from .model import CLIP
 from .model.clip import MAX_LOGIT_SCALE
-from .optim import learning_rate, lock_towers, make_optimizer, set_learning_rate
+from .objectives import OBJECTIVES
+from .optim import learning_rate, make_optimizer, set_learning_rate
 from .runs import RunDir
-from .tokenizer import caption_vocabulary
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -48,26 +44,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world
-
-
-def build_model(cfg: TrainConfig) -> CLIP:
-    """Random init from the preset, or the weights of `init` (clipper directory or open_clip file);
-    the caption objective adds a decoder (vocabulary: the training captions' tokens) if it has none."""
-    if cfg.init:
-        model = load(cfg.init) if is_model_dir(cfg.init) else load(cfg.model, pretrained=cfg.init)
-        if cfg.objective == "caption":
-            if model.decoder is None:
-                vocab = cfg.decoder.vocab or caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
-                model.add_decoder(dataclasses.replace(cfg.decoder, vocab=vocab))
-            return model.train()
-        if cfg.loss == "sigmoid" and model.logit_bias is None:
-            raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
-        return model.train()
-    # a preset name, or a ModelConfig JSON file (a custom architecture without code)
-    config = ModelConfig.from_json(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
-    if cfg.loss == "sigmoid" and config.init_logit_bias is None:
-        config.init_logit_bias, config.init_logit_scale = -10.0, math.log(10.0)  # SigLIP's init
-    return CLIP(config).train()
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -102,12 +78,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed + self.rank)
 
-        self.model = build_model(cfg).to(self.device)
-        lock_towers(self.model, cfg)
+        self.objective = OBJECTIVES[cfg.objective](cfg)
+        self.model = self.objective.build_model().to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
-        self.loss_fn = LOSSES[cfg.loss]
-        context = self.model.config.decoder.context_length if cfg.objective == "caption" else None
-        self.data = training_dataset(cfg, self.model.config, self.rank, self.world, context)
+        self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
+                                     self.objective.context_length(self.model))
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
@@ -117,9 +92,9 @@ class Trainer:
         elif self.run.latest_checkpoint() is not None:  # every rank sees the folder, so all stop alike
             raise ConfigError(f"{self.run.path}: holds checkpoints already; pass --resume to continue that run "
                               "or choose another --out")
-        self.train_model: torch.nn.Module = self.model
+        self.train_model = self.objective.module(self.model)
         if cfg.compile:
-            self.train_model = torch.compile(self.model, dynamic=True)
+            self.train_model = torch.compile(self.train_model, dynamic=True)
         if self.world > 1:
             self.train_model = DistributedDataParallel(self.train_model)
         self.total_steps = cfg.steps
@@ -127,7 +102,7 @@ class Trainer:
             self.total_steps = math.ceil(cfg.epochs * self.data.batches_per_epoch())
         if self.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)
-            write_json(cfg, self.run.path / "config.json")
+            write_config(cfg, self.run.path / "config.json")
 
     # --- state ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -158,12 +133,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward, backward and update on one batch."""
         self.train_model.train()
-        if self.cfg.objective == "caption":
-            losses = caption_forward_backward(self.train_model, images, texts, self.cfg.accum_freq, self._autocast,
-                                              train_image=not self.cfg.lock_image)
-        else:
-            losses = forward_backward(self.train_model, images, texts, self.loss_fn, self.cfg.accum_freq,
-                                      self._autocast, self.cfg.same_caption_positive)
+        losses = self.objective.forward_backward(self.train_model, images, texts, self._autocast)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.optimizer.step()
@@ -295,68 +265,6 @@ class Trainer:
             tqdm.write(f"step {self.step}: {self.cfg.eval_task} " +
                        ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
         return metrics
-
-
-def _features_loss(loss_fn, out: dict, image: torch.Tensor, text: torch.Tensor,
-                   tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    bias = out["logit_bias"]
-    return loss_fn(image.float(), text.float(), out["logit_scale"].float(), None if bias is None else bias.float(),
-                   tokens=tokens)
-
-
-def forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, loss_fn,
-                     accum_freq: int = 1, autocast=contextlib.nullcontext,
-                     same_caption_positive: bool = False) -> dict[str, torch.Tensor]:
-    """Loss and gradients of one batch (`model` may be DDP-wrapped); with `same_caption_positive`,
-    pairs with identical captions count as positives.
-
-    With accum_freq k > 1 (open_clip's --accum-freq): the features of the k micro-batches are
-    computed without gradients first; then each micro-batch is recomputed with gradients and scored
-    against all the cached others, so every negative of the full batch counts and the summed
-    gradients equal those of the whole batch at once.
-    """
-    tokens = texts if same_caption_positive else None
-    if accum_freq == 1:
-        with autocast():
-            out = model(images, texts)
-            losses = _features_loss(loss_fn, out, out["image_features"], out["text_features"], tokens)
-        losses["loss"].backward()
-        return losses
-    img_chunks, txt_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
-    with torch.no_grad(), autocast():
-        cached = [model(i, t) for i, t in zip(img_chunks, txt_chunks)]
-    for j in range(accum_freq):
-        # DDP: reduce gradients once, after the last micro-batch
-        sync = model.no_sync() if j < accum_freq - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with sync:
-            with autocast():
-                out = model(img_chunks[j], txt_chunks[j])
-                feats = {name: torch.cat([c[name] for c in cached[:j]] + [out[name]] + [c[name] for c in cached[j + 1:]])
-                         for name in ("image_features", "text_features")}
-                if j < accum_freq - 1:  # the temperature (and bias) get their gradient once, not k times
-                    out = {**out, **{k: None if v is None else v.detach() for k, v in out.items() if k.startswith("logit")}}
-                losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"], tokens)
-            losses["loss"].backward()
-    return losses
-
-
-def caption_forward_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, accum_freq: int = 1,
-                             autocast=contextlib.nullcontext, train_image: bool = False) -> dict[str, torch.Tensor]:
-    """Caption loss and gradients of one batch, in `accum_freq` micro-batches weighted by their
-    caption tokens (the sum equals the whole batch's token-mean loss)."""
-    eot = texts.argmax(dim=-1)
-    total = float(eot.sum())  # predicted tokens: the caption and its end token, per row
-    loss = torch.zeros(())
-    for j, (i_chunk, t_chunk, e_chunk) in enumerate(zip(images.chunk(accum_freq), texts.chunk(accum_freq),
-                                                       eot.chunk(accum_freq))):
-        sync = model.no_sync() if j < accum_freq - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with sync:
-            with autocast():
-                part = model(i_chunk, t_chunk, objective="caption", train_image=train_image)["loss"]
-            part = part * (float(e_chunk.sum()) / total)
-            part.backward()
-        loss += part.detach().float().cpu()
-    return {"loss": loss}
 
 
 def _raise_interrupt(signum, frame):

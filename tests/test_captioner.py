@@ -16,6 +16,7 @@ from clipper.data.shards import write_shards
 from clipper.data.transforms import eval_transform
 from clipper.evaluate import caption_metrics, named_class
 from clipper.generate import GenerationConfig, generate
+from clipper.objectives import CaptionModel
 from clipper.tokenizer import Tokenizer, caption_vocabulary
 from conftest import RGB_TINY, two_class_images
 
@@ -119,8 +120,8 @@ def test_tiny_captioner_learns_two_captions(tmp_path):
     losses = []
     for _ in range(60):
         images, labels = two_class_images(rng, 16)
-        out = model(torch.stack([transform(im) for im in images]), tok([CAPTIONS[i] for i in labels]),
-                    objective="caption", train_image=True)
+        out = CaptionModel(model, train_image=True)(torch.stack([transform(im) for im in images]),
+                                                     tok([CAPTIONS[i] for i in labels]))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import clipper
-from clipper.data.pipeline import ShardDataset, SkipLog, list_shards, make_loader
+from clipper.data.pipeline import ShardDataset, SkipLog, make_loader
+from clipper.data.reader import list_shards
 from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
 

@@ -19,7 +19,9 @@ from clipper.config import TrainConfig
 from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
 from clipper.losses import LOSSES, infonce_loss, sigmoid_loss
-from clipper.train import Trainer, forward_backward
+from clipper.objectives import OBJECTIVES
+from clipper.objectives import contrastive_forward_backward as forward_backward
+from clipper.train import Trainer
 
 TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2,
                                     "in_channels": 1, "image_mean": [0.5], "image_std": [0.5]},
@@ -282,7 +284,8 @@ def test_torchrun_two_processes(shards, tmp_path):
 
 
 def test_model_from_a_config_file(tmp_path):
-    from clipper.train import build_model
+    def build_model(cfg):
+        return OBJECTIVES[cfg.objective](cfg).build_model()
 
     cfg = clipper.ModelConfig.from_dict(TINY)
     cfg.text.pool = "mean"

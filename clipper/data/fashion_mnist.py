@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .debian import package_file
+from ..errors import ConfigError, DataError, MissingFileError
 from .samples import Sample
 
 CLASSES = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -34,7 +35,7 @@ def find_root(root: str | os.PathLike | None = None) -> Path:
         root = Path(root)
         missing = [f for pair in FILES.values() for f in pair if not (root / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{root}: missing Fashion-MNIST file(s) {', '.join(missing)}")
+            raise MissingFileError(f"{root}: missing Fashion-MNIST file(s) {', '.join(missing)}")
         return root
     return package_file(PACKAGE, f"{PACKAGE_DIR}/{FILES['train'][0]}").parent
 
@@ -59,25 +60,25 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
+        raise DataError(f"{path}: unreadable ({e})") from None
     if len(data) < 8 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes (magic {data[:4].hex()})")
+        raise DataError(f"{path}: not an idx file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, file holds {body.size} bytes (truncated?)")
+        raise DataError(f"{path}: header says {shape}, file holds {body.size} bytes (truncated?)")
     return body.reshape(shape)
 
 
 def load_split(split: str, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of 'train' or 'test'."""
     if split not in FILES:
-        raise ValueError(f"split: {split!r} is not one of {', '.join(FILES)}")
+        raise ConfigError(f"split: {split!r} is not one of {', '.join(FILES)}")
     folder = find_root(root)
     images, labels = (read_idx(folder / f) for f in FILES[split])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not pair up")
+        raise DataError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not pair up")
     return images, labels.astype(np.int64)
 
 

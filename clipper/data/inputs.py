@@ -8,6 +8,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError, MissingFileError
 from .pipeline import IMAGE_EXTS as SHARD_IMAGE_EXTS
 from .pipeline import list_shards
 
@@ -69,7 +70,7 @@ def list_images(spec: str | os.PathLike) -> tuple[list[ImageItem], list[InputSki
         return [ImageItem(str(path), str(path))], []
     if any(c in text for c in "{*?["):
         return _shard_items(text), []
-    raise FileNotFoundError(f"{text}: no such file or folder")
+    raise MissingFileError(f"{text}: no such file or folder")
 
 
 def _caption_beside(path: Path) -> str | None:
@@ -94,7 +95,7 @@ def _folder_items(root: Path) -> tuple[list[ImageItem], list[InputSkip]]:
         elif suffix not in SIDECAR_SUFFIXES:
             skipped.append(InputSkip(str(path), "not an image file (extension)"))
     if not items:
-        raise ValueError(f"{root}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"{root}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return items, skipped
 
 
@@ -102,7 +103,7 @@ def _list_file_items(list_file: Path) -> list[ImageItem]:
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise ValueError(f"{list_file}: list file is not UTF-8 text") from None
+        raise DataError(f"{list_file}: list file is not UTF-8 text") from None
     items = []
     for line in lines:
         if not line.strip() or line.startswith("#"):
@@ -112,7 +113,7 @@ def _list_file_items(list_file: Path) -> list[ImageItem]:
         path = path if path.is_absolute() else list_file.parent / path
         items.append(ImageItem(str(path), str(path), caption=caption.strip() or None))
     if not items:
-        raise ValueError(f"{list_file}: list file names no images")
+        raise DataError(f"{list_file}: list file names no images")
     return items
 
 
@@ -131,7 +132,7 @@ def _shard_items(spec: str) -> list[ImageItem]:
                     if ext.lower() == "txt":
                         samples[key]["caption"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
         except (tarfile.TarError, OSError) as e:
-            raise ValueError(f"{shard}: not a readable tar shard ({e})") from None
+            raise DataError(f"{shard}: not a readable tar shard ({e})") from None
         for key, sample in samples.items():
             ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
             member = sample.get(ext)

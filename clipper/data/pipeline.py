@@ -13,18 +13,14 @@ the main process can count and report them (`SkipLog`) whatever worker met them.
 
 from __future__ import annotations
 
-import glob
-import io
 import itertools
 import json
-import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
@@ -32,107 +28,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import AugmentConfig, ModelConfig, TrainConfig
 from ..distributed import rank_and_world
-from ..images import MAX_PIXELS
+from ..errors import ConfigError, ImageError
+from ..images import MAX_PIXELS, decode_image
 from ..tokenizer import Tokenizer
-from .shards import SIZES_FILE, reason_kind
+from .reader import IMAGE_EXTS, Skip, list_shards, read_tar, shard_sizes
+from .shards import reason_kind
 from .sources import read_caption
-from .tar import TarDamage, tar_members
 from .transforms import Normalize, ResizeCrop, TrainTransform
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-@dataclass
-class Skip:
-    shard: str
-    key: str
-    reason: str
-
-
-def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths from a folder (its *.tar), a brace pattern (`d/{00000..00009}.tar`), a glob, or a list."""
-    if isinstance(spec, (str, os.PathLike)):
-        text = str(spec)
-        if Path(text).is_dir():
-            paths = sorted(str(p) for p in Path(text).glob("*.tar"))
-            if not paths:
-                raise ValueError(f"{text}: folder holds no .tar shards")
-            return paths
-        paths = []
-        for part in braceexpand.braceexpand(text):
-            paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
-    else:
-        paths = [str(p) for p in spec]
-    if not paths:
-        raise ValueError(f"{spec}: no shards")
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"{p}: no such shard")
-    return paths
-
-
-def shard_sizes(shards: list[str]) -> list[int]:
-    """Samples per shard, from the sizes.json beside them, else by reading the tar headers."""
-    sizes = []
-    cache: dict[Path, dict] = {}
-    for shard in shards:
-        path = Path(shard)
-        if path.parent not in cache:  # one sizes.json per folder, read once
-            cache[path.parent] = _read_sizes(path.parent / SIZES_FILE)
-        table = cache[path.parent]
-        if path.name in table:
-            sizes.append(int(table[path.name]))
-        else:
-            sizes.append(len({s["__key__"] for s in read_tar(shard) if not isinstance(s, Skip)}))
-    return sizes
-
-
-def _read_sizes(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def read_tar(shard: str) -> Iterator[dict | Skip]:
-    """Samples {'__key__', '__url__', ext: bytes} of one shard, grouping consecutive members by key.
-    A damaged archive ends the shard with a Skip naming where it broke."""
-    current: dict | None = None
-    try:
-        for name, data in tar_members(shard):
-            key, ext = _key_ext(name)
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__url__": shard}
-            current[ext.lower()] = data
-    except (TarDamage, OSError) as e:
-        broken = _key_ext(e.member)[0] if getattr(e, "member", None) else None
-        if current is not None and broken is not None and broken != current["__key__"]:
-            yield current  # complete: the cut is in a later sample's member
-            current = None
-        yield Skip(shard, broken or (current["__key__"] if current else "?"), f"damaged tar ({e})")
-        return
-    if current is not None:
-        yield current
-
-
-def _key_ext(member: str) -> tuple[str, str]:
-    key, _, ext = member.split("/")[-1].partition(".")
-    return key, ext
-
-
-def shard_captions(spec) -> Iterator[str]:
-    """Every readable caption (txt member) of the shards, in order (images are not decoded)."""
-    for shard in list_shards(spec):
-        for sample in read_tar(shard):
-            if isinstance(sample, Skip) or "txt" not in sample:
-                continue
-            try:
-                yield read_caption(sample["txt"], sample["__key__"])
-            except ValueError:
-                continue  # counted when the pipeline meets it
 
 
 class DecodedCache:
@@ -200,18 +102,16 @@ class SampleDecoder:
             text = read_caption(sample["txt"], key)
         except ValueError as e:
             return Skip(url, key, str(e).split(": ", 1)[-1])
-        try:
-            im = self.cache.get(url, key)
-            if im is None:
-                im = Image.open(io.BytesIO(sample[ext]))  # in memory: nothing to close
-                if im.width * im.height > self.max_pixels:
-                    return Skip(url, key, f"image over the pixel limit ({im.width}x{im.height})")
-                im.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at reduced scale
-                im.load()
-                self.cache.put(url, key, im)
-            pixels = self.transform(im)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            return Skip(url, key, f"not a readable image ({e})")
+        im = self.cache.get(url, key)
+        if im is None:
+            where = f"{key}.{ext}"
+            try:  # large JPEGs decode at a reduced scale that still covers the model's size
+                im = decode_image(sample[ext], where, self.max_pixels, draft_size=self.image_size)
+            except ImageError as e:
+                reason = str(e).removeprefix(f"{where}: ")
+                return Skip(url, key, reason if "pixel limit" in reason else f"not a readable image ({reason})")
+            self.cache.put(url, key, im)
+        pixels = self.transform(im)
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -256,7 +156,7 @@ class ShardDataset(IterableDataset):
                  min_epoch_batches: int = 0, cache_mb: float = 0.0, keyword_single: float = 0.0):
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size: must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size: must be positive, got {batch_size}")
         self.shards = list_shards(shards)
         self.sizes = shard_sizes(self.shards)
         self.decoder = SampleDecoder(config, train, augment, max_pixels=max_pixels, keywords_prob=keywords_prob,
@@ -299,7 +199,7 @@ class ShardDataset(IterableDataset):
         random.Random(f"{self.seed}-epoch-{self.epoch}").shuffle(order)  # same order on every reader
         mine = order[self.rank::self.world][worker::workers]
         if not mine:
-            raise ValueError(f"{len(self.shards)} shard(s) cannot feed {self.world} rank(s) x {workers} worker(s): "
+            raise ConfigError(f"{len(self.shards)} shard(s) cannot feed {self.world} rank(s) x {workers} worker(s): "
                              "each reader needs one; write smaller shards or use fewer workers")
         return mine
 
@@ -359,7 +259,7 @@ class SkipLog:
 def make_loader(dataset: ShardDataset, workers: int = 0) -> DataLoader:
     """A DataLoader over `dataset` (batches are made in the workers)."""
     if workers < 0:
-        raise ValueError(f"workers: must be >= 0, got {workers}")
+        raise ConfigError(f"workers: must be >= 0, got {workers}")
     dataset.num_workers = max(1, workers)
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                       prefetch_factor=4 if workers else None, collate_fn=_as_is)

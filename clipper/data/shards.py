@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ..checkpoint import atomic_path
+from ..errors import ConfigError, DataError
 from .samples import Rejected, Sample
 
 SIZES_FILE, STATS_FILE, REJECTED_FILE, GRID_FILE = "sizes.json", "stats.json", "rejected.jsonl", "grid.png"
@@ -42,7 +43,7 @@ def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike,
     """Write `items` as shards 00000.tar, 00001.tar, ... in `out_dir`, with sizes.json (samples per
     shard), stats.json (counts, rejected inputs by reason), rejected.jsonl and grid.png."""
     if samples_per_shard <= 0:
-        raise ValueError(f"samples_per_shard: must be positive, got {samples_per_shard}")
+        raise ConfigError(f"samples_per_shard: must be positive, got {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.tar"), out / SIZES_FILE, out / STATS_FILE, out / REJECTED_FILE]:
@@ -71,7 +72,7 @@ def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike,
             rejected.append(item)
             continue
         if "." in item.key or "/" in item.key or item.key in keys:
-            raise ValueError(f"sample key {item.key!r}: duplicate, or contains '.' or '/'")
+            raise DataError(f"sample key {item.key!r}: duplicate, or contains '.' or '/'")
         keys.add(item.key)
         if len(grid) < grid_size:
             grid.append(item)
@@ -81,7 +82,7 @@ def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike,
     if shard:
         flush()
     if not sizes:
-        raise ValueError(f"{out}: no sample was written ({len(rejected)} rejected)")
+        raise DataError(f"{out}: no sample was written ({len(rejected)} rejected)")
 
     stats = {"samples": sum(sizes.values()), "shards": len(sizes), "rejected": len(rejected),
              "rejected_by_reason": dict(sorted(Counter(reason_kind(r.reason) for r in rejected).items()))}

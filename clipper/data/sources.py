@@ -9,7 +9,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..images import MAX_PIXELS, ImageError, image_file_bytes
+from ..images import MAX_PIXELS, image_file_bytes
+from ..errors import DataError, ImageError, MissingFileError
 from .samples import Rejected, Sample
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -20,9 +21,9 @@ def read_caption(raw: bytes, where: str) -> str:
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise ValueError(f"{where}: caption is not UTF-8") from None
+        raise DataError(f"{where}: caption is not UTF-8") from None
     if not text:
-        raise ValueError(f"{where}: empty caption")
+        raise DataError(f"{where}: empty caption")
     return text
 
 
@@ -39,10 +40,10 @@ def folder_samples(root: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Ite
     A missing or image-less folder fails here, before any sample is read."""
     root = Path(root)
     if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a folder")
+        raise DataError(f"{root}: not a folder")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise MissingFileError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return _folder_items(root, images, max_pixels)
 
 
@@ -67,13 +68,13 @@ def csv_samples(path: str | os.PathLike, image_column: str = "image", caption_co
     file or column fails here, before any sample is read."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, newline="", encoding="utf-8") as f:
         columns = next(csv.reader(f, delimiter=delimiter), [])
     for column in (image_column, caption_column):
         if column not in columns:
-            raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
     return _csv_items(path, delimiter, image_column, caption_column, max_pixels)
 
 

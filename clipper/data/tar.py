@@ -31,20 +31,39 @@ class TarDamage(Exception):
 def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular member in order. Raises TarDamage where the archive breaks
     (after yielding what came before), OSError if it cannot be opened."""
+    if _compressed(path):
+        yield from _tarfile_members(path)
+        return
+    members, damage = tar_index(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for name, start, length in members:
+            yield name, data[start:start + length]
+    if damage:
+        raise damage
+
+
+def tar_index(path: str) -> tuple[list[tuple[str, int, int]], TarDamage | None]:
+    """(name, data offset, size) of every regular member of an uncompressed archive, so that any
+    process can read a member by position, and the damage that ended the archive early (None: it
+    is whole). A compressed archive has no such offsets: TarDamage."""
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size == 0:
             raise TarDamage("empty file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            scan = _ustar_scan(data) if not any(data[:len(m)] == m for m in _COMPRESSED) else None
-            if scan is None:
-                yield from _tarfile_members(path)
-                return
-            members, damage = scan
-            for name, start, length in members:
-                yield name, data[start:start + length]
-            if damage:
-                raise TarDamage(*damage)
+            if any(data[:len(m)] == m for m in _COMPRESSED):
+                raise TarDamage("compressed archive: its members cannot be read by offset")
+            scan = _ustar_scan(data)
+    if scan is None:
+        return _tarfile_index(path, size)
+    members, damage = scan
+    return members, TarDamage(*damage) if damage else None
+
+
+def _compressed(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return any(head[:len(m)] == m for m in _COMPRESSED)
 
 
 def _tarfile_members(path: str) -> Iterator[tuple[str, bytes]]:
@@ -55,6 +74,22 @@ def _tarfile_members(path: str) -> Iterator[tuple[str, bytes]]:
                     yield member.name, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError) as e:
         raise TarDamage(str(e)) from None
+
+
+def _tarfile_index(path: str, size: int) -> tuple[list[tuple[str, int, int]], TarDamage | None]:
+    """tar_index for what the ustar scan leaves to tarfile (pax and GNU headers, base-256 sizes)."""
+    members: list[tuple[str, int, int]] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > size:
+                    return members, TarDamage(f"unexpected end of data in member {member.name}", member.name)
+                members.append((member.name, member.offset_data, member.size))
+    except (tarfile.TarError, EOFError) as e:
+        return members, TarDamage(str(e))
+    return members, None
 
 
 def _octal(field: bytes) -> int | None:

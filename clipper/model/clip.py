@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_weights, save_model
 from ..config import ModelConfig
 from .decoder import CaptionDecoder
 from .text import TextTransformer
@@ -29,6 +30,22 @@ class CLIP(nn.Module):
         self.decoder = None
         if config.decoder is not None:
             self.add_decoder(config.decoder)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor], source: str = "weights") -> "CLIP":
+        """A CLIP of `config` holding `sd` (adopted, not copied), built without a random init first."""
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, sd, source)
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def scale(self) -> torch.Tensor:
+        """The temperature the logits are multiplied by: exp(logit_scale), at most MAX_LOGIT_SCALE."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     def add_decoder(self, cfg) -> None:
         """Attach a (freshly initialised) captioner on the image tower's tokens."""
@@ -68,18 +85,12 @@ class CLIP(nn.Module):
             features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, objective: str = "contrastive",
-                train_image: bool = False) -> dict[str, torch.Tensor | None]:
-        """contrastive: normalised features of both towers plus the temperature (and bias) that the
-        losses use. caption: the decoder's caption loss (through forward, so that DDP sees it)."""
-        if objective == "caption":
-            from ..losses import caption_loss
-
-            return caption_loss(self, images, tokens, train_image)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Normalised features of both towers, and the temperature (and bias) the losses use."""
         return {
             "image_features": self.encode_image(images, normalize=True),
             "text_features": self.encode_text(tokens, normalize=True),
-            "logit_scale": self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
+            "logit_scale": self.scale(),
             "logit_bias": self.logit_bias,
         }
 
@@ -110,6 +121,4 @@ class CLIP(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a model directory (config.json + model.safetensors), atomically."""
-        from ..checkpoint import save_model
-
         save_model(self, path)

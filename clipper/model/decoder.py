@@ -10,7 +10,6 @@ positions count real tokens only, so a padded row computes what it would alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig
+from ..errors import ConfigError
 from .linear import Linear
-from .transformer import Block
+from .transformer import Block, DecodeStep, bind_decode_step
 
 BPE_VOCAB_SIZE = 49408
 
@@ -33,7 +33,7 @@ class KVCache:
     positions: torch.Tensor  # [B]: the position id of each row's next token
     length: int = 0
     padded: bool = True  # some row has padding among its keys (else decode needs no mask)
-    steps: list[Callable] | None = None  # each block's decode step (Block.stepper), bound at the first decode
+    steps: list[DecodeStep] | None = None  # each block's bound decode step, made at the first decode
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache of rows `rows` (beam reordering, several samples per image)."""
@@ -72,11 +72,11 @@ class CaptionDecoder(nn.Module):
     def to_vocab(self, bpe: torch.Tensor, what: str = "tokens") -> torch.Tensor:
         """BPE ids -> vocabulary indices; ids outside the decoder's vocabulary are an error."""
         if bpe.numel() and int(bpe.max()) >= self.index.numel():
-            raise ValueError(f"{what}: token id {int(bpe.max())} is not a CLIP BPE id")
+            raise ConfigError(f"{what}: token id {int(bpe.max())} is not a CLIP BPE id")
         out = self.index[bpe]
         if (out < 0).any():
             missing = sorted(set(bpe[out < 0].tolist()))[:5]
-            raise ValueError(f"{what}: token id(s) {missing} are not in the captioner's vocabulary "
+            raise ConfigError(f"{what}: token id(s) {missing} are not in the captioner's vocabulary "
                              f"({self.vocab_size} tokens, from its training captions)")
         return out
 
@@ -89,7 +89,7 @@ class CaptionDecoder(nn.Module):
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = block.forward_cached(x, mask, None if cache is None else (cache.kv[i], cache.length))
+            x = block(x, causal=mask is None, mask=mask, kv=None if cache is None else (cache.kv[i], cache.length))
         return self.ln_final(x)
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> dict:
@@ -141,13 +141,13 @@ class CaptionDecoder(nn.Module):
         """Feed one token per row [B] (vocabulary indices); return the next-token logits [B, V]."""
         if cache.length >= cache.kv.shape[4]:
             raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
-        # .forward, not __call__, on this per-token path: hook dispatch is ~2 us a call (see Block.stepper)
+        # .forward, not __call__, on this per-token path: hook dispatch is ~2 us a call (see bind_decode_step)
         x = self.token_embedding.forward(token) + self.positional_embedding[cache.positions]
         # one query over the cache: without padding it may see every cached key, so no mask at all
         n = cache.length
         mask = cache.valid[:, None, None, :n + 1] if cache.padded else None
         if cache.steps is None:
-            cache.steps = [block.stepper() for block in self.blocks]
+            cache.steps = [bind_decode_step(block) for block in self.blocks]
         for step, kv in zip(cache.steps, cache.kv):
             x = step(x, kv, n, mask)
         cache.length += 1

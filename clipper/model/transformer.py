@@ -1,4 +1,5 @@
-"""Pre-norm transformer blocks.
+"""Pre-norm transformer blocks: one forward for every use (full sequences, causal or masked,
+a KV cache to fill, one pooled row), and the decode step of generation as the one fast path.
 
 q, k and v come from one packed projection (the layout of open_clip's in_proj, so weights map
 one to one). Attention: `attend`.
@@ -14,11 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import Linear, bound_linear, linear
-
-
-def _bound(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A linear layer as a function of its 2-D input, its weights looked up once (int8 layers: as is)."""
-    return bound_linear(layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer.forward
 
 
 class QuickGELU(nn.Module):
@@ -64,40 +60,46 @@ class Attention(nn.Module):
         self.qkv = Linear(width, 3 * width)
         self.out = Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, query: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention over `x` [B, L, C]; with `query` [B, Q, C] only those rows attend (to the
-        keys of all of `x`, limited by the boolean `mask` [B, 1, Q, L] where given)."""
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, int] | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over x [B, L, C] -> [B, L, C].
+
+        causal: each token sees itself and those before it (top-left aligned, as SDPA's is_causal).
+        mask: boolean [B, 1, L, S] or [B, 1, 1, S], True = attend.
+        kv: (cache [2, B, H, S, C/H], start): x's keys and values are written into the cache at
+            start .. start + L and the queries attend to everything cached up to there (prefill).
+        at: [B] positions: only that row of each sample queries, over the keys of all of x, and the
+            result is [B, 1, C] (a tower's pooled row: exact, and the other rows' work is skipped).
+        """
         B, L, C = x.shape
         H = self.heads
-        if query is None:
-            q, k, v = self.qkv(x).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
-        elif isinstance(self.qkv, nn.Linear):
-            w, b = self.qkv.weight, self.qkv.bias
-            q = linear(query, w[:C], b[:C]).view(B, -1, H, C // H).transpose(1, 2)
-            k, v = linear(x, w[C:], b[C:]).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
-        else:  # a packed projection that cannot be sliced (int8): project all, keep the query rows' q
-            q = self.qkv(query)[..., :C].reshape(B, -1, H, C // H).transpose(1, 2)
-            k, v = self.qkv(x).view(B, L, 3, H, C // H)[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)
-        y = attend(q, k, v, mask, causal and query is None)
+        if at is not None:
+            q, k, v = self._project_at(x, at)
+            if causal:  # the row at position i sees keys 0..i, as under the full causal mask
+                mask, causal = (torch.arange(L, device=x.device) <= at[:, None]).view(B, 1, 1, L), False
+        else:
+            qkv = self.qkv(x).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            if kv is not None:
+                cache, start = kv
+                cache[:, :, :, start:start + L] = qkv[1:]  # keys and values in one copy
+                k, v = cache[:, :, :, :start + L].unbind(0)
+        y = attend(q, k, v, mask, causal)
         return self.out(y.transpose(1, 2).reshape(B, -1, C))
 
-
-    def forward_cached(self, x: torch.Tensor, mask: torch.Tensor | None,
-                       kv: tuple[torch.Tensor, int] | None) -> torch.Tensor:
-        """Self-attention of new tokens x [B, T, C] over a KV cache (keys and values [2, B, H, S,
-        C/H], filled up to `start`) plus themselves; their keys and values are written into the
-        cache. `mask` [B, 1, T, start + T] (True = attend); None: causal among the new tokens."""
-        B, T, C = x.shape
+    def _project_at(self, x: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q of the rows `at` [B, H, 1, C/H], k and v of all rows [B, H, L, C/H]."""
+        B, L, C = x.shape
         H = self.heads
-        qkv = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if kv is not None:
-            cache, start = kv
-            cache[:, :, :, start:start + T] = qkv[1:]  # keys and values in one copy
-            k, v = cache[:, :, :, :start + T].unbind(0)
-        y = attend(q, k, v, mask, mask is None and T > 1)
-        return self.out(y.transpose(1, 2).reshape(B, T, C))
+        query = x[torch.arange(B, device=x.device), at].unsqueeze(1)
+        if isinstance(self.qkv, nn.Linear):
+            w, b = self.qkv.weight, self.qkv.bias
+            q = linear(query, w[:C], b[:C]).view(B, 1, H, C // H).transpose(1, 2)
+            k, v = linear(x, w[C:], b[C:]).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # a packed projection that cannot be sliced (int8): project all, keep the query rows' q
+            q = self.qkv(query)[..., :C].reshape(B, 1, H, C // H).transpose(1, 2)
+            k, v = self.qkv(x).view(B, L, 3, H, C // H)[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -119,52 +121,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)
-        return x + self.mlp(self.ln_2(x))
-
-    def forward_cached(self, x: torch.Tensor, mask: torch.Tensor | None,
-                       kv: tuple[torch.Tensor, int] | None) -> torch.Tensor:
-        x = x + self.attn.forward_cached(self.ln_1(x), mask, kv)
-        return x + self.mlp(self.ln_2(x))
-
-    def stepper(self) -> Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]:
-        """The block's decode step, bound to its current weights: step(x, kv, n, mask) takes one
-        new token per row, x [B, C], attends to the cache kv [2, B, H, S, C/H] filled up to n and to
-        itself (no causal mask needed), and writes its key and value at n. A step is ~30 ops of a
-        few us each on 8 rows, so it keeps rows 2-D and looks no module attribute up (~80 lookups
-        per token otherwise): ~420 -> ~345 us per token, 3 layers x 128, 8 rows; addmm on bound
-        transposes and in-place residual adds took another ~6% (benchmarks/README.md)."""
-        (g1, b1, e1), (g2, b2, e2) = ((ln.weight, ln.bias, ln.eps) for ln in (self.ln_1, self.ln_2))
-        H = self.attn.heads
-        qkv, out, fc, proj = (_bound(m) for m in (self.attn.qkv, self.attn.out, self.mlp.fc, self.mlp.proj))
-        act = self.mlp.act.forward
-
-        def step(x: torch.Tensor, kv: torch.Tensor, n: int, mask: torch.Tensor | None) -> torch.Tensor:
-            B, C = x.shape
-            h = qkv(torch.layer_norm(x, (C,), g1, b1, e1)).view(B, 3, H, 1, C // H)
-            kv.narrow(3, n, 1).copy_(h[:, 1:].transpose(0, 1))
-            kv = kv.narrow(3, 0, n + 1)
-            y = F.scaled_dot_product_attention(h[:, 0], kv[0], kv[1], attn_mask=mask)
-            x = out(y.view(B, C)).add_(x)  # in place on the fresh output: one allocation less
-            return proj(act(fc(torch.layer_norm(x, (C,), g2, b2, e2)))).add_(x)
-
-        return step
-
-    def forward_at(self, x: torch.Tensor, index: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        """The block's output at one position per sample (`index` [B]), as [B, C].
-
-        Keys and values still come from every token, but the query, the output projection and
-        the MLP run on one row per sample instead of all of them: exact, and cheaper.
-        """
-        B, L, _ = x.shape
-        rows = torch.arange(B, device=x.device)
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, int] | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, C] -> [B, L, C] ([B, 1, C] with `at`); the arguments are Attention.forward's."""
         h = self.ln_1(x)
-        mask = None
-        if causal:  # the row at position i sees keys 0..i, as under the full causal mask
-            mask = (torch.arange(L, device=x.device) <= index[:, None]).view(B, 1, 1, L)
-        y = x[rows, index] + self.attn(h, query=h[rows, index].unsqueeze(1), mask=mask).squeeze(1)
-        return y + self.mlp(self.ln_2(y))
+        if at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), at].unsqueeze(1)
+        x = x + self.attn(h, causal, mask, kv, at)
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -172,13 +136,55 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """All outputs [B, L, C]; with `pool_index` [B], only the output at that position [B, C].
-        `mask` [B, 1, 1, L]: which keys every query may see (True = attend)."""
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
+                pool_index: torch.Tensor | None = None) -> torch.Tensor:
+        """All outputs [B, L, C]; with `pool_index` [B], only the output at that position [B, C]
+        (the last block computes that row alone). `mask` [B, 1, 1, L]: which keys every query may
+        see (True = attend)."""
         last = len(self.blocks) - 1 if pool_index is not None else len(self.blocks)
         for block in self.blocks[:last]:
-            x = block(x, causal=causal, mask=mask)
+            x = block(x, causal, mask)
         if pool_index is not None:
-            x = self.blocks[last].forward_at(x, pool_index, causal=causal)
+            x = self.blocks[last](x, causal, mask, at=pool_index).squeeze(1)
         return x
+
+
+# --- the fast path: one decode step ---------------------------------------------------------------
+
+DecodeStep = Callable[..., torch.Tensor]  # step(x, kv, n, mask): see bind_decode_step
+
+
+def bind_decode_step(block: Block) -> DecodeStep:
+    """`block`'s forward for one new token per row, bound to its current weights: the only code
+    path besides Block.forward, kept because it is the hot loop of generation (tested equal to it).
+
+    step(x, kv, n, mask) takes x [B, C], writes its key and value into the cache kv [2, B, H, S,
+    C/H] at position n, attends to positions 0..n (no causal mask needed: one query) where `mask`
+    [B, 1, 1, n + 1] allows, and returns the block's output [B, C].
+
+    Why a separate path: a step is ~30 ops of a few us each on 8 rows, so it keeps rows 2-D, looks
+    no module attribute up (~80 lookups per token otherwise: ~420 -> ~345 us per token at 3 layers
+    x 128, 8 rows), calls the addmm that F.linear makes on transposes taken once (`bound_linear`)
+    and adds residuals in place (another ~6%; benchmarks/README.md, "Caption decoding").
+    Int8 layers (quantize_int8) keep their own forward.
+    """
+    (g1, b1, e1), (g2, b2, e2) = ((ln.weight, ln.bias, ln.eps) for ln in (block.ln_1, block.ln_2))
+    H = block.attn.heads
+    qkv, out, fc, proj = (_bound(m) for m in (block.attn.qkv, block.attn.out, block.mlp.fc, block.mlp.proj))
+    act = block.mlp.act.forward
+
+    def step(x: torch.Tensor, kv: torch.Tensor, n: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, C = x.shape
+        h = qkv(torch.layer_norm(x, (C,), g1, b1, e1)).view(B, 3, H, 1, C // H)
+        kv.narrow(3, n, 1).copy_(h[:, 1:].transpose(0, 1))
+        kv = kv.narrow(3, 0, n + 1)
+        y = F.scaled_dot_product_attention(h[:, 0], kv[0], kv[1], attn_mask=mask)
+        x = out(y.view(B, C)).add_(x)  # in place on the fresh output: one allocation less
+        return proj(act(fc(torch.layer_norm(x, (C,), g2, b2, e2)))).add_(x)
+
+    return step
+
+
+def _bound(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer as a function of its 2-D input, its weights looked up once (int8 layers: as is)."""
+    return bound_linear(layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer.forward

@@ -1,0 +1,216 @@
+"""Training objectives: what a run optimises.
+
+Each objective owns everything that differs between them: how the model is set up (random, or
+loaded from `init`, with what added), which parts are trained, the module the trainer runs (and
+DDP wraps), the caption length the data is tokenized to, and forward + loss + backward of one
+batch in micro-batches. The trainer runs one and never asks which (`OBJECTIVES[cfg.objective]`).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .checkpoint import is_model_dir
+from .config import ModelConfig, TrainConfig, preset
+from .data.reader import shard_captions
+from .errors import ConfigError
+from .factory import load
+from .losses import LOSSES
+from .model import CLIP
+from .tokenizer import caption_vocabulary
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP reduces gradients once, after the last micro-batch of a step."""
+    return module.no_sync() if not last and hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
+def _set_trainable(parts: dict[nn.Module | nn.Parameter | None, bool]) -> None:
+    """requires_grad per part; a frozen part gets no gradient and no optimizer state."""
+    for part, trainable in parts.items():
+        if part is not None:
+            part.requires_grad_(trainable)
+
+
+def _init_model(cfg: TrainConfig) -> CLIP:
+    """The weights of `init` (a clipper model directory, or an open_clip file of `cfg.model`)."""
+    return load(cfg.init) if is_model_dir(cfg.init) else load(cfg.model, pretrained=cfg.init)
+
+
+class Objective(abc.ABC):
+    """The interface the trainer uses; see the module docstring."""
+    name: ClassVar[str]
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def validate(cfg: TrainConfig) -> None:
+        """Settings this objective needs beyond TrainConfig.validate (ConfigError otherwise)."""
+
+    @abc.abstractmethod
+    def build_model(self) -> CLIP:
+        """The model to train, its trainable parts set (in train mode)."""
+
+    @abc.abstractmethod
+    def context_length(self, model: CLIP) -> int:
+        """Captions are tokenized to this length."""
+
+    def module(self, model: CLIP) -> nn.Module:
+        """What the trainer runs (and DDP wraps): forward(images, tokens) -> what `forward_backward` needs."""
+        return model
+
+    @abc.abstractmethod
+    def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
+                         autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """Loss and gradients of one batch; the losses to log ("loss" first)."""
+
+
+class Contrastive(Objective):
+    """Both towers against each other with InfoNCE or the sigmoid loss; a decoder is left alone."""
+    name = "contrastive"
+
+    def build_model(self) -> CLIP:
+        cfg = self.cfg
+        if cfg.init:
+            model = _init_model(cfg)
+            if cfg.loss == "sigmoid" and model.logit_bias is None:
+                raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
+        else:  # a preset name, or a ModelConfig JSON file (a custom architecture without code)
+            config = ModelConfig.from_json(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
+            if cfg.loss == "sigmoid" and config.init_logit_bias is None:
+                config.init_logit_bias, config.init_logit_scale = -10.0, math.log(10.0)  # SigLIP's init
+            model = CLIP(config)
+        _set_trainable({model.visual: not cfg.lock_image, model.text: not cfg.lock_text, model.decoder: False,
+                        model.logit_scale: True, model.logit_bias: True})
+        return model.train()
+
+    def context_length(self, model: CLIP) -> int:
+        return model.config.text.context_length
+
+    def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
+                         autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        return contrastive_forward_backward(module, images, texts, LOSSES[self.cfg.loss], self.cfg.accum_freq,
+                                            autocast, self.cfg.same_caption_positive)
+
+
+def _features_loss(loss_fn, out: dict, image: torch.Tensor, text: torch.Tensor,
+                   tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    bias = out["logit_bias"]
+    return loss_fn(image.float(), text.float(), out["logit_scale"].float(), None if bias is None else bias.float(),
+                   tokens=tokens)
+
+
+def contrastive_forward_backward(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, loss_fn,
+                                 accum_freq: int = 1, autocast: Autocast = contextlib.nullcontext,
+                                 same_caption_positive: bool = False) -> dict[str, torch.Tensor]:
+    """Loss and gradients of one batch (`model` may be DDP-wrapped); with `same_caption_positive`,
+    pairs with identical captions count as positives.
+
+    With accum_freq k > 1 (open_clip's --accum-freq): the features of the k micro-batches are
+    computed without gradients first; then each micro-batch is recomputed with gradients and scored
+    against all the cached others, so every negative of the full batch counts and the summed
+    gradients equal those of the whole batch at once.
+    """
+    tokens = texts if same_caption_positive else None
+    if accum_freq == 1:
+        with autocast():
+            out = model(images, texts)
+            losses = _features_loss(loss_fn, out, out["image_features"], out["text_features"], tokens)
+        losses["loss"].backward()
+        return losses
+    img_chunks, txt_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
+    with torch.no_grad(), autocast():
+        cached = [model(i, t) for i, t in zip(img_chunks, txt_chunks)]
+    for j in range(accum_freq):
+        with _no_sync(model, j == accum_freq - 1):
+            with autocast():
+                out = model(img_chunks[j], txt_chunks[j])
+                feats = {name: torch.cat([c[name] for c in cached[:j]] + [out[name]] + [c[name] for c in cached[j + 1:]])
+                         for name in ("image_features", "text_features")}
+                if j < accum_freq - 1:  # the temperature (and bias) get their gradient once, not k times
+                    out = {**out, **{k: None if v is None else v.detach() for k, v in out.items() if k.startswith("logit")}}
+                losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"], tokens)
+            losses["loss"].backward()
+    return losses
+
+
+class CaptionModel(nn.Module):
+    """A CLIP as the caption objective trains it: images and caption token rows (CLIP BPE
+    [start, caption..., end, 0...]) -> the decoder's teacher-forced loss on the caption and end
+    tokens. A module of its own so that DDP sees the forward. The image tower runs without
+    gradients unless `train_image`."""
+
+    def __init__(self, model: CLIP, train_image: bool):
+        super().__init__()
+        self.model, self.train_image = model, train_image
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        decoder = self.model.decoder
+        eot = tokens.argmax(dim=-1)  # the end token has the largest id
+        length = int(eot.max()) + 1
+        tokens = tokens[:, :length]
+        positions = torch.arange(length, device=tokens.device)
+        valid = positions[None] <= eot[:, None]
+        index = torch.zeros_like(tokens)
+        index[valid] = decoder.to_vocab(tokens[valid], "caption")
+        with torch.set_grad_enabled(self.train_image and torch.is_grad_enabled()):
+            image_tokens = self.model.visual.tokens(images)
+        return decoder(image_tokens, index, valid & (positions[None] > 0))
+
+
+class Caption(Objective):
+    """A caption decoder on the image tower of a trained model (`init`); the text tower, the
+    temperature and the image tower (unless unlocked) stay as they are."""
+    name = "caption"
+
+    @staticmethod
+    def validate(cfg: TrainConfig) -> None:
+        if not cfg.init:
+            raise ConfigError("train.init: the caption objective trains on a model's image tower; name the model")
+
+    def build_model(self) -> CLIP:
+        cfg = self.cfg
+        model = _init_model(cfg)
+        if model.decoder is None:  # vocabulary: the training captions' tokens, unless configured
+            vocab = cfg.decoder.vocab or caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
+            model.add_decoder(dataclasses.replace(cfg.decoder, vocab=vocab))
+        _set_trainable({model.visual: not cfg.lock_image, model.text: False, model.decoder: True,
+                        model.logit_scale: False, model.logit_bias: False})
+        return model.train()
+
+    def context_length(self, model: CLIP) -> int:
+        return model.config.decoder.context_length
+
+    def module(self, model: CLIP) -> nn.Module:
+        return CaptionModel(model, train_image=not self.cfg.lock_image)
+
+    def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
+                         autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """In `accum_freq` micro-batches weighted by their caption tokens (the sum equals the whole
+        batch's token-mean loss)."""
+        k = self.cfg.accum_freq
+        eot = texts.argmax(dim=-1)
+        total = float(eot.sum())  # predicted tokens: the caption and its end token, per row
+        loss = torch.zeros(())
+        for j, (i_chunk, t_chunk, e_chunk) in enumerate(zip(images.chunk(k), texts.chunk(k), eot.chunk(k))):
+            with _no_sync(module, j == k - 1):
+                with autocast():
+                    part = module(i_chunk, t_chunk)["loss"]
+                part = part * (float(e_chunk.sum()) / total)
+                part.backward()
+            loss += part.detach().float().cpu()
+        return {"loss": loss}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Contrastive, Caption)}

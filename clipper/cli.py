@@ -188,7 +188,9 @@ def _labels(args: argparse.Namespace, required: bool) -> list[str] | None:
 
 
 def _templates(args: argparse.Namespace) -> list[str] | None:
-    return read_lines(args.templates, "templates") if args.templates else None
+    from .embed import check_templates
+
+    return check_templates(read_lines(args.templates, "templates"), args.templates) if args.templates else None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -135,15 +135,20 @@ def embed_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256,
     return out.numpy() if to_numpy else out
 
 
+def check_templates(templates: Sequence[str], where: str = "") -> list[str]:
+    """The templates, each with exactly one '{}' where the label goes; `where` (a file) prefixes errors."""
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ConfigError(f"{where + ': ' if where else ''}template {t!r}: needs exactly one '{{}}' where the label goes")
+    return list(templates)
+
+
 @torch.inference_mode()
 def label_embeddings(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
     """[C, D]: per label, the mean of its normalised template embeddings, re-normalised."""
-    labels, templates = list(labels), list(templates or DEFAULT_TEMPLATES)
+    labels, templates = list(labels), check_templates(templates or DEFAULT_TEMPLATES)
     if not labels:
         raise ConfigError("labels: give at least one label")
-    for t in templates:
-        if t.count("{}") != 1:
-            raise ConfigError(f"template {t!r}: needs exactly one '{{}}' where the label goes")
     emb = embed_texts(model, [t.format(c) for c in labels for t in templates], to_numpy=False)
     return torch.nn.functional.normalize(emb.view(len(labels), len(templates), -1).mean(dim=1), dim=-1)
 

@@ -1,18 +1,18 @@
-"""The protocol metrics (design.md section 3): zero-shot classification with template ensembling,
+"""The protocol metrics (docs/protocol.md, "Data"): zero-shot classification with template ensembling,
 and image<->text retrieval recall@k; on the protocol's sets or on any labelled / paired shards."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
-from .data.pipeline import ShardDataset, make_loader
+from .data.pipeline import ShardDataset, SkipLog, make_loader
 from .embed import label_embeddings
 from .model import CLIP
 from .errors import ConfigError, DataError
@@ -186,7 +186,16 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
     model.eval()
     context = model.config.decoder.context_length if spec.captions else None
     dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, context_length=context)
+    skips = SkipLog()
+
+    def batches() -> Iterator[dict]:
+        for batch in make_loader(dataset, workers):
+            skips.add(batch)
+            yield batch
+
     try:
-        return spec.run(model, make_loader(dataset, workers), **{name: given[name] for name in spec.inputs})
+        return spec.run(model, batches(), **{name: given[name] for name in spec.inputs})
+    except DataError as e:  # name the shards, and what was skipped in them
+        raise DataError(f"{data}: {e} ({skips.summary()})") from None
     finally:
         model.train(was_training)

@@ -61,7 +61,6 @@ class _Text:
     def __init__(self, model: CLIP):
         self.decoder = model.decoder
         self.tokenizer = Tokenizer(model.config.decoder.context_length)
-        self.sot = int(self.decoder.to_vocab(torch.tensor([self.tokenizer.sot_id]))[0])
         self.eot = int(self.decoder.to_vocab(torch.tensor([self.tokenizer.eot_id]))[0])
 
     def prompts(self, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +111,7 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-class _Stepper:
+class _DecodeState:
     """Next-token logits with the KV cache, or by recomputing the sequence (use_cache=False)."""
 
     def __init__(self, model: CLIP, image_tokens, tokens, valid, cfg: GenerationConfig):
@@ -144,7 +143,7 @@ def _seen(tokens: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor
     return seen.scatter_(1, tokens, valid)
 
 
-def _greedy_or_sample(stepper: _Stepper, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[int]]:
+def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[int]]:
     R, device = seen.shape[0], seen.device
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = torch.arange(R, device=device)
@@ -153,29 +152,29 @@ def _greedy_or_sample(stepper: _Stepper, seen: torch.Tensor, text: _Text, cfg: G
     # that has ended keeps going until all have (rows are independent) and is cut at its first end
     steps = []
     for step in range(cfg.max_new_tokens):
-        token = _sample(_process(stepper.logits, seen, step, cfg, text.eot), cfg, generator)
+        token = _sample(_process(state.logits, seen, step, cfg, text.eot), cfg, generator)
         steps.append(token)
         done |= token == text.eot
         if step == cfg.max_new_tokens - 1 or bool(done.all()):
             break
         if cfg.repetition_penalty != 1.0:
             seen[rows, token] = True
-        stepper.feed(token)
+        state.feed(token)
     return [row[:row.index(text.eot)] if text.eot in row else row for row in torch.stack(steps, 1).tolist()]
 
 
-def _beam_search(stepper: _Stepper, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[list[int]]]:
+def _beam_search(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[list[int]]]:
     """Per image, its best `num_return_sequences` beams (stopping once `num_beams` have ended)."""
     B, k = seen.shape[0], cfg.num_beams
     rows = torch.arange(B).repeat_interleave(k)
-    stepper.select(rows.to(seen.device))
+    state.select(rows.to(seen.device))
     seen = seen[rows.to(seen.device)]
     scores = torch.zeros(B, k)
     scores[:, 1:] = -float("inf")  # all beams start as copies: only the first may expand at first
     seqs: list[list[int]] = [[] for _ in range(B * k)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     for step in range(cfg.max_new_tokens):
-        logp = _process(stepper.logits, seen, step, cfg, text.eot).log_softmax(dim=-1).cpu()
+        logp = _process(state.logits, seen, step, cfg, text.eot).log_softmax(dim=-1).cpu()
         V = logp.shape[1]
         cand = (scores.view(-1, 1) + logp).view(B, k * V)
         top_scores, top_index = cand.topk(min(2 * k, k * V), dim=1)
@@ -208,8 +207,8 @@ def _beam_search(stepper: _Stepper, seen: torch.Tensor, text: _Text, cfg: Genera
         token = torch.tensor(new_tokens, device=seen.device)
         seen = seen[index.to(seen.device)]
         seen[torch.arange(B * k), token] = True
-        stepper.select(index.to(seen.device))
-        stepper.feed(token)
+        state.select(index.to(seen.device))
+        state.feed(token)
     best = []
     for f in finished:
         f.sort(key=lambda x: -x[0])
@@ -240,17 +239,17 @@ def generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None = 
                          f"(decoder context {model.config.decoder.context_length}), and min_new_tokens "
                          f"{cfg.min_new_tokens} must fit")
     image_tokens = model.visual.tokens(pixels.to(device))
-    stepper = _Stepper(model, image_tokens, tokens, valid, cfg)
+    state = _DecodeState(model, image_tokens, tokens, valid, cfg)
     seen = _seen(tokens, valid, model.decoder.vocab_size)
     if cfg.num_beams > 1:
-        per_image = _beam_search(stepper, seen, text, cfg)
+        per_image = _beam_search(state, seen, text, cfg)
     else:
         n = cfg.num_return_sequences
         if n > 1:  # several samples per image: copy the prefilled cache rows, not the image
             rows = torch.arange(B, device=device).repeat_interleave(n)
-            stepper.select(rows)
+            state.select(rows)
             seen = seen[rows]
-        flat = _greedy_or_sample(stepper, seen, text, cfg)
+        flat = _greedy_or_sample(state, seen, text, cfg)
         per_image = [flat[i * n:(i + 1) * n] for i in range(B)]
     return text.texts(prompts, per_image)
 

@@ -53,7 +53,6 @@ class Tokenizer:
         bpe = _bpe()
         self.sot_id: int = bpe.sot_token_id
         self.eot_id: int = bpe.eot_token_id
-        self.vocab_size: int = len(bpe.encoder)
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of `text` alone, without start/end tokens or padding."""
@@ -61,10 +60,10 @@ class Tokenizer:
             raise TypeError(f"text: expected str, got {type(text).__name__}")
         return list(_encode(text))
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        n = context_length or self.context_length
+        n = self.context_length
         out = torch.zeros(len(texts), n, dtype=torch.long)
         for i, text in enumerate(texts):
             ids = [self.sot_id, *self.encode(text)][: n - 1] + [self.eot_id]

@@ -1,4 +1,5 @@
-"""Contrastive training on one process or many (torchrun: DDP, gloo on CPU, nccl on GPU).
+"""Training on one process or many (torchrun: DDP, gloo on CPU, nccl on GPU). What is trained
+and how its loss is computed is the objective's (clipper.objectives); the trainer runs the loop.
 
     clipper train --preset fmnist-tiny --train-data data/shards/fmnist/train \
         --eval-data data/shards/fmnist/test --minutes 10 --out runs/fmnist

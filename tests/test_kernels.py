@@ -88,3 +88,20 @@ def test_linear_compiles():
     x, w, b = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g), torch.randn(16, generator=g)
     compiled = torch.compile(lambda x: linear(x, w, b), backend="inductor")
     torch.testing.assert_close(compiled(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_decode_step_equals_block_forward_with_a_cache():
+    """The bound decode step (generation's fast path) computes what Block.forward does for the
+    same position, and writes the same keys and values into the cache."""
+    from clipper.model.transformer import Block, bind_decode_step
+
+    block = Block(32, 4, 4.0, quick_gelu=False).eval()
+    x = torch.randn(3, 6, 32)
+    step_cache, full_cache = torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)
+    with torch.inference_mode():
+        full = block(x, causal=True)
+        assert torch.allclose(block(x, causal=True, kv=(full_cache, 0)), full, atol=1e-6)  # a cache changes nothing
+        block(x[:, :5], causal=True, kv=(step_cache, 0))  # prefill five positions, then step the sixth
+        out = bind_decode_step(block)(x[:, 5].contiguous(), step_cache, 5, None)
+    assert torch.allclose(out, full[:, 5], atol=1e-5)
+    assert torch.allclose(step_cache[:, :, :, :6], full_cache[:, :, :, :6], atol=1e-6)

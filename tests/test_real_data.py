@@ -1,4 +1,4 @@
-"""The fixed protocol on the real sets (design.md section 3). Runs where the Debian packages are
+"""The fixed protocol on the real sets (docs/protocol.md, "Data"). Runs where the Debian packages are
 installed or fetchable (scripts/test.sh fetches them); skipped with the reason elsewhere."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Emoji pairs (design.md section 3): Noto Color Emoji glyphs named by Unicode CLDR.
+"""Emoji pairs (docs/protocol.md, "Data"): Noto Color Emoji glyphs named by Unicode CLDR.
 
 Every CLDR sequence with a `tts` name whose code points the font has and which the font shapes
 as one glyph, rendered to 64x64 RGB on white; texts are the tts name and the keyword list; an

@@ -1,4 +1,4 @@
-"""Fashion-MNIST (design.md section 3): the idx files of Debian's `dataset-fashion-mnist`, a folder
+"""Fashion-MNIST (docs/protocol.md, "Data"): the idx files of Debian's `dataset-fashion-mnist`, a folder
 the user names, or the upstream files."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import AugmentConfig, ModelConfig, TrainConfig
 from ..distributed import rank_and_world
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, DataError, ImageError
 from ..images import MAX_PIXELS, decode_image
 from ..tokenizer import Tokenizer
 from .reader import IMAGE_EXTS, Skip, list_shards, read_tar, shard_sizes
@@ -159,6 +159,8 @@ class ShardDataset(IterableDataset):
             raise ConfigError(f"batch_size: must be positive, got {batch_size}")
         self.shards = list_shards(shards)
         self.sizes = shard_sizes(self.shards)
+        if train and not self.num_samples:
+            raise DataError(f"{shards}: the shards hold no readable sample")
         self.decoder = SampleDecoder(config, train, augment, max_pixels=max_pixels, keywords_prob=keywords_prob,
                                      context_length=context_length, cache_mb=cache_mb, keyword_single=keyword_single)
         self.batch_size, self.train, self.seed = batch_size, train, seed

@@ -101,11 +101,20 @@ def table() -> str:
         rows.append(f"| open_clip_train.main on the Fashion-MNIST shards ({r['epochs']} epochs, "
                     f"{r['wall_s_incl_startup']:.0f} s): zero-shot top-1 | {f['top1']} | | "
                     f"{r['samples_per_s_incl_startup']} samples/s incl. startup |")
-    machine = (_load("train_step") or _load("embed_model") or {}).get("machine", {})
-    return "\n".join(rows) + f"\n\nMachine: {machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} threads, " \
-                             f"torch {machine.get('torch', '?')}. \"(reported)\": open_clip's figures as issue #4 " \
-                             "gives them for this machine, not re-measured by these scripts; every other figure " \
-                             "comes from the results JSON of the script named in benchmarks/README.md."
+    return "\n".join(rows) + "\n\n" + machines() + " \"(reported)\": open_clip's figures as issue #4 gives them " \
+        "for the AMD EPYC machine, not re-measured by these scripts; every other figure comes from the results JSON " \
+        "of the script named in benchmarks/README.md. Compare ratios within a row: CPUs differ between runs."
+
+
+def machines() -> str:
+    """Which CPU each results file was measured on (the table mixes runs of different sessions)."""
+    by_cpu: dict[str, list[str]] = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        m = json.loads(path.read_text()).get("machine", {})
+        flags = f" ({' '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
+        cpu = f"{m.get('cpu', '?')}{flags}, {m.get('torch_threads', '?')} threads, torch {m.get('torch', '?')}"
+        by_cpu.setdefault(cpu, []).append(path.stem)
+    return "Machines: " + "; ".join(f"{cpu}: {', '.join(names)}" for cpu, names in by_cpu.items()) + "."
 
 
 def main() -> None:

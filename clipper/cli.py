@@ -15,7 +15,6 @@ from .generate import GenerationConfig
 from .io import read_lines
 
 
-
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference: bool = False) -> None:
     p.add_argument("--model", required=required, help="model directory, open_clip checkpoint file, or preset name"
                    + ("" if required else " (default: the model the folder was embedded with)"))
@@ -31,22 +30,25 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
     """A flag for each scalar field of the config dataclass `cls` (nested configs are set with
     --set), with the field's help text and default; unset flags parse as None (no override).
     Returns the field names."""
-    names = []
+    names, hints = [], typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if f.name in skip or dataclasses.is_dataclass(hint) or any(dataclasses.is_dataclass(a) for a in typing.get_args(hint)):
+        if f.name in skip or f.default is dataclasses.MISSING:  # nested configs have factories
             continue
-        kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        text = f"{f.metadata['help']} (default: {json.dumps(list(default) if isinstance(default, tuple) else default)})"
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        if type(None) in args:  # X | None: a flag of type X
+            kind = next(a for a in args if a is not type(None))
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        text = f.metadata["help"]
+        if "default" not in text:
+            text += f" (default: {'none' if default is None else json.dumps(default)})"
         flag = "--" + f.name.replace("_", "-")
-        if kinds[0] is bool:
+        if kind is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(kinds[0]) is tuple:
-            item = typing.get_args(kinds[0])[0]
+        elif typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
             p.add_argument(flag, dest=f.name, type=item, nargs="+", metavar=item.__name__.upper(), help=text)
         else:
-            p.add_argument(flag, dest=f.name, type=kinds[0], help=text)
+            p.add_argument(flag, dest=f.name, type=kind, help=text)
         names.append(f.name)
     return names
 

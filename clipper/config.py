@@ -42,8 +42,7 @@ class VisionConfig:
         _positive(self, where, ("image_size", "patch_size", "width", "layers", "heads", "in_channels"))
         if self.image_size % self.patch_size:
             raise ConfigError(f"{where}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.width % self.heads:
-            raise ConfigError(f"{where}: width {self.width} is not divisible by heads {self.heads}")
+        _heads_divide(self, where)
         if self.pool not in ("tok", "avg"):
             raise ConfigError(f"{where}.pool: {self.pool!r} is not one of 'tok', 'avg'")
         for name in ("image_mean", "image_std"):
@@ -76,8 +75,7 @@ class TextConfig:
             raise ConfigError(f"{where}.pool: {self.pool!r} is not one of eot, mean")
         if self.context_length < 2:
             raise ConfigError(f"{where}.context_length: needs room for start and end tokens (>= 2)")
-        if self.width % self.heads:
-            raise ConfigError(f"{where}: width {self.width} is not divisible by heads {self.heads}")
+        _heads_divide(self, where)
 
 
 @dataclass
@@ -94,8 +92,7 @@ class DecoderConfig:
 
     def validate(self, where: str = "decoder") -> None:
         _positive(self, where, ("width", "layers", "heads", "mlp_ratio", "context_length"))
-        if self.width % self.heads:
-            raise ConfigError(f"{where}: width {self.width} is not divisible by heads {self.heads}")
+        _heads_divide(self, where)
         if self.context_length < 3:
             raise ConfigError(f"{where}.context_length: needs room for start, one token and end (>= 3)")
         if any(v < 0 for v in self.vocab) or len(set(self.vocab)) != len(self.vocab):
@@ -338,6 +335,11 @@ def read_config(cls: type, path: str | os.PathLike) -> Any:
         return from_dict(cls, data, cls.__name__.replace("Config", "").lower() or "config")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _heads_divide(cfg: Any, where: str) -> None:
+    if cfg.width % cfg.heads:
+        raise ConfigError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
 
 
 def _positive(obj: Any, where: str, names: tuple[str, ...]) -> None:

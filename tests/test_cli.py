@@ -151,3 +151,18 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch, tmp_path):
     monkeypatch.setattr(clipper.embed, "embed_images", broken)
     with pytest.raises(ValueError, match="internal"):
         main(["similarity", "--model", str(tmp_path / "m"), "a.png", "--texts", "a"])
+
+
+def test_data_index_and_checkpoint_do_not_import_the_model_package():
+    """The layers below the model (data readers and writers, search, weight files) import no model code."""
+    import ast
+    from pathlib import Path
+
+    root = Path(clipper.__file__).parent
+    for path in [*sorted((root / "data").glob("*.py")), root / "index.py", root / "checkpoint.py"]:
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level only: a TYPE_CHECKING block is not an import at run time
+            if isinstance(node, ast.ImportFrom):
+                target = node.module or ""
+                assert not target.split(".")[0] in ("model", "factory", "interop", "embed", "train"), \
+                    f"{path.name} imports {'.' * node.level}{target}"

@@ -12,10 +12,9 @@ from functools import partial
 import torch
 
 from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
-from .data.pipeline import ShardDataset, SkipLog, make_loader
-from .embed import label_embeddings
-from .model import CLIP
 from .errors import ConfigError, DataError
+from .model import CLIP
+
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """top-1, top-5 (or top-C when fewer classes) and mean per-class recall, in percent."""
@@ -33,6 +32,8 @@ def zero_shot(model: CLIP, batches: Iterable[dict], classnames: Sequence[str],
     """Zero-shot accuracy over eval batches whose metadata hold the class: its index in
     `classnames` ("label") or its name ("class")."""
     device = model.device
+    from .embed import label_embeddings  # late, as the data pipeline: `clipper --help` reads EVAL_TASKS
+
     classes = label_embeddings(model, classnames, templates).to(device)
     position = {name: i for i, name in enumerate(classnames)}
     logits, labels = [], []
@@ -185,6 +186,8 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
     was_training = model.training
     model.eval()
     context = model.config.decoder.context_length if spec.captions else None
+    from .data.pipeline import ShardDataset, SkipLog, make_loader  # torchvision: ~1.5 s to import
+
     dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, context_length=context)
     skips = SkipLog()
 

@@ -4,13 +4,14 @@ one ordered list of items that any process can read by position (the order is de
 from __future__ import annotations
 
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, MissingFileError
-from .pipeline import IMAGE_EXTS as SHARD_IMAGE_EXTS
-from .pipeline import list_shards
+from ..io import read_text
+from .reader import IMAGE_EXTS as SHARD_IMAGE_EXTS
+from .reader import list_shards
+from .tar import TarDamage, tar_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -100,10 +101,7 @@ def _folder_items(root: Path) -> tuple[list[ImageItem], list[InputSkip]]:
 
 
 def _list_file_items(list_file: Path) -> list[ImageItem]:
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{list_file}: list file is not UTF-8 text") from None
+    lines = read_text(list_file, "list file").splitlines()
     items = []
     for line in lines:
         if not line.strip() or line.startswith("#"):
@@ -121,24 +119,24 @@ def _shard_items(spec: str) -> list[ImageItem]:
     """The image member of every sample in the shards, located by offset (read without untarring)."""
     items = []
     for shard in list_shards(spec):
-        samples: dict[str, dict] = {}
         try:
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.split("/")[-1].partition(".")
-                    samples.setdefault(key, {})[ext.lower()] = member
-                    if ext.lower() == "txt":
-                        samples[key]["caption"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-        except (tarfile.TarError, OSError) as e:
+            members, damage = tar_index(shard)
+        except (TarDamage, OSError) as e:
             raise DataError(f"{shard}: not a readable tar shard ({e})") from None
-        for key, sample in samples.items():
-            ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
-            member = sample.get(ext)
-            item_id = f"{Path(shard).name}/{key}"
-            if member is None:  # read() then fails on purpose, and the sample is listed as skipped
-                items.append(ImageItem(item_id, shard, 0, 0, sample.get("caption")))
-            else:
-                items.append(ImageItem(item_id, shard, member.offset_data, member.size, sample.get("caption")))
+        if damage is not None:
+            raise DataError(f"{shard}: not a readable tar shard ({damage})")
+        samples: dict[str, dict[str, tuple[int, int]]] = {}
+        for name, offset, size in members:
+            key, _, ext = name.split("/")[-1].partition(".")
+            samples.setdefault(key, {})[ext.lower()] = (offset, size)
+        with open(shard, "rb") as f:
+            for key, sample in samples.items():
+                caption = None
+                if "txt" in sample:
+                    f.seek(sample["txt"][0])
+                    caption = f.read(sample["txt"][1]).decode("utf-8", "replace").strip()
+                ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
+                # no image member: an item that reads as empty, so that the sample is listed as skipped
+                offset, size = sample[ext] if ext else (0, 0)
+                items.append(ImageItem(f"{Path(shard).name}/{key}", shard, offset, size, caption))
     return items

@@ -186,7 +186,7 @@ EMBED_MANIFEST = "embed.json"
 def _fingerprint(model_spec: dict | str, items: list[ImageItem], dtype: str, exact_decode: bool) -> str:
     h = hashlib.sha1(json.dumps([model_spec, dtype, exact_decode]).encode())
     for item in items:
-        h.update(f"{item.id}\0{item.offset}\0{item.size}\n".encode())
+        h.update(f"{item.id}\0{item.offset}\0{item.size}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

@@ -12,24 +12,43 @@ from .errors import ImageError
 
 # Larger images are refused (decompression bombs); 89.5 MP is Pillow's own warning threshold.
 MAX_PIXELS = 89_478_485
+# Longer than this times their width (or the reverse): a resize of the short side to the model's
+# size would ask for a huge image (4,000,000 x 10 -> 89,600,000 x 224).
+MAX_ASPECT = 100
+# The formats decoded; anything else (EPS would start Ghostscript, where installed) is refused.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """An RGB or L image from encoded bytes; `where` names the input in errors. With `draft_size`,
-    a JPEG at least twice that size on both sides is decoded at a reduced scale (1/2 .. 1/8, in
-    the DCT: much faster) that still covers `draft_size` on both sides."""
+    """An RGB or L image from encoded bytes (one of FORMATS, within the pixel and aspect limits);
+    `where` names the input in errors. With `draft_size`, a JPEG at least twice that size on both
+    sides is decoded at a reduced scale (1/2 .. 1/8, in the DCT: much faster) that still covers
+    `draft_size` on both sides."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageError(f"{where}: {im.width}x{im.height} exceeds the pixel limit ({max_pixels})")
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{where}: {w}x{h} exceeds the pixel limit ({max_pixels})")
+            if min(w, h) < 1:
+                raise ImageError(f"{where}: {w}x{h} has no pixels")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise ImageError(f"{where}: {w}x{h} is outside the aspect ratio limit ({MAX_ASPECT}:1)")
             if draft_size and im.format == "JPEG":
                 im.draft(im.mode, (draft_size, draft_size))
             im.load()
             return im.copy() if im.mode in ("RGB", "L") else im.convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:  # over twice Pillow's own limit: refused before our check
+        raise ImageError(f"{where}: exceeds the pixel limit ({max_pixels})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{where}: not an image (unknown format)") from None
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageError(f"{where}: not a readable image ({e})") from None
+        raise ImageError(f"{where}: not an image (unknown format); formats read: {', '.join(FORMATS)}") from None
+    except Exception as e:  # untrusted bytes: PIL's plugins raise many types (OSError, ValueError, SyntaxError...)
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _read(path: Path) -> bytes:

@@ -47,12 +47,18 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    # File names that are not UTF-8 reach here as lone surrogates (Python's surrogateescape); as
+    # JSON escapes (\udcXX) they are valid UTF-8 text, and read back as the same str.
+    return json.dumps(obj, ensure_ascii=False, **kwargs).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, _dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(_dumps(r) + "\n" for r in rows))
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:

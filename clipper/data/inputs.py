@@ -51,7 +51,8 @@ class InputSkip:
 
 
 def list_images(spec: str | os.PathLike) -> tuple[list[ImageItem], list[InputSkip]]:
-    """Items in a fixed order, plus the files passed over (no image extension), for the record.
+    """Items in a fixed order, plus what was passed over (files without an image extension, damaged
+    shards), for the record.
 
     `spec` is an image file; a folder (searched recursively; captions from same-named .txt files);
     a list file (.txt/.lst/.list: one path per line, relative to the list's folder, optionally a
@@ -61,16 +62,16 @@ def list_images(spec: str | os.PathLike) -> tuple[list[ImageItem], list[InputSki
     path = Path(text)
     if path.is_dir():
         if any(path.glob("*.tar")):  # a shard folder (its grid.png preview is not a sample)
-            return _shard_items(text), []
+            return _shard_items(text)
         return _folder_items(path)
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
             return _list_file_items(path), []
         if path.suffix.lower() == ".tar":
-            return _shard_items(text), []
+            return _shard_items(text)
         return [ImageItem(str(path), str(path))], []
     if any(c in text for c in "{*?["):
-        return _shard_items(text), []
+        return _shard_items(text)
     raise MissingFileError(f"{text}: no such file or folder")
 
 
@@ -115,16 +116,17 @@ def _list_file_items(list_file: Path) -> list[ImageItem]:
     return items
 
 
-def _shard_items(spec: str) -> list[ImageItem]:
-    """The image member of every sample in the shards, located by offset (read without untarring)."""
-    items = []
+def _shard_items(spec: str) -> tuple[list[ImageItem], list[InputSkip]]:
+    """The image member of every sample in the shards, located by offset (read without untarring);
+    a damaged shard gives the samples before the damage, and a skip that says where it broke."""
+    items, skipped = [], []
     for shard in list_shards(spec):
         try:
             members, damage = tar_index(shard)
         except (TarDamage, OSError) as e:
-            raise DataError(f"{shard}: not a readable tar shard ({e})") from None
+            members, damage = [], e
         if damage is not None:
-            raise DataError(f"{shard}: not a readable tar shard ({damage})")
+            skipped.append(InputSkip(shard, f"damaged tar shard after {len(members)} member(s): {damage}"))
         samples: dict[str, dict[str, tuple[int, int]]] = {}
         for name, offset, size in members:
             key, _, ext = name.split("/")[-1].partition(".")
@@ -139,4 +141,4 @@ def _shard_items(spec: str) -> list[ImageItem]:
                 # no image member: an item that reads as empty, so that the sample is listed as skipped
                 offset, size = sample[ext] if ext else (0, 0)
                 items.append(ImageItem(f"{Path(shard).name}/{key}", shard, offset, size, caption))
-    return items
+    return items, skipped

@@ -1,7 +1,8 @@
 """Webdataset shards in the img2dataset layout: per sample `KEY.jpg|png`, `KEY.txt`, `KEY.json`.
 
 Deterministic: members carry fixed metadata (mtime 0, root owner, mode 644), so the same samples
-give byte-identical shards. Each shard is written to a temporary file and renamed when complete.
+give byte-identical shards. A set is written to a staging folder and moved into place when complete:
+an interrupted or failed write leaves the previous set as it was.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 import textwrap
 from collections import Counter
 from collections.abc import Iterable
@@ -18,7 +21,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ..checkpoint import atomic_path
 from ..errors import ConfigError, DataError
 from .samples import Rejected, Sample
 
@@ -46,9 +48,26 @@ def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike,
         raise ConfigError(f"samples_per_shard: must be positive, got {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.tar"), out / SIZES_FILE, out / STATS_FILE, out / REJECTED_FILE]:
-        stale.unlink(missing_ok=True)  # a rewrite with fewer shards must not leave old ones behind
+    for partial in out.glob(".partial-*"):  # left by a writer that was killed
+        shutil.rmtree(partial, ignore_errors=True)
+    # Everything is written to a staging folder first: the old set stays whole until the new one is.
+    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        stats = _write_set(items, stage, samples_per_shard, grid_size, total, desc)
+        new = sorted(stage.iterdir(), key=lambda p: p.suffix != ".tar")  # shards first, then what describes them
+        for path in new:
+            os.replace(path, out / path.name)
+        names = {path.name for path in new}
+        for stale in [*out.glob("*.tar"), out / SIZES_FILE, out / STATS_FILE, out / REJECTED_FILE, out / GRID_FILE]:
+            if stale.name not in names:  # a rewrite with fewer shards must not leave old ones behind
+                stale.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return stats
 
+
+def _write_set(items: Iterable[Sample | Rejected], out: Path, samples_per_shard: int, grid_size: int,
+               total: int | None, desc: str) -> dict:
     sizes: dict[str, int] = {}
     rejected: list[Rejected] = []
     keys: set[str] = set()
@@ -57,13 +76,12 @@ def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike,
 
     def flush() -> None:
         name = f"{len(sizes):05d}.tar"
-        with atomic_path(out / name) as tmp:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for s in shard:
-                    data, ext = s.image_bytes()
-                    add_member(tar, f"{s.key}.{ext}", data)
-                    add_member(tar, f"{s.key}.txt", s.text.encode("utf-8"))
-                    add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode())
+        with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in shard:
+                data, ext = s.image_bytes()
+                add_member(tar, f"{s.key}.{ext}", data)
+                add_member(tar, f"{s.key}.txt", s.text.encode("utf-8"))
+                add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode())
         sizes[name] = len(shard)
         shard.clear()
 

@@ -1,22 +1,37 @@
-"""The members of a tar shard, read fast.
+"""The members of a tar shard, read fast and safely.
 
 Python's tarfile spends ~40 us of interpreted header parsing per member, as much as decoding a
-28x28 PNG; a shard of small samples (3 members each) then costs the data worker more in tar
-headers than in images. Plain ustar archives (what `clipper data` and most shard writers make)
-are parsed here directly over an mmap; anything else (compressed, pax or GNU long-name headers,
-base-256 sizes) goes through tarfile, with the same results.
+28x28 PNG, and it trusts its headers: a member whose size field says -1000 makes it loop forever.
+So every archive is parsed here, over an mmap (compressed ones are decompressed into memory
+first, up to a bound): ustar, GNU (long names, base-256 sizes) and pax (path and size records)
+headers. A header that does not parse, a size that runs past the end of the file or over
+`MAX_MEMBER`, a bad checksum: the scan stops there with a `TarDamage` that says where, after the
+members before it. Every header moves the scan forward by at least one block, so it always ends.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import lzma
 import mmap
-import tarfile
+import posixpath
+import zlib
 from collections.abc import Iterator
 
 BLOCK = 512
+MAX_MEMBER = 1 << 30  # bytes; a larger member is damage, not a sample (images and captions are far smaller)
+MAX_DECOMPRESSED = 4 << 30  # bytes of a compressed archive held in memory
+MAX_EXTENDED = 1 << 20  # bytes of a pax or GNU long-name header
 _REGULAR = (b"0", b"\0", b"7")
-_NOT_FILES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders, fifos: no data to read
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders, fifos: no data, not members
+# pax (local, global, Solaris' local), GNU long name and long link: they describe the next member
+_EXTENDED = (b"x", b"g", b"X", b"L", b"K")
+_COMPRESSED = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f), b"BZh": bz2.BZ2File,
+               b"\xfd7zXZ\x00": lzma.LZMAFile}
+
+Member = tuple[str, int, int]  # name, data offset, size
 
 
 class TarDamage(Exception):
@@ -31,103 +46,172 @@ class TarDamage(Exception):
 def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular member in order. Raises TarDamage where the archive breaks
     (after yielding what came before), OSError if it cannot be opened."""
-    if _compressed(path):
-        yield from _tarfile_members(path)
-        return
-    members, damage = tar_index(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        for name, start, length in members:
-            yield name, data[start:start + length]
-    if damage:
-        raise damage
+    with _open(path) as (data, damage):
+        members, scan_damage = _scan(data)
+        for name, start, size in members:
+            yield name, bytes(data[start:start + size])
+    if scan_damage or damage:
+        raise scan_damage or damage
 
 
-def tar_index(path: str) -> tuple[list[tuple[str, int, int]], TarDamage | None]:
+def tar_index(path: str) -> tuple[list[Member], TarDamage | None]:
     """(name, data offset, size) of every regular member of an uncompressed archive, so that any
     process can read a member by position, and the damage that ended the archive early (None: it
     is whole). A compressed archive has no such offsets: TarDamage."""
     with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        if size == 0:
-            raise TarDamage("empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if any(data[:len(m)] == m for m in _COMPRESSED):
-                raise TarDamage("compressed archive: its members cannot be read by offset")
-            scan = _ustar_scan(data)
-    if scan is None:
-        return _tarfile_index(path, size)
-    members, damage = scan
-    return members, TarDamage(*damage) if damage else None
+        if _compression(f.read(6)) is not None:
+            raise TarDamage("compressed archive: its members cannot be read by offset")
+    with _open(path) as (data, _):
+        return _scan(data)
 
 
-def _compressed(path: str) -> bool:
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[tuple[bytes | mmap.mmap, TarDamage | None]]:
+    """The archive's bytes (an mmap, or the decompressed bytes) and any damage met decompressing."""
     with open(path, "rb") as f:
-        head = f.read(6)
-    return any(head[:len(m)] == m for m in _COMPRESSED)
+        if f.seek(0, 2) == 0:
+            raise TarDamage("empty file")
+        f.seek(0)
+        opener = _compression(f.read(6))
+        f.seek(0)
+        if opener is not None:
+            yield _decompress(opener(f))
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield data, None
 
 
-def _tarfile_members(path: str) -> Iterator[tuple[str, bytes]]:
+def _compression(head: bytes):
+    return next((opener for magic, opener in _COMPRESSED.items() if head.startswith(magic)), None)
+
+
+def _decompress(stream) -> tuple[bytes, TarDamage | None]:
+    """What decompresses, up to MAX_DECOMPRESSED, and the damage that stopped it (None: all of it)."""
+    chunks, total = [], 0
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if member.isfile():
-                    yield member.name, tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError) as e:
-        raise TarDamage(str(e)) from None
+        with stream:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+                if total > MAX_DECOMPRESSED:
+                    return b"".join(chunks), TarDamage(f"decompresses to over {MAX_DECOMPRESSED} bytes")
+                chunks.append(chunk)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as e:
+        return b"".join(chunks), TarDamage(f"damaged compressed data ({e})")
+    return b"".join(chunks), None
 
 
-def _tarfile_index(path: str, size: int) -> tuple[list[tuple[str, int, int]], TarDamage | None]:
-    """tar_index for what the ustar scan leaves to tarfile (pax and GNU headers, base-256 sizes)."""
-    members: list[tuple[str, int, int]] = []
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if member.offset_data + member.size > size:
-                    return members, TarDamage(f"unexpected end of data in member {member.name}", member.name)
-                members.append((member.name, member.offset_data, member.size))
-    except (tarfile.TarError, EOFError) as e:
-        return members, TarDamage(str(e))
-    return members, None
-
-
-def _octal(field: bytes) -> int | None:
-    text = field.rstrip(b"\0 ").lstrip(b" ")
-    try:
-        return int(text or b"0", 8)
-    except ValueError:
+def _number(field: bytes) -> int | None:
+    """A header number: octal digits (NUL- or space-terminated) or GNU base-256; None when it is
+    anything else, negative included."""
+    if field[:1] == b"\x80":  # base-256, positive (0xff would be negative)
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if text.strip(b"01234567"):
         return None
+    return int(text or b"0", 8)
 
 
-def _ustar_scan(data) -> tuple[list[tuple[str, int, int]], tuple[str, str | None] | None] | None:
+# mode, uid, gid, mtime, devmajor, devminor: unused here, but a header whose numbers do not parse
+# is damaged (tarfile stops there too)
+_OTHER_NUMBERS = (slice(100, 108), slice(108, 116), slice(116, 124), slice(136, 148), slice(329, 337),
+                  slice(337, 345))
+
+
+def _header_ok(header: bytes) -> bool:
+    numbers_ok = all(header[f][:1] == b"\xff" or _number(header[f]) is not None for f in _OTHER_NUMBERS)
+    return numbers_ok and _checksum_ok(header)
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _number(header[148:156])
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)  # as tarfile also accepts
+    return stored is not None and stored in (unsigned, signed)
+
+
+def _pax_records(data: bytes) -> dict[str, str] | None:
+    """The "LEN key=value\\n" records of a pax header; None when they do not parse."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:].strip(b"\0"):
+        length_text, sep, _ = data[pos:pos + 20].partition(b" ")
+        if not sep or not length_text.isdigit() or int(length_text) <= len(length_text) + 1:
+            return None
+        record = data[pos:pos + int(length_text)]
+        if len(record) < int(length_text) or not record.endswith(b"\n"):
+            return None
+        key, eq, value = record[len(length_text) + 1:-1].partition(b"=")
+        if not eq:
+            return None
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += int(length_text)
+    return records
+
+
+def _clean_name(raw: bytes) -> str:
+    """A member name as text (bytes that are not UTF-8 replaced), relative, without '..' parts."""
+    name = posixpath.normpath(raw.decode("utf-8", "replace")).lstrip("/")
+    while name.startswith("../"):
+        name = name[3:]
+    return "" if name in (".", "..") else name
+
+
+def _scan(data) -> tuple[list[Member], TarDamage | None]:
     """(name, data offset, size) of each regular member and the damage that ended the scan (None:
-    a clean end); None when the archive needs tarfile."""
-    members: list[tuple[str, int, int]] = []
+    a clean end)."""
+    members: list[Member] = []
     pos, end = 0, len(data)
+    next_name: bytes | None = None  # from a GNU long-name or pax header, for the member after it
+    next_size: int | None = None  # from a pax header
+    extended_at: int | None = None  # where the extended headers of the next member began
     while pos + BLOCK <= end:
         header = data[pos:pos + BLOCK]
         if not any(header):  # end-of-archive marker
+            if extended_at is not None:
+                return members, TarDamage(f"the extended tar header at byte {extended_at} describes no member")
             return members, None
-        if header[124] & 0x80:  # base-256 size (members over 8 GiB)
-            return None
-        size, checksum = _octal(header[124:136]), _octal(header[148:156])
-        if size is None or checksum is None or sum(header) - sum(header[148:156]) + 8 * 32 != checksum:
-            return (members, (f"bad tar header at byte {pos}", None)) if members else None  # tarfile words its own
-        flag = header[156:157]
-        if flag not in _REGULAR and flag not in _NOT_FILES:
-            return None  # pax, GNU long names, sparse files...
-        name = header[:100].split(b"\0", 1)[0]
-        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-        name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
-        start = pos + BLOCK
-        if flag in _REGULAR:
-            if start + size > end:
-                return members, (f"unexpected end of data in member {name}", name)
+        size, flag, start = _number(header[124:136]), header[156:157], pos + BLOCK
+        if size is None or not _header_ok(header):
+            return members, TarDamage(f"bad tar header at byte {pos}")
+        if flag in _EXTENDED:
+            if size > MAX_EXTENDED or start + size > end:
+                return members, TarDamage(f"extended tar header at byte {pos} is {size} bytes long")
+            extended = data[start:start + size]
+            # the first extended header of a member wins where several name it (as in tarfile)
+            if flag == b"L" and next_name is None:
+                next_name = extended.split(b"\0", 1)[0]
+            elif flag in (b"x", b"X", b"g"):
+                records = _pax_records(extended)
+                if records is None or not records.get("size", "0").isdigit():
+                    return members, TarDamage(f"malformed pax header at byte {pos}")
+                if flag == b"g" and ("path" in records or "size" in records):  # they would apply to all later members
+                    return members, TarDamage(f"global pax header at byte {pos} sets a path or size: not supported")
+                if next_name is None and "path" in records:
+                    next_name = records["path"].encode()
+                if next_size is None and "size" in records:
+                    next_size = int(records["size"])
+            extended_at = pos if extended_at is None else extended_at
+            pos = start + -(-size // BLOCK) * BLOCK
+            continue
+        if next_size is not None:
+            size = next_size
+        prefix = header[345:500].split(b"\0", 1)[0]  # ustar; tarfile reads it in every format too
+        raw = header[:100].split(b"\0", 1)[0]
+        name = _clean_name(next_name if next_name is not None else (prefix + b"/" + raw if prefix else raw))
+        next_name = next_size = extended_at = None
+        if flag in _NO_DATA:
+            pos = start
+            continue
+        if flag == b"S":
+            return members, TarDamage(f"sparse member {name} at byte {pos}: not supported", name)
+        if size > MAX_MEMBER:
+            return members, TarDamage(f"member {name} is {size} bytes, over the limit of {MAX_MEMBER}", name)
+        if start + size > end:
+            return members, TarDamage(f"unexpected end of data in member {name}", name)
+        if flag in _REGULAR:  # other (unknown) types are skipped, as tarfile skips them
             members.append((name, start, size))
-        pos = start + -(-size // BLOCK) * BLOCK if flag in _REGULAR else start
+        pos = start + -(-size // BLOCK) * BLOCK
     if pos > end:  # the last member's padding is cut: the archive was truncated after it
-        return members, ("unexpected end of data", members[-1][0] if members else None)
+        return members, TarDamage("unexpected end of data", members[-1][0] if members else None)
     if any(data[pos:end]):
-        return members, (f"truncated tar header at byte {pos}", None)
+        return members, TarDamage(f"truncated tar header at byte {pos}")
     return members, None

@@ -202,6 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = _load(args)
     metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers,
                             classnames=classnames, templates=_templates(args))
+    if metrics.get("skipped"):
+        print(f"clipper eval: {metrics['skipped_summary']}", file=sys.stderr)
     print(json.dumps({"model": args.model, "task": args.task, **metrics}))
 
 
@@ -301,7 +303,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if query.shape[1] != index.dim:
         raise DataError(f"the model embeds in {query.shape[1]} dimensions, {folder} holds {index.dim}-d vectors")
     result = index.search(query, args.k)
-    for rank, (score, i) in enumerate(zip(result.scores[0].tolist(), result.indices[0].tolist()), 1):
+    for rank, (score, i) in enumerate(result.hits(0), 1):
         row = ids[i]
         if args.json:
             print(json.dumps({"rank": rank, "score": round(score, 6), **row}, ensure_ascii=False))

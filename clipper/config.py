@@ -39,7 +39,9 @@ class VisionConfig:
     image_std: tuple[float, ...] = OPENAI_STD
 
     def validate(self, where: str = "vision") -> None:
-        _positive(self, where, ("image_size", "patch_size", "width", "layers", "heads", "in_channels"))
+        _positive(self, where, ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "in_channels"))
+        _at_most(self, where, image_size=16384, patch_size=1024, width=16384, layers=1024, heads=1024, mlp_ratio=64,
+                 in_channels=64)
         if self.image_size % self.patch_size:
             raise ConfigError(f"{where}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         _heads_divide(self, where)
@@ -70,7 +72,9 @@ class TextConfig:
     pool: str = "eot"
 
     def validate(self, where: str = "text") -> None:
-        _positive(self, where, ("context_length", "vocab_size", "width", "layers", "heads"))
+        _positive(self, where, ("context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"))
+        _at_most(self, where, context_length=16384, vocab_size=10_000_000, width=16384, layers=1024, heads=1024,
+                 mlp_ratio=64)
         if self.pool not in ("eot", "mean"):
             raise ConfigError(f"{where}.pool: {self.pool!r} is not one of eot, mean")
         if self.context_length < 2:
@@ -92,6 +96,7 @@ class DecoderConfig:
 
     def validate(self, where: str = "decoder") -> None:
         _positive(self, where, ("width", "layers", "heads", "mlp_ratio", "context_length"))
+        _at_most(self, where, width=16384, layers=1024, heads=1024, mlp_ratio=64, context_length=16384)
         _heads_divide(self, where)
         if self.context_length < 3:
             raise ConfigError(f"{where}.context_length: needs room for start, one token and end (>= 3)")
@@ -111,6 +116,7 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         _positive(self, "model", ("embed_dim",))
+        _at_most(self, "model", embed_dim=65536)
         self.vision.validate()
         self.text.validate()
         if self.decoder is not None:
@@ -342,6 +348,13 @@ def _heads_divide(cfg: Any, where: str) -> None:
         raise ConfigError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
 
 
+def _at_most(obj: Any, where: str, **limits: float) -> None:
+    """Upper bounds, checked before anything is built (a config.json asking for 10^6 layers is refused)."""
+    for name, limit in limits.items():
+        if getattr(obj, name) > limit:
+            raise ConfigError(f"{where}.{name}: {getattr(obj, name)} is over the limit of {limit}")
+
+
 def _positive(obj: Any, where: str, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
@@ -383,7 +396,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
@@ -392,7 +405,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         value = tuple(value) if ok else value
     elif typing.get_origin(hint) is tuple:
         ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
         value = tuple(float(v) for v in value) if ok else value
     else:
         ok = True

@@ -197,7 +197,11 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
             yield batch
 
     try:
-        return spec.run(model, batches(), **{name: given[name] for name in spec.inputs})
+        metrics = spec.run(model, batches(), **{name: given[name] for name in spec.inputs})
+        metrics["skipped"] = len(skips.skipped)
+        if skips.skipped:
+            metrics["skipped_summary"] = skips.summary()
+        return metrics
     except DataError as e:  # name the shards, and what was skipped in them
         raise DataError(f"{data}: {e} ({skips.summary()})") from None
     finally:

@@ -33,9 +33,14 @@ def _faiss():
 
 @dataclass
 class SearchResult:
-    """scores [Q, k] and positions [Q, k] into the indexed vectors, best first."""
+    """scores [Q, k] and positions [Q, k] into the indexed vectors, best first (faiss pads a row
+    with position -1 when it found fewer than k)."""
     scores: np.ndarray
     indices: np.ndarray
+
+    def hits(self, row: int = 0) -> list[tuple[float, int]]:
+        """(score, position) of query `row`'s results, best first, padding left out."""
+        return [(float(s), int(i)) for s, i in zip(self.scores[row], self.indices[row]) if i >= 0]
 
 
 class Index:

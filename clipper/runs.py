@@ -101,7 +101,8 @@ class RunDir:
             lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", alpha=0.5)
             lr_axis.set_ylabel("learning rate", color="tab:gray")
         axes[0].set(xlabel="step", ylabel="training loss", title="training")
-        for name in sorted({k for r in evals for k, v in r["eval"].items() if k != "n" and isinstance(v, (int, float))}):
+        for name in sorted({k for r in evals for k, v in r["eval"].items()
+                            if k not in ("n", "skipped") and isinstance(v, (int, float))}):
             points = [(r["step"], r["eval"][name]) for r in evals if name in r["eval"]]
             axes[1].plot(*zip(*points), marker="o", label=name)
         axes[1].set(xlabel="step", ylabel="%", title="evaluation")

@@ -236,8 +236,7 @@ class Service:
         else:
             query = await self.embed(images=[self.image(body["image"], "image")])
         result = await asyncio.to_thread(self.index.search, query.numpy(), self.k_of(body))
-        return {"results": [{"index": int(i), "score": round(float(s), 6), **self.ids[int(i)]}
-                            for s, i in zip(result.scores[0], result.indices[0])]}
+        return {"results": [{"index": i, "score": round(s, 6), **self.ids[i]} for s, i in result.hits(0)]}
 
     def thumbnail(self, i: int, size: int = 128) -> bytes:
         if self.ids is None or not 0 <= i < len(self.ids):

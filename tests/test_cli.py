@@ -16,7 +16,7 @@ from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
 from clipper.embed import embed_folder
 from clipper.errors import ConfigError
-from conftest import rgb_tiny
+from conftest import RGB_TINY, rgb_tiny
 
 
 def _subparsers(parser: argparse.ArgumentParser, path: str = "clipper"):
@@ -164,3 +164,16 @@ def test_data_index_and_checkpoint_do_not_import_the_model_package():
         for node in ast.parse(path.read_text()).body:  # module level: a TYPE_CHECKING import does not run
             if isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] not in forbidden, f"{path.name} imports {node.module}"
+
+
+@pytest.mark.parametrize("change,field", [({"vision": {"layers": 10**6}}, "vision.layers"),
+                                          ({"text": {"mlp_ratio": -1}}, "text.mlp_ratio"),
+                                          ({"vision": {"image_std": [0.5, float("nan"), 0.5]}}, "vision.image_std"),
+                                          ({"vision": {"mlp_ratio": float("inf")}}, "vision.mlp_ratio")])
+def test_model_configs_are_bounded_before_anything_is_built(tmp_path, change, field):
+    config = clipper.ModelConfig.from_dict(RGB_TINY).to_dict()
+    for section, values in change.items():
+        config[section].update(values)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # NaN and Infinity as Python's json writes them
+    with pytest.raises(ConfigError, match=field):
+        clipper.ModelConfig.from_json(tmp_path / "config.json")

@@ -272,3 +272,16 @@ def test_int8_is_close_to_fp32():
     texts = ["a photo of a dog.", "red", "a small bag on a table"]
     assert (embed_texts(model, texts) * embed_texts(quantized, texts)).sum(1).min() >= 0.99
     assert isinstance(model.visual.transformer.blocks[0].mlp.fc, torch.nn.Linear)  # the original is untouched
+
+
+def test_faiss_padding_is_never_a_hit():
+    """An IVF search that visits one small cell finds fewer than k: faiss pads with -1, which must not
+    read as the last vector."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    vectors = _unit(rng, 400, 16)
+    result = Index.build(vectors, "faiss-ivf", ivf_lists=10, nprobe=1).search(vectors[:4], 100)
+    assert (result.indices == -1).any()  # padding there is
+    for row in range(4):
+        hits = result.hits(row)
+        assert hits and all(0 <= i < 400 for _, i in hits) and hits[0][1] == row

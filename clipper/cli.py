@@ -215,7 +215,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     model, spec = _load(args), _model_spec(args)
     if args.input is not None:
         m = embed_folder(model, spec, args.input, args.out, dtype=args.dtype, batch_size=args.batch_size,
-                         workers=args.workers, exact_decode=args.exact_decode)
+                         workers=args.workers, exact_decode=args.exact_decode, part_size=args.part_size)
         print(f"{m['images']} image(s) -> {Path(args.out) / 'img_emb.npy'} ({m['dim']}-d {m['dtype']})"
               + (f"; {m['skipped']} skipped, listed in {Path(args.out) / 'skipped.jsonl'}" if m["skipped"] else ""))
     if args.texts is not None:
@@ -273,10 +273,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
+    from .embed import read_ids
     from .index import Index, load_vectors
 
     folder = Path(args.emb_dir)
-    index = Index.build(load_vectors(folder / "img_emb.npy"), args.kind, hnsw_m=args.hnsw_m,
+    vectors = load_vectors(folder / "img_emb.npy")
+    read_ids(folder, len(vectors))  # search shows these rows: they must be there, one per vector
+    index = Index.build(vectors, args.kind, hnsw_m=args.hnsw_m,
                         ef_search=args.ef_search, ivf_lists=args.ivf_lists, nprobe=args.nprobe)
     index.save(folder)
     print(f"{args.kind} index of {len(index)} {index.dim}-d vectors in {folder}")
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", help="UTF-8 file of texts to embed, one per line")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="dtype of the stored vectors (default: float16)")
+    p.add_argument("--part-size", type=int, default=1024,
+                   help="images per part written as it completes: an interrupted run redoes at most one part "
+                        "(default: 1024)")
     p.add_argument("--exact-decode", action="store_true",
                    help="decode JPEGs at full size (default: at a reduced scale when twice the model size)")
     p.set_defaults(fn=cmd_embed)

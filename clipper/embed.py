@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +182,12 @@ def classify(model: CLIP, images, labels: Sequence[str], templates: Sequence[str
 # ---------------------------------------------------------------- output folders
 
 EMBED_MANIFEST = "embed.json"
+TEXT_MANIFEST = "text_embed.json"
 
 
-def _fingerprint(model_spec: dict | str, items: list[ImageItem], dtype: str, exact_decode: bool) -> str:
-    h = hashlib.sha1(json.dumps([model_spec, dtype, exact_decode]).encode())
+def _fingerprint(model_spec: dict | str, items: list[ImageItem], dtype: str, exact_decode: bool,
+                 part_size: int) -> str:
+    h = hashlib.sha1(json.dumps([model_spec, dtype, exact_decode, part_size]).encode())
     for item in items:
         h.update(f"{item.id}\0{item.offset}\0{item.size}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -201,18 +204,24 @@ def read_manifest(folder: str | os.PathLike) -> dict:
                             {"model": (dict, str), "dim": int, "images": int})
 
 
+def read_ids(folder: str | os.PathLike, count: int) -> list[dict]:
+    """ids.jsonl of an embedding folder: one row with a string "id" for each of `count` vectors."""
+    path = Path(folder) / "ids.jsonl"
+    ids = read_jsonl(path, "ids file")
+    if len(ids) != count:
+        raise DataError(f"{path}: {len(ids)} rows for {count} vectors; embed the folder again")
+    bad = next((n for n, row in enumerate(ids, 1) if not isinstance(row.get("id"), str)), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad} has no string 'id'")
+    return ids
+
+
 def open_index(folder: str | os.PathLike, dim: int | None = None) -> tuple[Index, list[dict], dict]:
     """The search index of a `clipper embed` + `clipper index` folder, its ids.jsonl rows (one per
     vector, each with an "id") and its manifest; with `dim`, the vectors must have it."""
     folder = Path(folder)
     index, manifest = Index.load(folder), read_manifest(folder)
-    ids = read_jsonl(folder / "ids.jsonl", "ids file")
-    if len(ids) != len(index):
-        raise DataError(f"{folder / 'ids.jsonl'}: {len(ids)} rows for {len(index)} indexed vectors; "
-                        "embed and index the folder again")
-    bad = next((n for n, row in enumerate(ids, 1) if not isinstance(row.get("id"), str)), None)
-    if bad is not None:
-        raise DataError(f"{folder / 'ids.jsonl'}: row {bad} has no string 'id'")
+    ids = read_ids(folder, len(index))
     if dim is not None and index.dim != dim:
         raise DataError(f"{folder}: holds {index.dim}-d vectors, the model embeds in {dim} dimensions")
     return index, ids, manifest
@@ -224,7 +233,7 @@ def _parts(out: Path, n_items: int, part_size: int) -> Iterator[tuple[int, range
 
 
 def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike, out: str | os.PathLike,
-                 dtype: str = "float16", batch_size: int = 64, workers: int = 0, part_size: int = 4096,
+                 dtype: str = "float16", batch_size: int = 64, workers: int = 0, part_size: int = 1024,
                  exact_decode: bool = False, progress: bool = True) -> dict:
     """Embed every image of `source` (see `list_images`) into `out`; resumes an interrupted run.
 
@@ -234,10 +243,13 @@ def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike,
     """
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype: float16 or float32, got {dtype!r}")
+    if part_size < 1:
+        raise ConfigError(f"part_size: must be >= 1, got {part_size}")
     items, passed_over = list_images(source)
     out = Path(out)
-    plan = {"model": model_spec, "source": str(Path(source).resolve()) if Path(source).exists() else str(source), "dtype": dtype, "part_size": part_size,
-            "fingerprint": _fingerprint(model_spec, items, dtype, exact_decode)}
+    plan = {"model": model_spec, "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
+            "dtype": dtype, "part_size": part_size,
+            "fingerprint": _fingerprint(model_spec, items, dtype, exact_decode, part_size)}
     plan_path = out / "parts" / "plan.json"
     if plan_path.exists():
         if read_json_object(plan_path, "embedding plan", {"fingerprint": str})["fingerprint"] != plan["fingerprint"]:
@@ -282,9 +294,10 @@ def _join_parts(out: Path, items: list[ImageItem], passed_over: list[InputSkip],
     manifest = {**{k: plan[k] for k in ("model", "source", "dtype", "fingerprint")},
                 "images": len(ids), "skipped": len(skipped), "dim": dim}
     write_json(out / EMBED_MANIFEST, manifest)
-    for stem in sorted((out / "parts").iterdir()):
-        stem.unlink()
-    (out / "parts").rmdir()
+    # One rename retires all the parts at once: a kill while deleting them cannot leave half a part.
+    retired = out / f".parts-done-{os.getpid()}"
+    os.rename(out / "parts", retired)
+    shutil.rmtree(retired, ignore_errors=True)
     return manifest
 
 
@@ -298,4 +311,7 @@ def embed_text_file(model: CLIP, model_spec: dict | str, texts_file: str | os.Pa
                                         disable=len(texts) <= 4096)])
     _write_npy(out / "text_emb.npy", emb.astype(dtype))
     write_jsonl(out / "texts.jsonl", [{"text": t} for t in texts])
-    return {"model": model_spec, "texts": len(texts), "dim": int(emb.shape[1]), "dtype": dtype}
+    manifest = {"model": model_spec, "source": str(Path(texts_file).resolve()), "texts": len(texts),
+                "dim": int(emb.shape[1]), "dtype": dtype}
+    write_json(out / TEXT_MANIFEST, manifest)
+    return manifest

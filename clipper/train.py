@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .config import TrainConfig, write_config
 from .data.pipeline import SkipLog, make_loader, training_dataset
 from .distributed import peak_rss_mib, rank_and_world
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_task
 from .model.clip import MAX_LOGIT_SCALE
 from .objectives import OBJECTIVES
@@ -109,22 +109,47 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "samples": self.samples, "elapsed": self.elapsed,
-                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
+                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
+                "batch_size": self.cfg.batch_size, "world": self.world}
 
     def _resume(self) -> None:
-        latest = self.run.latest_checkpoint()
-        if latest is None:
+        """Continue from the newest checkpoint that verifies; damaged newer ones are passed over
+        (and named). One of another architecture or batch is refused: the data position and the
+        optimizer state would not mean what they meant."""
+        found = self.run.complete_checkpoints()
+        if not found:
             raise ConfigError(f"{self.run.path}: --resume, but no complete checkpoint in {self.run.checkpoints}")
-        model, state = RunDir.load_checkpoint(latest)
+        for path in reversed(found):
+            try:
+                model, state = RunDir.load_checkpoint(path)
+                break
+            except CheckpointError as e:
+                if self.is_main:
+                    print(f"resume: passing over {path.name}: {e}", file=sys.stderr)
+        else:
+            raise CheckpointError(f"{self.run.checkpoints}: no checkpoint verifies ({len(found)} tried)")
+        if model.config != self.model.config:
+            raise ConfigError(f"{path}: holds a model of another architecture than this run's config "
+                              f"({_first_difference(model.config.to_dict(), self.model.config.to_dict())}); "
+                              "resume with the settings it was trained with, or start a new --out")
+        for name, now in (("batch_size", self.cfg.batch_size), ("world", self.world)):
+            if state.get(name, now) != now:
+                raise ConfigError(f"{path}: was trained with {name} {state[name]}, this run has {now}; "
+                                  "resume with the same, or start a new --out")
         self.model.load_state_dict(model.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{path}: its optimizer state does not fit this run's trainable parameters ({e})") \
+                from None
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.samples, self.elapsed = state["samples"], state["elapsed"]
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
         if self.is_main:
             self.run.remove_partial()
-            tqdm.write(f"resumed from {latest} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
+            self.run.truncate_metrics(self.step)  # the steps after it run (and are logged) again
+            tqdm.write(f"resumed from {path} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     def save_checkpoint(self) -> None:
         if self.is_main:
@@ -266,6 +291,15 @@ class Trainer:
             tqdm.write(f"step {self.step}: {self.cfg.eval_task} " +
                        ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
         return metrics
+
+
+def _first_difference(a: dict, b: dict, where: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                return _first_difference(a[key], b[key], f"{where}{key}.")
+            return f"{where}{key}: {a.get(key)!r} there, {b.get(key)!r} here"
+    return "no field differs"
 
 
 def _raise_interrupt(signum, frame):

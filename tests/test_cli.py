@@ -177,3 +177,8 @@ def test_model_configs_are_bounded_before_anything_is_built(tmp_path, change, fi
     (tmp_path / "config.json").write_text(json.dumps(config))  # NaN and Infinity as Python's json writes them
     with pytest.raises(ConfigError, match=field):
         clipper.ModelConfig.from_json(tmp_path / "config.json")
+
+
+def test_index_refuses_ids_that_do_not_match_the_vectors(artifacts, capsys):
+    assert main(["index", str(artifacts / "bad" / "emb-ids")]) == 2
+    assert "ids.jsonl: 1 rows for 3 vectors" in capsys.readouterr().err

@@ -120,6 +120,8 @@ def test_interrupted_embed_resumes_without_redoing_parts(messy_images, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         embed_folder(model, "m", messy_images, tmp_path / "out", part_size=2, progress=False)
     assert not (tmp_path / "out" / "img_emb.npy").exists()
+    with pytest.raises(ValueError, match="unfinished embedding of other inputs or settings"):
+        embed_folder(model, "m", messy_images, tmp_path / "out", part_size=3, progress=False)  # rows would repeat
     calls.clear()
     embed_folder(model, "m", messy_images, tmp_path / "out", part_size=2, progress=False)
     assert len(calls) == 2  # 8 candidate images in parts of 2: two were done before the kill

@@ -21,6 +21,7 @@ from clipper.data.shards import write_shards
 from clipper.losses import LOSSES, infonce_loss, sigmoid_loss
 from clipper.objectives import OBJECTIVES
 from clipper.objectives import contrastive_forward_backward as forward_backward
+from clipper.runs import RunDir
 from clipper.train import Trainer
 
 TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2,
@@ -178,6 +179,49 @@ def test_half_written_checkpoint_is_never_picked(shards, tmp_path, tiny_preset):
     (ckpts / "step-00000020").mkdir()  # a name without its state file is not complete either
     resumed = Trainer(_cfg(shards), tmp_path / "run", resume=True)
     assert resumed.step == 10 and not partial.exists()
+
+
+def test_resume_survives_a_damaged_checkpoint_and_a_torn_log(shards, tmp_path, tiny_preset):
+    """A damaged newest checkpoint is passed over for the one before; the steps after the resumed
+    one are logged once; a log line torn by a kill is left out; the result equals a straight run."""
+    straight = Trainer(_cfg(shards, checkpoint_every=5), tmp_path / "a")
+    straight.fit()
+    Trainer(_cfg(shards, checkpoint_every=5, stop_after=10, keep_checkpoints=3), tmp_path / "b").fit()
+    ckpts = tmp_path / "b" / "checkpoints"
+    weights = ckpts / "step-00000010" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)  # same size, other bytes
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 2.')  # cut mid-line
+    resumed = Trainer(_cfg(shards, checkpoint_every=5), tmp_path / "b", resume=True)
+    assert resumed.step == 5
+    resumed.fit()
+    a, b = _params(straight.model), _params(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in resumed.run.read_metrics() if "loss" in r]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_resume_refuses_another_architecture_or_batch(shards, tmp_path, tiny_preset, monkeypatch):
+    Trainer(_cfg(shards, stop_after=10), tmp_path / "run").fit()
+    with pytest.raises(clipper.ConfigError, match="batch_size 16, this run has 8"):
+        Trainer(_cfg(shards, batch_size=8), tmp_path / "run", resume=True)
+    from clipper import config
+
+    monkeypatch.setitem(config._PRESETS, "fmnist-tiny", TINY | {"embed_dim": 24})
+    with pytest.raises(clipper.ConfigError, match="another architecture.*embed_dim: 32 there, 24 here"):
+        Trainer(_cfg(shards), tmp_path / "run", resume=True)
+
+
+def test_rewriting_a_checkpoint_of_the_same_step_keeps_one_in_place(shards, tmp_path, tiny_preset):
+    trainer = Trainer(_cfg(shards, steps=10), tmp_path / "run")
+    trainer.fit()
+    final = tmp_path / "run" / "checkpoints" / "step-00000010"
+    old = final.parent / ".old-step-00000010"
+    os.rename(final, old)  # as a kill between the two renames of a rewrite leaves it
+    trainer.run.remove_partial()
+    assert final.is_dir() and not old.exists()
+    trainer.save_checkpoint()
+    assert final.is_dir() and not old.exists() and RunDir.load_checkpoint(final)[1]["step"] == 10
 
 
 def test_refuses_to_overwrite_or_resume_nothing(shards, tmp_path, tiny_preset):

@@ -260,13 +260,20 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    try:
-        from .serve import Service, serve
-    except ImportError:
-        raise ConfigError("clipper serve needs FastAPI and uvicorn: pip install 'clipper[serve]'") from None
+    import importlib.util
+    import os
 
+    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+        raise ConfigError("clipper serve needs FastAPI and uvicorn: pip install 'clipper[serve]'")
+    from .serve import Service, serve
+    from .serve_config import Access, Limits
+
+    hosts = args.allowed_hosts.split(",") if args.allowed_hosts else ["127.0.0.1", "localhost", "::1", args.host]
+    access = Access(api_key=args.api_key or os.environ.get("CLIPPER_API_KEY") or None,
+                    allowed_hosts=() if "*" in hosts else tuple(h.strip() for h in hosts if h.strip()))
     model = _load(args)
-    service = Service(model, Path(args.model).name, args.index, max_batch=args.max_batch)
+    service = Service(model, Path(args.model).name, args.index, Limits(**_flag_values(args, args.config_fields)),
+                      max_batch=args.max_batch, access=access)
     print(f"clipper serve: http://{args.host}:{args.port}/ (model {args.model}"
           + (f", index {args.index})" if args.index else ")"), flush=True)
     serve(service, args.host, args.port)
@@ -434,7 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass (default: 32)")
-    p.set_defaults(fn=cmd_serve)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and / "
+                                     "(default: $CLIPPER_API_KEY, else none)")
+    p.add_argument("--allowed-hosts", help="comma-separated Host names requests may carry, '*' for any "
+                                           "(default: loopback names and --host)")
+    from .serve_config import Limits
+
+    p.set_defaults(fn=cmd_serve, config_fields=add_config_flags(p, Limits))
 
     p = sub.add_parser("index", help="build a search index over `clipper embed` output")
     p.add_argument("emb_dir", help="folder written by `clipper embed`")

@@ -139,8 +139,13 @@ def embed_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256,
 def check_templates(templates: Sequence[str], where: str = "") -> list[str]:
     """The templates, each with exactly one '{}' where the label goes; `where` (a file) prefixes errors."""
     for t in templates:
-        if t.count("{}") != 1:
-            raise ConfigError(f"{where + ': ' if where else ''}template {t!r}: needs exactly one '{{}}' where the label goes")
+        try:
+            ok = t.count("{}") == 1 and bool(t.format("x"))
+        except (ValueError, IndexError, KeyError):  # other braces: "{} {", "{0}", "{name}"
+            ok = False
+        if not ok:
+            raise ConfigError(f"{where + ': ' if where else ''}template {t!r}: needs exactly one '{{}}' where the "
+                              "label goes, and no other braces")
     return list(templates)
 
 

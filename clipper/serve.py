@@ -11,6 +11,7 @@ request gets a 4xx with a one-line reason and the server goes on serving.
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import json
 import queue
@@ -18,7 +19,6 @@ import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,30 +27,21 @@ from PIL import Image
 
 from .data.inputs import ImageItem
 from .data.transforms import Normalize, ResizeCrop
-from .embed import classify_embeddings, embed_texts, open_index
-from .errors import ImageError
+from .config import from_dict
+from .embed import check_templates, classify_embeddings, embed_texts, open_index
+from .errors import ClipperError, ImageError
 from .images import decode_image
 from .model import CLIP
+from .serve_config import Access, Limits
 from .tokenizer import Tokenizer
 
 DEMO_PAGE = Path(__file__).with_name("demo.html")
 
 
-@dataclass
-class Limits:
-    max_body_bytes: int = 16 << 20
-    max_images: int = 16  # per request
-    max_pixels: int = 40_000_000  # per image
-    max_texts: int = 256  # per request
-    max_text_chars: int = 2000
-    max_labels: int = 1000
-    max_k: int = 100
-
-
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
 
 
 class Batcher:
@@ -78,6 +69,10 @@ class Batcher:
                     break
                 pending.append(nxt)
                 size += len(nxt[0])
+            # a request whose client went away was cancelled: its items are not computed
+            pending = [(items, future) for items, future in pending if future.set_running_or_notify_cancel()]
+            if not pending:
+                continue
             try:
                 results = self.fn([item for items, _ in pending for item in items])
                 self.batches += 1
@@ -94,18 +89,22 @@ class Service:
     """The model, the optional index, the batchers and the request metrics."""
 
     def __init__(self, model: CLIP, model_name: str, index_dir: str | None = None, limits: Limits | None = None,
-                 max_batch: int = 32):
+                 max_batch: int = 32, access: Access | None = None):
         self.model, self.model_name, self.limits = model.eval(), model_name, limits or Limits()
+        self.access = access or Access()
         self.resize, self.normalize = ResizeCrop(model.config.vision), Normalize(model.config.vision)
         self.tokenizer = Tokenizer(model.config.text.context_length)  # usage counts
         self.texts = Batcher(self._embed_texts, max_batch)
         self.images = Batcher(self._embed_images, max_batch)
         self.index = self.ids = None
         if index_dir is not None:
-            self.index, self.ids, _ = open_index(index_dir, model.config.embed_dim)
+            self.index, self.locations, manifest = open_index(index_dir, model.config.embed_dim)
+            # clients see ids relative to the embedded folder; where the bytes are is for thumbnails only
+            self.ids = [_public(row, manifest.get("source")) for row in self.locations]
         self.counts: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
+        self.inflight = 0
 
     # --- model calls (worker threads) -------------------------------------------------------
     def _embed_texts(self, texts: list[str]) -> list[torch.Tensor]:
@@ -131,25 +130,29 @@ class Service:
         except ImageError as e:
             raise BadRequest(str(e), 413 if "pixel limit" in str(e) else 400) from None
 
-    def images_of(self, values: Any, where: str) -> list[Image.Image]:
+    async def pixels_of(self, values: Any, where: str) -> list[torch.Tensor]:
+        """Decoded and resized images (uint8), off the event loop: a large image takes a while."""
         values = values if isinstance(values, list) else [values]
         if not values:
             raise BadRequest(f"{where}: empty list")
         if len(values) > self.limits.max_images:
             raise BadRequest(f"{where}: {len(values)} images, at most {self.limits.max_images} per request", 413)
-        return [self.image(v, f"{where}[{i}]") for i, v in enumerate(values)]
+        return await asyncio.to_thread(
+            lambda: [self.resize(self.image(v, f"{where}[{i}]" if len(values) > 1 else where))
+                     for i, v in enumerate(values)])
 
-    def texts_of(self, values: Any, where: str) -> list[str]:
+    def texts_of(self, values: Any, where: str, max_chars: int | None = None, max_count: int | None = None) -> list[str]:
         values = values if isinstance(values, list) else [values]
+        limit, count = max_chars or self.limits.max_text_chars, max_count or self.limits.max_texts
         if not values:
             raise BadRequest(f"{where}: empty list")
-        if len(values) > self.limits.max_texts:
-            raise BadRequest(f"{where}: {len(values)} texts, at most {self.limits.max_texts} per request", 413)
+        if len(values) > count:
+            raise BadRequest(f"{where}: {len(values)} texts, at most {count} per request", 413)
         for i, v in enumerate(values):
             if not isinstance(v, str) or not v.strip():
                 raise BadRequest(f"{where}[{i}]: expected a non-empty string")
-            if len(v) > self.limits.max_text_chars:
-                raise BadRequest(f"{where}[{i}]: {len(v)} characters, at most {self.limits.max_text_chars}", 413)
+            if len(v) > limit:
+                raise BadRequest(f"{where}[{i}]: {len(v)} characters, at most {limit}", 413)
         return values
 
     def k_of(self, body: dict, default: int = 10) -> int:
@@ -159,14 +162,12 @@ class Service:
         return k
 
     # --- operations --------------------------------------------------------------------------
-    async def embed(self, texts: list[str] | None = None, images: list[Image.Image] | None = None) -> torch.Tensor:
-        if texts is not None:
-            rows = await asyncio.wrap_future(self.texts.submit(texts))
-        else:
-            rows = await asyncio.wrap_future(self.images.submit([self.resize(im) for im in images]))
-        return torch.stack(rows)
+    async def embed(self, texts: list[str] | None = None, pixels: list[torch.Tensor] | None = None) -> torch.Tensor:
+        batcher, items = (self.texts, texts) if texts is not None else (self.images, pixels)
+        return torch.stack(await asyncio.wrap_future(batcher.submit(items)))
 
     async def embeddings(self, body: dict) -> dict:
+        _fields(body, "input", "modality", "model", "encoding_format", "user")
         modality = body.get("modality", "text")
         if modality not in ("text", "image"):
             raise BadRequest(f"modality: 'text' or 'image', got {modality!r}")
@@ -177,14 +178,14 @@ class Service:
             vectors = await self.embed(texts=texts)
             tokens = sum(len(self.tokenizer.encode(t)) for t in texts)
         else:
-            vectors = await self.embed(images=self.images_of(body["input"], "input"))
+            vectors = await self.embed(pixels=await self.pixels_of(body["input"], "input"))
             tokens = 0
         return {"object": "list", "model": self.model_name,
                 "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "images": 0 if modality == "text" else len(vectors)}}
 
     async def classify(self, body: dict) -> dict:
-        image = self.image(body.get("image"), "image")
+        _fields(body, "image", "labels", "templates", "k")
         labels = body.get("labels")
         if isinstance(labels, str):
             labels = [x.strip() for x in labels.split(",") if x.strip()]
@@ -192,61 +193,74 @@ class Service:
             raise BadRequest("labels: a non-empty list of names (or one comma-separated string)")
         if len(labels) > self.limits.max_labels:
             raise BadRequest(f"labels: at most {self.limits.max_labels}", 413)
+        self.texts_of(labels, "labels", self.limits.max_label_chars, self.limits.max_labels)
         templates = body.get("templates")
-        if templates is not None and (not isinstance(templates, list) or
-                                      not all(isinstance(t, str) and t.count("{}") == 1 for t in templates)):
-            raise BadRequest("templates: a list of strings with one '{}' each")
-        emb = await self.embed(images=[image])
-        result = await asyncio.to_thread(classify_embeddings, self.model, emb, labels, templates, self.k_of(body, 5))
+        if templates is not None:
+            if not isinstance(templates, list) or not templates or len(templates) > self.limits.max_templates:
+                raise BadRequest(f"templates: a list of 1 to {self.limits.max_templates} strings with one '{{}}' each")
+            check_templates(self.texts_of(templates, "templates", self.limits.max_label_chars,
+                                          self.limits.max_templates), "templates")
+        if len(labels) * len(templates or [None]) > self.limits.max_prompts:
+            raise BadRequest(f"labels x templates: {len(labels) * len(templates)} prompts, at most "
+                             f"{self.limits.max_prompts}", 413)
+        k = self.k_of(body, 5)
+        emb = await self.embed(pixels=await self.pixels_of(body.get("image"), "image"))
+        result = await asyncio.to_thread(classify_embeddings, self.model, emb, labels, templates, k)
         return {"labels": [{"label": label, "prob": round(p, 6)} for label, p in result.top[0]]}
+
+    def generation_of(self, options: Any):
+        """Generation settings, their types checked (no string for a number, no NaN) and bounded."""
+        from .generate import GenerationConfig
+
+        if not isinstance(options, dict):
+            raise BadRequest("options: an object of generation settings")
+        cfg = from_dict(GenerationConfig, options, "options").validate()
+        if max(cfg.num_beams, cfg.num_return_sequences) > self.limits.max_beams:
+            raise BadRequest(f"options: num_beams and num_return_sequences at most {self.limits.max_beams}", 413)
+        if not cfg.use_cache:
+            raise BadRequest("options.use_cache: the server always decodes with the cache")
+        if cfg.seed is not None and not 0 <= cfg.seed < 2 ** 63:
+            raise BadRequest("options.seed: an integer from 0 to 2**63 - 1")
+        return cfg
 
     async def caption(self, body: dict) -> dict:
         if self.model.decoder is None:
             raise BadRequest("this model has no caption decoder", 404)
-        from .generate import GenerationConfig, generate
+        from .generate import generate
 
-        images = self.images_of(body.get("image", body.get("images")), "image")
-        options = body.get("options", {})
-        if not isinstance(options, dict):
-            raise BadRequest("options: an object of generation settings")
-        try:
-            cfg = GenerationConfig(**options).validate()
-        except TypeError as e:
-            raise BadRequest(f"options: {e}") from None
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
-        pixels = self.normalize(torch.stack([self.resize(im) for im in images]))
+        _fields(body, "image", "images", "prompt", "options")
+        cfg = self.generation_of(body.get("options", {}))
         prompt = body.get("prompt")
-        if prompt is not None and not isinstance(prompt, str):
-            raise BadRequest("prompt: a string")
-        try:
-            captions = await asyncio.to_thread(generate, self.model, pixels,
-                                               None if prompt is None else [prompt] * len(images), cfg)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        if prompt is not None:
+            self.texts_of(prompt, "prompt", self.limits.max_label_chars)
+        pixels = self.normalize(torch.stack(await self.pixels_of(body.get("image", body.get("images")), "image")))
+        captions = await asyncio.to_thread(generate, self.model, pixels,
+                                           None if prompt is None else [prompt] * len(pixels), cfg)
         return {"captions": [c if len(c) > 1 else c[0] for c in captions]}
 
     async def search(self, body: dict) -> dict:
         if self.index is None:
             raise BadRequest("no index loaded (start the server with --index DIR)", 404)
+        _fields(body, "text", "image", "k")
         if ("text" in body) == ("image" in body):
             raise BadRequest("give 'text' or 'image' (one of them)")
+        k = self.k_of(body)
         if "text" in body:
             query = await self.embed(texts=self.texts_of(body["text"], "text")[:1])
         else:
-            query = await self.embed(images=[self.image(body["image"], "image")])
-        result = await asyncio.to_thread(self.index.search, query.numpy(), self.k_of(body))
+            query = await self.embed(pixels=await self.pixels_of(body["image"], "image"))
+        result = await asyncio.to_thread(self.index.search, query.numpy(), k)
         return {"results": [{"index": i, "score": round(s, 6), **self.ids[i]} for s, i in result.hits(0)]}
 
     def thumbnail(self, i: int, size: int = 128) -> bytes:
         if self.ids is None or not 0 <= i < len(self.ids):
             raise BadRequest(f"no indexed image {i}", 404)
-        row = self.ids[i]
+        row = self.locations[i]
         item = ImageItem(row["id"], row.get("path", row["id"]), row.get("offset", 0), row.get("size", -1))
         try:
             im = decode_image(item.read(), item.id)
-        except (OSError, ImageError) as e:
-            raise BadRequest(f"image {i} is no longer readable ({e})", 404) from None
+        except (OSError, ImageError):  # the reason would show a path on this machine
+            raise BadRequest(f"image {i} is no longer readable", 404) from None
         im.thumbnail((size, size))
         buf = io.BytesIO()
         im.save(buf, format="PNG")
@@ -262,17 +276,51 @@ class Service:
                 "batches": {"text": self.texts.batches, "image": self.images.batches}}
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The body, or 413 once it passes `limit` (the rest is read and dropped, so that the client
-    gets the answer instead of a broken connection)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-    if size > limit:
-        raise BadRequest(f"request body of {size} bytes exceeds the limit of {limit}", 413)
-    return b"".join(chunks)
+def _fields(body: dict, *allowed: str) -> None:
+    """Unknown or misplaced fields are an error, not ignored (e.g. a generation option outside "options")."""
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))} (this endpoint takes {', '.join(allowed)})")
+
+
+def _public(row: dict, source: str | None) -> dict:
+    """An ids.jsonl row as clients see it: its id relative to the embedded folder, and its caption;
+    never where the file is on this machine."""
+    ident = row["id"]
+    if source and ident.startswith(source.rstrip("/") + "/"):
+        ident = ident[len(source.rstrip("/")) + 1:]
+    return {"id": ident, **({"caption": row["caption"]} if row.get("caption") is not None else {})}
+
+
+async def read_body(request, limit: int, timeout_s: float) -> bytes:
+    """The body, within `limit` bytes and `timeout_s` seconds. A Content-Length over the limit is
+    refused (413) after reading nothing, or, when it is at most 4 times the limit, after the body
+    is read and dropped (a client still sending would see a broken connection instead of the
+    answer); a chunked body as soon as it passes the limit; a client that stalls gets 408."""
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise BadRequest("Content-Length: not a number")
+    too_large = BadRequest(f"request body of {declared or 'over ' + str(limit)} bytes exceeds the limit of {limit}",
+                           413)
+    if declared is not None and int(declared) > 4 * limit:
+        raise too_large
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > 4 * limit or (size > limit and declared is None):
+                raise too_large
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            raise too_large
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"request body not received within {timeout_s:g} s", 408) from None
 
 
 def create_app(service: Service):
@@ -282,23 +330,49 @@ def create_app(service: Service):
 
     app = FastAPI(title="clipper", docs_url=None, redoc_url=None)
 
+    def refusal(e: BadRequest) -> Response:
+        return JSONResponse({"error": {"message": str(e), "status": e.status}}, status_code=e.status,
+                            headers=e.headers)
+
     async def handle(request: Request, name: str, op) -> Response:
         t0 = time.perf_counter()
         service.counts[name] += 1
+        if service.inflight >= service.limits.max_inflight:
+            service.errors[name] += 1
+            return refusal(BadRequest("busy: too many requests at once", 503, {"Retry-After": "1"}))
+        service.inflight += 1
         try:
-            raw = await read_body(request, service.limits.max_body_bytes)
+            check_access(request)
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                raise BadRequest("Content-Type: send the body as application/json", 415)
+            raw = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise BadRequest("body: not valid JSON") from None
+            except (ValueError, RecursionError):  # malformed, too deep, or an integer of thousands of digits
+                raise BadRequest("body: not valid JSON (or nested too deep, or a number too long)") from None
             if not isinstance(body, dict):
                 raise BadRequest("body: expected a JSON object")
             return JSONResponse(await op(body))
+        except ClipperError as e:  # an option or input the library refused
+            service.errors[name] += 1
+            return refusal(BadRequest(str(e)))
         except BadRequest as e:
             service.errors[name] += 1
-            return JSONResponse({"error": {"message": str(e), "status": e.status}}, status_code=e.status)
+            return refusal(e)
         finally:
+            service.inflight -= 1
             service.latency[name].append(time.perf_counter() - t0)
+
+    def check_access(request: Request) -> None:
+        access = service.access
+        host = request.headers.get("host", "")
+        hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
+        if access.allowed_hosts and hostname not in access.allowed_hosts:
+            raise BadRequest(f"Host {host!r} is not one this server answers to", 421)
+        if access.api_key is not None:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), access.api_key.encode()):
+                raise BadRequest("not authorised: send Authorization: Bearer <api key>", 401)
 
     def endpoint(name: str, op):
         async def run(request: Request):
@@ -310,11 +384,12 @@ def create_app(service: Service):
         app.post(path, name=name)(endpoint(name, op))
 
     @app.get("/thumbnail/{i}")
-    async def thumbnail(i: int):
+    async def thumbnail(i: int, request: Request):
         try:
+            check_access(request)
             return Response(await asyncio.to_thread(service.thumbnail, i), media_type="image/png")
         except BadRequest as e:
-            return JSONResponse({"error": {"message": str(e), "status": e.status}}, status_code=e.status)
+            return refusal(e)
 
     @app.get("/health")
     async def health():
@@ -335,7 +410,9 @@ def create_app(service: Service):
 def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    # SIGTERM: stop taking requests, give running ones 5 s; idle keep-alive connections close after 5 s
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                timeout_keep_alive=5, limit_concurrency=4 * service.limits.max_inflight)
 
 
 def free_port() -> int:

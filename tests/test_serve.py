@@ -55,7 +55,7 @@ def server(tmp_path_factory):
     embed_folder(model, "test", tmp / "imgs", tmp / "emb", dtype="float32", progress=False)
     Index.build(np.load(tmp / "emb" / "img_emb.npy")).save(tmp / "emb")
     service = Service(model, "tiny", str(tmp / "emb"), Limits(max_images=4, max_pixels=300 * 300,
-                                                              max_body_bytes=1 << 20))
+                                                              max_body_bytes=1 << 20, read_timeout_s=1.0))
     url, stop = serve_in_thread(service)
     yield {"url": url, "model": model, "tmp": tmp, "service": service}
     stop()
@@ -119,12 +119,101 @@ def test_classify_caption_search_thumbnail(server):
     ("/search", {"text": "a", "image": _b64(_png(1))}, None, 400, "one of them"),
     ("/search", {"text": "a", "k": 0}, None, 400, "k:"),
     ("/caption", {"image": _b64(_png(1)), "options": {"beams": 3}}, None, 400, "options"),
+    ("/caption", {"image": _b64(_png(1)), "options": {"num_beams": 2.5}}, None, 400, "num_beams"),
+    ("/caption", {"image": _b64(_png(1)), "options": {"do_sample": "false"}}, None, 400, "do_sample"),
+    ("/caption", {"image": _b64(_png(1)), "options": {"seed": "7"}}, None, 400, "seed"),
+    ("/caption", {"image": _b64(_png(1)), "options": {"num_beams": 5000}}, None, 413, "at most 8"),
+    ("/caption", {"image": _b64(_png(1)), "options": {"use_cache": False}}, None, 400, "use_cache"),
+    ("/caption", {"image": _b64(_png(1)), "num_beams": 3}, None, 400, "unknown field"),
+    ("/caption", None, b'{"image": "x", "options": {"temperature": NaN}}', 400, "temperature"),
+    ("/caption", {"image": _b64(_png(1)), "prompt": "a" * 201}, None, 413, "at most 200"),
+    ("/classify", {"image": _b64(_png(1)), "labels": ["a"], "templates": ["{} {"]}, None, 400, "other braces"),
+    ("/classify", {"image": _b64(_png(1)), "labels": ["x" * 200_000]}, None, 413, "at most 200"),
+    ("/classify", {"image": _b64(_png(1)), "labels": ["a"] * 1000, "templates": ["{}"] * 64}, None, 413, "prompts"),
+    ("/search", None, b'{"text": "a", "k": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ("/search", None, b"[" * 10000 + b"]" * 10000, 400, "not valid JSON"),
     ("/v1/embeddings", None, b'{"input": "' + b"x" * (1 << 20) + b'"}', 413, "exceeds"),
 ])
 def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, path, body, raw, status, message):
     got, out = call(server, path, body, raw)
     assert got == status and message in out["error"]["message"], out
     assert call(server, "/health")[0] == 200
+
+
+def _raw(server, request: bytes, chunks: list[bytes] = (), pause: float = 0.0) -> tuple[int, float]:
+    """Send `request` (and `chunks`, `pause` s apart) on a raw socket; the status line's code and
+    the seconds until it came."""
+    import socket
+    import time
+
+    port = int(server["url"].rsplit(":", 1)[1])
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        for chunk in chunks:
+            time.sleep(pause)
+            try:
+                sock.sendall(chunk)
+            except OSError:  # the server answered and closed: what the client is meant to see
+                break
+        status = sock.recv(64).split(b" ")[1]
+        return int(status), time.perf_counter() - t0
+
+
+def test_bodies_are_bounded_before_and_while_reading(server):
+    head = b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    status, seconds = _raw(server, head + b'Content-Length: 10000000000\r\n\r\n{"input":')  # 10 GB announced
+    assert status == 413 and seconds < 2
+    status, seconds = _raw(server, head + b'Content-Length: 100\r\n\r\n{"input":')  # then silence
+    assert status == 408 and seconds < 3
+    chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"  # 64 KiB chunks without end: over 1 MiB is refused
+    status, _ = _raw(server, head + b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 40)
+    assert status == 413
+    assert call(server, "/health")[0] == 200
+
+
+def test_access_rules(server):
+    req = urllib.request.Request(server["url"] + "/v1/embeddings", data=b'{"input": "x"}',
+                                 headers={"Content-Type": "text/plain"})  # what a cross-site form can send
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 415
+    port = int(server["url"].rsplit(":", 1)[1])
+    status, _ = _raw(server, b"GET /thumbnail/0 HTTP/1.1\r\nHost: attacker.example:%d\r\n\r\n" % port)
+    assert status == 421  # DNS rebinding: another name for this address is refused
+    service = server["service"]
+    limit, service.limits.max_inflight = service.limits.max_inflight, 0
+    try:
+        assert call(server, "/v1/embeddings", {"input": "x"})[0] == 503
+    finally:
+        service.limits.max_inflight = limit
+    service.access.api_key = "s3cret"
+    try:
+        assert call(server, "/v1/embeddings", {"input": "x"})[0] == 401
+        req = urllib.request.Request(server["url"] + "/v1/embeddings", data=b'{"input": "x"}', headers={
+            "Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+        assert call(server, "/health")[0] == 200
+    finally:
+        service.access.api_key = None
+    status, out = call(server, "/search", {"text": "a red square", "k": 2})
+    assert status == 200 and all(set(r) <= {"index", "score", "id", "caption"} for r in out["results"])
+    assert not any(r["id"].startswith("/") for r in out["results"])  # no path on the server's disk
+
+
+def test_a_cancelled_request_does_not_stop_its_batcher():
+    import threading
+
+    from clipper.serve import Batcher
+
+    gate = threading.Event()
+    batcher = Batcher(lambda items: (gate.wait(5), items)[1], max_batch=1)
+    first = batcher.submit([1])  # taken by the worker, which waits at the gate
+    second = batcher.submit([2])
+    assert second.cancel()  # its client went away while it was queued
+    gate.set()
+    assert first.result(timeout=5) == [1]
+    assert batcher.submit([3]).result(timeout=5) == [3]
 
 
 def test_fifty_concurrent_requests_match_single_ones(server):
@@ -176,3 +265,40 @@ def test_demo_page_in_headless_chromium(server):
         if os.environ.get("CLIPPER_SCREENSHOT"):  # docs/demo.png is made this way
             page.screenshot(path=os.environ["CLIPPER_SCREENSHOT"], full_page=True)
         browser.close()
+
+
+def test_demo_page_shows_hostile_captions_and_labels_as_text(tmp_path):
+    """Stored XSS: captions and file names of the indexed images, and labels, are shown as text."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
+    payload = "<img src=x onerror=window.__pwned=1>"
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(_png(i))
+        (tmp_path / "imgs" / f"{i}.txt").write_text(payload)
+    torch.manual_seed(0)
+    model = clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY)).eval()
+    embed_folder(model, "test", tmp_path / "imgs", tmp_path / "emb", dtype="float32", progress=False)
+    Index.build(np.load(tmp_path / "emb" / "img_emb.npy")).save(tmp_path / "emb")
+    url, stop = serve_in_thread(Service(model, "tiny", str(tmp_path / "emb")))
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('indexed')")
+            page.fill("#labels", payload.replace(",", " "))
+            page.set_input_files("#file", str(tmp_path / "imgs" / "1.png"))
+            page.wait_for_selector("#top .bar", timeout=15000)
+            page.fill("#query", "a picture")
+            page.click("button[type=submit]")
+            page.wait_for_selector("#results .hit", timeout=15000)
+            page.wait_for_timeout(300)  # an injected <img> would have fired its onerror by now
+            assert page.evaluate("window.__pwned") is None
+            assert payload in page.locator("#results .hit").first.inner_text()
+            assert payload in page.locator("#top .bar").first.inner_text()
+            browser.close()
+    finally:
+        stop()

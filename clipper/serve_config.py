@@ -1,0 +1,36 @@
+"""The settings of `clipper serve` (request limits and access), apart from the server so that the
+CLI can make their flags without importing it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import setting
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; each has a `clipper serve` flag. A request over a limit gets a
+    4xx with the reason before any model work is done."""
+    max_body_bytes: int = setting(16 << 20, "request body bytes (Content-Length checked before reading)")
+    read_timeout_s: float = setting(10.0, "seconds a client has to send its whole body (then 408)")
+    max_inflight: int = setting(64, "requests being handled at once; more get 503 with Retry-After")
+    max_images: int = setting(16, "images per request")
+    max_pixels: int = setting(40_000_000, "pixels per image")
+    max_texts: int = setting(256, "texts per request")
+    max_text_chars: int = setting(2000, "characters per text")
+    max_labels: int = setting(1000, "labels per /classify request")
+    max_templates: int = setting(64, "templates per /classify request")
+    max_prompts: int = setting(8192, "labels x templates per /classify request")
+    max_label_chars: int = setting(200, "characters per label, template or caption prompt")
+    max_beams: int = setting(8, "num_beams and num_return_sequences of /caption")
+    max_k: int = setting(100, "results per /search request")
+
+
+
+@dataclass
+class Access:
+    """Who may call: a bearer token (`--api-key` or CLIPPER_API_KEY) and the Host names a request
+    may carry (DNS rebinding: a page elsewhere cannot reach a loopback server through its name)."""
+    api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # empty: any

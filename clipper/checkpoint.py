@@ -102,7 +102,8 @@ def save_model(model: CLIP, path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "clipper"})
+        # one metadata key: safetensors writes them in hash order, which changes the bytes from run to run
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     with atomic_path(path / CONFIG_NAME) as tmp:
         model.config.to_json(tmp)
     return path

@@ -189,7 +189,8 @@ class TrainConfig:
     steps: int | None = setting(None, "stop after this many steps (the run ends at the first of steps, "
                                       "epochs, minutes)")
     epochs: float | None = setting(None, "stop after this many epochs")
-    minutes: float | None = setting(None, "stop after this much training wall time")
+    minutes: float | None = setting(None, "stop after this much training wall time (the schedule then follows the "
+                                          "clock: such runs are not bit-reproducible)")
     seed: int = setting(0, "seed of the initial weights, data order and augmentation")
     workers: int = setting(1, "data loader processes (0: decode in the training process)")
     shuffle_buffer: int = setting(2000, "samples in the shuffle buffer of each reader")

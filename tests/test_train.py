@@ -275,6 +275,20 @@ def test_cli_smoke_and_sigkill_resume(shards, tmp_path):
     assert model.config.vision.image_size == 28
 
 
+def test_two_processes_with_a_step_budget_train_bit_identical_models(shards, tmp_path):
+    """Training is deterministic for a given seed, thread count and step (or epoch) budget; with
+    a time budget (`minutes`) the learning rate follows the clock, so two runs can differ."""
+    def run(name):
+        out = tmp_path / name
+        proc = _run_cli(["--preset", "fmnist-tiny", "--train-data", str(shards), "--steps", "12", "--batch-size", "16",
+                         "--workers", "0", "--eval-task", "none", "--out", str(out), "--set", "minutes=null",
+                         "--set", "checkpoint_every=100"])
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+        return (out / "model" / "model.safetensors").read_bytes()
+
+    assert run("a") == run("b")  # the same weights, and the same file bytes
+
+
 def test_identical_captions_count_as_positives():
     img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)

@@ -47,6 +47,17 @@ def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_si
         raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
 
 
+def image_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from the header alone (nothing decoded), for budgets across several images."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            return im.size
+    except UnidentifiedImageError:
+        raise ImageError(f"{where}: not an image (unknown format); formats read: {', '.join(FORMATS)}") from None
+    except Exception as e:  # as in decode_image
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 

@@ -30,7 +30,7 @@ from .data.transforms import Normalize, ResizeCrop
 from .config import from_dict
 from .embed import check_templates, classify_embeddings, embed_texts, open_index
 from .errors import ClipperError, ImageError
-from .images import decode_image
+from .images import decode_image, image_size
 from .model import CLIP
 from .serve_config import Access, Limits
 from .tokenizer import Tokenizer
@@ -116,15 +116,18 @@ class Service:
         return list(emb)
 
     # --- input checks ------------------------------------------------------------------------
-    def image(self, value: Any, where: str) -> Image.Image:
+    @staticmethod
+    def image_bytes(value: Any, where: str) -> bytes:
         if not isinstance(value, str) or not value:
             raise BadRequest(f"{where}: expected a base64 string or a data: URI")
         if value.startswith("data:"):
             value = value.partition(",")[2]
         try:
-            data = base64.b64decode(value, validate=True)
+            return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise BadRequest(f"{where}: not valid base64") from None
+
+    def image(self, data: bytes, where: str) -> Image.Image:
         try:
             return decode_image(data, where, self.limits.max_pixels)
         except ImageError as e:
@@ -137,9 +140,20 @@ class Service:
             raise BadRequest(f"{where}: empty list")
         if len(values) > self.limits.max_images:
             raise BadRequest(f"{where}: {len(values)} images, at most {self.limits.max_images} per request", 413)
-        return await asyncio.to_thread(
-            lambda: [self.resize(self.image(v, f"{where}[{i}]" if len(values) > 1 else where))
-                     for i, v in enumerate(values)])
+        names = [f"{where}[{i}]" if len(values) > 1 else where for i in range(len(values))]
+        blobs = [self.image_bytes(v, name) for v, name in zip(values, names)]
+
+        def decode() -> list[torch.Tensor]:
+            try:  # the whole request's pixels are counted from the headers before any is decoded
+                total = sum(w * h for w, h in (image_size(b, name) for b, name in zip(blobs, names)))
+            except ImageError as e:
+                raise BadRequest(str(e)) from None
+            if total > self.limits.max_request_pixels:
+                raise BadRequest(f"{where}: {total} pixels in all, at most {self.limits.max_request_pixels} per "
+                                 "request", 413)
+            return [self.resize(self.image(b, name)) for b, name in zip(blobs, names)]
+
+        return await asyncio.to_thread(decode)
 
     def texts_of(self, values: Any, where: str, max_chars: int | None = None, max_count: int | None = None) -> list[str]:
         values = values if isinstance(values, list) else [values]

@@ -17,6 +17,7 @@ class Limits:
     max_inflight: int = setting(64, "requests being handled at once; more get 503 with Retry-After")
     max_images: int = setting(16, "images per request")
     max_pixels: int = setting(40_000_000, "pixels per image")
+    max_request_pixels: int = setting(100_000_000, "pixels of all the images of one request")
     max_texts: int = setting(256, "texts per request")
     max_text_chars: int = setting(2000, "characters per text")
     max_labels: int = setting(1000, "labels per /classify request")

@@ -41,6 +41,16 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims another size (an image bomb: only the header is read)."""
+    import struct
+    import zlib
+
+    png = _png(0)
+    ihdr = struct.pack(">II", width, height) + png[24:29]
+    return png[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
@@ -132,6 +142,8 @@ def test_classify_caption_search_thumbnail(server):
     ("/classify", {"image": _b64(_png(1)), "labels": ["a"] * 1000, "templates": ["{}"] * 64}, None, 413, "prompts"),
     ("/search", None, b'{"text": "a", "k": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
     ("/search", None, b"[" * 10000 + b"]" * 10000, 400, "not valid JSON"),
+    ("/v1/embeddings", {"input": [_b64(_claiming(6000, 6000))] * 4, "modality": "image"}, None, 413, "in all"),
+    ("/classify", {"image": _b64(_claiming(3000, 10)), "labels": ["a"]}, None, 400, "aspect ratio"),
     ("/v1/embeddings", None, b'{"input": "' + b"x" * (1 << 20) + b'"}', 413, "exceeds"),
 ])
 def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, path, body, raw, status, message):

@@ -307,10 +307,10 @@ def _public(row: dict, source: str | None) -> dict:
 
 
 async def read_body(request, limit: int, timeout_s: float) -> bytes:
-    """The body, within `limit` bytes and `timeout_s` seconds. A Content-Length over the limit is
-    refused (413) after reading nothing, or, when it is at most 4 times the limit, after the body
-    is read and dropped (a client still sending would see a broken connection instead of the
-    answer); a chunked body as soon as it passes the limit; a client that stalls gets 408."""
+    """The body, within `limit` bytes and `timeout_s` seconds. A body over the limit is refused
+    (413): at once when its Content-Length is over 4 times the limit or a chunked body passes that,
+    otherwise after the body has been read and dropped (closing on unread bytes resets the
+    connection, and the client would lose the answer). A client that stalls gets 408."""
     declared = request.headers.get("content-length")
     if declared is not None and not declared.isdigit():
         raise BadRequest("Content-Length: not a number")
@@ -319,21 +319,26 @@ async def read_body(request, limit: int, timeout_s: float) -> bytes:
     if declared is not None and int(declared) > 4 * limit:
         raise too_large
 
+    received = 0
+
     async def read() -> bytes:
-        chunks, size = [], 0
+        nonlocal received
+        chunks = []
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > 4 * limit or (size > limit and declared is None):
+            received += len(chunk)
+            if received > 4 * limit:
                 raise too_large
-            if size <= limit:
+            if received <= limit:
                 chunks.append(chunk)
-        if size > limit:
+        if received > limit:
             raise too_large
         return b"".join(chunks)
 
     try:
         return await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
+        if received > limit:  # what did arrive is already too much
+            raise too_large from None
         raise BadRequest(f"request body not received within {timeout_s:g} s", 408) from None
 
 
@@ -351,15 +356,17 @@ def create_app(service: Service):
     async def handle(request: Request, name: str, op) -> Response:
         t0 = time.perf_counter()
         service.counts[name] += 1
-        if service.inflight >= service.limits.max_inflight:
-            service.errors[name] += 1
-            return refusal(BadRequest("busy: too many requests at once", 503, {"Retry-After": "1"}))
-        service.inflight += 1
+        working = False
         try:
             check_access(request)
             if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
                 raise BadRequest("Content-Type: send the body as application/json", 415)
             raw = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
+            # the limit is on requests doing work (reading a body costs little, and a body left
+            # unread would reset the connection before the 503 arrived)
+            if service.inflight >= service.limits.max_inflight:
+                raise BadRequest("busy: too many requests at once", 503, {"Retry-After": "1"})
+            service.inflight, working = service.inflight + 1, True
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError):  # malformed, too deep, or an integer of thousands of digits
@@ -374,7 +381,7 @@ def create_app(service: Service):
             service.errors[name] += 1
             return refusal(e)
         finally:
-            service.inflight -= 1
+            service.inflight -= working
             service.latency[name].append(time.perf_counter() - t0)
 
     def check_access(request: Request) -> None:
@@ -426,7 +433,7 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
 
     # SIGTERM: stop taking requests, give running ones 5 s; idle keep-alive connections close after 5 s
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                timeout_keep_alive=5, limit_concurrency=4 * service.limits.max_inflight)
+                timeout_keep_alive=5, limit_concurrency=service.limits.max_connections)
 
 
 def free_port() -> int:

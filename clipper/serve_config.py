@@ -14,7 +14,10 @@ class Limits:
     4xx with the reason before any model work is done."""
     max_body_bytes: int = setting(16 << 20, "request body bytes (Content-Length checked before reading)")
     read_timeout_s: float = setting(10.0, "seconds a client has to send its whole body (then 408)")
-    max_inflight: int = setting(64, "requests being handled at once; more get 503 with Retry-After")
+    max_inflight: int = setting(512, "requests doing model work at once (the batchers queue them); more get 503 "
+                                     "with Retry-After")
+    max_connections: int = setting(1024, "open connections; more get 503 from the HTTP server (raise the "
+                                         "process's open-file limit to match)")
     max_images: int = setting(16, "images per request")
     max_pixels: int = setting(40_000_000, "pixels per image")
     max_request_pixels: int = setting(100_000_000, "pixels of all the images of one request")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -19,24 +21,12 @@ MAX_ASPECT = 100
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
-def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """An RGB or L image from encoded bytes (one of FORMATS, within the pixel and aspect limits);
-    `where` names the input in errors. With `draft_size`, a JPEG at least twice that size on both
-    sides is decoded at a reduced scale (1/2 .. 1/8, in the DCT: much faster) that still covers
-    `draft_size` on both sides."""
+@contextlib.contextmanager
+def _opened(data: bytes, where: str, max_pixels: int) -> Iterator[Image.Image]:
+    """`data` opened by Pillow (one of FORMATS), every error it raises turned into an ImageError."""
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(f"{where}: {w}x{h} exceeds the pixel limit ({max_pixels})")
-            if min(w, h) < 1:
-                raise ImageError(f"{where}: {w}x{h} has no pixels")
-            if max(w, h) > MAX_ASPECT * min(w, h):
-                raise ImageError(f"{where}: {w}x{h} is outside the aspect ratio limit ({MAX_ASPECT}:1)")
-            if draft_size and im.format == "JPEG":
-                im.draft(im.mode, (draft_size, draft_size))
-            im.load()
-            return im.copy() if im.mode in ("RGB", "L") else im.convert("RGB")
+            yield im
     except ImageError:
         raise
     except Image.DecompressionBombError:  # over twice Pillow's own limit: refused before our check
@@ -47,15 +37,29 @@ def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_si
         raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
 
 
+def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """An RGB or L image from encoded bytes (one of FORMATS, within the pixel and aspect limits);
+    `where` names the input in errors. With `draft_size`, a JPEG at least twice that size on both
+    sides is decoded at a reduced scale (1/2 .. 1/8, in the DCT: much faster) that still covers
+    `draft_size` on both sides."""
+    with _opened(data, where, max_pixels) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageError(f"{where}: {w}x{h} exceeds the pixel limit ({max_pixels})")
+        if min(w, h) < 1:
+            raise ImageError(f"{where}: {w}x{h} has no pixels")
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise ImageError(f"{where}: {w}x{h} is outside the aspect ratio limit ({MAX_ASPECT}:1)")
+        if draft_size and im.format == "JPEG":
+            im.draft(im.mode, (draft_size, draft_size))
+        im.load()
+        return im.copy() if im.mode in ("RGB", "L") else im.convert("RGB")
+
+
 def image_size(data: bytes, where: str) -> tuple[int, int]:
     """(width, height) from the header alone (nothing decoded), for budgets across several images."""
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            return im.size
-    except UnidentifiedImageError:
-        raise ImageError(f"{where}: not an image (unknown format); formats read: {', '.join(FORMATS)}") from None
-    except Exception as e:  # as in decode_image
-        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
+    with _opened(data, where, MAX_PIXELS) as im:
+        return im.size
 
 
 def _first_line(e: BaseException) -> str:

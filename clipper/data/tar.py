@@ -17,6 +17,7 @@ import gzip
 import lzma
 import mmap
 import posixpath
+import re
 import zlib
 from collections.abc import Iterator
 
@@ -100,15 +101,18 @@ def _decompress(stream) -> tuple[bytes, TarDamage | None]:
     return b"".join(chunks), None
 
 
+# octal digits between spaces, then anything after a NUL (regular expressions run in C: a shard of
+# small samples has a header every kilobyte)
+_OCTAL = re.compile(rb" *([0-7]*) *(?:\x00.*)?", re.S)
+
+
 def _number(field: bytes) -> int | None:
     """A header number: octal digits (NUL- or space-terminated) or GNU base-256; None when it is
     anything else, negative included."""
     if field[:1] == b"\x80":  # base-256, positive (0xff would be negative)
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if text.strip(b"01234567"):
-        return None
-    return int(text or b"0", 8)
+    match = _OCTAL.fullmatch(field)
+    return int(match.group(1) or b"0", 8) if match else None
 
 
 # mode, uid, gid, mtime, devmajor, devminor: unused here, but a header whose numbers do not parse
@@ -118,15 +122,22 @@ _OTHER_NUMBERS = (slice(100, 108), slice(108, 116), slice(116, 124), slice(136, 
 
 
 def _header_ok(header: bytes) -> bool:
-    numbers_ok = all(header[f][:1] == b"\xff" or _number(header[f]) is not None for f in _OTHER_NUMBERS)
+    numbers_ok = all(header[f][:1] in (b"\x80", b"\xff") or _OCTAL.fullmatch(header, f.start, f.stop)
+                     for f in _OTHER_NUMBERS)
     return numbers_ok and _checksum_ok(header)
+
+
+_HIGH_BYTES = bytes(range(128, 256))
 
 
 def _checksum_ok(header: bytes) -> bool:
     stored = _number(header[148:156])
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32
-    signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)  # as tarfile also accepts
-    return stored is not None and stored in (unsigned, signed)
+    if stored == unsigned:  # nearly always: the signed sum (which tarfile also accepts) is computed only if not
+        return True
+    rest = header[:148] + header[156:]
+    high = len(rest) - len(rest.translate(None, _HIGH_BYTES))  # bytes over 127, counted in C
+    return stored is not None and stored == unsigned - 256 * high
 
 
 def _pax_records(data: bytes) -> dict[str, str] | None:

@@ -34,7 +34,11 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     in_channels: int = 3
-    pool: str = "tok"  # "tok": class token; "avg": mean of the patch tokens
+    # "tok": class token; "avg": mean of the patch tokens; "attn": CoCa's attentional pooler, whose
+    # first query gives the embedding and the others the tokens a caption decoder reads
+    pool: str = "tok"
+    attn_pool_queries: int = 256
+    attn_pool_heads: int = 8
     image_mean: tuple[float, ...] = OPENAI_MEAN
     image_std: tuple[float, ...] = OPENAI_STD
 
@@ -45,8 +49,10 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"{where}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         _heads_divide(self, where)
-        if self.pool not in ("tok", "avg"):
-            raise ConfigError(f"{where}.pool: {self.pool!r} is not one of 'tok', 'avg'")
+        if self.pool not in ("tok", "avg", "attn"):
+            raise ConfigError(f"{where}.pool: {self.pool!r} is not one of tok, avg, attn")
+        _positive(self, where, ("attn_pool_queries", "attn_pool_heads"))
+        _at_most(self, where, attn_pool_queries=65536, attn_pool_heads=1024)
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != self.in_channels:
                 raise ConfigError(
@@ -69,14 +75,16 @@ class TextConfig:
     mlp_ratio: float = 4.0
     # "eot": causal attention, the end-of-text token's output (CLIP's; open_clip checkpoints);
     # "mean": every token sees the whole text, the mean of the outputs from start to end-of-text
+    # "cls": CoCa's learned token after the text (position context_length), with open_clip's key
+    #        mask: key j is hidden where token j-1 is padding (0), the shifted mask its weights use
     pool: str = "eot"
 
     def validate(self, where: str = "text") -> None:
         _positive(self, where, ("context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"))
         _at_most(self, where, context_length=16384, vocab_size=10_000_000, width=16384, layers=1024, heads=1024,
                  mlp_ratio=64)
-        if self.pool not in ("eot", "mean"):
-            raise ConfigError(f"{where}.pool: {self.pool!r} is not one of eot, mean")
+        if self.pool not in ("eot", "mean", "cls"):
+            raise ConfigError(f"{where}.pool: {self.pool!r} is not one of eot, mean, cls")
         if self.context_length < 2:
             raise ConfigError(f"{where}.context_length: needs room for start and end tokens (>= 2)")
         _heads_divide(self, where)
@@ -84,7 +92,12 @@ class TextConfig:
 
 @dataclass
 class DecoderConfig:
-    """The captioner: a causal LM whose input starts with the image encoder's tokens (projected)."""
+    """The captioner, of one of two kinds:
+    "prefix": a causal LM of its own whose input starts with the image encoder's tokens (projected);
+    "coca": CoCa's multimodal decoder: causal self-attention over the text tower's token outputs,
+            cross-attention to the image tower's caption tokens, and a head over the whole BPE
+            vocabulary (the text tower is its front half: width must equal text.width)."""
+    kind: str = "prefix"
     width: int = 256
     layers: int = 4
     heads: int = 4
@@ -95,6 +108,8 @@ class DecoderConfig:
     vocab: tuple[int, ...] = ()
 
     def validate(self, where: str = "decoder") -> None:
+        if self.kind not in ("prefix", "coca"):
+            raise ConfigError(f"{where}.kind: {self.kind!r} is not one of prefix, coca")
         _positive(self, where, ("width", "layers", "heads", "mlp_ratio", "context_length"))
         _at_most(self, where, width=16384, layers=1024, heads=1024, mlp_ratio=64, context_length=16384)
         _heads_divide(self, where)
@@ -113,6 +128,8 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set for the sigmoid (SigLIP) loss
     decoder: DecoderConfig | None = None  # a captioner on top of the image encoder
+    # open_clip's name for a text tower kept under "text." in its state dict (CoCa, SigLIP, ...)
+    custom_text: bool = False
 
     def validate(self) -> "ModelConfig":
         _positive(self, "model", ("embed_dim",))
@@ -121,7 +138,19 @@ class ModelConfig:
         self.text.validate()
         if self.decoder is not None:
             self.decoder.validate()
+            if self.decoder.kind == "coca":
+                self._validate_coca(self.decoder)
         return self
+
+    def _validate_coca(self, d: DecoderConfig) -> None:
+        if self.vision.pool != "attn" or self.text.pool != "cls":
+            raise ConfigError("decoder.kind coca: needs vision.pool attn (caption tokens) and text.pool cls")
+        if d.width != self.text.width or d.width != self.embed_dim:
+            raise ConfigError(f"decoder.kind coca: decoder.width {d.width} must equal text.width {self.text.width} "
+                              f"and embed_dim {self.embed_dim} (it reads both without a projection)")
+        if d.vocab or d.context_length > self.text.context_length:
+            raise ConfigError("decoder.kind coca: the vocabulary is the text tower's (decoder.vocab empty) and "
+                              "decoder.context_length at most text.context_length")
 
     # --- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -439,13 +468,19 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 # open_clip config fields that clipper implements, with the values it supports; any other field
 # with a non-default value is refused rather than silently ignored.
+# (output_tokens only says what open_clip's forward returns.)
 _OC_TOP = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-           "custom_text"}
-_OC_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "pool_type"}
-_OC_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pool_type"}
-_OC_DEFAULT_OK = {"patch_dropout": 0.0, "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
-                  "pos_embed_type": "learnable", "final_ln_after_pool": False, "output_tokens": False,
-                  "embed_cls": False, "no_causal_mask": False, "proj_bias": False, "proj_type": "linear",
+           "custom_text", "multimodal_cfg"}
+_OC_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "pool_type",
+              "attentional_pool", "attn_pooler_queries", "attn_pooler_heads", "output_tokens"}
+_OC_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pool_type", "embed_cls",
+            "output_tokens"}
+# CoCa's decoder; open_clip's MultimodalTransformer does not read dim_head, n_queries, attn_pooler_heads
+_OC_MULTIMODAL = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "dim_head", "n_queries",
+                  "attn_pooler_heads"}
+_OC_DEFAULT_OK = {"patch_dropout": 0.0, "ls_init_value": None, "no_ln_pre": False,
+                  "pos_embed_type": "learnable", "final_ln_after_pool": False, "correct_cls_mask": False,
+                  "no_causal_mask": False, "proj_bias": False, "proj_type": "linear",
                   "pad_id": 0, "hf_model_name": None, "timm_model_name": None, "act_kwargs": None,
                   "norm_kwargs": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
                   "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
@@ -471,20 +506,36 @@ def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelC
         raise ConfigError(f"open_clip config {name}: vision_cfg.pool_type={vc['pool_type']!r} is not supported")
     if tc.get("pool_type", "argmax") != "argmax":
         raise ConfigError(f"open_clip config {name}: text_cfg.pool_type={tc['pool_type']!r} is not supported")
+    if vc.get("attentional_pool", False) not in (False, True):  # "parallel"/"cascade": open_clip's untested WIP
+        raise ConfigError(f"open_clip config {name}: vision_cfg.attentional_pool={vc['attentional_pool']!r} "
+                          "is not supported")
+    decoder = None
+    if "multimodal_cfg" in oc:
+        mc = dict(oc["multimodal_cfg"])
+        _refuse_unsupported(name, mc, _OC_MULTIMODAL, "multimodal_cfg.")
+        if mc.get("vocab_size", 49408) != tc.get("vocab_size", 49408):
+            raise ConfigError(f"open_clip config {name}: multimodal_cfg.vocab_size differs from the text tower's")
+        decoder = DecoderConfig(kind="coca", width=mc.get("width", 512), layers=mc.get("layers", 12),
+                                heads=mc.get("heads", 8), mlp_ratio=float(mc.get("mlp_ratio", 4)),
+                                context_length=mc.get("context_length", 77))
     width = vc.get("width", 768)
     cfg = ModelConfig(
         embed_dim=oc["embed_dim"],
         vision=VisionConfig(
             image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 16), width=width,
             layers=vc.get("layers", 12), heads=width // vc.get("head_width", 64),
-            mlp_ratio=float(vc.get("mlp_ratio", 4.0)), pool=vc.get("pool_type", "tok")),
+            mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
+            pool="attn" if vc.get("attentional_pool") else vc.get("pool_type", "tok"),
+            attn_pool_queries=vc.get("attn_pooler_queries", 256), attn_pool_heads=vc.get("attn_pooler_heads", 8)),
         text=TextConfig(
             context_length=tc.get("context_length", 77), vocab_size=tc.get("vocab_size", 49408),
             width=tc.get("width", 512), layers=tc.get("layers", 12), heads=tc.get("heads", 8),
-            mlp_ratio=float(tc.get("mlp_ratio", 4.0))),
+            mlp_ratio=float(tc.get("mlp_ratio", 4.0)), pool="cls" if tc.get("embed_cls") else "eot"),
         quick_gelu=bool(oc.get("quick_gelu", False)),
         init_logit_scale=float(oc.get("init_logit_scale", math.log(1 / 0.07))),
         init_logit_bias=oc.get("init_logit_bias"),
+        decoder=decoder,
+        custom_text=bool(oc.get("custom_text", False)) or decoder is not None,
     )
     return cfg.validate()
 

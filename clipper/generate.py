@@ -27,7 +27,10 @@ class GenerationConfig:
                                                "leaves after the prompt)")
     min_new_tokens: int = setting(0, "no end-of-text before this many tokens")
     num_beams: int = setting(1, "beam search with this many beams (1: greedy or sampling)")
-    length_penalty: float = setting(1.0, "beam hypotheses are ranked by log-prob / length ** length_penalty")
+    length_penalty: float = setting(1.0, "beam hypotheses are ranked by score / length ** length_penalty (length: "
+                                         "every token, start, prompt and end included)")
+    beam_score: str = setting("logprob", "what a beam adds up per token: logprob, or logit (raw logits: open_clip's "
+                                         "CoCa beam search, to reproduce its captions)")
     do_sample: bool = setting(False, "sample (temperature, top-k, top-p) instead of greedy/beam")
     temperature: float = setting(1.0, "sampling temperature")
     top_k: int = setting(0, "sample among the k most likely tokens (0: no limit)")
@@ -50,18 +53,21 @@ class GenerationConfig:
             raise ConfigError("generation: num_return_sequences cannot exceed num_beams")
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
             raise ConfigError("generation: several captions need do_sample or num_beams >= num_return_sequences")
+        if self.beam_score not in ("logprob", "logit"):
+            raise ConfigError(f"generation: beam_score {self.beam_score!r} is not one of logprob, logit")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
             raise ConfigError("generation: need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
         return self
 
 
 class _Text:
-    """Prompts as left-padded vocabulary indices, and the special tokens."""
+    """Prompts as left-padded vocabulary indices, the special tokens, and captions back to text."""
 
     def __init__(self, model: CLIP):
-        self.decoder = model.decoder
-        self.tokenizer = Tokenizer(model.config.decoder.context_length)
-        self.eot = int(self.decoder.to_vocab(torch.tensor([self.tokenizer.eot_id]))[0])
+        self.captioner = model.captioner()
+        self.tokenizer = Tokenizer(self.captioner.context_length)
+        self.eot = int(self.captioner.to_vocab(torch.tensor([self.tokenizer.eot_id]))[0])
+        self.stops = list(self.captioner.stop_ids)  # tokens that end a greedy or sampled caption
 
     def prompts(self, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [[self.tokenizer.sot_id, *self.tokenizer.encode(p)] for p in prompts]
@@ -69,7 +75,7 @@ class _Text:
         tokens = torch.zeros(len(rows), T, dtype=torch.long)
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
         for i, row in enumerate(rows):
-            ids = self.decoder.to_vocab(torch.tensor(row), f"prompt {prompts[i]!r}")
+            ids = self.captioner.to_vocab(torch.tensor(row), f"prompt {prompts[i]!r}")
             tokens[i, T - len(row):], valid[i, T - len(row):] = ids, True
         return tokens.to(device), valid.to(device)
 
@@ -77,7 +83,7 @@ class _Text:
         """Each image's prompt followed by its generated vocabulary indices, as text; one lookup of
         BPE ids for all of them (a tensor op per caption costs as much as a decode step's)."""
         flat = [i for seqs in per_image for seq in seqs for i in seq]
-        bpe = iter(self.decoder.ids[torch.tensor(flat, dtype=torch.long)].tolist() if flat else [])
+        bpe = iter(self.captioner.to_bpe(torch.tensor(flat, dtype=torch.long)).tolist() if flat else [])
         out = []
         for prompt, seqs in zip(prompts, per_image):
             ids = self.tokenizer.encode(prompt)
@@ -114,13 +120,13 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
 class _DecodeState:
     """Next-token logits with the KV cache, or by recomputing the sequence (use_cache=False)."""
 
-    def __init__(self, model: CLIP, image_tokens, tokens, valid, cfg: GenerationConfig):
-        self.decoder, self.cfg = model.decoder, cfg
+    def __init__(self, captioner, image_tokens, tokens, valid, cfg: GenerationConfig):
+        self.captioner, self.cfg = captioner, cfg
         if cfg.use_cache:
-            self.logits, self.cache = self.decoder.prefill(image_tokens, tokens, valid, cfg.max_new_tokens)
+            self.logits, self.cache = self.captioner.prefill(image_tokens, tokens, valid, cfg.max_new_tokens)
         else:
             self.image_tokens, self.tokens, self.valid = image_tokens, tokens, valid
-            self.logits = self.decoder.full_logits(image_tokens, tokens, valid)
+            self.logits = self.captioner.full_logits(image_tokens, tokens, valid)
 
     def select(self, rows: torch.Tensor) -> None:
         self.logits = self.logits[rows]
@@ -131,11 +137,11 @@ class _DecodeState:
 
     def feed(self, token: torch.Tensor) -> None:
         if self.cfg.use_cache:
-            self.logits = self.decoder.decode(token, self.cache)
+            self.logits = self.captioner.decode(token, self.cache)
         else:
             self.tokens = torch.cat([self.tokens, token[:, None]], 1)
             self.valid = torch.cat([self.valid, self.valid.new_ones(len(token), 1)], 1)
-            self.logits = self.decoder.full_logits(self.image_tokens, self.tokens, self.valid)
+            self.logits = self.captioner.full_logits(self.image_tokens, self.tokens, self.valid)
 
 
 def _seen(tokens: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -151,69 +157,112 @@ def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg:
     # one token per row per step, read back once at the end (no per-step Python work per row); a row
     # that has ended keeps going until all have (rows are independent) and is cut at its first end
     steps = []
+    stops = torch.tensor(text.stops, device=device)
     for step in range(cfg.max_new_tokens):
         token = _sample(_process(state.logits, seen, step, cfg, text.eot), cfg, generator)
         steps.append(token)
-        done |= token == text.eot
+        done |= torch.isin(token, stops)
         if step == cfg.max_new_tokens - 1 or bool(done.all()):
             break
         if cfg.repetition_penalty != 1.0:
             seen[rows, token] = True
         state.feed(token)
-    return [row[:row.index(text.eot)] if text.eot in row else row for row in torch.stack(steps, 1).tolist()]
+    return [_until(row, text.stops) for row in torch.stack(steps, 1).tolist()]
 
 
-def _beam_search(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[list[int]]]:
-    """Per image, its best `num_return_sequences` beams (stopping once `num_beams` have ended)."""
+def _until(row: list[int], stops: list[int]) -> list[int]:
+    """`row` up to its first stop token."""
+    ends = [row.index(t) for t in stops if t in row]
+    return row[:min(ends)] if ends else row
+
+
+class _Hypotheses:
+    """An image's best `k` finished beams, as (score, tokens): the bookkeeping of Hugging Face's
+    BeamHypotheses, which open_clip's CoCa beam search uses."""
+
+    def __init__(self, k: int, length_penalty: float):
+        self.k, self.length_penalty = k, length_penalty
+        self.beams: list[tuple[float, list[int]]] = []
+        self.worst = 1e9
+
+    def add(self, total: float, tokens: list[int], length: int) -> None:
+        score = total / length ** self.length_penalty
+        if len(self.beams) < self.k or score > self.worst:
+            self.beams.append((score, tokens))
+            if len(self.beams) > self.k:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def done(self, best_total: float, length: int) -> bool:
+        """No running beam can still beat the worst kept one (the heuristic: at the current length)."""
+        return len(self.beams) >= self.k and self.worst >= best_total / length ** self.length_penalty
+
+    def best(self, n: int) -> list[list[int]]:
+        return [tokens for _, tokens in sorted(self.beams, key=lambda b: b[0], reverse=True)[:n]]
+
+
+def _beam_search(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: GenerationConfig,
+                 prompt_lengths: list[int]) -> list[list[list[int]]]:
+    """Per image, its best `num_return_sequences` of `num_beams` beams. Each step ranks the 2k best
+    continuations: an end-of-text among the first k finishes a hypothesis, the best k others run on;
+    an image is done when no running beam can beat its k finished ones, and at max_new_tokens its
+    running beams join them (Hugging Face's beam search, early_stopping=False)."""
     B, k = seen.shape[0], cfg.num_beams
     rows = torch.arange(B).repeat_interleave(k)
     state.select(rows.to(seen.device))
     seen = seen[rows.to(seen.device)]
     scores = torch.zeros(B, k)
-    scores[:, 1:] = -float("inf")  # all beams start as copies: only the first may expand at first
+    scores[:, 1:] = -1e9  # all beams start as copies: only the first may expand at first
     seqs: list[list[int]] = [[] for _ in range(B * k)]
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    hyps = [_Hypotheses(k, cfg.length_penalty) for _ in range(B)]
+    done = [False] * B
     for step in range(cfg.max_new_tokens):
-        logp = _process(state.logits, seen, step, cfg, text.eot).log_softmax(dim=-1).cpu()
-        V = logp.shape[1]
-        cand = (scores.view(-1, 1) + logp).view(B, k * V)
+        processed = _process(state.logits, seen, step, cfg, text.eot)
+        step_scores = processed.log_softmax(dim=-1) if cfg.beam_score == "logprob" else processed
+        V = step_scores.shape[1]
+        cand = (scores.view(-1, 1) + step_scores.cpu()).view(B, k * V)
         top_scores, top_index = cand.topk(min(2 * k, k * V), dim=1)
-        new_rows, new_tokens, new_scores = [], [], torch.full((B, k), -float("inf"))
+        new_rows, new_tokens, new_scores = [], [], torch.zeros(B, k)
         for b in range(B):
+            length = prompt_lengths[b] + step + 1  # with this step's token
             kept = 0
-            for s, i in zip(top_scores[b].tolist(), top_index[b].tolist()):
-                origin, token = b * k + i // V, i % V
-                if s == -float("inf"):
-                    break
-                if token == text.eot or step == cfg.max_new_tokens - 1:
-                    seq = seqs[origin] + ([] if token == text.eot else [token])
-                    if len(finished[b]) < k:
-                        finished[b].append((s / (step + 1) ** cfg.length_penalty, seq))
-                    continue
-                if kept < k:
+            if not done[b]:
+                for rank, (s, i) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
+                    origin, token = b * k + i // V, i % V
+                    if token == text.eot:
+                        if rank < k:
+                            hyps[b].add(s, seqs[origin], length)
+                        continue
                     new_rows.append(origin)
                     new_tokens.append(token)
                     new_scores[b, kept] = s
                     kept += 1
-            while kept < k:  # pad with dead beams so that every image keeps k rows
-                new_rows.append(b * k)
+                    if kept == k:
+                        break
+                done[b] = hyps[b].done(top_scores[b, 0].item(), length)
+            for j in range(kept, k):  # a finished image keeps k rows (never read)
+                new_rows.append(b * k + j)
                 new_tokens.append(text.eot)
-                kept += 1
-        if all(len(f) >= k for f in finished) or step == cfg.max_new_tokens - 1:
-            break
-        scores = new_scores
-        index = torch.tensor(new_rows)
         seqs = [seqs[r] + [t] for r, t in zip(new_rows, new_tokens)]
+        scores = new_scores
+        if all(done):
+            break
+        if step == cfg.max_new_tokens - 1:  # out of room: the running beams count as they are
+            for b in range(B):
+                if not done[b]:
+                    for j in range(k):
+                        hyps[b].add(scores[b, j].item(), seqs[b * k + j], prompt_lengths[b] + step + 1)
+            break
+        index = torch.tensor(new_rows, device=seen.device)
         token = torch.tensor(new_tokens, device=seen.device)
-        seen = seen[index.to(seen.device)]
-        seen[torch.arange(B * k), token] = True
-        state.select(index.to(seen.device))
+        seen = seen[index]
+        seen[torch.arange(B * k, device=seen.device), token] = True
+        state.select(index)
         state.feed(token)
-    best = []
-    for f in finished:
-        f.sort(key=lambda x: -x[0])
-        best.append([seq for _, seq in f[:cfg.num_return_sequences]])
-    return best
+    return [h.best(cfg.num_return_sequences) for h in hyps]
 
 
 @torch.inference_mode()
@@ -225,24 +274,26 @@ def generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None = 
         raise ConfigError("this model has no caption decoder (train one with `clipper train-captioner`)")
     cfg = (cfg or GenerationConfig()).validate()
     text = _Text(model)
+    context = text.captioner.context_length
     B = pixels.shape[0]
     prompts = list(prompts) if prompts is not None else [""] * B
     if len(prompts) != B:
         raise ConfigError(f"prompts: {len(prompts)} for {B} image(s)")
     device = model.device
     tokens, valid = text.prompts(prompts, device)
-    room = model.config.decoder.context_length - int(valid.sum(1).max())
+    lengths = valid.sum(1).tolist()
+    room = context - max(lengths)
     if cfg.max_new_tokens is None:
         cfg = dataclasses.replace(cfg, max_new_tokens=room)
     if not cfg.min_new_tokens <= cfg.max_new_tokens <= room:
         raise ConfigError(f"max_new_tokens {cfg.max_new_tokens}: the longest prompt leaves room for {room} "
-                         f"(decoder context {model.config.decoder.context_length}), and min_new_tokens "
+                         f"(decoder context {context}), and min_new_tokens "
                          f"{cfg.min_new_tokens} must fit")
     image_tokens = model.visual.tokens(pixels.to(device))
-    state = _DecodeState(model, image_tokens, tokens, valid, cfg)
-    seen = _seen(tokens, valid, model.decoder.vocab_size)
+    state = _DecodeState(text.captioner, image_tokens, tokens, valid, cfg)
+    seen = _seen(tokens, valid, text.captioner.vocab_size)
     if cfg.num_beams > 1:
-        per_image = _beam_search(state, seen, text, cfg)
+        per_image = _beam_search(state, seen, text, cfg, lengths)
     else:
         n = cfg.num_return_sequences
         if n > 1:  # several samples per image: copy the prefilled cache rows, not the image

@@ -1,7 +1,9 @@
-"""open_clip <-> clipper weights for open_clip's ViT + text-transformer `CLIP` models.
+"""open_clip <-> clipper weights for open_clip's ViT + text-transformer models: `CLIP`,
+`CustomTextCLIP` and `CoCa`.
 
 Both use the same tensors under different names (open_clip's packed `in_proj` is our `qkv`),
-so conversion is a renaming, exact in both directions.
+so conversion is a renaming, exact in both directions; only CoCa's attentional pooler packs its
+projections differently (open_clip: q, k, v, or one in_proj; clipper: q and kv).
 """
 
 from __future__ import annotations
@@ -15,20 +17,29 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import read_state_dict
-from .config import ModelConfig, TextConfig, VisionConfig
+from .config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
 from .errors import CheckpointError
 from .io import atomic_path
 from .model import CLIP
 from .errors import ConfigError
 
-# (clipper pattern, open_clip pattern); block indices carry over as \1.
+# (clipper pattern, open_clip pattern); block indices carry over as \1. Text rules come in two
+# layouts: open_clip's CLIP keeps the text tower at the top level, CoCa and CustomTextCLIP under "text.".
 _RULES = [
     (r"visual\.patch_embed\.weight", r"visual.conv1.weight"),
     (r"visual\.transformer\.blocks\.(\d+)\.", r"visual.transformer.resblocks.\1."),
-    (r"text\.transformer\.blocks\.(\d+)\.", r"transformer.resblocks.\1."),
-    (r"text\.proj$", r"text_projection"),
-    (r"text\.", r""),
+    (r"visual\.attn_pool\.out\.", r"visual.attn_pool.attn.out_proj."),
+    (r"decoder\.blocks\.(\d+)\.", r"text_decoder.resblocks.\1."),
+    (r"decoder\.cross\.(\d+)\.", r"text_decoder.cross_attn.\1."),
+    (r"decoder\.proj$", r"text_decoder.text_projection"),
+    (r"decoder\.", r"text_decoder."),
 ]
+_TEXT_RULES = {
+    False: [(r"text\.transformer\.blocks\.(\d+)\.", r"transformer.resblocks.\1."), (r"text\.proj$", r"text_projection"),
+            (r"text\.", r"")],
+    True: [(r"text\.transformer\.blocks\.(\d+)\.", r"text.transformer.resblocks.\1."),
+           (r"text\.proj$", r"text.text_projection")],
+}
 _BLOCK_RULES = [
     (r"attn\.qkv\.", r"attn.in_proj_"),
     (r"attn\.out\.", r"attn.out_proj."),
@@ -37,12 +48,14 @@ _BLOCK_RULES = [
 ]
 # Entries of OpenAI/open_clip files that are not weights.
 _NON_WEIGHTS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
+_POOL = "visual.attn_pool."
 
 
-def open_clip_name(key: str) -> str:
-    """open_clip's name for the clipper parameter `key`."""
-    in_block = ".blocks." in key
-    for pattern, repl in _RULES:
+def open_clip_name(key: str, custom_text: bool = False) -> str:
+    """open_clip's name for the clipper parameter `key` (the attentional pooler's q and kv layers are
+    packed differently: see `_pooler_to_open_clip`)."""
+    in_block = ".blocks." in key or ".cross." in key
+    for pattern, repl in _TEXT_RULES[custom_text] + _RULES:
         key, n = re.subn("^" + pattern, repl, key)
         if n:
             break
@@ -52,43 +65,104 @@ def open_clip_name(key: str) -> str:
     return key
 
 
+def _pooler_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our pooler's q and packed kv layers -> open_clip's nn.MultiheadAttention tensors (one packed
+    in_proj_weight when keys and queries have one width, separate q/k/v weights otherwise)."""
+    if _POOL + "q.weight" not in sd:
+        return sd
+    sd = dict(sd)
+    q, kv = sd.pop(_POOL + "q.weight"), sd.pop(_POOL + "kv.weight")
+    bias = torch.cat([sd.pop(_POOL + "q.bias"), sd.pop(_POOL + "kv.bias")])
+    k, v = kv.chunk(2)
+    if q.shape == k.shape:
+        sd[_POOL + "attn.in_proj_weight"] = torch.cat([q, k, v])
+    else:
+        sd |= {_POOL + "attn.q_proj_weight": q, _POOL + "attn.k_proj_weight": k, _POOL + "attn.v_proj_weight": v}
+    sd[_POOL + "attn.in_proj_bias"] = bias
+    return sd
+
+
+def _pooler_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    attn = _POOL + "attn."
+    if attn + "in_proj_bias" not in sd:
+        return sd
+    sd = dict(sd)
+    if attn + "in_proj_weight" in sd:
+        q, k, v = sd.pop(attn + "in_proj_weight").chunk(3)
+    else:
+        q, k, v = (sd.pop(attn + f"{n}_proj_weight") for n in "qkv")
+    bias = sd.pop(attn + "in_proj_bias")
+    dim = q.shape[0]
+    sd |= {_POOL + "q.weight": q, _POOL + "q.bias": bias[:dim], _POOL + "kv.weight": torch.cat([k, v]),
+           _POOL + "kv.bias": bias[dim:]}
+    return sd
+
+
 def _key_map(model: CLIP) -> dict[str, str]:
-    """{open_clip name: clipper name} for every tensor of `model`."""
-    return {open_clip_name(k): k for k in model.state_dict()}
+    """{open_clip name (pooler unpacked): clipper name} for every tensor of `model`."""
+    return {open_clip_name(k, model.config.custom_text): k for k in model.state_dict()}
+
+
+def _exported(model: CLIP) -> bool:
+    """Whether the decoder is part of open_clip's model (CoCa's), not one of clipper's own."""
+    return model.decoder is not None and model.config.decoder.kind == "coca"
 
 
 def to_open_clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
-    """The state dict that open_clip's CLIP of the same config loads with strict=True (a
-    captioner's decoder has no open_clip counterpart and is left out)."""
-    if model.config.text.pool != "eot":
+    """The state dict that open_clip's model of the same config (CLIP, CustomTextCLIP or CoCa)
+    loads with strict=True (clipper's own caption decoder has no open_clip counterpart and is left out)."""
+    if model.config.text.pool == "mean":
         raise ConfigError(f"text.pool {model.config.text.pool!r}: open_clip's CLIP pools the end-of-text "
                          "token of a causal text tower; this model cannot be exported to it")
-    return {open_clip_name(k): v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+    keep_decoder = _exported(model)
+    sd = {k: v for k, v in model.state_dict().items() if keep_decoder or not k.startswith("decoder.")}
+    return {open_clip_name(k, model.config.custom_text): v for k, v in _pooler_to_open_clip(sd).items()}
 
 
 def config_from_open_clip_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bool = False,
                                      head_width: int = 64) -> ModelConfig:
-    """Infer the architecture from tensor shapes (heads assume open_clip's 64-wide heads)."""
+    """Infer the architecture from tensor shapes (heads assume open_clip's 64-wide heads; an
+    attentional pooler's heads, which no shape tells, open_clip's default of 8)."""
     try:
         conv = sd["visual.conv1.weight"]
         width, in_channels, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
         grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
-        t_width = sd["ln_final.weight"].shape[0]
-        v_layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
-        t_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+        t = "text." if "text.token_embedding.weight" in sd else ""  # CoCa / CustomTextCLIP keep it under text.
+        t_width = sd[t + "ln_final.weight"].shape[0]
+
+        def layers(prefix: str) -> int:
+            return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+        def mlp_ratio(prefix: str, w: int) -> float:
+            return sd[prefix + "0.mlp.c_fc.weight"].shape[0] / w
+
+        cls = t + "cls_emb" in sd
+        pool = "visual.attn_pool.query" in sd
+        decoder = None
+        if "text_decoder.ln_final.weight" in sd:
+            d_width = sd["text_decoder.ln_final.weight"].shape[0]
+            decoder = DecoderConfig(kind="coca", width=d_width, layers=layers("text_decoder.resblocks."),
+                                    heads=max(1, d_width // head_width),
+                                    mlp_ratio=mlp_ratio("text_decoder.resblocks.", d_width),
+                                    context_length=sd[t + "positional_embedding"].shape[0] - cls)
         return ModelConfig(
-            embed_dim=sd["text_projection"].shape[1],
-            vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=v_layers,
+            embed_dim=sd[t + "text_projection"].shape[1],
+            vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
+                                layers=layers("visual.transformer.resblocks."),
                                 heads=max(1, width // head_width), in_channels=in_channels,
-                                mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+                                mlp_ratio=mlp_ratio("visual.transformer.resblocks.", width),
+                                pool="attn" if pool else "tok",
+                                attn_pool_queries=sd["visual.attn_pool.query"].shape[0] if pool else 256,
                                 **({} if in_channels == 3 else {"image_mean": (0.5,) * in_channels,
                                                                  "image_std": (0.5,) * in_channels})),
-            text=TextConfig(context_length=sd["positional_embedding"].shape[0],
-                            vocab_size=sd["token_embedding.weight"].shape[0], width=t_width, layers=t_layers,
-                            heads=max(1, t_width // head_width),
-                            mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / t_width),
+            text=TextConfig(context_length=sd[t + "positional_embedding"].shape[0] - cls,
+                            vocab_size=sd[t + "token_embedding.weight"].shape[0], width=t_width,
+                            layers=layers(t + "transformer.resblocks."), heads=max(1, t_width // head_width),
+                            mlp_ratio=mlp_ratio(t + "transformer.resblocks.", t_width),
+                            pool="cls" if cls else "eot"),
             quick_gelu=quick_gelu,
             init_logit_bias=float(sd["logit_bias"]) if "logit_bias" in sd else None,
+            decoder=decoder, custom_text=bool(t),
         ).validate()
     except KeyError as e:
         raise CheckpointError(f"not an open_clip ViT CLIP state dict: no {e.args[0]!r}") from None
@@ -98,7 +172,7 @@ def from_open_clip_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig |
                               source: str = "open_clip state dict", copy: bool = True) -> CLIP:
     """A clipper CLIP holding the weights of an open_clip CLIP state dict (copied, so that the two
     models do not share storage; `copy=False` adopts tensors that nothing else holds)."""
-    sd = {k: v for k, v in sd.items() if k not in _NON_WEIGHTS}
+    sd = _pooler_from_open_clip({k: v for k, v in sd.items() if k not in _NON_WEIGHTS})
     if config is None:
         config = config_from_open_clip_state_dict(sd)
     if config.init_logit_bias is None and "logit_bias" in sd:

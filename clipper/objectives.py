@@ -156,17 +156,11 @@ class CaptionModel(nn.Module):
         self.model, self.train_image = model, train_image
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        decoder = self.model.decoder
-        eot = tokens.argmax(dim=-1)  # the end token has the largest id
-        length = int(eot.max()) + 1
-        tokens = tokens[:, :length]
-        positions = torch.arange(length, device=tokens.device)
-        valid = positions[None] <= eot[:, None]
-        index = torch.zeros_like(tokens)
-        index[valid] = decoder.to_vocab(tokens[valid], "caption")
+        model = self.model
         with torch.set_grad_enabled(self.train_image and torch.is_grad_enabled()):
-            image_tokens = self.model.visual.tokens(images)
-        return decoder(image_tokens, index, valid & (positions[None] > 0))
+            image_tokens = model.visual.tokens(images)
+        states = model.text.states(tokens) if model.decoder.reads_text_states else None
+        return model.decoder.loss(image_tokens, tokens, states)
 
 
 class Caption(Objective):

@@ -10,11 +10,13 @@ from torch import nn
 
 from ..checkpoint import load_weights, save_model
 from ..config import ModelConfig
+from .coca import CoCaDecoder
 from .decoder import CaptionDecoder
 from .text import TextTransformer
 from .vision import VisionTransformer
 
 MAX_LOGIT_SCALE = 100.0
+DECODERS = {"prefix": CaptionDecoder, "coca": CoCaDecoder}  # DecoderConfig.kind -> the module
 
 
 class CLIP(nn.Module):
@@ -49,9 +51,13 @@ class CLIP(nn.Module):
 
     def add_decoder(self, cfg) -> None:
         """Attach a (freshly initialised) captioner on the image tower's tokens."""
-        v = self.config.vision
         self.config.decoder = cfg
-        self.decoder = CaptionDecoder(cfg, v.width, v.grid ** 2 + 1, self.config.quick_gelu)
+        self.config.validate()
+        self.decoder = DECODERS[cfg.kind].for_model(cfg, self.config)
+
+    def captioner(self):
+        """What the generation engine drives (`clipper.generate`): prefill, decode, vocabulary."""
+        return self.decoder.captioner(self.text)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -60,6 +66,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text.token_embedding.weight, std=0.02)
         nn.init.normal_(self.text.positional_embedding, std=0.01)
         nn.init.normal_(self.text.proj, std=t.width ** -0.5)
+        if self.text.cls_emb is not None:
+            nn.init.normal_(self.text.cls_emb, std=0.01)
         for tower in (self.visual.transformer, self.text.transformer):
             width = tower.blocks[0].ln_1.normalized_shape[0]
             out_std = width ** -0.5 * (2 * len(tower.blocks)) ** -0.5

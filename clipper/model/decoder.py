@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecoderConfig
+from ..config import DecoderConfig, ModelConfig
 from ..errors import ConfigError
 from .linear import Linear
 from .transformer import Block, DecodeStep, bind_decode_step
 
 BPE_VOCAB_SIZE = 49408
+EOT_ID = 49407
 
 
 @dataclass
@@ -42,6 +43,8 @@ class KVCache:
 
 
 class CaptionDecoder(nn.Module):
+    reads_text_states = False  # its input is tokens (the text tower is not involved)
+
     def __init__(self, cfg: DecoderConfig, image_width: int, prefix_length: int, quick_gelu: bool = False):
         super().__init__()
         self.cfg = cfg
@@ -65,9 +68,33 @@ class CaptionDecoder(nn.Module):
             nn.init.normal_(block.attn.out.weight, std=out_std)
             nn.init.normal_(block.mlp.proj.weight, std=out_std)
 
+    @classmethod
+    def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "CaptionDecoder":
+        """A decoder on `model`'s image tokens (`VisionTransformer.tokens`)."""
+        v = model.vision
+        if v.pool == "attn":  # the attentional pooler's caption queries
+            return cls(cfg, model.embed_dim, v.attn_pool_queries - 1, model.quick_gelu)
+        return cls(cfg, v.width, v.grid ** 2 + 1, model.quick_gelu)
+
     @property
     def vocab_size(self) -> int:
         return self.ids.numel()
+
+    # --- what the generation engine reads (clipper.generate) ---------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.cfg.context_length
+
+    @property
+    def stop_ids(self) -> tuple[int]:
+        return (int(self.index[EOT_ID]),)
+
+    def captioner(self, text: nn.Module) -> "CaptionDecoder":
+        """The decoder drives generation itself (it does not read the text tower)."""
+        return self
+
+    def to_bpe(self, index: torch.Tensor) -> torch.Tensor:
+        return self.ids[index]
 
     def to_vocab(self, bpe: torch.Tensor, what: str = "tokens") -> torch.Tensor:
         """BPE ids -> vocabulary indices; ids outside the decoder's vocabulary are an error."""
@@ -91,6 +118,18 @@ class CaptionDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, causal=mask is None, mask=mask, kv=None if cache is None else (cache.kv[i], cache.length))
         return self.ln_final(x)
+
+    def loss(self, image_tokens: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None = None) -> dict:
+        """Teacher-forced caption loss of BPE rows [B, L] ([start, caption..., end, 0...]) on the
+        caption and end tokens (`states` is not read)."""
+        eot = tokens.argmax(dim=-1)  # the end token has the largest id
+        length = int(eot.max()) + 1
+        tokens = tokens[:, :length]
+        positions = torch.arange(length, device=tokens.device)
+        valid = positions[None] <= eot[:, None]
+        index = torch.zeros_like(tokens)
+        index[valid] = self.to_vocab(tokens[valid], "caption")
+        return self(image_tokens, index, valid & (positions[None] > 0))
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> dict:
         """Teacher-forced caption loss. tokens [B, T] vocabulary indices [start, ..., end, pad...];

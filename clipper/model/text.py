@@ -1,4 +1,5 @@
-"""CLIP-style text encoder: token + position embeddings, causal transformer, end-of-text pooling."""
+"""CLIP-style text encoder: token + position embeddings, a transformer, then pooling: the
+end-of-text token (causal), the mean of the tokens (bidirectional), or CoCa's class token."""
 
 from __future__ import annotations
 
@@ -15,19 +16,29 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         w = cfg.width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, w))
+        # CoCa's class token sits after the longest text: one more position
+        self.cls_emb = nn.Parameter(torch.empty(w)) if cfg.pool == "cls" else None
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length + (cfg.pool == "cls"), w))
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu)
         self.ln_final = nn.LayerNorm(w)
         self.proj = nn.Parameter(torch.empty(w, embed_dim))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] (L <= context_length, end-of-text = the largest id of each row) -> [B, embed_dim]."""
+    def _check(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The end-of-text position of each row (the largest id)."""
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens: expected an integer tensor [batch, length], got {tokens.dtype} "
                              f"{list(tokens.shape)}")
         if tokens.shape[1] > self.cfg.context_length:
             raise ValueError(f"tokens: length {tokens.shape[1]} exceeds context_length {self.cfg.context_length}")
-        eot = tokens.argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L] (L <= context_length, end-of-text = the largest id of each row) -> [B, embed_dim]."""
+        eot = self._check(tokens)
+        if self.cls_emb is not None:
+            x, mask = self._with_cls(tokens, eot)
+            pool = torch.full_like(eot, x.shape[1] - 1)
+            return self.ln_final(self.transformer(x, mask=mask, pool_index=pool)) @ self.proj
         # Nothing after the batch's last end-of-text token can change the pooled features (causal
         # attention, or padding masked out), so the sequence is cut there: exact, and most captions are short.
         length = int(eot.max()) + 1 if tokens.numel() else 0
@@ -39,3 +50,35 @@ class TextTransformer(nn.Module):
             x = self.transformer(x, mask=text[:, None, None, :])
             x = (x * text[..., None]).sum(1) / text.sum(1, keepdim=True)
         return self.ln_final(x) @ self.proj
+
+    def states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The transformer's outputs (before ln_final) at positions 0 .. the last end-of-text [B, T, width]:
+        what CoCa's decoder reads. Exact up to each row's end-of-text (causal; a row's padding after it
+        sees what a full run would not, and is never read)."""
+        eot = self._check(tokens)
+        length = int(eot.max()) + 1 if tokens.numel() else 0
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
+        return self.transformer(x, causal=True)
+
+    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, embed_dim], `states`) from one pass (CoCa's joint training)."""
+        if self.cls_emb is None:
+            return self(tokens), self.states(tokens)
+        eot = self._check(tokens)
+        x, mask = self._with_cls(tokens, eot)
+        x = self.transformer(x, mask=mask)
+        return self.ln_final(x[:, -1]) @ self.proj, x[:, :int(eot.max()) + 1]
+
+    def _with_cls(self, tokens: torch.Tensor, eot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the text (cut after the longest row's first padding) and the class token
+        after it, and open_clip's mask [B, 1, T + 1, T + 1]: causal, and key j hidden where token
+        j - 1 is padding; the class token keeps position L and sees itself only in a row without
+        padding, as in open_clip (its CoCa weights were trained so)."""
+        B, L = tokens.shape
+        keep = min(L, (int(eot.max()) if tokens.numel() else 0) + 2)  # later keys are hidden in every row
+        x = self.token_embedding(tokens[:, :keep]) + self.positional_embedding[:keep]
+        cls = (self.cls_emb + self.positional_embedding[L]).to(x.dtype).expand(B, 1, -1)
+        keys = torch.cat([tokens.new_ones(B, 1, dtype=torch.bool), tokens[:, :keep - 1] != 0,
+                          (tokens[:, L - 1] != 0)[:, None]], 1)
+        causal = torch.ones(keep + 1, keep + 1, dtype=torch.bool, device=tokens.device).tril()
+        return torch.cat([x, cls], 1), (causal[None] & keys[:, None, :])[:, None]

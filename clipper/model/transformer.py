@@ -77,6 +77,8 @@ class Attention(nn.Module):
             q, k, v = self._project_at(x, at)
             if causal:  # the row at position i sees keys 0..i, as under the full causal mask
                 mask, causal = (torch.arange(L, device=x.device) <= at[:, None]).view(B, 1, 1, L), False
+            elif mask is not None and mask.shape[-2] > 1:  # a mask per query: the pooled row's
+                mask = mask[torch.arange(B, device=x.device), :, at].unsqueeze(2)
         else:
             qkv = self.qkv(x).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
@@ -86,6 +88,31 @@ class Attention(nn.Module):
                 k, v = cache[:, :, :, :start + L].unbind(0)
         y = attend(q, k, v, mask, causal)
         return self.out(y.transpose(1, 2).reshape(B, -1, C))
+
+    def context_kv(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values of another sequence [B, N, C] for cross-attention: [2, B, H, N, C/H]
+        (the k and v rows of the packed projection; computed once per image in generation)."""
+        B, N, C = context.shape
+        H = self.heads
+        if isinstance(self.qkv, nn.Linear):
+            kv = linear(context, self.qkv.weight[C:], self.qkv.bias[C:])
+        else:  # int8: not sliceable
+            kv = self.qkv(context)[..., C:]
+        return kv.reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
+
+    def cross(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of x [R, L, C] over `context_kv`'s keys and values [2, B, H, N, C/H],
+        where R is a multiple of B: rows r*B/R .. of x belong to context row r (beams and samples
+        of one image share its keys, which are not copied)."""
+        R, L, C = x.shape
+        H, B = self.heads, kv.shape[1]
+        w, b = (self.qkv.weight[:C], self.qkv.bias[:C]) if isinstance(self.qkv, nn.Linear) else (None, None)
+        q = linear(x, w, b) if w is not None else self.qkv(x)[..., :C]
+        # the rows of one context row become extra queries of it: [B, H, (R/B) * L, C/H]
+        q = q.view(B, R // B, L, H, C // H).permute(0, 3, 1, 2, 4).reshape(B, H, (R // B) * L, C // H)
+        y = attend(q, kv[0], kv[1])
+        y = y.view(B, H, R // B, L, C // H).permute(0, 2, 3, 1, 4).reshape(R, L, C)
+        return self.out(y)
 
     def _project_at(self, x: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q of the rows `at` [B, H, 1, C/H], k and v of all rows [B, H, L, C/H]."""
@@ -128,6 +155,24 @@ class Block(nn.Module):
         if at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), at].unsqueeze(1)
         x = x + self.attn(h, causal, mask, kv, at)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CrossBlock(Block):
+    """A pre-norm block whose attention reads another sequence (CoCa's decoder: text queries over
+    the image's caption tokens), normalised by its own LayerNorm (ln_1_kv)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
+        super().__init__(width, heads, mlp_ratio, quick_gelu)
+        self.ln_1_kv = nn.LayerNorm(width)
+
+    def context(self, context: torch.Tensor) -> torch.Tensor:
+        """The keys and values this block attends to, [2, B, H, N, C/H], from context [B, N, C]."""
+        return self.attn.context_kv(self.ln_1_kv(context))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x [R, L, C] over the keys and values of `context` (R a multiple of their rows)."""
+        x = x + self.attn.cross(self.ln_1(x), kv)
         return x + self.mlp(self.ln_2(x))
 
 

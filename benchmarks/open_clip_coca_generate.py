@@ -1,0 +1,40 @@
+"""Run open_clip's CoCa `generate` for benchmarks/peer.py (in the peer's environment).
+
+    python benchmarks/open_clip_coca_generate.py SPEC.json OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import open_clip
+    import transformers
+    from open_clip.coca_model import CoCa
+    from safetensors.torch import load_file
+
+    spec = json.loads(open(spec_path).read())
+    torch.set_num_threads(int(spec.get("threads", torch.get_num_threads())))
+    cfg = {k: v for k, v in open_clip.get_model_config(spec["model"]).items() if k != "custom_text"}
+    model = CoCa(**cfg)
+    model.load_state_dict(load_file(spec["weights"]), strict=True)
+    model.eval()
+    images = load_file(spec["images"])["images"]
+    results = []
+    for kwargs in spec["runs"]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            tokens = model.generate(images, **kwargs)
+        results.append({"tokens": tokens.tolist(), "seconds": time.perf_counter() - start})
+    with open(out_path, "w") as f:
+        json.dump({"runs": results, "transformers": transformers.__version__,
+                   "open_clip": open_clip.__version__}, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,205 @@
+"""CoCa's multimodal decoder (open_clip's `text_decoder`), and CoCa captioning with KV caches.
+
+CoCa captions through two stacks: the text tower (causal, its class token unused) turns tokens
+into states, and the decoder runs causal self-attention over those states, cross-attention to the
+image's caption tokens (the attentional pooler's outputs) and a head over the BPE vocabulary.
+Generation caches the keys and values of both stacks; the cross-attention keys and values are
+computed once per image and read by all of its beams and samples in place (`Attention.cross`).
+
+open_clip conventions kept, because its CoCa weights were trained or are used with them: the
+text tower hides key j where token j - 1 is padding (0), also inside a prompt; a caption ends at
+end-of-text, and in greedy or sampled generation also at a padding token (open_clip's `generate`
+stops a row there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DecoderConfig, ModelConfig
+from ..errors import ConfigError
+from .text import TextTransformer
+from .transformer import Block, CrossBlock, DecodeStep, bind_decode_step
+
+PAD_ID = 0
+EOT_ID = 49407
+
+
+class CoCaDecoder(nn.Module):
+    reads_text_states = True  # its input is the text tower's states, not tokens
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, quick_gelu: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, quick_gelu) for _ in range(cfg.layers))
+        self.cross = nn.ModuleList(CrossBlock(w, cfg.heads, cfg.mlp_ratio, quick_gelu) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(w)
+        self.proj = nn.Parameter(torch.empty(w, vocab_size))
+        self._init(w)
+
+    @classmethod
+    def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "CoCaDecoder":
+        return cls(cfg, model.text.vocab_size, model.quick_gelu)
+
+    @torch.no_grad()
+    def _init(self, w: int) -> None:  # open_clip's MultimodalTransformer init
+        out_std = w ** -0.5 * (2 * len(self.blocks)) ** -0.5
+        for block in [*self.blocks, *self.cross]:
+            nn.init.normal_(block.attn.qkv.weight, std=w ** -0.5)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.out.weight, std=out_std)
+            nn.init.normal_(block.mlp.fc.weight, std=(2 * w) ** -0.5)
+            nn.init.normal_(block.mlp.proj.weight, std=out_std)
+        nn.init.normal_(self.proj, std=w ** -0.5)
+
+    def context(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Every cross-attention layer's keys and values of the image's caption tokens
+        [layers, 2, B, H, N, C/H]."""
+        return torch.stack([block.context(image_tokens) for block in self.cross])
+
+    def hidden(self, states: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
+               caches: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's blocks over text states [B, T, C]: causal (or `mask` [B, 1, T, T]), filling
+        `caches` [layers, 2, B, H, S, C/H] from position 0 when given."""
+        x = states
+        for i, (block, cross) in enumerate(zip(self.blocks, self.cross)):
+            x = block(x, causal=mask is None, mask=mask, kv=None if caches is None else (caches[i], 0))
+            x = cross(x, context[i])
+        return self.ln_final(x)
+
+    def forward(self, image_tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] at every position (open_clip's `text_decoder(image_embs, token_embs)`)."""
+        return self.hidden(states, self.context(image_tokens)) @ self.proj
+
+    def loss(self, image_tokens: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> dict:
+        """Teacher-forced caption loss of BPE rows [B, L] ([start, caption..., end, 0...]) on `states`
+        (the text tower's, `TextTransformer.states`): position t predicts token t + 1; padding (0)
+        is not a target (open_clip's CoCaLoss: ignore_index = pad id)."""
+        last = states.shape[1] - 1  # the batch's last end-of-text: nothing after it is predicted
+        targets = tokens[:, 1:last + 1]
+        h = self.hidden(states[:, :last], self.context(image_tokens))
+        rows, cols = (targets != PAD_ID).nonzero(as_tuple=True)
+        loss = F.cross_entropy((h[rows, cols] @ self.proj).float(), targets[rows, cols])
+        return {"loss": loss, "tokens": torch.tensor(float(rows.numel()))}
+
+    def captioner(self, text: TextTransformer) -> "CoCaCaptioner":
+        return CoCaCaptioner(text, self)
+
+
+@dataclass
+class CoCaCache:
+    """Keys and values of the text tower's and the decoder's layers [layers, 2, R, H, S, C/H], the
+    decoder's cross-attention keys and values per image [layers, 2, B, H, N, C/H] (R = B x rows
+    per image), and which cached positions each stack may attend to."""
+    text_kv: torch.Tensor
+    kv: torch.Tensor
+    context: torch.Tensor
+    valid: torch.Tensor  # [R, S] real tokens (not left padding): the decoder's keys
+    text_valid: torch.Tensor  # [R, S] the text tower's keys: real, and not after a padding token
+    positions: torch.Tensor  # [R] position id of each row's next token
+    last: torch.Tensor  # [R] each row's last token
+    length: int = 0
+    padded: bool = True  # some row has a hidden decoder key (else a decode step needs no mask)
+    text_padded: bool = True  # some row has a hidden text-tower key
+    steps: tuple[list[DecodeStep], list[DecodeStep]] | None = None
+
+    def select(self, rows: torch.Tensor) -> "CoCaCache":
+        """The cache of rows `rows`, which must keep each image's rows together (beams, samples)."""
+        B, per = self.context.shape[2], len(rows) // self.context.shape[2]
+        old = self.kv.shape[2] // B
+        if len(rows) != B * per or not bool((rows // old == torch.arange(len(rows), device=rows.device) // per).all()):
+            raise ValueError("CoCaCache.select: rows must stay with their image (same number per image, in order)")
+        return CoCaCache(self.text_kv[:, :, rows], self.kv[:, :, rows], self.context, self.valid[rows],
+                         self.text_valid[rows], self.positions[rows], self.last[rows], self.length, self.padded,
+                         self.text_padded, self.steps)
+
+
+class CoCaCaptioner:
+    """What the generation engine drives (`clipper.generate`): a CoCa model's text tower and
+    decoder; token ids are BPE ids (the vocabulary is the whole BPE)."""
+
+    def __init__(self, text: TextTransformer, decoder: CoCaDecoder):
+        self.text, self.decoder = text, decoder
+        self.vocab_size = text.cfg.vocab_size
+        self.context_length = decoder.cfg.context_length
+        self.stop_ids = (EOT_ID, PAD_ID)
+
+    def to_vocab(self, bpe: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+        if bpe.numel() and int(bpe.max()) >= self.vocab_size:
+            raise ConfigError(f"{what}: token id {int(bpe.max())} is outside the vocabulary ({self.vocab_size})")
+        return bpe
+
+    def to_bpe(self, index: torch.Tensor) -> torch.Tensor:
+        return index
+
+    def _run(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+             room: int | None) -> tuple[torch.Tensor, CoCaCache | None]:
+        """Left-padded BPE rows [B, T] (`valid`: real tokens) through both stacks; the last position's
+        logits, and caches with room for `room` more tokens (None: none)."""
+        B, T = tokens.shape
+        text, dev = self.text, tokens.device
+        positions = valid.long().cumsum(1) - 1
+        first = valid & (positions == 0)
+        after_pad = torch.cat([tokens.new_zeros(B, 1), tokens[:, :-1]], 1) == PAD_ID
+        text_valid = valid & (first | ~after_pad)
+        x = text.token_embedding(tokens) + text.positional_embedding[positions.clamp(min=0)]
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        # a padding row attends to itself (no empty softmax); a real row may not see its own hidden key
+        pad_self = torch.eye(T, dtype=torch.bool, device=dev)[None] & ~valid[:, :, None]
+        masks = [((causal[None] & k[:, None, :]) | pad_self)[:, None] for k in (text_valid, valid)]
+        cache = None
+        if room is not None:
+            S = T + room
+
+            def stack(layers: int, heads: int, width: int) -> torch.Tensor:
+                return x.new_zeros(layers, 2, B, heads, S, width // heads)
+
+            grow = valid.new_ones(B, room)
+            cache = CoCaCache(stack(len(text.transformer.blocks), text.cfg.heads, text.cfg.width),
+                              stack(len(self.decoder.blocks), self.decoder.cfg.heads, self.decoder.cfg.width),
+                              self.decoder.context(image_tokens), torch.cat([valid, grow], 1),
+                              torch.cat([text_valid, grow], 1), positions[:, -1] + 1, tokens[:, -1], T,
+                              padded=not bool(valid.all()), text_padded=not bool(text_valid.all()))
+        for i, block in enumerate(text.transformer.blocks):
+            x = block(x, mask=masks[0], kv=None if cache is None else (cache.text_kv[i], 0))
+        context = self.decoder.context(image_tokens) if cache is None else cache.context
+        h = self.decoder.hidden(x, context, masks[1], None if cache is None else cache.kv)
+        return h[:, -1] @ self.decoder.proj, cache
+
+    def prefill(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                max_new_tokens: int) -> tuple[torch.Tensor, CoCaCache]:
+        return self._run(image_tokens, tokens, valid, max_new_tokens)
+
+    def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Next-token logits by recomputing everything (the reference the cached path must match)."""
+        return self._run(image_tokens, tokens, valid, None)[0]
+
+    def decode(self, token: torch.Tensor, cache: CoCaCache) -> torch.Tensor:
+        """Feed one token per row [B]; return the next-token logits [B, V]."""
+        n = cache.length
+        if n >= cache.kv.shape[4]:
+            raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
+        text = self.text
+        if cache.steps is None:
+            cache.steps = ([bind_decode_step(b) for b in text.transformer.blocks],
+                           [bind_decode_step(b) for b in self.decoder.blocks])
+        after_pad = cache.last == PAD_ID
+        if bool(after_pad.any()):  # open_clip's shifted mask: the key after a padding token is hidden
+            cache.text_valid[:, n] = ~after_pad
+            cache.text_padded = True
+        x = text.token_embedding.forward(token) + text.positional_embedding[cache.positions]
+        text_mask = cache.text_valid[:, None, None, :n + 1] if cache.text_padded else None
+        for step, kv in zip(cache.steps[0], cache.text_kv):
+            x = step(x, kv, n, text_mask)
+        mask = cache.valid[:, None, None, :n + 1] if cache.padded else None
+        for step, cross, kv, context in zip(cache.steps[1], self.decoder.cross, cache.kv, cache.context):
+            x = cross(step(x, kv, n, mask)[:, None], context)[:, 0]
+        cache.length += 1
+        cache.positions = cache.positions + 1
+        cache.last = token
+        return self.decoder.ln_final.forward(x) @ self.decoder.proj

@@ -21,8 +21,11 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     torch.set_num_threads(int(spec.get("threads", torch.get_num_threads())))
     cfg = {k: v for k, v in open_clip.get_model_config(spec["model"]).items() if k != "custom_text"}
-    model = CoCa(**cfg)
-    model.load_state_dict(load_file(spec["weights"]), strict=True)
+    with torch.device("meta"):  # no random init: every weight is assigned
+        model = CoCa(**cfg)
+    model.load_state_dict(load_file(spec["weights"]), strict=True, assign=True)
+    model.text.attn_mask = model.text.build_causal_mask()  # the two buffers outside the state dict
+    model.text_decoder.attn_mask = model.text_decoder.build_attention_mask()
     model.eval()
     images = load_file(spec["images"])["images"]
     results = []

@@ -198,6 +198,10 @@ class TrainConfig:
     eval_task: str = setting("none", "evaluation during and after training (see `clipper eval --help`), or none")
     eval_data: str | None = setting(None, "shards of the eval split, for --eval-task")
     loss: str = setting("infonce", "contrastive loss: infonce or sigmoid (SigLIP)")
+    caption_weight: float = setting(1.0, "caption: weight of the caption loss (open_clip's CoCa fine-tuning: 2.0)")
+    contrastive_weight: float = setting(0.0, "caption: weight of a contrastive loss trained with it (CoCa's joint "
+                                             "objective; open_clip's CoCa: 1.0); > 0 also trains the text tower "
+                                             "and the temperature")
     same_caption_positive: bool = setting(False, "identical captions in a batch are positives, not negatives")
     keywords_prob: float = setting(0.0, "train on the pair's keyword list (json 'keywords') instead of its "
                                         "caption this often")
@@ -265,6 +269,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: a probability in [0, 1], got {getattr(self, name)}")
         if self.decoded_cache_mb < 0:
             raise ConfigError(f"train.decoded_cache_mb: must be >= 0, got {self.decoded_cache_mb}")
+        if self.contrastive_weight < 0 or self.caption_weight <= 0:
+            raise ConfigError("train: need caption_weight > 0 and contrastive_weight >= 0")
         _positive(self, "train", ("batch_size", "accum_freq", "lr", "log_every", "checkpoint_every"))
         OBJECTIVES[self.objective].validate(self)
         return self
@@ -299,6 +305,13 @@ TRAIN_PRESETS |= {
                          "decoder": {"width": 128, "layers": 2, "heads": 4, "context_length": 24},
                          "checkpoint_every": 500},
 }
+
+
+# Fine-tuning a pretrained CoCa on one's own pairs: its joint objective with open_clip's weights
+# (--coca-contrastive-loss-weight 1, --coca-caption-loss-weight 2) and a fine-tuning learning rate.
+TRAIN_PRESETS["coca-finetune"] = {"objective": "caption", "contrastive_weight": 1.0, "caption_weight": 2.0,
+                                  "lock_image": False, "batch_size": 32, "lr": 1e-5, "weight_decay": 0.1,
+                                  "warmup_steps": 20, "epochs": 5.0, "workers": 1, "checkpoint_every": 200}
 
 
 def train_preset(name: str) -> TrainConfig:

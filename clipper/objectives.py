@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import is_model_dir
@@ -163,15 +164,40 @@ class CaptionModel(nn.Module):
         return model.decoder.loss(image_tokens, tokens, states)
 
 
+class JointModel(CaptionModel):
+    """CoCa's joint objective: one pass of each tower gives both the contrastive features and what
+    the decoder reads (the image's caption tokens; for CoCa's decoder, the text's states)."""
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.model
+        with torch.set_grad_enabled(self.train_image and torch.is_grad_enabled()):
+            image_features, image_tokens = model.visual.encode(images)
+        if model.decoder.reads_text_states:
+            text_features, states = model.text.encode(tokens)
+        else:
+            text_features, states = model.text(tokens), None
+        return {"image_features": F.normalize(image_features, dim=-1),
+                "text_features": F.normalize(text_features, dim=-1), "logit_scale": model.scale(),
+                "logit_bias": model.logit_bias, "caption": model.decoder.loss(image_tokens, tokens, states)}
+
+
 class Caption(Objective):
     """A caption decoder on the image tower of a trained model (`init`); the text tower, the
-    temperature and the image tower (unless unlocked) stay as they are."""
+    temperature and the image tower (unless unlocked) stay as they are. With contrastive_weight > 0,
+    CoCa's joint objective: contrastive loss (cfg.loss) x contrastive_weight + caption loss x
+    caption_weight, every tower training unless locked."""
     name = "caption"
 
     @staticmethod
     def validate(cfg: TrainConfig) -> None:
         if not cfg.init:
             raise ConfigError("train.init: the caption objective trains on a model's image tower; name the model")
+        if cfg.contrastive_weight > 0 and cfg.accum_freq > 1:
+            raise ConfigError("train: contrastive_weight > 0 (the joint objective) needs accum_freq 1")
+
+    @property
+    def joint(self) -> bool:
+        return self.cfg.contrastive_weight > 0
 
     def build_model(self) -> CLIP:
         cfg = self.cfg
@@ -179,21 +205,37 @@ class Caption(Objective):
         if model.decoder is None:  # vocabulary: the training captions' tokens, unless configured
             vocab = cfg.decoder.vocab or caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
             model.add_decoder(dataclasses.replace(cfg.decoder, vocab=vocab))
-        _set_trainable({model.visual: not cfg.lock_image, model.text: False, model.decoder: True,
-                        model.logit_scale: False, model.logit_bias: False})
+        if self.joint and model.config.decoder.context_length > model.config.text.context_length:
+            raise ConfigError(f"train: the joint objective encodes the captions with the text tower too: the decoder "
+                              f"context ({model.config.decoder.context_length}) must fit the text tower's "
+                              f"({model.config.text.context_length})")
+        if self.joint and cfg.loss == "sigmoid" and model.logit_bias is None:
+            raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
+        _set_trainable({model.visual: not cfg.lock_image, model.text: self.joint and not cfg.lock_text,
+                        model.decoder: True, model.logit_scale: self.joint, model.logit_bias: self.joint})
         return model.train()
 
     def context_length(self, model: CLIP) -> int:
         return model.config.decoder.context_length
 
     def module(self, model: CLIP) -> nn.Module:
-        return CaptionModel(model, train_image=not self.cfg.lock_image)
+        return (JointModel if self.joint else CaptionModel)(model, train_image=not self.cfg.lock_image)
 
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
                          autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
         """In `accum_freq` micro-batches weighted by their caption tokens (the sum equals the whole
-        batch's token-mean loss)."""
-        k = self.cfg.accum_freq
+        batch's token-mean loss); the joint objective in one."""
+        cfg = self.cfg
+        if self.joint:
+            with autocast():
+                out = module(images, texts)
+                contrastive = _features_loss(LOSSES[cfg.loss], out, out["image_features"], out["text_features"],
+                                             texts if cfg.same_caption_positive else None)["loss"]
+                caption = out["caption"]["loss"]
+                loss = cfg.contrastive_weight * contrastive + cfg.caption_weight * caption
+            loss.backward()
+            return {"loss": loss.detach(), "contrastive_loss": contrastive.detach(), "caption_loss": caption.detach()}
+        k = cfg.accum_freq
         eot = texts.argmax(dim=-1)
         total = float(eot.sum())  # predicted tokens: the caption and its end token, per row
         loss = torch.zeros(())
@@ -201,7 +243,7 @@ class Caption(Objective):
             with _no_sync(module, j == k - 1):
                 with autocast():
                     part = module(i_chunk, t_chunk)["loss"]
-                part = part * (float(e_chunk.sum()) / total)
+                part = part * (cfg.caption_weight * float(e_chunk.sum()) / total)
                 part.backward()
             loss += part.detach().float().cpu()
         return {"loss": loss}

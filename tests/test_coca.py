@@ -137,3 +137,98 @@ def test_cached_generation_equals_recompute(pair, images, options):
     cached = generate(ours, pixels, prompts, GenerationConfig(**cfg))
     assert cached == generate(ours, pixels, prompts, GenerationConfig(use_cache=False, **cfg))
     assert all(c.startswith(p) for p, row in zip(prompts, cached) for c in row)
+
+
+# A tiny CoCa in open_clip's config format (16 px images), for training tests.
+TINY_COCA = {"embed_dim": 32, "custom_text": True,
+             "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16,
+                            "attentional_pool": True, "attn_pooler_heads": 2, "attn_pooler_queries": 9,
+                            "output_tokens": True},
+             "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                          "embed_cls": True, "output_tokens": True},
+             "multimodal_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_tiny_coca_matches_open_clip_and_fine_tunes_jointly(tmp_path):
+    """The joint objective (contrastive x 1 + caption x 2, open_clip's CoCa weights) on a tiny CoCa
+    lowers both terms, equals open_clip's CoCaLoss on the same weights and batch, and resumes exactly."""
+    import numpy as np
+    from open_clip.coca_model import CoCa
+    from open_clip.loss import CoCaLoss
+
+    from clipper.config import TrainConfig, from_open_clip_config
+    from clipper.data.samples import Sample
+    from clipper.data.shards import write_shards
+    from clipper.objectives import Caption
+    from clipper.train import Trainer
+    from conftest import two_class_images
+
+    torch.manual_seed(0)
+    model = clipper.CLIP(from_open_clip_config("tiny-coca", TINY_COCA))
+    oc = CoCa(**{k: v for k, v in TINY_COCA.items() if k != "custom_text"})
+    oc.load_state_dict(to_open_clip_state_dict(model), strict=True)
+    images = torch.randn(4, 3, 16, 16)
+    tokens = clipper.Tokenizer(12)(["a red square", "a blue square", "a red square!!", "a"])
+    cfg = TrainConfig(objective="caption", init="x", contrastive_weight=1.0, caption_weight=2.0, steps=1)
+    objective = Caption(cfg)
+    ours = objective.forward_backward(objective.module(model.train()), images, tokens)
+    ref = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(**oc.train()(images, tokens), output_dict=True)
+    assert abs(ours["contrastive_loss"].item() - ref["contrastive_loss"].item()) < 1e-5
+    assert abs(2 * ours["caption_loss"].item() - ref["caption_loss"].item()) < 1e-4
+
+    rng = np.random.default_rng(3)
+    pictures, labels = two_class_images(rng, 48)
+    captions = ["a red square", "a blue square"]
+    write_shards([Sample(key=f"k{i}", image=im, text=captions[y]) for i, (im, y) in enumerate(zip(pictures, labels))],
+                 tmp_path / "shards", samples_per_shard=12)
+    model.eval().save(tmp_path / "coca")
+    run = dict(objective="caption", init=str(tmp_path / "coca"), train_data=str(tmp_path / "shards"), batch_size=12,
+               steps=16, workers=0, lr=3e-3, warmup_steps=2, log_every=1, checkpoint_every=8, lock_image=False,
+               contrastive_weight=1.0, caption_weight=2.0)
+    Trainer(TrainConfig(**run), tmp_path / "straight").fit()
+    import json
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "caption_loss" in r]
+    for term in ("contrastive_loss", "caption_loss"):
+        first, last = np.mean([r[term] for r in steps[:3]]), np.mean([r[term] for r in steps[-3:]])
+        assert last < 0.8 * first, (term, first, last)
+    Trainer(TrainConfig(**run, stop_after=8), tmp_path / "resumed").fit()
+    Trainer(TrainConfig(**run), tmp_path / "resumed", resume=True).fit()
+    a = clipper.load(tmp_path / "straight" / "model").state_dict()
+    b = clipper.load(tmp_path / "resumed" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = clipper.load(tmp_path / "coca").state_dict()
+    for name in ("text.transformer.blocks.0.mlp.fc.weight", "decoder.cross.0.attn.qkv.weight", "logit_scale"):
+        assert not torch.equal(a[name], before[name]), name  # the joint objective trains every part
+
+
+def test_tiny_coca_captions_through_the_server():
+    """/caption on a CoCa model: the captions `clipper.generate` writes, prompt and beams included."""
+    import base64
+    import io
+    import json
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("fastapi")
+    from clipper.config import from_open_clip_config
+    from clipper.serve import Limits, Service, serve_in_thread
+
+    torch.manual_seed(1)
+    model = clipper.CLIP(from_open_clip_config("tiny-coca", TINY_COCA)).eval()
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    url, stop = serve_in_thread(Service(model, "tiny-coca", None, Limits()))
+    try:
+        body = {"image": base64.b64encode(buf.getvalue()).decode(), "prompt": "a photo of",
+                "options": {"num_beams": 2, "max_new_tokens": 5}}
+        req = urllib.request.Request(url + "/caption", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            captions = json.loads(r.read())["captions"]
+    finally:
+        stop()
+    assert captions == model.caption(picture, "a photo of", num_beams=2, max_new_tokens=5)

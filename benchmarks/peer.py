@@ -37,18 +37,19 @@ def peer_dir() -> Path | str:
     return target
 
 
-def run_open_clip_generate(model_name: str, weights: Path, images: Path, runs: list[dict], out: Path,
-                           timeout: float = 1800) -> dict | str:
-    """open_clip's CoCa `model_name` with `weights` (an open_clip state dict, .safetensors) runs
-    `generate` on the images (a .safetensors holding "images") once per entry of `runs` (keyword
-    arguments of generate); returns {"runs": [{"tokens", "seconds"}, ...], "transformers": version},
-    or why it could not run."""
+def run_open_clip_generate(model: str | dict, weights: Path | None, images: Path, runs: list[dict], out: Path,
+                           timeout: float = 3600, threads: int | None = None) -> dict | str:
+    """open_clip's CoCa `model` (a name, or a config dict) with `weights` (an open_clip state dict,
+    .safetensors; None: a seeded random init) runs `generate` on the images (a .safetensors holding
+    "images") once per entry of `runs` (keyword arguments of generate); returns {"runs": [{"tokens",
+    "seconds"}, ...], "transformers", "open_clip", "peak_rss_mb"}, or why it could not run."""
     where = peer_dir()
     if isinstance(where, str):
         return where
     spec = out.with_suffix(".spec.json")
-    spec.write_text(json.dumps({"model": model_name, "weights": str(weights), "images": str(images),
-                                "runs": runs}))
+    spec.write_text(json.dumps({("config" if isinstance(model, dict) else "model"): model, "runs": runs,
+                                "weights": None if weights is None else str(weights), "images": str(images),
+                                **({"threads": threads} if threads else {})}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(SCRIPT), str(spec), str(out)], env=env, capture_output=True,
                           text=True, timeout=timeout)

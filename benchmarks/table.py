@@ -81,6 +81,20 @@ def table() -> str:
                         f"tokens/s | | {t['clipper_kv_cache_captioner_vocab']} (KV cache), "
                         f"{t['clipper_recompute_captioner_vocab']} (recompute) | cache "
                         f"{r['cache_vs_recompute_captioner_vocab']}x recompute |")
+    for name in ("coca_ViT-B-32", "coca_ViT-L-14"):
+        if not (r := _load(f"decode_{name}")):
+            continue
+        t = r["tokens_per_s"]
+        for mode, label in (("greedy", "greedy"), ("beam3", "beam 3")):
+            same = r.get(f"same_captions_{mode}")
+            rows.append(f"| decode {name}, {r['new_tokens']} tokens x {r['images']} images, {label}: tokens/s | "
+                        f"{t.get(f'open_clip_coca_{mode}', 'n/a')} (CoCa generate) | {t[f'clipper_kv_cache_{mode}']} "
+                        f"(KV cache), {t[f'clipper_recompute_{mode}']} (recompute) | "
+                        + (f"{r[f'cache_vs_open_clip_{mode}']}x open_clip, " if f"cache_vs_open_clip_{mode}" in r else "")
+                        + f"{r[f'cache_vs_recompute_{mode}']}x recompute"
+                        + ("" if same is None else f"; same captions: {'yes' if same else 'NO'}")
+                        + (f"; peak RSS MB {r['peak_rss_mb'].get('open_clip', 'n/a')} / {r['peak_rss_mb']['clipper']}"
+                           if mode == "beam3" else "") + " |")
     if r := _load("train_captioner_emoji"):
         f = r["final"]
         rows.append(f"| captioner emoji, {r['minutes']:g} min (image tower frozen): exact / BLEU-4 / ROUGE-L / CIDEr-D | "

@@ -93,8 +93,8 @@ def table() -> str:
                         + (f"{r[f'cache_vs_open_clip_{mode}']}x open_clip, " if f"cache_vs_open_clip_{mode}" in r else "")
                         + f"{r[f'cache_vs_recompute_{mode}']}x recompute"
                         + ("" if same is None else f"; same captions: {'yes' if same else 'NO'}")
-                        + (f"; peak RSS MB {r['peak_rss_mb'].get('open_clip', 'n/a')} / {r['peak_rss_mb']['clipper']}"
-                           if mode == "beam3" else "") + " |")
+                        + (f"; peak RSS MB: clipper {r['peak_rss_mb']['clipper']}" if mode == "beam3" else "")
+                        + " |")
     if r := _load("train_captioner_emoji"):
         f = r["final"]
         rows.append(f"| captioner emoji, {r['minutes']:g} min (image tower frozen): exact / BLEU-4 / ROUGE-L / CIDEr-D | "

@@ -62,7 +62,11 @@ class TextTransformer(nn.Module):
 
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, embed_dim], `states`) from one pass (CoCa's joint training)."""
-        if self.cls_emb is None:
+        if self.cls_emb is None and self.cfg.pool == "eot":  # causal: the states hold the pooled row
+            states = self.states(tokens)
+            eot = tokens.argmax(dim=-1)
+            return self.ln_final(states[torch.arange(len(eot), device=eot.device), eot]) @ self.proj, states
+        if self.cls_emb is None:  # bidirectional pooling: the decoder still reads causal states
             return self(tokens), self.states(tokens)
         eot = self._check(tokens)
         x, mask = self._with_cls(tokens, eot)

@@ -27,6 +27,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class VisionConfig:
+    kind: str = "vit"  # "vit", or "resnet": OpenAI's ModifiedResNet (stages, width = stem width)
     image_size: int = 224
     patch_size: int = 32
     width: int = 768
@@ -39,6 +40,7 @@ class VisionConfig:
     pool: str = "tok"
     attn_pool_queries: int = 256
     attn_pool_heads: int = 8
+    stages: tuple[int, ...] = ()  # resnet: bottleneck blocks of its four stages, e.g. (3, 4, 6, 3)
     image_mean: tuple[float, ...] = OPENAI_MEAN
     image_std: tuple[float, ...] = OPENAI_STD
 
@@ -46,9 +48,19 @@ class VisionConfig:
         _positive(self, where, ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "in_channels"))
         _at_most(self, where, image_size=16384, patch_size=1024, width=16384, layers=1024, heads=1024, mlp_ratio=64,
                  in_channels=64)
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"{where}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        _heads_divide(self, where)
+        if self.kind == "resnet":
+            if len(self.stages) != 4 or min(self.stages) < 1 or max(self.stages) > 1024:
+                raise ConfigError(f"{where}.stages: a resnet needs four stages of 1 to 1024 blocks, got {self.stages}")
+            if self.image_size % 32 or (self.width * 32) % self.heads:
+                raise ConfigError(f"{where}: a resnet needs image_size a multiple of 32 and heads dividing "
+                                  f"width x 32 (the pooled width)")
+        elif self.kind != "vit":
+            raise ConfigError(f"{where}.kind: {self.kind!r} is not one of vit, resnet")
+        else:
+            if self.image_size % self.patch_size:
+                raise ConfigError(f"{where}: image_size {self.image_size} is not a multiple of patch_size "
+                                  f"{self.patch_size}")
+            _heads_divide(self, where)
         if self.pool not in ("tok", "avg", "attn"):
             raise ConfigError(f"{where}.pool: {self.pool!r} is not one of tok, avg, attn")
         _positive(self, where, ("attn_pool_queries", "attn_pool_heads"))
@@ -513,8 +525,9 @@ def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelC
     vc, tc = dict(oc["vision_cfg"]), dict(oc["text_cfg"])
     _refuse_unsupported(name, vc, _OC_VISION, "vision_cfg.")
     _refuse_unsupported(name, tc, _OC_TEXT, "text_cfg.")
-    if isinstance(vc.get("layers"), (list, tuple)) or not isinstance(vc.get("image_size", 224), int):
-        raise ConfigError(f"open_clip config {name}: only square ViT image towers are supported")
+    resnet = isinstance(vc.get("layers"), (list, tuple))
+    if not isinstance(vc.get("image_size", 224), int):
+        raise ConfigError(f"open_clip config {name}: only square image towers are supported")
     if vc.get("pool_type", "tok") not in ("tok", "avg"):
         raise ConfigError(f"open_clip config {name}: vision_cfg.pool_type={vc['pool_type']!r} is not supported")
     if tc.get("pool_type", "argmax") != "argmax":
@@ -535,8 +548,10 @@ def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelC
     cfg = ModelConfig(
         embed_dim=oc["embed_dim"],
         vision=VisionConfig(
-            image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 16), width=width,
-            layers=vc.get("layers", 12), heads=width // vc.get("head_width", 64),
+            kind="resnet" if resnet else "vit", stages=tuple(vc["layers"]) if resnet else (),
+            image_size=vc.get("image_size", 224), patch_size=32 if resnet else vc.get("patch_size", 16), width=width,
+            layers=len(vc["layers"]) if resnet else vc.get("layers", 12),
+            heads=width * (32 if resnet else 1) // vc.get("head_width", 64),
             mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
             pool="attn" if vc.get("attentional_pool") else vc.get("pool_type", "tok"),
             attn_pool_queries=vc.get("attn_pooler_queries", 256), attn_pool_heads=vc.get("attn_pooler_heads", 8)),

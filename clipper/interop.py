@@ -124,40 +124,30 @@ def config_from_open_clip_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bo
     """Infer the architecture from tensor shapes (heads assume open_clip's 64-wide heads; an
     attentional pooler's heads, which no shape tells, open_clip's default of 8)."""
     try:
-        conv = sd["visual.conv1.weight"]
-        width, in_channels, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
-        grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+        if "visual.attnpool.positional_embedding" in sd:
+            vision = _resnet_config(sd, head_width)
+        else:
+            vision = _vit_config(sd, head_width)
         t = "text." if "text.token_embedding.weight" in sd else ""  # CoCa / CustomTextCLIP keep it under text.
         t_width = sd[t + "ln_final.weight"].shape[0]
-
-        def layers(prefix: str) -> int:
-            return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
         def mlp_ratio(prefix: str, w: int) -> float:
             return sd[prefix + "0.mlp.c_fc.weight"].shape[0] / w
 
         cls = t + "cls_emb" in sd
-        pool = "visual.attn_pool.query" in sd
         decoder = None
         if "text_decoder.ln_final.weight" in sd:
             d_width = sd["text_decoder.ln_final.weight"].shape[0]
-            decoder = DecoderConfig(kind="coca", width=d_width, layers=layers("text_decoder.resblocks."),
+            decoder = DecoderConfig(kind="coca", width=d_width, layers=_blocks(sd, "text_decoder.resblocks."),
                                     heads=max(1, d_width // head_width),
                                     mlp_ratio=mlp_ratio("text_decoder.resblocks.", d_width),
                                     context_length=sd[t + "positional_embedding"].shape[0] - cls)
         return ModelConfig(
             embed_dim=sd[t + "text_projection"].shape[1],
-            vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
-                                layers=layers("visual.transformer.resblocks."),
-                                heads=max(1, width // head_width), in_channels=in_channels,
-                                mlp_ratio=mlp_ratio("visual.transformer.resblocks.", width),
-                                pool="attn" if pool else "tok",
-                                attn_pool_queries=sd["visual.attn_pool.query"].shape[0] if pool else 256,
-                                **({} if in_channels == 3 else {"image_mean": (0.5,) * in_channels,
-                                                                 "image_std": (0.5,) * in_channels})),
+            vision=vision,
             text=TextConfig(context_length=sd[t + "positional_embedding"].shape[0] - cls,
                             vocab_size=sd[t + "token_embedding.weight"].shape[0], width=t_width,
-                            layers=layers(t + "transformer.resblocks."), heads=max(1, t_width // head_width),
+                            layers=_blocks(sd, t + "transformer.resblocks."), heads=max(1, t_width // head_width),
                             mlp_ratio=mlp_ratio(t + "transformer.resblocks.", t_width),
                             pool="cls" if cls else "eot"),
             quick_gelu=quick_gelu,
@@ -165,7 +155,37 @@ def config_from_open_clip_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bo
             decoder=decoder, custom_text=bool(t),
         ).validate()
     except KeyError as e:
-        raise CheckpointError(f"not an open_clip ViT CLIP state dict: no {e.args[0]!r}") from None
+        raise CheckpointError(f"not an open_clip CLIP state dict: no {e.args[0]!r}") from None
+
+
+def _blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def _vit_config(sd: dict[str, torch.Tensor], head_width: int) -> VisionConfig:
+    conv = sd["visual.conv1.weight"]
+    width, in_channels, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
+    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+    pool = "visual.attn_pool.query" in sd
+    return VisionConfig(image_size=grid * patch, patch_size=patch, width=width,
+                        layers=_blocks(sd, "visual.transformer.resblocks."), heads=max(1, width // head_width),
+                        in_channels=in_channels,
+                        mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+                        pool="attn" if pool else "tok",
+                        attn_pool_queries=sd["visual.attn_pool.query"].shape[0] if pool else 256,
+                        **_channel_stats(in_channels))
+
+
+def _resnet_config(sd: dict[str, torch.Tensor], head_width: int) -> VisionConfig:
+    width, in_channels = sd["visual.bn3.weight"].shape[0], sd["visual.conv1.weight"].shape[1]
+    spatial = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
+    stages = tuple(_blocks(sd, f"visual.layer{i}.") for i in range(1, 5))
+    return VisionConfig(kind="resnet", stages=stages, layers=4, image_size=spatial * 32, width=width,
+                        heads=max(1, width * 32 // head_width), in_channels=in_channels, **_channel_stats(in_channels))
+
+
+def _channel_stats(in_channels: int) -> dict:
+    return {} if in_channels == 3 else {"image_mean": (0.5,) * in_channels, "image_std": (0.5,) * in_channels}
 
 
 def from_open_clip_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig | None = None,

@@ -39,10 +39,10 @@ def test_quickgelu_preset():
 
 def test_presets_listed():
     names = list_presets()
-    for name in ["fmnist-tiny", "emoji-small", "ViT-B-32", "ViT-L-14", "ViT-B-16-quickgelu", "coca_ViT-B-32",
+    for name in ["fmnist-tiny", "emoji-small", "ViT-B-32", "ViT-L-14", "ViT-B-16-quickgelu", "coca_ViT-B-32", "RN50",
                  "coca_ViT-L-14"]:
         assert name in names
-    assert "RN50" not in names and "coca_roberta-ViT-B-32" not in names
+    assert "coca_roberta-ViT-B-32" not in names
 
 
 def test_unknown_field_is_named(tmp_path):

@@ -13,7 +13,8 @@ from ..config import ModelConfig
 from .coca import CoCaDecoder
 from .decoder import CaptionDecoder
 from .text import TextTransformer
-from .vision import VisionTransformer
+from .transformer import init_blocks
+from .vision import VISION_TOWERS
 
 MAX_LOGIT_SCALE = 100.0
 DECODERS = {"prefix": CaptionDecoder, "coca": CoCaDecoder}  # DecoderConfig.kind -> the module
@@ -23,7 +24,7 @@ class CLIP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config.validate()
-        self.visual = VisionTransformer(config.vision, config.embed_dim, config.quick_gelu)
+        self.visual = VISION_TOWERS[config.vision.kind](config.vision, config.embed_dim, config.quick_gelu)
         self.text = TextTransformer(config.text, config.embed_dim, config.quick_gelu)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         bias = config.init_logit_bias
@@ -68,16 +69,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text.proj, std=t.width ** -0.5)
         if self.text.cls_emb is not None:
             nn.init.normal_(self.text.cls_emb, std=0.01)
-        for tower in (self.visual.transformer, self.text.transformer):
-            width = tower.blocks[0].ln_1.normalized_shape[0]
-            out_std = width ** -0.5 * (2 * len(tower.blocks)) ** -0.5
-            for block in tower.blocks:
-                nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
-                nn.init.zeros_(block.attn.qkv.bias)
-                nn.init.normal_(block.attn.out.weight, std=out_std)
-                nn.init.zeros_(block.attn.out.bias)
-                nn.init.normal_(block.mlp.fc.weight, std=(2 * width) ** -0.5)
-                nn.init.normal_(block.mlp.proj.weight, std=out_std)
+        self.visual.init_weights()
+        init_blocks(self.text.transformer.blocks)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(images)

@@ -23,7 +23,7 @@ from torch import nn
 from ..config import DecoderConfig, ModelConfig
 from ..errors import ConfigError
 from .text import TextTransformer
-from .transformer import Block, CrossBlock, DecodeStep, bind_decode_step
+from .transformer import Block, CrossBlock, DecodeStep, bind_decode_step, init_blocks
 
 PAD_ID = 0
 EOT_ID = 49407
@@ -40,22 +40,13 @@ class CoCaDecoder(nn.Module):
         self.cross = nn.ModuleList(CrossBlock(w, cfg.heads, cfg.mlp_ratio, quick_gelu) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(w)
         self.proj = nn.Parameter(torch.empty(w, vocab_size))
-        self._init(w)
+        init_blocks(self.blocks)
+        init_blocks(self.cross)
+        nn.init.normal_(self.proj, std=w ** -0.5)
 
     @classmethod
     def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "CoCaDecoder":
         return cls(cfg, model.text.vocab_size, model.quick_gelu)
-
-    @torch.no_grad()
-    def _init(self, w: int) -> None:  # open_clip's MultimodalTransformer init
-        out_std = w ** -0.5 * (2 * len(self.blocks)) ** -0.5
-        for block in [*self.blocks, *self.cross]:
-            nn.init.normal_(block.attn.qkv.weight, std=w ** -0.5)
-            nn.init.zeros_(block.attn.qkv.bias)
-            nn.init.normal_(block.attn.out.weight, std=out_std)
-            nn.init.normal_(block.mlp.fc.weight, std=(2 * w) ** -0.5)
-            nn.init.normal_(block.mlp.proj.weight, std=out_std)
-        nn.init.normal_(self.proj, std=w ** -0.5)
 
     def context(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """Every cross-attention layer's keys and values of the image's caption tokens

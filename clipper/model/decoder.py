@@ -20,6 +20,7 @@ from ..config import DecoderConfig, ModelConfig
 from ..errors import ConfigError
 from .linear import Linear
 from .transformer import Block, DecodeStep, bind_decode_step
+from .vision import VISION_TOWERS
 
 BPE_VOCAB_SIZE = 49408
 EOT_ID = 49407
@@ -71,10 +72,8 @@ class CaptionDecoder(nn.Module):
     @classmethod
     def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "CaptionDecoder":
         """A decoder on `model`'s image tokens (`VisionTransformer.tokens`)."""
-        v = model.vision
-        if v.pool == "attn":  # the attentional pooler's caption queries
-            return cls(cfg, model.embed_dim, v.attn_pool_queries - 1, model.quick_gelu)
-        return cls(cfg, v.width, v.grid ** 2 + 1, model.quick_gelu)
+        count, width = VISION_TOWERS[model.vision.kind].token_shape(model.vision, model.embed_dim)
+        return cls(cfg, width, count, model.quick_gelu)
 
     @property
     def vocab_size(self) -> int:

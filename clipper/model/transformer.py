@@ -194,6 +194,20 @@ class Transformer(nn.Module):
         return x
 
 
+@torch.no_grad()
+def init_blocks(blocks: nn.ModuleList) -> None:
+    """open_clip's init of a stack of blocks: depth-scaled residual outputs."""
+    width = blocks[0].ln_1.normalized_shape[0]
+    out_std = width ** -0.5 * (2 * len(blocks)) ** -0.5
+    for block in blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
+        nn.init.zeros_(block.attn.qkv.bias)
+        nn.init.normal_(block.attn.out.weight, std=out_std)
+        nn.init.zeros_(block.attn.out.bias)
+        nn.init.normal_(block.mlp.fc.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.mlp.proj.weight, std=out_std)
+
+
 # --- the fast path: one decode step ---------------------------------------------------------------
 
 DecodeStep = Callable[..., torch.Tensor]  # step(x, kv, n, mask): see bind_decode_step

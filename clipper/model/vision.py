@@ -8,7 +8,8 @@ from torch import nn
 
 from ..config import VisionConfig
 from .linear import Linear
-from .transformer import Transformer, attend
+from .resnet import ModifiedResNet
+from .transformer import Transformer, attend, init_blocks
 
 
 class AttentionalPooler(nn.Module):
@@ -54,6 +55,16 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(pool_width)
         self.proj = nn.Parameter(pool_width ** -0.5 * torch.randn(pool_width, embed_dim))
 
+    @staticmethod
+    def token_shape(cfg: VisionConfig, embed_dim: int) -> tuple[int, int]:
+        """(count, width) of `tokens`."""
+        if cfg.pool == "attn":
+            return cfg.attn_pool_queries - 1, embed_dim
+        return cfg.grid ** 2 + 1, cfg.width
+
+    def init_weights(self) -> None:
+        init_blocks(self.transformer.blocks)
+
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if images.ndim != 4 or images.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
@@ -89,3 +100,6 @@ class VisionTransformer(nn.Module):
             index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             return self.ln_post(self.transformer(x, pool_index=index)) @ self.proj
         return self._pooled_and_tokens(self.transformer(x), queries=1)[0] @ self.proj
+
+
+VISION_TOWERS = {"vit": VisionTransformer, "resnet": ModifiedResNet}  # VisionConfig.kind -> the tower

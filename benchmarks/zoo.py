@@ -1,0 +1,91 @@
+"""Which of open_clip's pretrained (architecture, tag) pairs clipper runs, and how exactly.
+
+For every architecture in `open_clip.list_pretrained()`: whether clipper translates its config
+(else the reason), and, with --parity, open_clip's model with random weights (seed 0) against
+clipper holding the same weights: max abs difference of normalised image and text embeddings
+(one image, three texts) and whether the export back is open_clip's state dict tensor for tensor.
+Architectures over --max-params parameters are counted but not built.
+
+    python benchmarks/zoo.py [--parity] [--max-params 1e9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+import open_clip  # noqa: E402
+
+from clipper.config import preset  # noqa: E402
+from clipper.errors import ConfigError  # noqa: E402
+from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict  # noqa: E402
+from clipper.model import CLIP  # noqa: E402
+
+TEXTS = ["a photo of a cat.", "", "a very small dog on a red mat!!"]
+
+
+def parity(name: str, max_params: float) -> dict:
+    config = preset(name)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in CLIP(config).parameters())
+    if n > max_params:
+        return {"params": n, "parity": f"not built: {n / 1e9:.2f}B parameters"}
+    torch.manual_seed(0)
+    oc = open_clip.create_model(name, pretrained=None).eval()
+    ours = from_open_clip_state_dict(oc.state_dict(), config).eval()
+    size = config.vision.image_size
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    tokens = open_clip.get_tokenizer(name)(TEXTS)
+    with torch.no_grad():
+        diff = max(float((oc.encode_image(images, normalize=True) - ours.encode_image(images, normalize=True)).abs().max()),
+                   float((oc.encode_text(tokens, normalize=True) - ours.encode_text(tokens, normalize=True)).abs().max()))
+    exported = to_open_clip_state_dict(ours)
+    exact = set(exported) == set(oc.state_dict()) and all(torch.equal(exported[k], v)
+                                                          for k, v in oc.state_dict().items())
+    return {"params": n, "max_abs_diff": diff, "export_exact": exact}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parity", action="store_true", help="build each architecture and compare with open_clip")
+    ap.add_argument("--max-params", type=float, default=1e9)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    tags = defaultdict(list)
+    for arch, tag in open_clip.list_pretrained():
+        tags[arch].append(tag)
+    rows = {}
+    for arch in sorted(tags):
+        try:
+            preset(arch)
+            row = {"status": "loads"}
+        except (ConfigError, KeyError, TypeError, ValueError) as e:
+            row = {"status": "refused", "reason": str(e)[:200]}
+        row["pretrained"] = tags[arch]
+        if args.parity and row["status"] == "loads":
+            row |= parity(arch, args.max_params)
+            print(arch, {k: v for k, v in row.items() if k != "pretrained"}, flush=True)
+        rows[arch] = row
+    pairs = sum(len(t) for t in tags.values())
+    loads = [a for a, r in rows.items() if r["status"] == "loads"]
+    results = {"open_clip": open_clip.__version__, "architectures": len(tags), "pretrained_pairs": pairs,
+               "architectures_loading": len(loads), "pairs_loading": sum(len(tags[a]) for a in loads),
+               "rows": rows}
+    if args.parity:
+        built = [r for r in rows.values() if "max_abs_diff" in r]
+        results["built"] = len(built)
+        results["max_abs_diff"] = max((r["max_abs_diff"] for r in built), default=None)
+        results["all_exports_exact"] = all(r["export_exact"] for r in built)
+    print({k: v for k, v in results.items() if k != "rows"})
+    print("wrote", write_results("zoo", results))
+
+
+if __name__ == "__main__":
+    main()

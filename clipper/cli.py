@@ -97,15 +97,23 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """open_clip file -> clipper directory, or clipper model -> open_clip file."""
+    """Any model clipper loads -> a clipper directory, an open_clip local-dir folder or an open_clip file."""
     from .checkpoint import save_model
     from .interop import save_open_clip_checkpoint
+    from .open_clip_dir import save_open_clip_dir
 
     model = _load(args)
     out = Path(args.out)
-    if out.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+    to = args.to or ("open_clip-file" if out.suffix in (".safetensors", ".pt", ".pth", ".bin") else "clipper")
+    if to != "clipper" and model.decoder is not None and model.config.decoder.kind != "coca":
+        print("clipper convert: the caption decoder is clipper's own (open_clip has none): not exported",
+              file=sys.stderr)
+    if to == "open_clip-file":
         save_open_clip_checkpoint(model, out)
         print(f"wrote open_clip state dict {out}")
+    elif to == "open_clip":
+        save_open_clip_dir(model, out)
+        print(f"wrote open_clip model folder {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
     else:
         save_model(model, out)
         print(f"wrote clipper model directory {out}")
@@ -345,11 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("convert", help="open_clip checkpoint <-> clipper model directory",
-                       description="Writes an open_clip state dict when --out ends in .safetensors/.pt/.pth/.bin, "
-                                   "else a clipper model directory.")
+    p = sub.add_parser("convert", help="between clipper model directories and open_clip folders or files",
+                       description="--to open_clip writes open_clip's local-dir folder (open_clip_config.json + "
+                                   "open_clip_model.safetensors: open_clip and clip_benchmark load it as "
+                                   "local-dir:OUT). Without --to: an open_clip state dict when --out ends in "
+                                   ".safetensors/.pt/.pth/.bin, else a clipper model directory.")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output directory or open_clip weights file")
+    p.add_argument("--to", choices=["clipper", "open_clip", "open_clip-file"],
+                   help="what to write (default: by --out, see above)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("data", help="turn a data source into webdataset shards")

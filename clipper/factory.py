@@ -13,6 +13,7 @@ from .config import ModelConfig, preset
 from .errors import CheckpointError, ConfigError
 from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
 from .model import CLIP
+from .open_clip_dir import is_open_clip_dir, load_open_clip_dir
 
 
 def load_model(path: str | os.PathLike) -> CLIP:
@@ -26,6 +27,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
          cache_dir: str | None = None) -> CLIP:
     """A CLIP model in eval mode, from
     - a clipper model directory (config.json + model.safetensors);
+    - an open_clip local-dir folder (open_clip_config.json + open_clip_model.safetensors);
     - an open_clip checkpoint file (architecture inferred from the tensors);
     - a preset name (`fmnist-tiny`, `ViT-B-32`, ...): random weights, or `pretrained=` an
       open_clip pretrained tag (downloaded by open_clip's own code, needs a network) or a file.
@@ -34,10 +36,13 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
     path = Path(name_or_path)
     if is_model_dir(path):
         model = load_model(path)
+    elif is_open_clip_dir(path):
+        model = load_open_clip_dir(path)
     elif path.is_file():
         model = load_open_clip_checkpoint(path, quick_gelu=bool(quick_gelu))
     elif path.exists():
-        raise CheckpointError(f"{path}: a directory without config.json: not a clipper model directory")
+        raise CheckpointError(f"{path}: not a clipper model directory (no config.json), nor an open_clip "
+                              "folder (no open_clip_config.json)")
     else:
         config = preset(str(name_or_path))
         if quick_gelu is not None:

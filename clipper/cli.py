@@ -301,7 +301,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .embed import embed_images, embed_texts, open_index
+    from .embed import check_same_model, embed_images, embed_texts, open_index
 
     if (args.query is None) == (args.image is None):
         raise ConfigError("give a text QUERY or --image PATH (one of them)")
@@ -317,9 +317,8 @@ def cmd_search(args: argparse.Namespace) -> None:
             raise DataError(f"{folder} was embedded with a randomly initialised {spec['model']}: "
                             "its queries cannot be embedded again; pass --model")
     model = _load_spec(spec)
+    check_same_model(folder, manifest, index.dim, model)
     query = embed_texts(model, [args.query]) if args.query is not None else embed_images(model, [args.image])
-    if query.shape[1] != index.dim:
-        raise DataError(f"the model embeds in {query.shape[1]} dimensions, {folder} holds {index.dim}-d vectors")
     result = index.search(query, args.k)
     for rank, (score, i) in enumerate(result.hits(0), 1):
         row = ids[i]

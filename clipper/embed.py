@@ -190,9 +190,8 @@ EMBED_MANIFEST = "embed.json"
 TEXT_MANIFEST = "text_embed.json"
 
 
-def _fingerprint(model_spec: dict | str, items: list[ImageItem], dtype: str, exact_decode: bool,
-                 part_size: int) -> str:
-    h = hashlib.sha1(json.dumps([model_spec, dtype, exact_decode, part_size]).encode())
+def _fingerprint(model: list, items: list[ImageItem], dtype: str, exact_decode: bool, part_size: int) -> str:
+    h = hashlib.sha1(json.dumps([model, dtype, exact_decode, part_size]).encode())
     for item in items:
         h.update(f"{item.id}\0{item.offset}\0{item.size}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -221,15 +220,26 @@ def read_ids(folder: str | os.PathLike, count: int) -> list[dict]:
     return ids
 
 
-def open_index(folder: str | os.PathLike, dim: int | None = None) -> tuple[Index, list[dict], dict]:
+def open_index(folder: str | os.PathLike, model: CLIP | None = None) -> tuple[Index, list[dict], dict]:
     """The search index of a `clipper embed` + `clipper index` folder, its ids.jsonl rows (one per
-    vector, each with an "id") and its manifest; with `dim`, the vectors must have it."""
+    vector, each with an "id") and its manifest; with `model`, it must be the model that embedded them."""
     folder = Path(folder)
     index, manifest = Index.load(folder), read_manifest(folder)
     ids = read_ids(folder, len(index))
-    if dim is not None and index.dim != dim:
-        raise DataError(f"{folder}: holds {index.dim}-d vectors, the model embeds in {dim} dimensions")
+    if model is not None:
+        check_same_model(folder, manifest, index.dim, model)
     return index, ids, manifest
+
+
+def check_same_model(folder: Path, manifest: dict, dim: int, model: CLIP) -> None:
+    """Queries must come from the model that embedded the folder: same dimension, and (for folders
+    that record it) the same `CLIP.fingerprint`."""
+    if dim != model.config.embed_dim:
+        raise DataError(f"{folder}: holds {dim}-d vectors, the model embeds in {model.config.embed_dim} dimensions")
+    recorded = manifest.get("model_fingerprint")
+    if recorded is not None and recorded != model.fingerprint():
+        raise DataError(f"{folder}: embedded by another model (fingerprint {recorded}, this one "
+                        f"{model.fingerprint()}); query it with the model its embed.json names")
 
 
 def _parts(out: Path, n_items: int, part_size: int) -> Iterator[tuple[int, range, Path]]:
@@ -252,9 +262,11 @@ def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike,
         raise ConfigError(f"part_size: must be >= 1, got {part_size}")
     items, passed_over = list_images(source)
     out = Path(out)
-    plan = {"model": model_spec, "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
+    weights = model.fingerprint()
+    plan = {"model": model_spec, "model_fingerprint": weights,
+            "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
             "dtype": dtype, "part_size": part_size,
-            "fingerprint": _fingerprint(model_spec, items, dtype, exact_decode, part_size)}
+            "fingerprint": _fingerprint([model_spec, weights], items, dtype, exact_decode, part_size)}
     plan_path = out / "parts" / "plan.json"
     if plan_path.exists():
         if read_json_object(plan_path, "embedding plan", {"fingerprint": str})["fingerprint"] != plan["fingerprint"]:
@@ -296,7 +308,7 @@ def _join_parts(out: Path, items: list[ImageItem], passed_over: list[InputSkip],
     _write_npy(out / "img_emb.npy", emb)
     write_jsonl(out / "ids.jsonl", ids)
     write_jsonl(out / "skipped.jsonl", skipped)
-    manifest = {**{k: plan[k] for k in ("model", "source", "dtype", "fingerprint")},
+    manifest = {**{k: plan[k] for k in ("model", "model_fingerprint", "source", "dtype", "fingerprint")},
                 "images": len(ids), "skipped": len(skipped), "dim": dim}
     write_json(out / EMBED_MANIFEST, manifest)
     # One rename retires all the parts at once: a kill while deleting them cannot leave half a part.
@@ -316,7 +328,8 @@ def embed_text_file(model: CLIP, model_spec: dict | str, texts_file: str | os.Pa
                                         disable=len(texts) <= 4096)])
     _write_npy(out / "text_emb.npy", emb.astype(dtype))
     write_jsonl(out / "texts.jsonl", [{"text": t} for t in texts])
-    manifest = {"model": model_spec, "source": str(Path(texts_file).resolve()), "texts": len(texts),
+    manifest = {"model": model_spec, "model_fingerprint": model.fingerprint(),
+                "source": str(Path(texts_file).resolve()), "texts": len(texts),
                 "dim": int(emb.shape[1]), "dtype": dtype}
     write_json(out / TEXT_MANIFEST, manifest)
     return manifest

@@ -98,7 +98,7 @@ class Service:
         self.images = Batcher(self._embed_images, max_batch)
         self.index = self.ids = None
         if index_dir is not None:
-            self.index, self.locations, manifest = open_index(index_dir, model.config.embed_dim)
+            self.index, self.locations, manifest = open_index(index_dir, model)
             # clients see ids relative to the embedded folder; where the bytes are is for thumbnails only
             self.ids = [_public(row, manifest.get("source")) for row in self.locations]
         self.counts: dict[str, int] = defaultdict(int)

@@ -233,6 +233,27 @@ def test_index_and_search_verbs(messy_images, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, (argv, err)
 
 
+def test_search_and_serve_refuse_an_index_of_another_model(tmp_path, capsys):
+    """Same architecture and dimension, other weights: the fingerprint in embed.json tells them apart."""
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    rgb_tiny(seed=0).save(tmp_path / "m0")
+    rgb_tiny(seed=1).save(tmp_path / "m1")
+    assert main(["embed", str(tmp_path / "a.png"), "--model", str(tmp_path / "m0"), "--out", str(tmp_path / "e")]) == 0
+    assert main(["index", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "e"), "a bag", "--model", str(tmp_path / "m1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "embedded by another model" in err and len(err.splitlines()) == 1
+    assert main(["search", str(tmp_path / "e"), "a bag", "--model", str(tmp_path / "m0")]) == 0
+    pytest.importorskip("fastapi")
+    from clipper.errors import DataError
+    from clipper.serve import Limits, Service
+
+    with pytest.raises(DataError, match="another model"):
+        Service(clipper.load(tmp_path / "m1"), "m1", str(tmp_path / "e"), Limits())
+
+
 def test_search_refuses_a_random_init_preset_without_model(tmp_path, capsys):
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "a.png")

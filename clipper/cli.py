@@ -79,7 +79,12 @@ def _load_spec(spec: dict):
 
 
 def _load(args: argparse.Namespace):
-    return _load_spec(_model_spec(args))
+    spec = _model_spec(args)
+    model = _load_spec(spec)
+    if not Path(spec["model"]).exists() and not spec.get("pretrained"):
+        print(f"clipper: {spec['model']} without --pretrained has random weights: its results mean nothing "
+              "(pass --pretrained TAG_OR_FILE, or a trained model)", file=sys.stderr)
+    return model
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ pretrained tags."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -79,6 +80,12 @@ def _download_open_clip(name: str, tag: str, config: ModelConfig, quick_gelu: bo
     if "mean" in tag_cfg and "std" in tag_cfg:
         config.vision.image_mean = tuple(float(v) for v in tag_cfg["mean"])
         config.vision.image_std = tuple(float(v) for v in tag_cfg["std"])
+    host, cached = _cache_lookup(tag_cfg, cache_dir)
+    if not _reachable(host):  # open_clip's download would retry for about a minute
+        if cached is None:
+            raise CheckpointError(f"{name}/{tag}: {host} cannot be reached (offline?) and the weights are not in the "
+                                  "local cache; pass pretrained=/path/to/weights")
+        return cached
     try:
         target = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
     except Exception as e:  # network errors come in many types (OSError, HTTP, hub errors)
@@ -88,3 +95,32 @@ def _download_open_clip(name: str, tag: str, config: ModelConfig, quick_gelu: bo
     if not target:
         raise CheckpointError(f"open_clip has no download location for {name}/{tag}")
     return Path(target)
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cache_lookup(tag_cfg: dict, cache_dir: str | None) -> tuple[str, Path | None]:
+    """(the host open_clip downloads this tag from, the weights file already in its cache or None),
+    without touching the network."""
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from open_clip.pretrained import _get_safe_alternatives
+
+    if tag_cfg.get("hf_hub"):
+        repo, filename = os.path.split(tag_cfg["hf_hub"])  # "org/name/" names open_clip's default file
+        filename = filename or "open_clip_pytorch_model.bin"
+        for candidate in [*_get_safe_alternatives(filename), filename]:
+            found = huggingface_hub.try_to_load_from_cache(repo, candidate, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return urlparse(huggingface_hub.constants.ENDPOINT).hostname, Path(found)
+        return urlparse(huggingface_hub.constants.ENDPOINT).hostname, None
+    url = tag_cfg.get("url", "")
+    path = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    return urlparse(url).hostname or "", path if path.is_file() else None

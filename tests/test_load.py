@@ -44,7 +44,10 @@ def test_pretrained_tag_goes_through_open_clip_download(tmp_path, monkeypatch, o
         seen["cfg"] = cfg
         return str(path)
 
+    from clipper import factory
+
     monkeypatch.setattr(open_clip, "download_pretrained", fake_download)
+    monkeypatch.setattr(factory, "_reachable", lambda host, timeout=3.0: True)
     monkeypatch.setattr(open_clip, "get_pretrained_cfg",
                         lambda name, tag: {"hf_hub": "x/y/", "quick_gelu": True, "mean": (0.5, 0.5, 0.5),
                                            "std": (0.25, 0.25, 0.25)} if (name, tag) == ("ViT-S-32", "demo") else {})
@@ -102,8 +105,11 @@ def test_cli_similarity(tmp_path, capsys):
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "fake.png").write_text("not an image")
-    code, _, err = _run(capsys, "similarity", "--model", "emoji-small", str(tmp_path / "fake.png"), "--texts", "x")
+    clipper.load("emoji-small").save(tmp_path / "m")  # a model of its own: no random-weights warning
+    code, _, err = _run(capsys, "similarity", "--model", str(tmp_path / "m"), str(tmp_path / "fake.png"), "--texts", "x")
     assert code == 2 and "fake.png: not an image" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "similarity", "--model", "emoji-small", str(tmp_path / "fake.png"), "--texts", "x")
+    assert code == 2 and "random weights" in err.splitlines()[0]
     code, _, err = _run(capsys, "info", "--model", "nope")
     assert code == 2 and err.startswith("clipper info: error:")
 
@@ -111,3 +117,29 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "clipper.cli", "convert", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--out" in out.stdout
+
+
+def test_offline_hub_tag_fails_fast_and_finds_the_local_cache(tmp_path, monkeypatch):
+    """Without a network, a pretrained tag is looked up in the local cache and fails at once (no
+    minute of open_clip retries); a cached file is found without the network."""
+    import time
+
+    import open_clip
+
+    from clipper import factory
+
+    monkeypatch.setattr(factory, "_reachable", lambda host, timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="cannot be reached .* not in the local cache"):
+        clipper.load("ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 10
+    # the Hugging Face cache layout: models--org--name/refs/main -> snapshots/<revision>/<file>
+    tag = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
+    repo = tag["hf_hub"].rstrip("/")
+    snapshot = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"x")
+    (tmp_path / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (tmp_path / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("abc123")
+    host, cached = factory._cache_lookup(tag, str(tmp_path))
+    assert host == "huggingface.co" and cached == snapshot / "open_clip_model.safetensors"

@@ -12,6 +12,7 @@ latest complete checkpoint (model, optimizer, step, RNG, data position).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -84,6 +85,13 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
                                      self.objective.context_length(self.model))
+        if self.data.num_samples < cfg.batch_size * self.world:  # else one batch holds copies of a pair
+            batch = max(cfg.accum_freq, self.data.num_samples // self.world // cfg.accum_freq * cfg.accum_freq)
+            self._notice(f"batch_size {cfg.batch_size}: the training set holds {self.data.num_samples} pairs; "
+                         f"batches of {batch} per rank, so that no pair is its own negative")
+            self.cfg = cfg = dataclasses.replace(cfg, batch_size=batch)
+            self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
+                                         self.objective.context_length(self.model))
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
@@ -101,9 +109,23 @@ class Trainer:
         self.total_steps = cfg.steps
         if self.total_steps is None and cfg.epochs is not None:
             self.total_steps = math.ceil(cfg.epochs * self.data.batches_per_epoch())
+        if self.total_steps is not None and cfg.warmup_steps > self.total_steps // 10:
+            warmup = self.total_steps // 10  # a short run (a small fine-tune) would end still warming up
+            self._notice(f"warmup_steps {cfg.warmup_steps}: the run has {self.total_steps} steps; warming up "
+                         f"over {warmup}")
+            self.cfg = cfg = dataclasses.replace(cfg, warmup_steps=warmup)
         if self.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.run.path / "config.json")
+
+    def _notice(self, text: str) -> None:
+        if self.is_main:
+            print(f"train: {text}", file=sys.stderr)
+
+    def _finished(self) -> bool:
+        """The run's budget (steps, epochs or minutes) is spent (not merely this job's stop_after)."""
+        return self.total_steps is not None and self.step >= self.total_steps or (
+            bool(self.cfg.minutes) and self.elapsed >= 60 * self.cfg.minutes)
 
     # --- state ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -244,7 +266,7 @@ class Trainer:
                     self.elapsed, t_mark = self.elapsed + now - t_mark, now
                     self._sync_elapsed()
                     bar.update(1)
-                    if self.step % cfg.log_every == 0:
+                    if self.step % cfg.log_every == 0 or self._finished():  # a short run logs its end too
                         rate = steps_log * global_batch / (time.perf_counter() - t_log)
                         self._log(losses, lr, rate)
                         bar.set_postfix(loss=f"{losses['loss'].item():.3f}", samples_s=f"{rate:.0f}")
@@ -273,9 +295,7 @@ class Trainer:
                    "train_seconds": round(self.elapsed, 1),
                    "samples_per_s": round(self.samples / self.elapsed, 1) if self.elapsed else None,
                    "skipped": len(self.skips.skipped)}
-        finished = self.total_steps is not None and self.step >= self.total_steps or (
-            bool(cfg.minutes) and self.elapsed >= 60 * cfg.minutes)
-        if self.is_main and finished:
+        if self.is_main and self._finished():
             self.model.save(self.run.path / "model")
             summary["eval"] = self._record_eval()
             self.run.plot()

@@ -170,6 +170,24 @@ def test_resume_gives_identical_parameters(shards, tmp_path, tiny_preset):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_small_set_gets_a_batch_and_warmup_that_fit(tmp_path, tiny_preset, capsys):
+    """20 pairs and the default batch of 256: batches of the 20 (no pair is its own negative), the
+    warmup cut to a tenth of the 7 steps, and the last step logged although log_every is 10."""
+    rng = np.random.default_rng(1)
+    write_shards([Sample(key=f"k{i}", image=rng.integers(0, 256, (16, 16), dtype=np.uint8), text=f"picture {i}")
+                  for i in range(20)], tmp_path / "small", samples_per_shard=10)
+    trainer = Trainer(TrainConfig(model="fmnist-tiny", train_data=str(tmp_path / "small"), steps=7, workers=0),
+                      tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "batches of 20" in err and "warming up over 0" in err
+    trainer.fit()
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["batch_size"] == 20 and written["warmup_steps"] == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [7]
+    assert records[-1]["samples"] == 7 * 20
+
+
 def test_half_written_checkpoint_is_never_picked(shards, tmp_path, tiny_preset):
     Trainer(_cfg(shards, stop_after=10), tmp_path / "run").fit()
     ckpts = tmp_path / "run" / "checkpoints"

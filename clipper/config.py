@@ -225,7 +225,8 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "AdamW weight decay (not on gains, biases, embeddings of dim < 2)")
     betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas")
     eps: float = setting(1e-6, "AdamW epsilon")
-    warmup_steps: int = setting(100, "linear warmup steps before the cosine decay")
+    warmup_steps: int = setting(100, "linear warmup steps before the cosine decay (ending by a tenth of the run "
+                                     "at the latest)")
     grad_clip: float | None = setting(1.0, "clip the gradient norm to this (null: no clipping)")
     image_lr_scale: float = setting(1.0, "learning-rate multiplier of the image tower")
     text_lr_scale: float = setting(1.0, "learning-rate multiplier of the text tower")

@@ -30,9 +30,13 @@ def make_optimizer(model: CLIP, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
+WARMUP_SHARE = 0.1  # warmup ends by this share of the run at the latest: a short fine-tune must not end warming up
+
+
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to zero as `progress` goes 0 -> 1."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    """Linear warmup over `warmup_steps` (or over the first WARMUP_SHARE of the run, if that ends
+    sooner), then cosine decay to zero as `progress` goes 0 -> 1."""
+    warm = min(1.0, max((step + 1) / cfg.warmup_steps, progress / WARMUP_SHARE)) if cfg.warmup_steps > 0 else 1.0
     return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 

@@ -109,11 +109,6 @@ class Trainer:
         self.total_steps = cfg.steps
         if self.total_steps is None and cfg.epochs is not None:
             self.total_steps = math.ceil(cfg.epochs * self.data.batches_per_epoch())
-        if self.total_steps is not None and cfg.warmup_steps > self.total_steps // 10:
-            warmup = self.total_steps // 10  # a short run (a small fine-tune) would end still warming up
-            self._notice(f"warmup_steps {cfg.warmup_steps}: the run has {self.total_steps} steps; warming up "
-                         f"over {warmup}")
-            self.cfg = cfg = dataclasses.replace(cfg, warmup_steps=warmup)
         if self.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.run.path / "config.json")

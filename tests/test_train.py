@@ -171,21 +171,26 @@ def test_resume_gives_identical_parameters(shards, tmp_path, tiny_preset):
 
 
 def test_a_small_set_gets_a_batch_and_warmup_that_fit(tmp_path, tiny_preset, capsys):
-    """20 pairs and the default batch of 256: batches of the 20 (no pair is its own negative), the
-    warmup cut to a tenth of the 7 steps, and the last step logged although log_every is 10."""
+    """20 pairs and the default batch of 256: batches of the 20 (no pair is its own negative); the
+    default warmup of 100 steps ends by a tenth of the 7-step run; the last step is logged although
+    log_every is 10."""
     rng = np.random.default_rng(1)
     write_shards([Sample(key=f"k{i}", image=rng.integers(0, 256, (16, 16), dtype=np.uint8), text=f"picture {i}")
                   for i in range(20)], tmp_path / "small", samples_per_shard=10)
     trainer = Trainer(TrainConfig(model="fmnist-tiny", train_data=str(tmp_path / "small"), steps=7, workers=0),
                       tmp_path / "run")
     err = capsys.readouterr().err
-    assert "batches of 20" in err and "warming up over 0" in err
+    assert "batches of 20" in err
     trainer.fit()
-    written = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert written["batch_size"] == 20 and written["warmup_steps"] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 20
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [7]
     assert records[-1]["samples"] == 7 * 20
+    from clipper.optim import learning_rate
+
+    cfg = trainer.cfg
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(cfg.lr / 100)  # warming up
+    assert learning_rate(cfg, 1, 1 / 7) > 0.9 * cfg.lr  # warm by a tenth of the run, not after 100 steps
 
 
 def test_half_written_checkpoint_is_never_picked(shards, tmp_path, tiny_preset):

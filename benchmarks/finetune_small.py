@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,10 +71,14 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=51)
     args = ap.parse_args()
     train_split, val = holdout_split(ensure_shards("emoji") / "train")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     mine, rest = split_folder(val, args.pairs, ROOT / "data" / "shards" / "emoji" / f"finetune-{args.pairs}")
-    base = ROOT / "runs" / f"bench-finetune-base-{stamp}"
-    run = ROOT / "runs" / f"bench-finetune-{stamp}"
+    with tempfile.TemporaryDirectory(prefix="clipper-finetune-") as tmp:  # two runs' checkpoints: gone after
+        results = measure(args, train_split, mine, rest, Path(tmp) / "base", Path(tmp) / "run")
+    print(json.dumps(results, indent=1))
+    print("wrote", write_results("finetune_small", results))
+
+
+def measure(args: argparse.Namespace, train_split: str, mine: str, rest: str, base: Path, run: Path) -> dict:
     base_seconds = train(["--preset", "emoji-small", "--train-data", train_split, "--eval-task", "none",
                           "--minutes", str(args.base_minutes), "--out", str(base)])
     seconds = train(["--init", str(base / "model"), "--train-data", mine, "--minutes", str(args.minutes),
@@ -88,8 +93,7 @@ def main() -> None:
                "lr_at_step": {str(r["step"]): r["lr"] for r in steps[:3]},
                "mine_before": retrieval(base / "model", mine), "mine_after": retrieval(run / "model", mine),
                "rest_before": retrieval(base / "model", rest), "rest_after": retrieval(run / "model", rest)}
-    print(json.dumps(results, indent=1))
-    print("wrote", write_results("finetune_small", results))
+    return results
 
 
 if __name__ == "__main__":

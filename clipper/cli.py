@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
 
+from . import __version__
 from .errors import ClipperError, ConfigError, DataError
 from .evaluate import EVAL_TASKS
 from .generate import GenerationConfig
@@ -88,9 +90,27 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
-    from .config import list_presets
+    """Model presets with their kind, image size and size; then the training presets."""
+    import torch
 
-    print("\n".join(list_presets()))
+    from .config import TRAIN_PRESETS, list_presets, preset
+    from .model import CLIP
+
+    rows = [("model preset", "image tower", "px", "decoder", "parameters")]
+    for name in list_presets():
+        config = preset(name)
+        with torch.device("meta"):  # counted without allocating the weights
+            n = sum(p.numel() for p in CLIP(config).parameters())
+        v = config.vision
+        tower = f"resnet {'-'.join(map(str, v.stages))}" if v.kind == "resnet" else \
+            f"vit {v.layers}x{v.width}/{v.patch_size}" + (" attn-pool" if v.pool == "attn" else "")
+        rows.append((name, tower, str(v.image_size), config.decoder.kind if config.decoder else "-", f"{n / 1e6:.1f}M"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    print("\ntraining presets (clipper train / train-captioner --preset NAME):")
+    for name, values in TRAIN_PRESETS.items():
+        print(f"  {name}: objective {values.get('objective', 'contrastive')}, model {values.get('model', '(--init)')}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -348,9 +368,11 @@ def _add_train_args(p: argparse.ArgumentParser, presets: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clipper", description="CLIP-style image-text models, fast on CPUs.")
+    ap.add_argument("--version", action="version", version=f"clipper {__version__}")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("presets", help="list the model presets (clipper's and open_clip's ViT configs)")
+    p = sub.add_parser("presets", help="list the model presets (clipper's and open_clip's configs it builds, with "
+                                       "sizes) and the training presets")
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("info", help="print a model's config and parameter counts")
@@ -501,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClipperError as e:
         print(f"clipper {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `clipper presets | head`: the reader has gone, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     return 0
 
 

@@ -182,3 +182,16 @@ def test_model_configs_are_bounded_before_anything_is_built(tmp_path, change, fi
 def test_index_refuses_ids_that_do_not_match_the_vectors(artifacts, capsys):
     assert main(["index", str(artifacts / "bad" / "emb-ids")]) == 2
     assert "ids.jsonl: 1 rows for 3 vectors" in capsys.readouterr().err
+
+
+def test_version_and_presets_with_sizes(capsys):
+    import clipper
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"clipper {clipper.__version__}"
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert "7.8M" in rows["fmnist-tiny"] and "coca" in rows["coca_ViT-B-32"] and "resnet 3-4-6-3" in rows["RN50"]
+    assert "coca-finetune: objective caption" in out and "emoji-captioner" in out

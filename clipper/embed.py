@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from .data.inputs import ImageItem, InputSkip, list_images
 from .data.transforms import Normalize, ResizeCrop
@@ -28,6 +27,7 @@ from .errors import ConfigError, DataError, ImageError
 from .images import MAX_PIXELS, decode_image
 from .index import Index
 from .io import atomic_path, read_json_object, read_jsonl, read_lines, write_json, write_jsonl
+from .progress import Progress, track
 from .model import CLIP
 from .tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ def embed_items(model: CLIP, items: Sequence[ImageItem | Image.Image], batch_siz
                         prefetch_factor=4 if workers and order else None)
     normalize, device = Normalize(model.config.vision), model.device
     parts, kept, failed = [], [], []
-    with tqdm(total=len(items), unit="img", desc="embed", disable=not progress) as bar:
+    with Progress(len(items), "embed", "img", disable=not progress) as bar:
         for index, pixels, bad in loader:
             if pixels is not None:
                 parts.append(model.encode_image(normalize(pixels).to(device), normalize=True).float().cpu())
@@ -283,8 +283,8 @@ def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike,
 
     todo = [(rows, stem) for _, rows, stem in _parts(out, len(items), part_size)
             if not stem.with_suffix(".npy").exists()]
-    with tqdm(total=len(items), unit="img", desc="embed", disable=not progress,
-              initial=len(items) - sum(len(rows) for rows, _ in todo)) as bar:
+    with Progress(len(items), "embed", "img", disable=not progress,
+                  initial=len(items) - sum(len(rows) for rows, _ in todo)) as bar:
         for rows, stem in todo:
             part = embed_items(model, [items[i] for i in rows], batch_size, workers, exact_decode)
             records = [items[rows[i]].record() for i in part.kept]
@@ -324,8 +324,8 @@ def embed_text_file(model: CLIP, model_spec: dict | str, texts_file: str | os.Pa
     texts = read_lines(texts_file, "texts", comments=False)
     out = Path(out)
     emb = np.concatenate([embed_texts(model, texts[i:i + 4096], batch_size)
-                          for i in tqdm(range(0, len(texts), 4096), desc="embed texts", unit="chunk",
-                                        disable=len(texts) <= 4096)])
+                          for i in track(range(0, len(texts), 4096), -(-len(texts) // 4096), "embed texts", "chunk",
+                                         disable=len(texts) <= 4096)])
     _write_npy(out / "text_emb.npy", emb.astype(dtype))
     write_jsonl(out / "texts.jsonl", [{"text": t} for t in texts])
     manifest = {"model": model_spec, "model_fingerprint": model.fingerprint(),

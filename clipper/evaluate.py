@@ -14,6 +14,7 @@ import torch
 from .data.fashion_mnist import CLASSES, EVAL_TEMPLATES
 from .errors import ConfigError, DataError
 from .model import CLIP
+from .progress import Progress
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -192,9 +193,11 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
     skips = SkipLog()
 
     def batches() -> Iterator[dict]:
-        for batch in make_loader(dataset, workers):
-            skips.add(batch)
-            yield batch
+        with Progress(dataset.num_samples, f"eval {task}", "img") as bar:
+            for batch in make_loader(dataset, workers):
+                skips.add(batch)
+                bar.update(len(batch["image"]) + len(batch["skipped"]))
+                yield batch
 
     try:
         metrics = spec.run(model, batches(), **{name: given[name] for name in spec.inputs})

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .config import TrainConfig, write_config
 from .data.pipeline import SkipLog, make_loader, training_dataset
@@ -35,6 +34,7 @@ from .evaluate import evaluate_task
 from .model.clip import MAX_LOGIT_SCALE
 from .objectives import OBJECTIVES
 from .optim import learning_rate, make_optimizer, set_learning_rate
+from .progress import Progress
 from .runs import RunDir
 
 
@@ -166,7 +166,8 @@ class Trainer:
         if self.is_main:
             self.run.remove_partial()
             self.run.truncate_metrics(self.step)  # the steps after it run (and are logged) again
-            tqdm.write(f"resumed from {path} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
+            print(f"resumed from {path} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})",
+                  file=sys.stderr, flush=True)
 
     def save_checkpoint(self) -> None:
         if self.is_main:
@@ -234,8 +235,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         steps_this_run = 0
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, unit="step",
-                   dynamic_ncols=True)
+        bar = Progress(self.total_steps, "train", "step", initial=self.step, disable=not self.is_main,
+                       fraction=self._progress)
         global_batch = cfg.batch_size * self.world
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM preemption: checkpoint, then leave
         try:
@@ -273,14 +274,14 @@ class Trainer:
                     if self._done(steps_this_run):
                         break
                 else:
-                    if self.is_main:
-                        tqdm.write(f"epoch {self.epoch} done: {self.skips.summary()}")
+                    if self.is_main and self.skips.skipped:  # a line per epoch only when it has news
+                        bar.write(f"epoch {self.epoch}: {self.skips.summary()}")
                     self.skips.clear()
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         except KeyboardInterrupt:
             self.save_checkpoint()
             if self.is_main:
-                tqdm.write(f"interrupted at step {self.step}: checkpoint written; continue with --resume")
+                bar.write(f"interrupted at step {self.step}: checkpoint written; continue with --resume")
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -303,8 +304,9 @@ class Trainer:
             self.run.log({"step": self.step, "samples": self.samples, "elapsed": round(self.elapsed, 2),
                           "eval_seconds": round(time.perf_counter() - t0, 2), "eval": metrics})
             self.run.plot()
-            tqdm.write(f"step {self.step}: {self.cfg.eval_task} " +
-                       ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+            line = f"step {self.step}: {self.cfg.eval_task} " + \
+                ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+            print(line, file=sys.stderr, flush=True)
         return metrics
 
 

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
+from ..progress import track
 from .samples import Rejected, Sample
 
 SIZES_FILE, STATS_FILE, REJECTED_FILE, GRID_FILE = "sizes.json", "stats.json", "rejected.jsonl", "grid.png"
@@ -85,7 +85,7 @@ def _write_set(items: Iterable[Sample | Rejected], out: Path, samples_per_shard:
         sizes[name] = len(shard)
         shard.clear()
 
-    for item in tqdm(items, total=total, desc=desc, unit="sample", mininterval=1.0):
+    for item in track(items, total, desc, "sample"):
         if isinstance(item, Rejected):
             rejected.append(item)
             continue

@@ -93,7 +93,9 @@ def table() -> str:
                         + (f"{r[f'cache_vs_open_clip_{mode}']}x open_clip, " if f"cache_vs_open_clip_{mode}" in r else "")
                         + f"{r[f'cache_vs_recompute_{mode}']}x recompute"
                         + ("" if same is None else f"; same captions: {'yes' if same else 'NO'}")
-                        + (f"; peak RSS MB: clipper {r['peak_rss_mb']['clipper']}" if mode == "beam3" else "")
+                        + (f"; peak RSS MB: clipper {r['peak_rss_mb']['clipper']}"
+                           + (f", open_clip {r['peak_rss_mb']['open_clip']}" if "open_clip" in r["peak_rss_mb"] else "")
+                           if mode == "beam3" else "")
                         + " |")
     if r := _load("train_captioner_emoji"):
         f = r["final"]

@@ -12,6 +12,7 @@ from typing import TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
+QUIET_UNDER_S = 5.0  # work shorter than this prints no closing line when redirected
 
 
 def _duration(seconds: float) -> str:
@@ -29,14 +30,15 @@ class Progress:
         self.n = self.start_n = initial
         self.start = self.last = time.perf_counter()
         self.postfix: dict[str, str] = {}
+        self.lines = 0
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                         disable=disable or not self.tty)
 
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(summary=exc_type is None)  # work that failed (or was abandoned) reports itself
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -53,8 +55,10 @@ class Progress:
         if self.enabled:
             tqdm.write(message, file=sys.stderr) if self.tty else print(message, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
-        if self.enabled and not self.tty and self.n != self.start_n:
+    def close(self, summary: bool = True) -> None:
+        """The closing line: for work that reported along the way or took a while (a quick job stays silent)."""
+        took_a_while = self.lines or time.perf_counter() - self.start >= QUIET_UNDER_S
+        if summary and self.enabled and not self.tty and self.n != self.start_n and took_a_while:
             self._line()
         self.bar.close()
         self.enabled = False
@@ -62,6 +66,7 @@ class Progress:
     def _line(self) -> None:
         now = time.perf_counter()
         self.last = now
+        self.lines += 1
         elapsed = now - self.start
         done = self.fraction() if self.fraction else (self.n / self.total if self.total else None)
         text = f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"

@@ -23,7 +23,7 @@ def _with_statistics(model):
     return model
 
 
-@pytest.mark.parametrize("name", ["RN50", "RN101-quickgelu"])
+@pytest.mark.parametrize("name", ["RN50-quickgelu"])
 def test_resnet_embeddings_and_export_are_open_clips(name):
     torch.manual_seed(0)
     oc = _with_statistics(open_clip.create_model(name).eval())

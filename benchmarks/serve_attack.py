@@ -109,9 +109,11 @@ def watch_health(port: int, pid: int, stop, out) -> None:
     50 ms with a fresh connection, and the server's memory, until `stop` is set."""
     import socket
 
-    times, statuses, rss = [], [], []
+    times, statuses, rss, starts = [], [], [], []
+    begin = time.perf_counter()
     while not stop.is_set():
         t0 = time.perf_counter()
+        starts.append(t0 - begin)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
@@ -121,7 +123,7 @@ def watch_health(port: int, pid: int, stop, out) -> None:
         times.append(time.perf_counter() - t0)
         rss.append(_rss_mib(pid)[0])
         time.sleep(0.05)
-    out.put((times, statuses, rss))
+    out.put((times, statuses, rss, starts))
 
 
 async def request(port: int, path: str, body: bytes) -> tuple[int | None, float]:
@@ -146,7 +148,7 @@ async def attack(port: int, pid: int, slow_seconds: float) -> dict:
                                    *[slowloris(port, slow_seconds) for _ in range(200)], return_exceptions=True)
     wall = time.perf_counter() - t0
     stop.set()
-    health_times, statuses, rss = out.get(timeout=30)
+    health_times, statuses, rss, starts = out.get(timeout=30)
     watcher.join(timeout=30)
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
     kinds = {}
@@ -164,6 +166,9 @@ async def attack(port: int, pid: int, slow_seconds: float) -> dict:
         "health_status": dict(Counter(statuses)),
         "health_p50_ms": round(1000 * statistics.median(health_times), 1),
         "health_p99_ms": round(1000 * np.percentile(health_times, 99), 1),
+        # when the slowest checks started (s into the attack): a burst at the start or spread out
+        "health_slowest": [(round(starts[i], 1), round(1000 * health_times[i], 1))
+                           for i in np.argsort(health_times)[::-1][:5]],
         "server_rss_max_mib": round(max(rss), 1),
     }
 

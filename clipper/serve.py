@@ -307,17 +307,13 @@ def _public(row: dict, source: str | None) -> dict:
 
 
 async def read_body(request, limit: int, timeout_s: float) -> bytes:
-    """The body, within `limit` bytes and `timeout_s` seconds. A body over the limit is refused
-    (413): at once when its Content-Length is over 4 times the limit or a chunked body passes that,
-    otherwise after the body has been read and dropped (closing on unread bytes resets the
-    connection, and the client would lose the answer). A client that stalls gets 408."""
-    declared = request.headers.get("content-length")
-    if declared is not None and not declared.isdigit():
-        raise BadRequest("Content-Length: not a number")
-    too_large = BadRequest(f"request body of {declared or 'over ' + str(limit)} bytes exceeds the limit of {limit}",
-                           413)
-    if declared is not None and int(declared) > 4 * limit:
-        raise too_large
+    """The body, within `limit` bytes and `timeout_s` seconds (a declared Content-Length over 4
+    times the limit was refused before, by `_Admission`). A body over the limit is refused (413):
+    at once when a chunked body passes 4 times the limit, otherwise after the body has been read
+    and dropped (closing on unread bytes resets the connection, and the client would lose the
+    answer). A client that stalls gets 408."""
+    too_large = BadRequest(f"request body of {request.headers.get('content-length') or 'over ' + str(limit)} bytes "
+                           f"exceeds the limit of {limit}", 413)
 
     received = 0
 
@@ -425,7 +421,43 @@ def create_app(service: Service):
     async def page():
         return DEMO_PAGE.read_text(encoding="utf-8")
 
-    return app
+    return _Admission(app, service.limits)
+
+
+class _Admission:
+    """ASGI wrapper, before any framework work: at most `max_connections` requests open at once
+    (more get 503 with Retry-After) and a declared body over 4 times `max_body_bytes` refused (413),
+    both before the body is read. /health and /metrics always pass, so that a monitor sees a full
+    server as busy, not dead (uvicorn's own limit_concurrency would refuse them too)."""
+    EXEMPT = ("/health", "/metrics")
+
+    def __init__(self, app, limits: Limits):
+        self.app, self.limits, self.open = app, limits, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if self.open >= self.limits.max_connections:
+            return await self.refuse(send, 503, "busy: too many open requests", [(b"retry-after", b"1")])
+        if declared is not None and not declared.isdigit():
+            return await self.refuse(send, 400, "Content-Length: not a number")
+        if declared is not None and int(declared) > 4 * self.limits.max_body_bytes:
+            return await self.refuse(send, 413, f"request body of {declared.decode()} bytes exceeds the limit of "
+                                                f"{self.limits.max_body_bytes}")
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
+
+    @staticmethod
+    async def refuse(send, status: int, message: str, headers: list | None = None) -> None:
+        body = json.dumps({"error": {"message": message, "status": status}}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), *(headers or [])]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -433,7 +465,7 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
 
     # SIGTERM: stop taking requests, give running ones 5 s; idle keep-alive connections close after 5 s
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                timeout_keep_alive=5, limit_concurrency=service.limits.max_connections)
+                timeout_keep_alive=5)
 
 
 def free_port() -> int:

@@ -16,8 +16,9 @@ class Limits:
     read_timeout_s: float = setting(10.0, "seconds a client has to send its whole body (then 408)")
     max_inflight: int = setting(512, "requests doing model work at once (the batchers queue them); more get 503 "
                                      "with Retry-After")
-    max_connections: int = setting(1024, "open connections; more get 503 from the HTTP server (raise the "
-                                         "process's open-file limit to match)")
+    max_connections: int = setting(1024, "requests open at once, being received or worked on (/health and "
+                                         "/metrics excepted: a full server still answers its monitor); more "
+                                         "get 503 with Retry-After")
     max_images: int = setting(16, "images per request")
     max_pixels: int = setting(40_000_000, "pixels per image")
     max_request_pixels: int = setting(100_000_000, "pixels of all the images of one request")

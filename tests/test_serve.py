@@ -199,6 +199,12 @@ def test_access_rules(server):
         assert call(server, "/v1/embeddings", {"input": "x"})[0] == 503
     finally:
         service.limits.max_inflight = limit
+    limit, service.limits.max_connections = service.limits.max_connections, 0
+    try:  # a full server refuses work but still answers its monitor
+        assert call(server, "/v1/embeddings", {"input": "x"})[0] == 503
+        assert call(server, "/health")[0] == 200 and call(server, "/metrics")[0] == 200
+    finally:
+        service.limits.max_connections = limit
     service.access.api_key = "s3cret"
     try:
         assert call(server, "/v1/embeddings", {"input": "x"})[0] == 401

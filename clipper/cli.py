@@ -15,15 +15,24 @@ from .errors import ClipperError, ConfigError, DataError
 from .evaluate import EVAL_TASKS
 from .generate import GenerationConfig
 from .io import read_lines
+from .onnx_model import OnnxCLIP
+from .precision import PRECISIONS
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference: bool = False) -> None:
-    p.add_argument("--model", required=required, help="model directory, open_clip checkpoint file, or preset name"
-                   + ("" if required else " (default: the model the folder was embedded with)"))
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference: bool = False,
+                    precision: bool = True) -> None:
+    p.add_argument("--model", required=required, help="model directory, ONNX export folder, open_clip checkpoint "
+                   "file, or preset name" + ("" if required else " (default: the model the folder was embedded with)"))
     p.add_argument("--pretrained", help="with a preset: open_clip pretrained tag or weights file")
     p.add_argument("--quick-gelu", action="store_true", default=None, help="force QuickGELU (OpenAI weights)")
+    if precision:
+        p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                       help="fp32 (default), bf16 (CUDA, or CPUs with AVX512-BF16/AMX; refused elsewhere), int8 "
+                            "(dynamic int8 linear layers, CPU, ~3x faster), auto (bf16 where native, else fp32)")
+        p.add_argument("--runtime", choices=["torch", "onnx"], default=None,
+                       help="torch, or onnx (onnxruntime, on a folder from `clipper export --format onnx`); "
+                            "default: what --model is")
     if inference:
-        p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers (CPU; ~3x faster)")
         p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
         p.add_argument("--workers", type=int, default=1, help="processes decoding images (0: none; default: 1)")
 
@@ -66,18 +75,16 @@ def _model_spec(args: argparse.Namespace) -> dict:
     if pretrained and Path(pretrained).exists():
         pretrained = str(Path(pretrained).resolve())
     return {"model": model, "pretrained": pretrained, "quick_gelu": args.quick_gelu,
-            "quantize": getattr(args, "quantize", None)}
+            "precision": getattr(args, "precision", None) or "fp32", "runtime": getattr(args, "runtime", None)}
 
 
 def _load_spec(spec: dict):
     from .factory import load
 
-    model = load(spec["model"], pretrained=spec.get("pretrained"), quick_gelu=spec.get("quick_gelu"))
-    if spec.get("quantize") == "int8":
-        from .quantize import quantize_int8
-
-        model = quantize_int8(model)
-    return model
+    # folders embedded before --precision recorded "quantize": "int8"
+    precision = spec.get("precision") or ("int8" if spec.get("quantize") == "int8" else "fp32")
+    return load(spec["model"], pretrained=spec.get("pretrained"), quick_gelu=spec.get("quick_gelu"),
+                precision=precision, runtime=spec.get("runtime"))
 
 
 def _load(args: argparse.Namespace):
@@ -115,6 +122,10 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     model = _load(args)
+    if isinstance(model, OnnxCLIP):  # an ONNX export folder
+        print(json.dumps({"config": model.config.to_dict(), "runtime": "onnx",
+                          **{k: model.manifest[k] for k in ("quantize", "verified", "exported_with")}}, indent=2))
+        return
     n_vis = sum(p.numel() for p in model.visual.parameters())
     n_txt = sum(p.numel() for p in model.text.parameters())
     print(json.dumps({"config": model.config.to_dict(), "parameters": {
@@ -128,6 +139,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .open_clip_dir import save_open_clip_dir
 
     model = _load(args)
+    if isinstance(model, OnnxCLIP):
+        raise ConfigError(f"{args.model}: an ONNX export holds graphs, not weights clipper or open_clip load; "
+                          "convert the model it came from")
     out = Path(args.out)
     to = args.to or ("open_clip-file" if out.suffix in (".safetensors", ".pt", ".pth", ".bin") else "clipper")
     if to != "clipper" and model.decoder is not None and model.config.decoder.kind != "coca":
@@ -142,6 +156,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     else:
         save_model(model, out)
         print(f"wrote clipper model directory {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .onnx_export import describe, export_onnx
+
+    model = _load(args)
+    if isinstance(model, OnnxCLIP):
+        raise ConfigError(f"{args.model}: already an ONNX export; export the model it came from")
+    if model.decoder is not None:
+        print("clipper export: the caption decoder is not exported (image and text towers only)", file=sys.stderr)
+    print(describe(export_onnx(model, args.out, quantize=args.quantize), args.out))
 
 
 def cmd_similarity(args: argparse.Namespace) -> None:
@@ -376,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("info", help="print a model's config and parameter counts")
-    _add_model_args(p)
+    _add_model_args(p, precision=False)
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("convert", help="between clipper model directories and open_clip folders or files",
@@ -384,11 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "open_clip_model.safetensors: open_clip and clip_benchmark load it as "
                                    "local-dir:OUT). Without --to: an open_clip state dict when --out ends in "
                                    ".safetensors/.pt/.pth/.bin, else a clipper model directory.")
-    _add_model_args(p)
+    _add_model_args(p, precision=False)
     p.add_argument("--out", required=True, help="output directory or open_clip weights file")
     p.add_argument("--to", choices=["clipper", "open_clip", "open_clip-file"],
                    help="what to write (default: by --out, see above)")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("export", help="a model's towers as ONNX graphs (image.onnx, text.onnx) for runtimes without "
+                                      "torch", description="Writes image.onnx (pixels -> normalised embeddings), "
+                       "text.onnx (token ids, dynamic length -> embeddings) and onnx_export.json (preprocessing, "
+                       "tokenizer, temperature, and the check against clipper made at export) into --out. Needs "
+                       "the 'onnx' extra. `clipper embed/serve --model OUT` run it on ONNX Runtime.")
+    _add_model_args(p, precision=False)
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (default; the only one)")
+    p.add_argument("--out", required=True, help="output folder (replaced)")
+    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime's dynamic int8 quantisation of the graphs")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("data", help="turn a data source into webdataset shards")
     data_sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -442,7 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="the evaluation (see above)")
     p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
-    p.add_argument("--quantize", choices=["int8"], help="evaluate the int8 model")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     p.add_argument("--workers", type=int, default=0, help="processes decoding images (default: 0)")
     p.set_defaults(fn=cmd_eval)

@@ -14,7 +14,9 @@ from .config import ModelConfig, preset
 from .errors import CheckpointError, ConfigError
 from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
 from .model import CLIP
+from .onnx_export import is_onnx_export
 from .open_clip_dir import is_open_clip_dir, load_open_clip_dir
+from .precision import resolve_precision, with_precision
 
 
 def load_model(path: str | os.PathLike) -> CLIP:
@@ -25,7 +27,7 @@ def load_model(path: str | os.PathLike) -> CLIP:
 
 def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None,
          quick_gelu: bool | None = None, device: str | torch.device = "cpu",
-         cache_dir: str | None = None) -> CLIP:
+         cache_dir: str | None = None, precision: str = "fp32", runtime: str | None = None) -> CLIP:
     """A CLIP model in eval mode, from
     - a clipper model directory (config.json + model.safetensors);
     - an open_clip local-dir folder (open_clip_config.json + open_clip_model.safetensors);
@@ -33,8 +35,23 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
     - a preset name (`fmnist-tiny`, `ViT-B-32`, ...): random weights, or `pretrained=` an
       open_clip pretrained tag (downloaded by open_clip's own code, needs a network) or a file.
     `quick_gelu` overrides the activation (OpenAI-trained weights need it; open_clip's tags say so).
+    - an ONNX export folder (`clipper export --format onnx`): run by ONNX Runtime (`runtime="onnx"`).
+    `precision`: fp32, bf16 (where native: refused elsewhere), int8 (CPU) or auto (`clipper.precision`).
+    `runtime`: torch or onnx, checked against what the path holds (default: whichever it is).
     """
+    precision = resolve_precision(precision, device)  # refused before anything is read
     path = Path(name_or_path)
+    if runtime not in (None, "torch", "onnx"):
+        raise ConfigError(f"runtime: torch or onnx, got {runtime!r}")
+    if is_onnx_export(path) != (runtime == "onnx") and runtime is not None:
+        raise ConfigError(f"{path}: an ONNX export folder runs with --runtime onnx only" if runtime == "torch" else
+                          f"{path}: --runtime onnx needs a folder from `clipper export --format onnx`")
+    if is_onnx_export(path):
+        from .onnx_model import load_onnx
+
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"{path}: the ONNX runtime here runs on the CPU only, not {device}")
+        return load_onnx(path, precision)
     if is_model_dir(path):
         model = load_model(path)
     elif is_open_clip_dir(path):
@@ -50,7 +67,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
             config.quick_gelu = quick_gelu
         model = CLIP(config) if pretrained is None else _load_pretrained(str(name_or_path), config, pretrained,
                                                                           quick_gelu, cache_dir)
-    return model.to(device).eval()
+    return with_precision(model.to(device).eval(), precision)
 
 
 def _load_pretrained(name: str, config: ModelConfig, pretrained: str | os.PathLike, quick_gelu: bool | None,

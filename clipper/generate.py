@@ -270,6 +270,12 @@ def generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None = 
              cfg: GenerationConfig | None = None) -> list[list[str]]:
     """Captions [image][sequence] for preprocessed images [B, C, H, W]; `prompts` (one per image,
     or none) start each caption and are returned as part of it."""
+    with model.autocast():  # the model's inference precision (bf16 where chosen)
+        return _generate(model, pixels, prompts, cfg)
+
+
+def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
+              cfg: GenerationConfig | None) -> list[list[str]]:
     if model.decoder is None:
         raise ConfigError("this model has no caption decoder (train one with `clipper train-captioner`)")
     cfg = (cfg or GenerationConfig()).validate()

@@ -51,4 +51,5 @@ def quantize_int8(model: CLIP) -> CLIP:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
+    quantized.precision = "int8"
     return quantized.requires_grad_(False)

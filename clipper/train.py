@@ -34,6 +34,7 @@ from .evaluate import evaluate_task
 from .model.clip import MAX_LOGIT_SCALE
 from .objectives import OBJECTIVES
 from .optim import learning_rate, make_optimizer, set_learning_rate
+from .precision import native_bf16
 from .progress import Progress
 from .runs import RunDir
 
@@ -48,17 +49,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return rank, world
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays off: on CUDA, and on CPUs whose oneDNN has native bf16 instructions
-    (elsewhere it is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A context factory: bf16 autocast where `precision` asks for it and it pays off, else none."""
-    if precision == "bf16" and bf16_supported(device):
+    if precision == "bf16" and native_bf16(device):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -74,7 +67,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run = RunDir(out)
         self._autocast = autocast_for(cfg.precision, self.device)
-        if cfg.precision == "bf16" and not bf16_supported(self.device) and self.is_main:
+        if cfg.precision == "bf16" and not native_bf16(self.device) and self.is_main:
             print("precision bf16: this CPU has no native bf16 matmul (AVX512-BF16/AMX), training in fp32",
                   file=sys.stderr)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ class CLIP(nn.Module):
         bias = config.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.init_weights()
+        self.precision = "fp32"  # inference: "bf16" runs under bf16 autocast (clipper.precision), "int8" quantised
         self.decoder = None
         if config.decoder is not None:
             self.add_decoder(config.decoder)
@@ -86,18 +88,27 @@ class CLIP(nn.Module):
         self.visual.init_weights()
         init_blocks(self.text.transformer.blocks)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the model's device when its inference precision is bf16, else nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(images)
+        with self.autocast():
+            features = self.visual(images)
+        if self.precision == "bf16":  # normalised and returned in float32
+            features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # Identical captions are encoded once (templated data and class prompts repeat a lot);
         # the features are the same, and gradients of the copies add up in the shared row.
         unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
-        if unique.shape[0] < tokens.shape[0]:
-            features = self.text(unique)[inverse]
-        else:
-            features = self.text(tokens)
+        with self.autocast():
+            features = self.text(unique)[inverse] if unique.shape[0] < tokens.shape[0] else self.text(tokens)
+        if self.precision == "bf16":
+            features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:

@@ -58,9 +58,9 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, on oneDNN for fp32 CPU tensors, and for bf16 under CPU bf16 autocast (which does not
     know the oneDNN op, so the casts are made here)."""
-    if x.numel() < _FEW_ROWS * x.shape[-1] and weight.shape[0] <= _WIDE_OUT:
-        return F.linear(x, weight, bias)  # first: a decode step's linears must not pay for the checks below
-    if torch.compiler.is_compiling():  # inductor lowers F.linear itself (oneDNN included); the raw op breaks it
+    # torch.compile and torch.export (ONNX) lower F.linear themselves; the raw oneDNN op breaks them,
+    # and a branch on the row count would fix a dynamic batch size in the graph
+    if torch.compiler.is_compiling() or (x.numel() < _FEW_ROWS * x.shape[-1] and weight.shape[0] <= _WIDE_OUT):
         return F.linear(x, weight, bias)
     cpu = x.device.type == "cpu"
     if cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:

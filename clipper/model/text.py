@@ -39,9 +39,7 @@ class TextTransformer(nn.Module):
             x, mask = self._with_cls(tokens, eot)
             pool = torch.full_like(eot, x.shape[1] - 1)
             return self.ln_final(self.transformer(x, mask=mask, pool_index=pool)) @ self.proj
-        # Nothing after the batch's last end-of-text token can change the pooled features (causal
-        # attention, or padding masked out), so the sequence is cut there: exact, and most captions are short.
-        length = int(eot.max()) + 1 if tokens.numel() else 0
+        length = _used_length(tokens, eot)
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
         if self.cfg.pool == "eot":
             x = self.transformer(x, causal=True, pool_index=eot)
@@ -56,7 +54,7 @@ class TextTransformer(nn.Module):
         what CoCa's decoder reads. Exact up to each row's end-of-text (causal; a row's padding after it
         sees what a full run would not, and is never read)."""
         eot = self._check(tokens)
-        length = int(eot.max()) + 1 if tokens.numel() else 0
+        length = _used_length(tokens, eot)
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
         return self.transformer(x, causal=True)
 
@@ -79,10 +77,19 @@ class TextTransformer(nn.Module):
         j - 1 is padding; the class token keeps position L and sees itself only in a row without
         padding, as in open_clip (its CoCa weights were trained so)."""
         B, L = tokens.shape
-        keep = min(L, (int(eot.max()) if tokens.numel() else 0) + 2)  # later keys are hidden in every row
+        keep = min(L, _used_length(tokens, eot) + 1)  # later keys are hidden in every row
         x = self.token_embedding(tokens[:, :keep]) + self.positional_embedding[:keep]
         cls = (self.cls_emb + self.positional_embedding[L]).to(x.dtype).expand(B, 1, -1)
         keys = torch.cat([tokens.new_ones(B, 1, dtype=torch.bool), tokens[:, :keep - 1] != 0,
                           (tokens[:, L - 1] != 0)[:, None]], 1)
         causal = torch.ones(keep + 1, keep + 1, dtype=torch.bool, device=tokens.device).tril()
         return torch.cat([x, cls], 1), (causal[None] & keys[:, None, :])[:, None]
+
+
+def _used_length(tokens: torch.Tensor, eot: torch.Tensor) -> int:
+    """Positions 0 .. the batch's last end-of-text: nothing after it can change the pooled features
+    (causal attention, or padding masked out), so the sequence is cut there: exact, and most
+    captions are short. An exported graph (ONNX) must serve any input: it keeps every position."""
+    if torch.compiler.is_exporting():
+        return tokens.shape[1]
+    return int(eot.max()) + 1 if tokens.numel() else 0

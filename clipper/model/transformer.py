@@ -37,7 +37,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal) for a boolean
     `mask` (True = attend) or none; the causal mask is aligned top-left, as SDPA's."""
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if q.device.type != "cpu" or Lk > SHORT_KEYS or Lq == 1:
+    # an exported graph (ONNX) serves every length: one op, not a choice made at export time
+    if torch.compiler.is_exporting() or q.device.type != "cpu" or Lk > SHORT_KEYS or Lq == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # softmax in fp32 under bf16 autocast
     if causal:

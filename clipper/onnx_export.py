@@ -1,0 +1,240 @@
+"""`clipper export --format onnx`: a model's two towers as ONNX graphs that run without torch.
+
+The folder holds image.onnx (pixels [batch, C, S, S] float32 -> L2-normalised embeddings
+[batch, D]), text.onnx (token ids [batch, length] int64 -> embeddings [batch, D]; the length is
+dynamic, so a runtime feeds each batch only up to its longest text) and onnx_export.json: how to
+preprocess images and tokenize texts (what a runtime in another language needs), the
+temperature, the clipper config (for `clipper.load` with `--runtime onnx`) and the figures of the
+check made at export: each graph against clipper on the same inputs.
+
+Graphs come from torch.export (torch.onnx.export with dynamo=True); the model's code sees
+`torch.compiler.is_exporting()` and keeps every position and one attention op, so the graph
+serves every batch size and length. The caption decoder is not exported (its KV-cache loop is
+the generation engine's), nor are int8 torch models: export fp32 and pass `quantize="int8"`
+(ONNX Runtime's dynamic quantiser).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .io import write_json
+from .model import CLIP
+from .tokenizer import Tokenizer
+
+MANIFEST = "onnx_export.json"
+FORMAT = "clipper-onnx"
+OPSET = 18
+MAX_BATCH = 1 << 16
+# fp32 graphs must match clipper within this cosine distance (issue #19); int8 ones are reported only
+FP32_TOLERANCE = 1e-5
+
+
+class _ImageGraph(nn.Module):
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.visual = model.visual
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(pixels), dim=-1)
+
+
+class _TextGraph(nn.Module):
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.text = model.text
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text(ids), dim=-1)
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def _require_onnx() -> None:
+    if not onnx_available():
+        raise ConfigError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'clipper[onnx]'")
+
+
+def fixed_text_length(model: CLIP) -> bool:
+    """CoCa's class token sits after the padded text (its position is the padded length), so its
+    text graph takes full-length rows only; the other text towers take any length."""
+    return model.config.text.pool == "cls"
+
+
+def _samples(model: CLIP, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels [3, C, S, S] and token ids [3, L] to trace and to check with: texts of different lengths."""
+    v, context = model.config.vision, model.config.text.context_length
+    pixels = torch.randn(3, v.in_channels, v.image_size, v.image_size, generator=generator)
+    vocab = model.config.text.vocab_size
+    tok = Tokenizer(context)
+    lengths = [2, min(context, 7), context]
+    ids = torch.zeros(3, context, dtype=torch.long)
+    for row, n in enumerate(lengths):  # random ids between start and end, end = the largest id
+        body = torch.randint(1, min(vocab, tok.eot_id) - 1, (n - 2,), generator=generator)
+        ids[row, :n] = torch.cat([torch.tensor([min(tok.sot_id, vocab - 2)]), body, torch.tensor([vocab - 1])])
+    return pixels, ids
+
+
+def _export(graph: nn.Module, example: torch.Tensor, name: str, dims: dict, path: Path) -> None:
+    # the exporter narrates its steps on stdout; a failure is raised, so nothing is lost
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(graph.eval(), (example,), str(path), dynamo=True, opset_version=OPSET,
+                          input_names=[name], output_names=["embeddings"], dynamic_shapes={name: dims},
+                          external_data=False)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are not the user's business
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((1 - (a * b).sum(1)).max())
+
+
+def export_onnx(model: CLIP, out: str | os.PathLike, quantize: str | None = None, seed: int = 0) -> dict:
+    """Write `model`'s ONNX folder into `out` (replaced whole, atomically) and return its manifest."""
+    _require_onnx()
+    if getattr(model, "precision", "fp32") != "fp32":
+        raise ConfigError(f"export: the model runs in {model.precision}; export the fp32 model "
+                          "(quantize the graphs with --quantize int8)")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize: int8 or none, got {quantize!r}")
+    model = model.float().cpu().eval()
+    cfg = model.config
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pixels, ids = _samples(model, torch.Generator().manual_seed(seed))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        text_dims = {0: batch} if fixed_text_length(model) else {
+            0: batch, 1: torch.export.Dim("length", min=2, max=cfg.text.context_length)}
+        with torch.no_grad():
+            _export(_ImageGraph(model), pixels, "pixels", {0: batch}, tmp / "image.onnx")
+            _export(_TextGraph(model), ids, "ids", text_dims, tmp / "text.onnx")
+            if quantize == "int8":
+                _quantize_int8(tmp)
+            verified = _verify(model, tmp, pixels, ids, quantize)
+        manifest = _manifest(model, quantize, verified)
+        write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _quantize_int8(folder: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for name in ("image.onnx", "text.onnx"):
+        fp32 = folder / f"{name}.fp32"
+        os.rename(folder / name, fp32)
+        quantize_dynamic(str(fp32), str(folder / name), weight_type=QuantType.QInt8)
+        fp32.unlink()
+
+
+def _verify(model: CLIP, folder: Path, pixels: torch.Tensor, ids: torch.Tensor, quantize: str | None) -> dict:
+    """Each graph against clipper on the trace inputs and on other batch sizes and lengths: the
+    largest cosine distance; fp32 graphs over FP32_TOLERANCE are an error (a bad export)."""
+    image, text = _session(folder / "image.onnx"), _session(folder / "text.onnx")
+    checks = {"image": [], "text": []}
+    for rows in (pixels, pixels[:1], torch.cat([pixels, pixels.flip(0)])):
+        ours = model.encode_image(rows, normalize=True).numpy()
+        checks["image"].append(_cosine_distance(image.run(None, {"pixels": rows.numpy()})[0], ours))
+    batches = [ids, ids[:1], ids[:2]]
+    if not fixed_text_length(model):  # rows cut after their batch's longest text, as runtimes feed them
+        batches = [b[:, :int(b.argmax(1).max()) + 1] for b in batches]
+    for rows in batches:
+        ours = model.encode_text(rows, normalize=True).numpy()
+        checks["text"].append(_cosine_distance(text.run(None, {"ids": rows.numpy()})[0], ours))
+    worst = {k: max(v) for k, v in checks.items()}
+    if quantize is None and max(worst.values()) > FP32_TOLERANCE:
+        raise ConfigError(f"export: the ONNX graphs differ from clipper (cosine distance image {worst['image']:.2e}, "
+                          f"text {worst['text']:.2e}; tolerance {FP32_TOLERANCE:g}): not written")
+    return {"max_cosine_distance": worst, "tolerance": None if quantize else FP32_TOLERANCE}
+
+
+def _manifest(model: CLIP, quantize: str | None, verified: dict) -> dict:
+    cfg = model.config
+    tok = Tokenizer(cfg.text.context_length)
+    v = cfg.vision
+    return {
+        "format": FORMAT, "version": 1,
+        "graphs": {
+            "image": {"file": "image.onnx", "input": "pixels", "shape": ["batch", v.in_channels, v.image_size,
+                                                                          v.image_size], "dtype": "float32"},
+            "text": {"file": "text.onnx", "input": "ids", "dtype": "int64",
+                     "shape": ["batch", cfg.text.context_length if fixed_text_length(model) else "length"]},
+            "output": {"name": "embeddings", "shape": ["batch", cfg.embed_dim], "dtype": "float32",
+                       "normalized": True},
+        },
+        "preprocess": {"image_size": v.image_size, "resize": "shortest side to image_size, bicubic, then centre crop",
+                       "channels": "RGB" if v.in_channels == 3 else "L", "scale": 1 / 255,
+                       "mean": list(v.image_mean), "std": list(v.image_std)},
+        "tokenizer": {"kind": "clip-bpe (open_clip.tokenizer.SimpleTokenizer: lower-cased, whitespace cleaned)",
+                      "context_length": cfg.text.context_length, "sot": tok.sot_id, "eot": tok.eot_id, "pad": 0,
+                      "truncate": "keep the first context_length - 1 ids, then end-of-text",
+                      "feed": "each row padded with 0 to its batch's longest text" if not fixed_text_length(model)
+                      else "each row padded with 0 to context_length"},
+        "logit_scale": float(model.scale().detach()),
+        "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
+        "quantize": quantize,
+        "model_fingerprint": model.fingerprint() + ("" if quantize is None else f"-onnx-{quantize}"),
+        "config": cfg.to_dict(),
+        "verified": verified,
+        "exported_with": {"clipper": _version(), "torch": torch.__version__, "opset": OPSET},
+    }
+
+
+def _version() -> str:
+    from . import __version__  # the package imports this module: read at call time
+
+    return __version__
+
+
+def read_export_manifest(folder: str | os.PathLike) -> dict:
+    """onnx_export.json of an export folder, checked for the fields the runtime reads."""
+    from .io import read_json_object
+
+    path = Path(folder) / MANIFEST
+    manifest = read_json_object(path, "ONNX export manifest", {"format": str, "graphs": dict, "config": dict,
+                                                                "logit_scale": (int, float),
+                                                                "model_fingerprint": str})
+    if manifest["format"] != FORMAT:
+        raise ConfigError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+    return manifest
+
+
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def describe(manifest: dict, out: str | os.PathLike) -> str:
+    """One line for the CLI."""
+    d = manifest["verified"]["max_cosine_distance"]
+    return (f"wrote {out}: image.onnx, text.onnx ({manifest['quantize'] or 'fp32'}), {MANIFEST}; max cosine distance "
+            f"to clipper: image {d['image']:.1e}, text {d['text']:.1e}")
+

@@ -4,13 +4,20 @@ Images/s and texts/s for each and the ratios, plus the largest cosine distance b
 normalised outputs. Texts are distinct realistic prompts ("a photo of a {label}, number {i}.")
 and, separately, distinct texts that fill the whole 77-token context (where truncation saves nothing).
 
-    python benchmarks/embed_model.py [--model ViT-B-32] [--repeats 5]
+`--runtimes` adds, in the same interleaved rounds: clipper int8 and bf16 (`--precision`; bf16 is
+measured only on a CPU with native bf16, or emulated with `--force-bf16`, to show why it is
+refused there) and clipper's ONNX export on ONNX Runtime, fp32 and int8 (exported to a temporary
+folder); each with its largest cosine distance to clipper fp32.
+
+    python benchmarks/embed_model.py [--model ViT-B-32] [--repeats 5] [--runtimes [--force-bf16]]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import open_clip
@@ -32,6 +39,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runtimes", action="store_true", help="also int8, bf16 and ONNX Runtime fp32/int8")
+    ap.add_argument("--force-bf16", action="store_true", help="measure bf16 where it is not native (emulated)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -45,7 +54,10 @@ def main() -> None:
     tok_short, tok_long = open_clip.tokenize(prompts), open_clip.tokenize(long_texts)
 
     results = {"model": args.model, "batch": args.batch}
-    with torch.inference_mode():
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        encoders = {"open_clip": oc, "clipper": ours}
+        if args.runtimes:
+            encoders.update(_runtimes(ours, Path(tmp), args, results))
         cos = {
             "image": 1 - (oc.encode_image(images, normalize=True) * ours.encode_image(images, normalize=True)).sum(-1),
             "text_prompts": 1 - (oc.encode_text(tok_short, normalize=True)
@@ -54,17 +66,50 @@ def main() -> None:
                                       * ours.encode_text(tok_long, normalize=True)).sum(-1),
         }
         results["max_cosine_distance"] = {k: float(v.abs().max()) for k, v in cos.items()}
-        for what, data, enc in [("images", images, "encode_image"), ("texts_prompts", tok_short, "encode_text"),
-                                ("texts_full_context", tok_long, "encode_text")]:
-            rates = interleaved_rates({"open_clip": lambda enc=enc, data=data: getattr(oc, enc)(data),
-                                       "clipper": lambda enc=enc, data=data: getattr(ours, enc)(data)},
+        if args.runtimes:  # each runtime against clipper fp32
+            results["max_cosine_distance_to_clipper_fp32"] = {name: {
+                what: float((1 - (enc_of(m, what)(data) * enc_of(ours, what)(data)).sum(-1)).abs().max())
+                for what, data in (("image", images), ("text_prompts", tok_short), ("text_full_context", tok_long))}
+                for name, m in encoders.items() if name not in ("open_clip", "clipper")}
+        for what, data in [("images", images), ("texts_prompts", tok_short), ("texts_full_context", tok_long)]:
+            rates = interleaved_rates({name: lambda m=m, what=what, data=data: enc_of(m, what)(data)
+                                       for name, m in encoders.items()},
                                       items_per_call=args.batch, repeats=args.repeats)
             results[what] = {name: round(r["per_s_median"], 2) for name, r in rates.items()}
-            results[what]["ratio"] = round(rates["clipper"]["per_s_median"] / rates["open_clip"]["per_s_median"], 3)
-            print(f"{what:20s} open_clip {results[what]['open_clip']:8.2f}/s  clipper {results[what]['clipper']:8.2f}/s"
-                  f"  ratio {results[what]['ratio']:.3f}", flush=True)
+            base = rates["open_clip"]["per_s_median"]
+            results[what]["ratio"] = round(rates["clipper"]["per_s_median"] / base, 3)
+            results[what]["ratio_to_open_clip"] = {name: round(r["per_s_median"] / base, 3) for name, r in rates.items()}
+            print(f"{what:20s} " + "  ".join(f"{name} {rate:8.2f}/s" for name, rate in results[what].items()
+                                              if name in encoders), flush=True)
     print("max cosine distance:", results["max_cosine_distance"])
     print("wrote", write_results("embed_model", results))
+
+
+def enc_of(model, what: str):
+    """The normalised encoder of `model` for images or texts."""
+    fn = model.encode_image if what.startswith("image") else model.encode_text
+    return lambda data: fn(data, normalize=True)
+
+
+def _runtimes(ours, tmp: Path, args, results: dict) -> dict:
+    """clipper int8 and bf16, and its ONNX export (fp32, int8) on ONNX Runtime, for `ours`."""
+    from clipper.factory import load
+    from clipper.onnx_export import export_onnx
+    from clipper.precision import native_bf16, with_precision
+
+    ours.save(tmp / "model")
+    out = {"clipper_int8": with_precision(load(tmp / "model"), "int8")}
+    results["native_bf16"] = native_bf16("cpu")
+    if results["native_bf16"] or args.force_bf16:
+        out["clipper_bf16" + ("" if results["native_bf16"] else "_emulated")] = with_precision(load(tmp / "model"),
+                                                                                              "bf16")
+    for quantize in (None, "int8"):
+        t0 = time.perf_counter()
+        export_onnx(ours, tmp / f"onnx_{quantize or 'fp32'}", quantize=quantize)
+        results[f"export_s_onnx_{quantize or 'fp32'}"] = round(time.perf_counter() - t0, 1)
+        out[f"onnxruntime_{quantize or 'fp32'}"] = load(tmp / f"onnx_{quantize or 'fp32'}",
+                                                        precision=quantize or "fp32")
+    return out
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ and again, resumed each time, and must end with exactly the output of a run neve
 same weights and embeddings, every step logged once, no temporary files left. Writes
 results/faults.json.
 
-    python benchmarks/faults.py [--kills 50] [--seed 0]
+    python benchmarks/faults.py [--kills 50] [--seed 0] [--only train|embed|embed-shared]
+
+embed-shared: two processes share one output (--part 0/2 and 1/2); the second is killed a fifth
+as often as the others and restarted.
 """
 
 from __future__ import annotations
@@ -87,13 +90,14 @@ def train_faults(tmp: Path, kills: int, rng: random.Random) -> dict:
             "steps_logged_once": steps == list(range(5, 601, 5)), "leftovers": _leftovers(run)}
 
 
-def embed_faults(tmp: Path, kills: int, rng: random.Random) -> dict:
+def embed_setup(tmp: Path, images: int) -> list[str]:
+    """`images` PNGs, a model, the straight run's output in tmp/straight-emb; the embed arguments."""
     import clipper
 
     folder = tmp / "images"
     folder.mkdir()
     rng_pixels = np.random.default_rng(1)
-    for i in range(20000):
+    for i in range(images):
         Image.fromarray(rng_pixels.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
     # a larger image tower than TINY's, so that the run lasts long enough for the kills
     config = clipper.ModelConfig.from_dict(TINY | {"vision": {"image_size": 32, "patch_size": 4, "width": 128,
@@ -102,32 +106,66 @@ def embed_faults(tmp: Path, kills: int, rng: random.Random) -> dict:
     args = ["embed", str(folder), "--model", str(tmp / "model"), "--workers", "0", "--part-size", "50",
             "--batch-size", "16"]
     _run([*args, "--out", str(tmp / "straight-emb")], None)
+    return args
+
+
+def _compare_embedding(out: Path, straight: Path) -> dict:
+    same = all((out / name).read_bytes() == (straight / name).read_bytes()
+               for name in ("img_emb.npy", "ids.jsonl", "skipped.jsonl"))
+    ids = [json.loads(line)["id"] for line in (out / "ids.jsonl").read_text().splitlines()]
+    return {"output_equals_straight_run": same, "rows": len(ids), "duplicates": len(ids) - len(set(ids)),
+            "leftovers": _leftovers(out) + (["parts/"] if (out / "parts").exists() else [])}
+
+
+def embed_faults(tmp: Path, args: list[str], kills: int, rng: random.Random) -> dict:
     out = tmp / "killed-emb"
     killed, wall = _kill_repeatedly(lambda: [*args, "--out", str(out)],
                                     lambda: (out / "embed.json").is_file() and not (out / "parts").exists(),
                                     kills, (3.0, 4.5), rng)
-    same = all((out / name).read_bytes() == (tmp / "straight-emb" / name).read_bytes()
-               for name in ("img_emb.npy", "ids.jsonl", "skipped.jsonl"))
-    ids = [json.loads(line)["id"] for line in (out / "ids.jsonl").read_text().splitlines()]
-    return {"kills": killed, "wall_s": round(wall, 1), "output_equals_straight_run": same,
-            "rows": len(ids), "duplicates": len(ids) - len(set(ids)),
-            "leftovers": _leftovers(out) + (["parts/"] if (out / "parts").exists() else [])}
+    return {"kills": killed, "wall_s": round(wall, 1), **_compare_embedding(out, tmp / "straight-emb")}
+
+
+def shared_embed_faults(tmp: Path, args: list[str], kills: int, rng: random.Random) -> dict:
+    """Two processes share one output folder (--part 0/2 and 1/2, as two SLURM tasks would): the
+    first runs undisturbed, the second is killed and restarted; whichever finishes last joins."""
+    out = tmp / "shared-emb"
+    first = subprocess.Popen([sys.executable, "-m", "clipper.cli", *args, "--out", str(out), "--part", "0/2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed, wall = _kill_repeatedly(lambda: [*args, "--out", str(out), "--part", "1/2"],
+                                    lambda: (out / "embed.json").is_file(), kills, (3.0, 4.5), rng)
+    if first.wait() != 0:
+        raise RuntimeError(f"clipper embed --part 0/2 failed: {first.stderr.read()[-2000:]}")
+    if not (out / "embed.json").is_file():  # the first finished last while the second was down: rerun joins
+        _run([*args, "--out", str(out), "--part", "1/2"], None)
+    return {"kills": killed, "wall_s": round(wall, 1), **_compare_embedding(out, tmp / "straight-emb")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["train", "embed", "embed-shared"], help="run one scenario")
+    ap.add_argument("--images", type=int, default=20000, help="images of the embed scenarios")
     args = ap.parse_args()
     rng = random.Random(args.seed)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"train": train_faults(Path(tmp), args.kills, rng), "embed": embed_faults(Path(tmp), args.kills, rng)}
+        tmp = Path(tmp)
+        if args.only in (None, "train"):
+            results["train"] = train_faults(tmp, args.kills, rng)
+        if args.only != "train":
+            embed_args = embed_setup(tmp, args.images)
+            if args.only in (None, "embed"):
+                results["embed"] = embed_faults(tmp, embed_args, args.kills, rng)
+            if args.only in (None, "embed-shared"):
+                results["embed_shared"] = shared_embed_faults(tmp, embed_args, max(1, args.kills // 5), rng)
     print(json.dumps(results, indent=2))
-    print(f"wrote {write_results('faults', results)}")
-    ok = results["train"]["weights_equal_straight_run"] and results["train"]["steps_logged_once"] and \
-        results["embed"]["output_equals_straight_run"] and not results["embed"]["duplicates"] and \
-        not results["train"]["leftovers"] and not results["embed"]["leftovers"]
-    sys.exit(0 if ok else 1)
+    print(f"wrote {write_results('faults' if args.only is None else f'faults_{args.only}', results)}")
+    train_ok = "train" not in results or (results["train"]["weights_equal_straight_run"]
+                                          and results["train"]["steps_logged_once"] and not results["train"]["leftovers"])
+    embed_ok = all(r["output_equals_straight_run"] and not r["duplicates"] and not r["leftovers"]
+                   for k, r in results.items() if k != "train")
+    sys.exit(0 if train_ok and embed_ok else 1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ def table() -> str:
                            ("texts_full_context", "texts/s, full 77 tokens")):
             rows.append(f"| embed-model {r['model']} b{r['batch']}: {label} | {r[key]['open_clip']} | "
                         f"{r[key]['clipper']} | {r[key]['ratio']}x |")
+            others = [n for n in r[key].get("ratio_to_open_clip", {}) if n not in ("open_clip", "clipper")]
+            if others:  # --runtimes: clipper int8 / bf16 and its ONNX export on ONNX Runtime, same rounds
+                rows.append(f"| embed-model {label}: " + " / ".join(others) + f" | {r[key]['open_clip']} | "
+                            + " / ".join(str(r[key][n]) for n in others) + " | "
+                            + " / ".join(f"{r[key]['ratio_to_open_clip'][n]}x" for n in others) + " |")
         rows.append(f"| embed-model: max cosine distance | | | {max(r['max_cosine_distance'].values()):.1e} |")
     if r := _load("train_step"):
         s = r["samples_per_s"]

@@ -29,6 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference
         p.add_argument("--precision", choices=list(PRECISIONS), default=None,
                        help="fp32 (default), bf16 (CUDA, or CPUs with AVX512-BF16/AMX; refused elsewhere), int8 "
                             "(dynamic int8 linear layers, CPU, ~3x faster), auto (bf16 where native, else fp32)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: this process's GPU when there "
+                                                         "is one (LOCAL_RANK under torchrun), else the CPU (default)")
         p.add_argument("--runtime", choices=["torch", "onnx"], default=None,
                        help="torch, or onnx (onnxruntime, on a folder from `clipper export --format onnx`); "
                             "default: what --model is")
@@ -78,18 +80,32 @@ def _model_spec(args: argparse.Namespace) -> dict:
             "precision": getattr(args, "precision", None) or "fp32", "runtime": getattr(args, "runtime", None)}
 
 
-def _load_spec(spec: dict):
+def _load_spec(spec: dict, device: str | None = None):
     from .factory import load
 
     # folders embedded before --precision recorded "quantize": "int8"
     precision = spec.get("precision") or ("int8" if spec.get("quantize") == "int8" else "fp32")
     return load(spec["model"], pretrained=spec.get("pretrained"), quick_gelu=spec.get("quick_gelu"),
-                precision=precision, runtime=spec.get("runtime"))
+                precision=precision, runtime=spec.get("runtime"), device=_device(device, precision, spec))
+
+
+def _device(device: str | None, precision: str, spec: dict) -> str:
+    """--device: auto is this process's GPU (LOCAL_RANK under torchrun) when there is one and the
+    model can use it (not int8, not ONNX graphs), else the CPU."""
+    if device not in (None, "auto"):
+        return device
+    import torch
+
+    if precision == "int8" or spec.get("runtime") == "onnx" or not torch.cuda.is_available():
+        return "cpu"
+    from .onnx_export import is_onnx_export
+
+    return "cpu" if is_onnx_export(spec["model"]) else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
 def _load(args: argparse.Namespace):
     spec = _model_spec(args)
-    model = _load_spec(spec)
+    model = _load_spec(spec, getattr(args, "device", None))
     if not Path(spec["model"]).exists() and not spec.get("pretrained"):
         print(f"clipper: {spec['model']} without --pretrained has random weights: its results mean nothing "
               "(pass --pretrained TAG_OR_FILE, or a trained model)", file=sys.stderr)
@@ -270,15 +286,32 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     if args.input is None and args.texts is None:
         raise ConfigError("give INPUT (images) and/or --texts FILE")
+    share = _share(args.part)
     model, spec = _load(args), _model_spec(args)
     if args.input is not None:
         m = embed_folder(model, spec, args.input, args.out, dtype=args.dtype, batch_size=args.batch_size,
-                         workers=args.workers, exact_decode=args.exact_decode, part_size=args.part_size)
+                         workers=args.workers, exact_decode=args.exact_decode, part_size=args.part_size,
+                         share=share)
+        if not m.get("images") and m.get("joined") is False:
+            print(f"part {share[0]}/{share[1]} done ({m['parts_done']} of the {m['parts']} parts of {args.out} are); "
+                  + ("another process is joining them (if it was killed, run this without --part to join)"
+                     if "joining" in m else "the process that finishes the last one joins them"))
+            return
         print(f"{m['images']} image(s) -> {Path(args.out) / 'img_emb.npy'} ({m['dim']}-d {m['dtype']})"
               + (f"; {m['skipped']} skipped, listed in {Path(args.out) / 'skipped.jsonl'}" if m["skipped"] else ""))
     if args.texts is not None:
         m = embed_text_file(model, spec, args.texts, args.out, dtype=args.dtype)
         print(f"{m['texts']} text(s) -> {Path(args.out) / 'text_emb.npy'}")
+
+
+def _share(part: str | None) -> tuple[int, int]:
+    """--part i/N, else torchrun's RANK/WORLD_SIZE, else the whole run (0, 1)."""
+    if part is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    i, _, n = part.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise ConfigError(f"--part {part!r}: expected i/N with 0 <= i < N (e.g. 0/4 .. 3/4)")
+    return int(i), int(n)
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -366,7 +399,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         if not Path(spec["model"]).exists() and not spec.get("pretrained"):
             raise DataError(f"{folder} was embedded with a randomly initialised {spec['model']}: "
                             "its queries cannot be embedded again; pass --model")
-    model = _load_spec(spec)
+    model = _load_spec(spec, args.device)
     check_same_model(folder, manifest, index.dim, model)
     query = embed_texts(model, [args.query]) if args.query is not None else embed_images(model, [args.image])
     result = index.search(query, args.k)
@@ -498,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 1024)")
     p.add_argument("--exact-decode", action="store_true",
                    help="decode JPEGs at full size (default: at a reduced scale when twice the model size)")
+    p.add_argument("--part", help="i/N (0 <= i < N): embed every N-th part from part i, for N processes sharing "
+                                  "--out on one filesystem (SLURM arrays, several machines); the one that "
+                                  "finishes last joins the parts. Under torchrun: RANK/WORLD_SIZE (default: all)")
     p.set_defaults(fn=cmd_embed)
 
     p = sub.add_parser("classify", parents=[labels], help="zero-shot labels for images from class names")

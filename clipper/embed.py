@@ -187,6 +187,7 @@ def classify(model: CLIP, images, labels: Sequence[str], templates: Sequence[str
 # ---------------------------------------------------------------- output folders
 
 EMBED_MANIFEST = "embed.json"
+JOIN_LOCK = "join.lock"  # in parts/: which process of a shared run joins the parts
 TEXT_MANIFEST = "text_embed.json"
 
 
@@ -249,17 +250,24 @@ def _parts(out: Path, n_items: int, part_size: int) -> Iterator[tuple[int, range
 
 def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike, out: str | os.PathLike,
                  dtype: str = "float16", batch_size: int = 64, workers: int = 0, part_size: int = 1024,
-                 exact_decode: bool = False, progress: bool = True) -> dict:
+                 exact_decode: bool = False, progress: bool = True, share: tuple[int, int] = (0, 1)) -> dict:
     """Embed every image of `source` (see `list_images`) into `out`; resumes an interrupted run.
 
     Writes img_emb.npy [N, D] (`dtype`), ids.jsonl (row-aligned: id, caption if any),
     skipped.jsonl (id, reason) and embed.json (counts, and `model_spec`: how to load the model
     again, for searching); returns the manifest.
+
+    `share` (i, n): this process embeds parts i, i + n, i + 2n, ... of the same plan (ranks of a
+    torchrun job, tasks of a SLURM array; `out` on a shared filesystem). The process that finds
+    every part done joins them; the others return {"joined": False, ...} with the count.
     """
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype: float16 or float32, got {dtype!r}")
     if part_size < 1:
         raise ConfigError(f"part_size: must be >= 1, got {part_size}")
+    index, shares = share
+    if not 0 <= index < shares:
+        raise ConfigError(f"part: {index}/{shares} is not one of 0/{shares} .. {shares - 1}/{shares}")
     items, passed_over = list_images(source)
     out = Path(out)
     weights = model.fingerprint()
@@ -281,10 +289,10 @@ def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike,
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(plan_path, plan)
 
-    todo = [(rows, stem) for _, rows, stem in _parts(out, len(items), part_size)
-            if not stem.with_suffix(".npy").exists()]
-    with Progress(len(items), "embed", "img", disable=not progress,
-                  initial=len(items) - sum(len(rows) for rows, _ in todo)) as bar:
+    mine = [(rows, stem) for p, rows, stem in _parts(out, len(items), part_size) if p % shares == index]
+    todo = [(rows, stem) for rows, stem in mine if not stem.with_suffix(".npy").exists()]
+    with Progress(sum(len(rows) for rows, _ in mine), "embed", "img", disable=not progress,
+                  initial=sum(len(rows) for rows, _ in mine) - sum(len(rows) for rows, _ in todo)) as bar:
         for rows, stem in todo:
             part = embed_items(model, [items[i] for i in rows], batch_size, workers, exact_decode)
             records = [items[rows[i]].record() for i in part.kept]
@@ -292,6 +300,20 @@ def embed_folder(model: CLIP, model_spec: dict | str, source: str | os.PathLike,
             write_jsonl(stem.with_suffix(".jsonl"), records)
             _write_npy(stem.with_suffix(".npy"), part.embeddings.numpy().astype(dtype))  # last: marks the part done
             bar.update(len(rows))
+    parts = list(_parts(out, len(items), part_size))
+    done = sum(stem.with_suffix(".npy").exists() for _, _, stem in parts)
+    if done < len(parts):  # other processes' parts are still running
+        return {"joined": False, "parts_done": done, "parts": len(parts)}
+    if shares == 1:  # the whole run (also what joins after a sharing process was killed while joining)
+        return _join_parts(out, items, passed_over, plan, model.config.embed_dim)
+    try:  # of processes sharing the run, one joins: the first to create the lock
+        os.close(os.open(out / "parts" / JOIN_LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        if (out / EMBED_MANIFEST).exists():
+            return read_manifest(out)
+        return {"joined": False, "parts_done": done, "parts": len(parts), "joining": str(out / "parts" / JOIN_LOCK)}
+    except FileNotFoundError:  # another process joined and retired the parts meanwhile
+        return read_manifest(out)
     return _join_parts(out, items, passed_over, plan, model.config.embed_dim)
 
 
@@ -333,3 +355,11 @@ def embed_text_file(model: CLIP, model_spec: dict | str, texts_file: str | os.Pa
                 "dim": int(emb.shape[1]), "dtype": dtype}
     write_json(out / TEXT_MANIFEST, manifest)
     return manifest
+
+
+if __name__ == "__main__":  # torchrun ... -m clipper.embed ARGS: `clipper embed ARGS` on every rank
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["embed", *sys.argv[1:]]))

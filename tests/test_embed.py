@@ -105,6 +105,28 @@ def test_embed_1000_files_equals_the_api_batch_by_batch(tmp_path):
     assert np.abs(emb - direct).max() <= 1e-6
 
 
+def test_processes_sharing_a_run_give_the_straight_runs_folder(messy_images, tmp_path, capsys):
+    """--part i/N (SLURM arrays, torchrun ranks): each process embeds every N-th part, the last to
+    finish joins; rerunning a finished share redoes nothing."""
+    model = rgb_tiny()
+    embed_folder(model, "m", messy_images, tmp_path / "straight", part_size=2, progress=False)
+    first = embed_folder(model, "m", messy_images, tmp_path / "shared", part_size=2, progress=False, share=(1, 3))
+    assert first == {"joined": False, "parts_done": 1, "parts": 4}  # parts 1 of 0..3
+    assert embed_folder(model, "m", messy_images, tmp_path / "shared", part_size=2, progress=False,
+                        share=(1, 3)) == first
+    assert embed_folder(model, "m", messy_images, tmp_path / "shared", part_size=2, progress=False,
+                        share=(0, 3))["parts_done"] == 3  # parts 0 and 3
+    with pytest.raises(ValueError, match="unfinished embedding of other inputs or settings"):
+        embed_folder(model, "m", messy_images, tmp_path / "shared", part_size=3, progress=False, share=(2, 3))
+    last = embed_folder(model, "m", messy_images, tmp_path / "shared", part_size=2, progress=False, share=(2, 3))
+    assert last["images"] == 5
+    for name in ("img_emb.npy", "ids.jsonl", "skipped.jsonl"):
+        assert (tmp_path / "shared" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+    capsys.readouterr()
+    assert main(["embed", str(messy_images), "--model", "x", "--out", str(tmp_path / "o"), "--part", "3/3"]) == 2
+    assert "0 <= i < N" in capsys.readouterr().err
+
+
 def test_interrupted_embed_resumes_without_redoing_parts(messy_images, tmp_path, monkeypatch):
     model = rgb_tiny()
     calls = []

@@ -19,7 +19,6 @@ from clipper.errors import ConfigError  # noqa: E402
 from clipper.onnx_export import export_onnx  # noqa: E402
 from clipper.onnx_model import OnnxCLIP  # noqa: E402
 from clipper.precision import native_bf16, resolve_precision, with_precision  # noqa: E402
-from conftest import RGB_TINY  # noqa: E402
 
 TEXTS = ["a", "a red square on a white ground", "two blue circles and a green triangle next to a tree"]
 
@@ -33,7 +32,7 @@ def _cos_dist(a, b) -> float:
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)
-    model = clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY)).eval()
+    model = clipper.CLIP(clipper.preset("fmnist-tiny")).eval()  # a ViT CLIP with a 1-channel tower
     model.save(tmp / "model")
     (tmp / "imgs").mkdir()
     rng = np.random.default_rng(0)
@@ -47,8 +46,8 @@ def test_export_writes_graphs_and_a_manifest_a_runtime_can_follow(exported):
     manifest = json.loads((exported["exp"] / "onnx_export.json").read_text())
     assert sorted(p.name for p in exported["exp"].iterdir()) == ["image.onnx", "onnx_export.json", "text.onnx"]
     assert manifest["graphs"]["text"]["shape"] == ["batch", "length"]
-    assert manifest["preprocess"]["image_size"] == RGB_TINY["vision"]["image_size"]
-    assert manifest["tokenizer"]["context_length"] == RGB_TINY["text"]["context_length"]
+    assert manifest["preprocess"]["image_size"] == 28 and manifest["preprocess"]["channels"] == "L"
+    assert manifest["tokenizer"]["context_length"] == 16
     assert max(manifest["verified"]["max_cosine_distance"].values()) <= 1e-5
     assert not list(exported["tmp"].glob(".exp.tmp-*"))  # written under a temporary name, then renamed
 

@@ -11,6 +11,7 @@ from ..errors import DataError, MissingFileError
 from ..io import read_text
 from .reader import IMAGE_EXTS as SHARD_IMAGE_EXTS
 from .reader import list_shards
+from .remote import is_url, local_shard
 from .tar import TarDamage, tar_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -29,7 +30,7 @@ class ImageItem:
     caption: str | None = None
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
+        with open(local_shard(self.path), "rb") as f:
             if self.size < 0:
                 return f.read()
             f.seek(self.offset)
@@ -38,7 +39,7 @@ class ImageItem:
     def record(self) -> dict:
         """The row of ids.jsonl: id, caption, and where the bytes are (absolute path; for a shard
         member its offset and size), so that a server started anywhere can show the image."""
-        row = {"id": self.id, "path": str(Path(self.path).resolve())}
+        row = {"id": self.id, "path": self.path if is_url(self.path) else str(Path(self.path).resolve())}
         if self.size >= 0:
             row |= {"offset": self.offset, "size": self.size}
         return row | {"caption": self.caption} if self.caption is not None else row
@@ -70,7 +71,7 @@ def list_images(spec: str | os.PathLike) -> tuple[list[ImageItem], list[InputSki
         if path.suffix.lower() == ".tar":
             return _shard_items(text)
         return [ImageItem(str(path), str(path))], []
-    if any(c in text for c in "{*?["):
+    if is_url(text) or any(c in text for c in "{*?["):
         return _shard_items(text)
     raise MissingFileError(f"{text}: no such file or folder")
 
@@ -131,7 +132,9 @@ def _shard_items(spec: str) -> tuple[list[ImageItem], list[InputSkip]]:
         for name, offset, size in members:
             key, _, ext = name.split("/")[-1].partition(".")
             samples.setdefault(key, {})[ext.lower()] = (offset, size)
-        with open(shard, "rb") as f:
+        if not members:
+            continue
+        with open(local_shard(shard), "rb") as f:
             for key, sample in samples.items():
                 caption = None
                 if "txt" in sample:

@@ -15,6 +15,7 @@ import braceexpand
 from ..errors import DataError, MissingFileError
 from .shards import SIZES_FILE
 from .sources import read_caption
+from .remote import is_url
 from .tar import TarDamage, tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -28,9 +29,13 @@ class Skip:
 
 
 def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths from a folder (its *.tar), a brace pattern (`d/{00000..00009}.tar`), a glob, or a list."""
+    """Shard paths from a folder (its *.tar), a brace pattern (`d/{00000..00009}.tar`), a glob, or a
+    list; or shard URLs (`pipe:`, `http(s)://`, fsspec's: see `remote`), brace patterns too, fetched
+    when read."""
     if isinstance(spec, (str, os.PathLike)):
         text = str(spec)
+        if is_url(text):
+            return list(braceexpand.braceexpand(text))
         if Path(text).is_dir():
             paths = sorted(str(p) for p in Path(text).glob("*.tar"))
             if not paths:
@@ -44,7 +49,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     if not paths:
         raise DataError(f"{spec}: no shards")
     for p in paths:
-        if not Path(p).is_file():
+        if not is_url(p) and not Path(p).is_file():
             raise MissingFileError(f"{p}: no such shard")
     return paths
 
@@ -55,6 +60,9 @@ def shard_sizes(shards: list[str]) -> list[int]:
     cache: dict[Path, dict] = {}
     for shard in shards:
         path = Path(shard)
+        if is_url(shard):  # no sizes.json to read beside it: counted from the (fetched) shard
+            sizes.append(len({s["__key__"] for s in read_tar(shard) if not isinstance(s, Skip)}))
+            continue
         if path.parent not in cache:  # one sizes.json per folder, read once
             cache[path.parent] = _read_sizes(path.parent / SIZES_FILE)
         table = cache[path.parent]

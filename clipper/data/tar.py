@@ -21,6 +21,8 @@ import re
 import zlib
 from collections.abc import Iterator
 
+from .remote import local_shard
+
 BLOCK = 512
 MAX_MEMBER = 1 << 30  # bytes; a larger member is damage, not a sample (images and captions are far smaller)
 MAX_DECOMPRESSED = 4 << 30  # bytes of a compressed archive held in memory
@@ -59,6 +61,7 @@ def tar_index(path: str) -> tuple[list[Member], TarDamage | None]:
     """(name, data offset, size) of every regular member of an uncompressed archive, so that any
     process can read a member by position, and the damage that ended the archive early (None: it
     is whole). A compressed archive has no such offsets: TarDamage."""
+    path = local_shard(path)
     with open(path, "rb") as f:
         if _compression(f.read(6)) is not None:
             raise TarDamage("compressed archive: its members cannot be read by offset")
@@ -69,7 +72,7 @@ def tar_index(path: str) -> tuple[list[Member], TarDamage | None]:
 @contextlib.contextmanager
 def _open(path: str) -> Iterator[tuple[bytes | mmap.mmap, TarDamage | None]]:
     """The archive's bytes (an mmap, or the decompressed bytes) and any damage met decompressing."""
-    with open(path, "rb") as f:
+    with open(local_shard(path), "rb") as f:
         if f.seek(0, 2) == 0:
             raise TarDamage("empty file")
         f.seek(0)

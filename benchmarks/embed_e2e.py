@@ -7,6 +7,11 @@ data/cache/embed_e2e/. Also: the int8 model's zero-shot top-1 on the Fashion-MNI
 against fp32, for a trained model (default: the run recorded by train_fmnist.py).
 
     python benchmarks/embed_e2e.py [--images 2000] [--workers 1] [--fmnist-model DIR]
+    python benchmarks/embed_e2e.py --scale-out 2   # only: 1 process x 2 threads vs torchrun 2 x 1 thread
+
+--scale-out N: the same folder and weights through `clipper embed` in one process (2 threads) and
+through `torchrun --nproc_per_node N -m clipper.embed` (one thread per rank, one shared output
+folder), each timed from start to joined output, the outputs compared row by row.
 """
 
 from __future__ import annotations
@@ -90,6 +95,34 @@ def int8_accuracy(model_dir: Path) -> dict:
             "drop_points": round(fp32 - int8, 2)}
 
 
+def scale_out(model, folder: Path, processes: int, batch: int) -> dict:
+    import os
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(Path(tmp) / "model")
+        common = [str(folder), "--model", str(Path(tmp) / "model"), "--dtype", "float32", "--batch-size", str(batch)]
+        runs = {"1_process_2_threads": ([sys.executable, "-m", "clipper.cli", "embed", *common, "--workers", "1"],
+                                        {"OMP_NUM_THREADS": "2"}),
+                f"torchrun_{processes}_processes_1_thread": (
+                    [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                     "-m", "clipper.embed", *common, "--workers", "0"], {"OMP_NUM_THREADS": "1"})}
+        out, seconds = {}, {}
+        for name, (cmd, env) in runs.items():
+            t0 = time.perf_counter()
+            subprocess.run([*cmd, "--out", str(Path(tmp) / name)], check=True, env={**os.environ, **env},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            seconds[name] = time.perf_counter() - t0
+            out[name] = (np.load(Path(tmp) / name / "img_emb.npy"), (Path(tmp) / name / "ids.jsonl").read_text())
+            print(f"{name:32s} {len(list(folder.glob('*.jpg'))) / seconds[name]:7.2f} images/s (with start-up)",
+                  flush=True)
+        (a, ids_a), (b, ids_b) = out.values()
+        n = len(list(folder.glob("*.jpg")))
+        return {"images": n, "images_per_s_with_start_up": {k: round(n / v, 2) for k, v in seconds.items()},
+                "ids_identical": ids_a == ids_b, "vectors_max_abs_diff": float(np.abs(a - b).max()),
+                "vectors_identical": bool(np.array_equal(a, b))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
@@ -97,6 +130,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--fmnist-model", help="trained fmnist-tiny model directory for the int8 accuracy check")
+    ap.add_argument("--scale-out", type=int, metavar="N", help="only the scale-out comparison, N processes")
     args = ap.parse_args()
     torch.set_num_threads(2)
     folder = make_jpegs(args.images)
@@ -106,6 +140,11 @@ def main() -> None:
     oc, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     oc.eval()
     ours = from_open_clip_state_dict(oc.state_dict(), preset("ViT-B-32")).eval()
+    if args.scale_out:
+        results = scale_out(ours, folder, args.scale_out, args.batch)
+        print(json.dumps(results, indent=1))
+        print("wrote", write_results("embed_e2e_scale_out", results))
+        return
     ours8 = quantize_int8(ours)
 
     runs = {"open_clip": lambda: open_clip_embed(oc, preprocess, paths, args.batch, args.workers),

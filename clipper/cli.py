@@ -175,11 +175,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .onnx_export import describe, export_onnx
+    from .onnx_export import describe, export_onnx, quantize_onnx_export
 
     model = _load(args)
     if isinstance(model, OnnxCLIP):
-        raise ConfigError(f"{args.model}: already an ONNX export; export the model it came from")
+        if args.quantize != "int8":
+            raise ConfigError(f"{args.model}: already an ONNX export (give --quantize int8 for its int8 graphs)")
+        print(describe(quantize_onnx_export(args.model, args.out), args.out))
+        return
     if model.decoder is not None:
         print("clipper export: the caption decoder is not exported (image and text towers only)", file=sys.stderr)
     print(describe(export_onnx(model, args.out, quantize=args.quantize), args.out))
@@ -377,8 +380,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     folder = Path(args.emb_dir)
     vectors = load_vectors(folder / "img_emb.npy")
     read_ids(folder, len(vectors))  # search shows these rows: they must be there, one per vector
-    index = Index.build(vectors, args.kind, hnsw_m=args.hnsw_m,
-                        ef_search=args.ef_search, ivf_lists=args.ivf_lists, nprobe=args.nprobe)
+    index = Index.build(vectors, args.kind, hnsw_m=args.hnsw_m, ef_search=args.ef_search, ivf_lists=args.ivf_lists,
+                        nprobe=args.nprobe, pq_bytes=args.pq_bytes, rerank=args.rerank)
     index.save(folder)
     print(f"{args.kind} index of {len(index)} {index.dim}-d vectors in {folder}")
 
@@ -456,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, precision=False)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (default; the only one)")
     p.add_argument("--out", required=True, help="output folder (replaced)")
-    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime's dynamic int8 quantisation of the graphs")
+    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime's dynamic int8 quantisation of the graphs "
+                                                        "(also of an fp32 export folder given as --model)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("data", help="turn a data source into webdataset shards")
@@ -560,12 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="build a search index over `clipper embed` output")
     p.add_argument("emb_dir", help="folder written by `clipper embed`")
-    p.add_argument("--kind", choices=["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf"], default="exact",
-                   help="exact: torch matmul (default); faiss-*: needs faiss-cpu (extra 'index')")
+    p.add_argument("--kind", choices=["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf", "faiss-ivfpq"],
+                   default="exact", help="exact: torch matmul (default); faiss-*: needs faiss-cpu (extra 'index'); "
+                                         "faiss-ivfpq: compressed codes in memory, candidates re-ranked exactly")
     p.add_argument("--hnsw-m", type=int, default=32, help="faiss-hnsw: graph degree (default: 32)")
     p.add_argument("--ef-search", type=int, default=128, help="faiss-hnsw: search breadth (default: 128)")
     p.add_argument("--ivf-lists", type=int, help="faiss-ivf: cells (default: about 4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=32, help="faiss-ivf: cells visited per query (default: 32)")
+    p.add_argument("--nprobe", type=int, default=32, help="faiss-ivf/ivfpq: cells visited per query (default: 32)")
+    p.add_argument("--pq-bytes", type=int, help="faiss-ivfpq: code bytes per vector, a divisor of the dimension "
+                                                "(default: dimension / 8)")
+    p.add_argument("--rerank", type=int, default=8, help="faiss-ivfpq: candidates per result re-scored exactly "
+                                                         "(default: 8)")
     p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser("search", help="nearest images to a text or an image")

@@ -2,7 +2,9 @@
 
 `exact`: a torch matmul over the vectors held in memory as float32, in blocks with a running
 top-k (the score matrix of many queries stays bounded). With `faiss-cpu` installed (extra `index`): `faiss-flat` (exact),
-`faiss-hnsw` and `faiss-ivf` (approximate, for large collections).
+`faiss-hnsw` and `faiss-ivf` (approximate, for large collections), and `faiss-ivfpq`: compressed
+(product-quantised codes of `pq_bytes` bytes per vector in memory, 32x less than float32 at 512-d),
+its candidates re-ranked by exact scores read from the memory-mapped vectors.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from .io import atomic_path, read_json_object, write_json
 
 INDEX_FILE = "index.json"
 FAISS_FILE = "index.faiss"
-KINDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf")
+KINDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf", "faiss-ivfpq")
+PQ_MIN_VECTORS = 256 * 39  # faiss's minimum for training 256 centroids per sub-quantiser
 SCORES_PER_BLOCK = 1 << 26  # query x vector scores held at once (256 MiB)
 
 
@@ -62,9 +65,12 @@ class Index:
 
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = "exact", hnsw_m: int = 32, ef_search: int = 128,
-              ivf_lists: int | None = None, nprobe: int = 32, seed: int = 0) -> "Index":
+              ivf_lists: int | None = None, nprobe: int = 32, pq_bytes: int | None = None, rerank: int = 8,
+              seed: int = 0) -> "Index":
         """`hnsw_m`, `ef_search`: HNSW graph degree and search breadth; `ivf_lists`, `nprobe`: IVF
-        cells (default about 4 sqrt(N)) and cells visited per query. Wider is slower and closer to exact."""
+        cells (default about 4 sqrt(N)) and cells visited per query; `pq_bytes`: code bytes per
+        vector of faiss-ivfpq (default D / 8, a divisor of D), whose `rerank` x k best candidates are
+        re-scored exactly. Wider is slower and closer to exact."""
         if kind == "exact":
             return cls(vectors, kind)
         if kind not in KINDS:
@@ -81,12 +87,23 @@ class Index:
             params = {"hnsw_m": hnsw_m, "ef_search": ef_search}
         else:
             lists = ivf_lists or max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 points per list
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
+            params = {"ivf_lists": lists, "nprobe": nprobe}
+            if kind == "faiss-ivf":
+                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
+            else:
+                m = pq_bytes or max(1, d // 8)
+                if n < PQ_MIN_VECTORS:  # each sub-quantiser learns 256 centroids from the vectors
+                    raise ConfigError(f"faiss-ivfpq compresses large collections (at least {PQ_MIN_VECTORS} vectors, "
+                                      f"these are {n}); use exact or faiss-ivf")
+                if d % m or rerank < 1:
+                    raise ConfigError(f"pq_bytes {m} must divide the dimension {d}, and rerank {rerank} be >= 1")
+                index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, m, 8, faiss.METRIC_INNER_PRODUCT)
+                params |= {"pq_bytes": m, "rerank": rerank}
             rng = np.random.default_rng(seed)
-            sample = data[rng.choice(n, min(n, 256 * lists), replace=False)]
+            sample = data[rng.choice(n, min(n, max(256 * lists, PQ_MIN_VECTORS if kind == "faiss-ivfpq" else 0)),
+                                     replace=False)]
             index.train(sample)
             index.nprobe = nprobe
-            params = {"ivf_lists": lists, "nprobe": nprobe}
         index.add(data)
         return cls(vectors, kind, index, params)
 
@@ -99,6 +116,8 @@ class Index:
         k = min(k, len(self))
         if k < 1:
             raise ConfigError("k: must be >= 1 (and the index non-empty)")
+        if self.faiss_index is not None and self.kind == "faiss-ivfpq":
+            return self._rerank(q.numpy(), k)
         if self.faiss_index is not None:
             scores, indices = self.faiss_index.search(q.numpy(), k)
             return SearchResult(scores, indices)
@@ -117,6 +136,19 @@ class Index:
                 i = torch.cat([best_i, i], 1).gather(1, order)
             best_s, best_i = s, i
         return SearchResult(best_s.numpy(), best_i.numpy())
+
+    def _rerank(self, q: np.ndarray, k: int) -> SearchResult:
+        """The compressed index's rerank x k candidates, re-scored from the vectors (only those rows
+        are read from the memory map) and the best k kept."""
+        _, candidates = self.faiss_index.search(q, min(len(self), k * self.params.get("rerank", 1)))
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        indices = np.full((len(q), k), -1, dtype=np.int64)
+        for row, found in enumerate(candidates):
+            found = np.unique(found[found >= 0])  # sorted: the memory map is read in order
+            exact = np.asarray(self.vectors[found], dtype=np.float32) @ q[row]
+            best = np.argsort(-exact, kind="stable")[:k]
+            scores[row, :len(best)], indices[row, :len(best)] = exact[best], found[best]
+        return SearchResult(scores, indices)
 
     def save(self, folder: str | os.PathLike, vectors_file: str = "img_emb.npy") -> None:
         """index.json (+ index.faiss) in `folder`, which holds the vectors as `vectors_file`."""

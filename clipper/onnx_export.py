@@ -70,13 +70,13 @@ def _require_onnx() -> None:
         raise ConfigError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'clipper[onnx]'")
 
 
-def fixed_text_length(model: CLIP) -> bool:
+def fixed_text_length(model) -> bool:
     """CoCa's class token sits after the padded text (its position is the padded length), so its
     text graph takes full-length rows only; the other text towers take any length."""
     return model.config.text.pool == "cls"
 
 
-def _samples(model: CLIP, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _samples(model, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels [3, C, S, S] and token ids [3, L] to trace and to check with: texts of different lengths."""
     v, context = model.config.vision, model.config.text.context_length
     pixels = torch.randn(3, v.in_channels, v.image_size, v.image_size, generator=generator)
@@ -146,19 +146,55 @@ def export_onnx(model: CLIP, out: str | os.PathLike, quantize: str | None = None
     return manifest
 
 
+def quantize_onnx_export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """int8 graphs (ONNX Runtime's dynamic quantiser) from an fp32 export folder, without the
+    model: checked against the fp32 graphs, written to `out` atomically; returns the manifest."""
+    from .onnx_model import OnnxCLIP
+
+    _require_onnx()
+    fp32 = OnnxCLIP(source)
+    if fp32.precision != "fp32":
+        raise ConfigError(f"{source}: already {fp32.precision}; quantise an fp32 export")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name in ("image.onnx", "text.onnx"):
+            shutil.copyfile(Path(source) / name, tmp / name)
+        _quantize_int8(tmp)
+        pixels, ids = _samples(fp32, torch.Generator().manual_seed(0))
+        manifest = {**fp32.manifest, "quantize": "int8", "model_fingerprint": fp32.fingerprint() + "-onnx-int8",
+                    "verified": _verify(fp32, tmp, pixels, ids, "int8")}
+        write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
 def _quantize_int8(folder: Path) -> None:
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for name in ("image.onnx", "text.onnx"):
-        fp32 = folder / f"{name}.fp32"
-        os.rename(folder / name, fp32)
-        quantize_dynamic(str(fp32), str(folder / name), weight_type=QuantType.QInt8)
-        fp32.unlink()
+    root = logging.getLogger()
+    level, _ = root.level, root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantisation
+    try:
+        for name in ("image.onnx", "text.onnx"):
+            fp32 = folder / f"{name}.fp32"
+            os.rename(folder / name, fp32)
+            quantize_dynamic(str(fp32), str(folder / name), weight_type=QuantType.QInt8)
+            fp32.unlink()
+    finally:
+        root.setLevel(level)
 
 
-def _verify(model: CLIP, folder: Path, pixels: torch.Tensor, ids: torch.Tensor, quantize: str | None) -> dict:
-    """Each graph against clipper on the trace inputs and on other batch sizes and lengths: the
-    largest cosine distance; fp32 graphs over FP32_TOLERANCE are an error (a bad export)."""
+def _verify(model, folder: Path, pixels: torch.Tensor, ids: torch.Tensor, quantize: str | None) -> dict:
+    """Each graph against `model` (clipper, or the fp32 graphs for quantised ones) on the trace
+    inputs and on other batch sizes and lengths: the largest cosine distance; fp32 graphs over
+    FP32_TOLERANCE are an error (a bad export)."""
     image, text = _session(folder / "image.onnx"), _session(folder / "text.onnx")
     checks = {"image": [], "text": []}
     for rows in (pixels, pixels[:1], torch.cat([pixels, pixels.flip(0)])):

@@ -16,7 +16,6 @@ import clipper  # noqa: E402
 from clipper.cli import main  # noqa: E402
 from clipper.embed import embed_images, embed_texts  # noqa: E402
 from clipper.errors import ConfigError  # noqa: E402
-from clipper.onnx_export import export_onnx  # noqa: E402
 from clipper.onnx_model import OnnxCLIP  # noqa: E402
 from clipper.precision import native_bf16, resolve_precision, with_precision  # noqa: E402
 
@@ -116,8 +115,10 @@ def test_bf16_inference_stays_close_to_fp32_and_returns_float32(exported):
     assert _cos_dist(embed_texts(bf16, TEXTS), embed_texts(fp32, TEXTS)) < 1e-3
 
 
-def test_int8_graphs_and_serving_them(exported, tmp_path):
-    manifest = export_onnx(exported["model"], tmp_path / "int8", quantize="int8")
+def test_int8_graphs_and_serving_them(exported, tmp_path, capsys):
+    assert main(["export", "--model", str(exported["exp"]), "--quantize", "int8", "--out", str(tmp_path / "int8")]) == 0
+    assert "int8" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "int8" / "onnx_export.json").read_text())
     assert manifest["quantize"] == "int8" and manifest["verified"]["tolerance"] is None
     assert manifest["model_fingerprint"] != exported["model"].fingerprint()  # its vectors are not the fp32 ones
     onnx = clipper.load(tmp_path / "int8", precision="int8")

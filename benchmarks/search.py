@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf", "faiss-ivfpq"])
     ap.add_argument("--hnsw-max", type=int, default=200_000,
                     help="build HNSW only up to this size (its build takes ~30 s per 100k vectors here)")
+    ap.add_argument("--ivf-lists", type=int, help="IVF cells of faiss-ivf/ivfpq (default: about 4 sqrt(N))")
     ap.add_argument("--name", default="search", help="results/NAME.json (another name keeps a full run's file)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -99,7 +100,7 @@ def _run(args, k: int, results: dict, tmp: str) -> None:
                 source = np.load(Path(tmp) / "img_emb.npy", mmap_mode="r")
             rss0, anon0 = _rss_mib(), _rss_mib("RssAnon:")
             t0 = time.perf_counter()
-            index = Index.build(source, kind)
+            index = Index.build(source, kind, **({"ivf_lists": args.ivf_lists} if args.ivf_lists else {}))
             build_s = time.perf_counter() - t0
             m = measure(index, queries, truth, k)
             m |= {"build_s": round(build_s, 2), "added_rss_mib": round(_rss_mib() - rss0, 1),

@@ -213,6 +213,10 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"fashion-mnist: {fashion_mnist.find_root()}")
         font, cldr = emoji.find_files()
         print(f"emoji font: {font}\nCLDR annotations: {cldr[0].parents[1]}")
+        from .data import npm
+
+        for style in npm.PACKAGES:  # the other emoji renderings (issue #18), with npm
+            print(f"emoji {style}: {npm.package_tarball(style)}")
         return
     if args.source == "fashion-mnist":
         root = args.root
@@ -222,7 +226,8 @@ def cmd_data(args: argparse.Namespace) -> None:
             root = download_upstream(Path(args.out) / "upstream")
         stats = build.build_fashion_mnist(args.out, root, args.seed, args.samples_per_shard or 5000)
     elif args.source == "emoji":
-        stats = build.build_emoji(args.out, args.font, args.cldr_root, args.samples_per_shard or 500)
+        stats = build.build_emoji(args.out, args.font, args.cldr_root, args.samples_per_shard or 500,
+                                  tuple(s.strip() for s in args.styles.split(",") if s.strip()))
     elif args.source == "folder":
         stats = {"all": write_shards(sources.folder_samples(args.input), args.out, args.samples_per_shard or 1000)}
     else:
@@ -278,7 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     classnames = _labels(args, required=args.task == "zeroshot")
     model = _load(args)
     metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers,
-                            classnames=classnames, templates=_templates(args))
+                            classnames=classnames, templates=_templates(args), style=args.style)
     if metrics.get("skipped"):
         print(f"clipper eval: {metrics['skipped_summary']}", file=sys.stderr)
     print(json.dumps({"model": args.model, "task": args.task, **metrics}))
@@ -476,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("emoji", parents=[common], help="Noto Color Emoji glyphs named by Unicode CLDR")
     q.add_argument("--font", help="NotoColorEmoji.ttf (default: Debian's fonts-noto-color-emoji)")
     q.add_argument("--cldr-root", help="CLDR folder holding common/annotations (default: Debian's unicode-cldr-core)")
+    q.add_argument("--styles", default="noto", help="renderings, comma-separated: noto (the Debian font), twemoji, "
+                                                   "apple, facebook (npm's emoji-datasource-*, fetched with npm); "
+                                                   "apple and facebook are never trained on: they go to val (the "
+                                                   "training emoji) and test (default: noto)")
     q = data_sub.add_parser("folder", parents=[common], help="images with same-named .txt captions")
     q.add_argument("input", help="folder (searched recursively)")
     q = data_sub.add_parser("csv", parents=[common], help="CSV/TSV of image path and caption")
@@ -514,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    + ". Prints JSON.")
     _add_model_args(p)
     p.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="the evaluation (see above)")
+    p.add_argument("--style", help="emoji shards of several renderings (`clipper data emoji --styles`): evaluate "
+                                   "on one (noto, twemoji, apple, facebook); cross-style-emoji: the gallery's")
     p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     p.add_argument("--workers", type=int, default=0, help="processes decoding images (default: 0)")

@@ -192,6 +192,22 @@ class AugmentConfig:
     crop_ratio: tuple[float, float] = setting((0.9, 1.1), "aspect ratio range of the random resized crop")
     hflip: float = setting(0.0, "probability of a horizontal flip (off: captions may say left or right)")
     color_jitter: float = setting(0.0, "brightness/contrast/saturation jitter strength")
+    # style-removing views (issue #18): each a probability per image (hue: the largest shift)
+    rotate: float = setting(0.0, "largest rotation in degrees, either way (the corners filled with white)")
+    background: float = setting(0.0, "probability that the white background is painted one random colour")
+    outline: float = setting(0.0, "probability of a line-art view: the image's edges drawn dark on white")
+    grayscale: float = setting(0.0, "probability of a grayscale view")
+    hue: float = setting(0.0, "largest hue rotation, a fraction of the colour circle (0 .. 0.5)")
+    posterize: float = setting(0.0, "probability of posterising to 2-4 bits a channel")
+    blur: float = setting(0.0, "probability of a Gaussian blur of radius 0.5-1.5 px")
+
+    def validate(self, where: str = "augment") -> None:
+        for name in ("hflip", "background", "outline", "grayscale", "posterize", "blur"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{where}.{name}: a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5 or not 0 <= self.rotate <= 180 or not 0 <= self.color_jitter < 1:
+            raise ConfigError(f"{where}: hue in [0, 0.5], rotate in [0, 180] and color_jitter in [0, 1) "
+                              f"(got {self.hue}, {self.rotate}, {self.color_jitter})")
 
 
 @dataclass
@@ -267,6 +283,7 @@ class TrainConfig:
         if self.eval_task != "none" and self.eval_task not in EVAL_TASKS:
             raise ConfigError(f"train.eval_task: {self.eval_task!r} is not one of none, {', '.join(EVAL_TASKS)}")
         self.decoder.validate("train.decoder")
+        self.augment.validate("train.augment")
         if self.eval_task != "none" and not self.eval_data:
             raise ConfigError(f"train.eval_data: needed for eval_task {self.eval_task}")
         if self.steps is None and self.epochs is None and self.minutes is None:

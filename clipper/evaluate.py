@@ -143,11 +143,43 @@ def captioning(model: CLIP, batches: Iterable[dict], classnames: Sequence[str] |
     return metrics
 
 
+@torch.inference_mode()
+def cross_style(model: CLIP, batches: Iterable[dict], style: str, query_style: str = "noto") -> dict[str, float]:
+    """Image->image recall across renderings: each emoji drawn in `query_style` is the query, the
+    emoji drawn in `style` the gallery (matched by code points), over the emoji both have."""
+    device = model.device
+    found: dict[str, dict[str, torch.Tensor]] = {query_style: {}, style: {}}
+    for batch in batches:
+        keep = [i for i, m in enumerate(batch["meta"]) if m.get("style", "noto") in found]
+        if not keep:
+            continue
+        emb = model.encode_image(batch["image"][keep].to(device), normalize=True).cpu()
+        for row, i in zip(emb, keep):
+            meta = batch["meta"][i]
+            found[meta.get("style", "noto")][meta.get("cp", batch["key"][i])] = row
+    shared = sorted(set(found[query_style]) & set(found[style]))
+    if not shared:
+        raise DataError(f"cross-style evaluation: no emoji drawn both in {query_style} and in {style}")
+    queries = torch.stack([found[query_style][c] for c in shared])
+    gallery = torch.stack([found[style][c] for c in shared])
+    return {**{f"i2i_{k}": v for k, v in recall_at_k(queries @ gallery.T).items()}, "n": len(shared),
+            "query_style": query_style, "gallery_style": style}
+
+
+def only_style(batches: Iterable[dict], style: str) -> Iterator[dict]:
+    """The batches' samples drawn in `style` (json "style"; shards without one are Noto emoji)."""
+    for batch in batches:
+        keep = [i for i, m in enumerate(batch["meta"]) if m.get("style", "noto") == style]
+        yield {k: v if k == "skipped" else (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep])
+               for k, v in batch.items()}
+
+
 @dataclass(frozen=True)
 class EvalTask:
     """An evaluation: `run(model, batches, **inputs)` -> metrics, on shards of the kind `data` says.
-    `inputs`: which of the user's class names / templates it takes; `required`: those it cannot run
-    without; `captions`: it scores generated captions (the model needs a decoder)."""
+    `inputs`: which of the user's class names / templates / style it takes; `required`: those it
+    cannot run without; `captions`: it scores generated captions (the model needs a decoder). A
+    task that does not take `style` runs on the samples of that style when one is given."""
     run: Callable[..., dict]
     data: str
     inputs: tuple[str, ...] = ()
@@ -158,7 +190,11 @@ class EvalTask:
 EVAL_TASKS: dict[str, EvalTask] = {
     "zeroshot-fmnist": EvalTask(partial(zero_shot, classnames=CLASSES, templates=EVAL_TEMPLATES),
                                 "the Fashion-MNIST test shards; the protocol's class names and templates"),
-    "retrieval-emoji": EvalTask(retrieval, "the emoji test shards (text->image with the tts names)"),
+    "retrieval-emoji": EvalTask(retrieval, "the emoji test shards (text->image with the tts names; --style S: "
+                                           "of one rendering)"),
+    "cross-style-emoji": EvalTask(cross_style, "emoji shards with Noto and --style S renderings (a Noto emoji's "
+                                               "image as the query, S's images as the gallery; image->image R@k)",
+                                  inputs=("style",), required=("style",)),
     "captioning-emoji": EvalTask(captioning, "the emoji test shards, captions against the tts names",
                                  inputs=("classnames",), captions=True),
     "captioning-fmnist": EvalTask(partial(captioning, classnames=CLASSES),
@@ -174,14 +210,17 @@ EVAL_TASKS: dict[str, EvalTask] = {
 
 
 def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0,
-                  classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> dict[str, float]:
+                  classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+                  style: str | None = None) -> dict[str, float]:
     """Run one evaluation of EVAL_TASKS on eval-split shards (the same code as `clipper eval`)."""
     if task not in EVAL_TASKS:
         raise ConfigError(f"unknown evaluation task {task!r} (one of {', '.join(EVAL_TASKS)})")
     spec = EVAL_TASKS[task]
-    given = {"classnames": list(classnames) if classnames else None, "templates": templates}
-    if any(not given[name] for name in spec.required):
-        raise ConfigError(f"task {task}: give the class names (--labels or --labels-file)")
+    given = {"classnames": list(classnames) if classnames else None, "templates": templates, "style": style}
+    missing = [name for name in spec.required if not given[name]]
+    if missing:
+        raise ConfigError(f"task {task}: give " + ("the class names (--labels or --labels-file)" if "classnames"
+                                                    in missing else "--style (the rendering to compare with)"))
     if spec.captions and model.decoder is None:
         raise ConfigError(f"task {task}: the model has no caption decoder")
     was_training = model.training
@@ -199,8 +238,9 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
                 bar.update(len(batch["image"]) + len(batch["skipped"]))
                 yield batch
 
+    rows = batches() if style is None or "style" in spec.inputs else only_style(batches(), style)
     try:
-        metrics = spec.run(model, batches(), **{name: given[name] for name in spec.inputs})
+        metrics = spec.run(model, rows, **{name: given[name] for name in spec.inputs})
         metrics["skipped"] = len(skips.skipped)
         if skips.skipped:
             metrics["skipped_summary"] = skips.summary()

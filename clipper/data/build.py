@@ -17,7 +17,12 @@ def build_fashion_mnist(out: str | os.PathLike, root: str | os.PathLike | None =
 
 
 def build_emoji(out: str | os.PathLike, font: str | os.PathLike | None = None,
-                cldr_root: str | os.PathLike | None = None, samples_per_shard: int = 500) -> dict[str, dict]:
-    return {split: write_shards(emoji.samples(split, font, cldr_root), Path(out) / split, samples_per_shard,
-                                desc=f"emoji {split}")
-            for split in ("train", "test")}
+                cldr_root: str | os.PathLike | None = None, samples_per_shard: int = 500,
+                styles: tuple[str, ...] = ("noto",)) -> dict[str, dict]:
+    """train (training styles only), val (evaluation-only styles' renderings of the training
+    emoji) and test (every style) as there are styles for them."""
+    splits = [*(["train"] if set(styles) & set(emoji.TRAIN_STYLES) else []),
+              *(["val"] if set(styles) - set(emoji.TRAIN_STYLES) else []), "test"]
+    return {split: write_shards(emoji.samples(split, font, cldr_root, styles=styles), Path(out) / split,
+                                samples_per_shard, desc=f"emoji {split}")
+            for split in splits}

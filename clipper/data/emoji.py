@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,10 @@ FONT_PACKAGE, FONT_PATH = "fonts-noto-color-emoji", "usr/share/fonts/truetype/no
 CLDR_PACKAGE = "unicode-cldr-core"
 CLDR_FILES = ("usr/share/unicode/cldr/common/annotations/en.xml",
               "usr/share/unicode/cldr/common/annotationsDerived/en.xml")
+# Styles (docs/protocol.md): Noto from the Debian font, the others from npm (clipper.data.npm). Only
+# the training styles are ever trained on; Apple and Facebook are for evaluation.
+STYLES = ("noto", "twemoji", "apple", "facebook")
+TRAIN_STYLES = ("noto", "twemoji")
 FONT_SIZE = 109  # the only size of the font's colour bitmaps
 IMAGE_SIZE = 64
 VS16, ZWJ = "\ufe0f", "\u200d"
@@ -110,14 +114,20 @@ class EmojiFont:
         pad = 8
         canvas = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), "white")
         ImageDraw.Draw(canvas).text((pad - left, pad - top), text, font=self.font, embedded_color=True)
-        box = ImageChops.difference(canvas, Image.new("RGB", canvas.size, "white")).getbbox()
-        if box is None:
-            raise DataError(f"{text!r} renders as nothing")
-        glyph = canvas.crop(box)
-        side = max(glyph.size)
-        square = Image.new("RGB", (side, side), "white")
-        square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-        return square.resize((size, size), Image.Resampling.LANCZOS)
+        return square_on_white(canvas, size, repr(text))
+
+
+def square_on_white(canvas: Image.Image, size: int, what: str) -> Image.Image:
+    """An RGB drawing on white cropped to its content, padded square with white, resized (LANCZOS):
+    the protocol's framing of every emoji rendering."""
+    box = ImageChops.difference(canvas, Image.new("RGB", canvas.size, "white")).getbbox()
+    if box is None:
+        raise DataError(f"{what} renders as nothing")
+    glyph = canvas.crop(box)
+    side = max(glyph.size)
+    square = Image.new("RGB", (side, side), "white")
+    square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+    return square.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def find_files(font: str | os.PathLike | None = None, cldr_root: str | os.PathLike | None = None,
@@ -148,15 +158,41 @@ def pairs(font: EmojiFont, annotation_files: list[Path]) -> list[EmojiPair]:
 
 
 def samples(split: str, font: str | os.PathLike | None = None, cldr_root: str | os.PathLike | None = None,
-            cache: str | os.PathLike | None = None) -> Iterator[Sample]:
-    """Rendered pairs of one split ('train', 'test' or 'all'): txt = tts name, keywords in the metadata."""
-    if split not in ("train", "test", "all"):
-        raise ConfigError(f"split: {split!r} is not one of train, test, all")
+            cache: str | os.PathLike | None = None, styles: Sequence[str] = ("noto",)) -> Iterator[Sample]:
+    """Rendered pairs of one split ('train', 'val', 'test' or 'all'), each emoji in every style of
+    `styles` that has it, one after the other (`plan`): txt = tts name; keywords, style and split
+    in the metadata."""
+    emoji_font, drawn, rows = plan(split, font, cldr_root, cache, styles)
+    for pair, style, where in rows:
+        image = emoji_font.render(pair.text) if style == "noto" else drawn[style].image(pair.cp, IMAGE_SIZE)
+        yield Sample(key=pair.key if style == "noto" else f"{pair.key}_{style}", image=image, text=pair.name,
+                     meta={"split": where, "source_id": pair.cp, "cp": pair.cp, "name": pair.name,
+                           "keywords": pair.keywords, "style": style})
+
+
+def plan(split: str, font: str | os.PathLike | None = None, cldr_root: str | os.PathLike | None = None,
+         cache: str | os.PathLike | None = None, styles: Sequence[str] = ("noto",)):
+    """(the font, the other styles' images, [(pair, style, split)]) of `samples`, nothing drawn yet.
+    The emoji are the Noto font's; a test emoji (sha1(cp) % 5 == 0) is test in every style.
+    Training styles (TRAIN_STYLES) give 'train' and 'test'; the evaluation-only ones give 'val'
+    (the training emoji, drawn in a style never trained on) and 'test'."""
+    if split not in ("train", "val", "test", "all"):
+        raise ConfigError(f"split: {split!r} is not one of train, val, test, all")
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or not styles:
+        raise ConfigError(f"styles: {', '.join(unknown) or 'none given'}: not among {', '.join(STYLES)}")
     font_path, cldr = find_files(font, cldr_root, cache)
     emoji_font = EmojiFont(font_path)
-    for pair in pairs(emoji_font, cldr):
-        if split != "all" and pair.split != split:
-            continue
-        yield Sample(key=pair.key, image=emoji_font.render(pair.text), text=pair.name,
-                     meta={"split": pair.split, "source_id": pair.cp, "cp": pair.cp, "name": pair.name,
-                           "keywords": pair.keywords})
+    from .npm import StyleImages
+
+    drawn = {style: StyleImages(style, cache) for style in styles if style != "noto"}
+    rows = [(pair, style, style_split(pair.split, style)) for pair in pairs(emoji_font, cldr) for style in styles
+            if style == "noto" or drawn[style].has(pair.cp)]
+    return emoji_font, drawn, [row for row in rows if split in ("all", row[2])]
+
+
+def style_split(emoji_split: str, style: str) -> str:
+    """The split of an emoji of split `emoji_split` drawn in `style`."""
+    if emoji_split == "test" or style in TRAIN_STYLES:
+        return emoji_split
+    return "val"

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -88,6 +88,7 @@ class TrainTransform:
         im = TF.resized_crop(im, top, left, h, w, [self.size, self.size], T.InterpolationMode.BICUBIC)
         if self.aug.hflip > 0 and self.rng.random() < self.aug.hflip:
             im = TF.hflip(im)
+        im = self._style_views(im)
         if self.aug.color_jitter > 0:
             j = self.aug.color_jitter
             im = TF.adjust_brightness(im, self.rng.uniform(1 - j, 1 + j))
@@ -95,3 +96,32 @@ class TrainTransform:
             if im.mode == "RGB":
                 im = TF.adjust_saturation(im, self.rng.uniform(1 - j, 1 + j))
         return uint8_tensor(im, self.mode)
+
+    def _happens(self, p: float) -> bool:
+        return p > 0 and self.rng.random() < p
+
+    def _style_views(self, im: Image.Image) -> Image.Image:
+        """The style-removing views (issue #18), each with its probability: what stays is the shape
+        and the parts of the thing, not one artist's palette, line weight or shading."""
+        a = self.aug
+        if a.rotate > 0:
+            fill = (255,) * len(im.getbands())
+            im = im.rotate(self.rng.uniform(-a.rotate, a.rotate), Image.Resampling.BICUBIC, fillcolor=fill)
+        if self._happens(a.background) and im.mode == "RGB":  # near-white pixels take one colour
+            paint = Image.new("RGB", im.size, tuple(self.rng.randrange(256) for _ in range(3)))
+            white = im.convert("L").point(lambda v: 255 if v >= 245 else 0)
+            im = Image.composite(paint, im, white)
+        if self._happens(a.outline):  # padded with its corner's grey first: the frame is no edge
+            gray = im.convert("L")
+            edges = ImageOps.expand(gray, 1, fill=gray.getpixel((0, 0))).filter(ImageFilter.FIND_EDGES)
+            edges = edges.crop((1, 1, gray.width + 1, gray.height + 1))
+            im = ImageOps.invert(ImageOps.autocontrast(edges)).convert(im.mode)
+        if self._happens(a.grayscale):
+            im = im.convert("L").convert(im.mode)
+        if a.hue > 0 and im.mode == "RGB":
+            im = TF.adjust_hue(im, self.rng.uniform(-a.hue, a.hue))
+        if self._happens(a.posterize):
+            im = ImageOps.posterize(im, self.rng.randint(2, 4))
+        if self._happens(a.blur):
+            im = im.filter(ImageFilter.GaussianBlur(self.rng.uniform(0.5, 1.5)))
+        return im

@@ -1,0 +1,92 @@
+"""Style robustness (issue #18): `emoji-small` trained for the same wall-clock budget on Noto only,
+on Noto + Twemoji, and on Noto + Twemoji with the style-removing views (VIEWS), then measured on every rendering's test split (text->image R@k per style),
+image->image across styles (a Noto test emoji as the query, the other style's test emoji as the
+gallery), and on the evaluation-only styles' renderings of the training emoji (val: concepts
+seen in training, a style never seen). Apple and Facebook are never trained on.
+
+    python benchmarks/emoji_styles.py [--minutes 10] [--recipes noto noto+twemoji] [--set FIELD=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+from recipe import ensure_shards  # noqa: E402
+
+from clipper.data.emoji import STYLES, TRAIN_STYLES  # noqa: E402
+from clipper.evaluate import evaluate_task  # noqa: E402
+from clipper.factory import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STYLED = ROOT / "data" / "shards" / "emoji-styles"
+
+
+def ensure_styled_shards() -> Path:
+    from clipper.data.build import build_emoji
+
+    if not (STYLED / "test" / "sizes.json").is_file():
+        build_emoji(STYLED, styles=STYLES)
+    return STYLED
+
+
+# the style-removing views of issue #18 at a first setting, all at once (each is an AugmentConfig field)
+VIEWS = ["augment.rotate=10", "augment.background=0.2", "augment.outline=0.15", "augment.grayscale=0.15",
+         "augment.hue=0.3", "augment.posterize=0.1", "augment.blur=0.1"]
+RECIPES = {"noto": ("noto", []), "noto+twemoji": ("styled", []), "noto+twemoji+views": ("styled", VIEWS)}
+
+
+def train(recipe: str, minutes: float, extra: list[str]) -> Path:
+    data, overrides = RECIPES[recipe]
+    extra = [*[x for s in overrides for x in ("--set", s)], *extra]
+    data = ensure_shards("emoji") / "train" if data == "noto" else STYLED / "train"
+    out = ROOT / "runs" / f"bench-emoji-styles-{recipe.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "clipper.train", "--preset", "emoji-small", "--train-data", str(data),
+           "--eval-task", "none", "--minutes", str(minutes), "--out", str(out), *extra]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def measure(model_dir: Path) -> dict:
+    model = load_model(model_dir)
+    row = {}
+    for style in STYLES:
+        m = evaluate_task(model, "retrieval-emoji", str(STYLED / "test"), batch_size=500, style=style)
+        row[f"test_{style}"] = {k: round(m[k], 2) for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1")} | {"n": m["n"]}
+        if style != "noto":
+            c = evaluate_task(model, "cross-style-emoji", str(STYLED / "test"), batch_size=500, style=style)
+            row[f"cross_noto_to_{style}"] = {k: round(c[k], 2) for k in ("i2i_R@1", "i2i_R@5")} | {"n": c["n"]}
+        if style not in TRAIN_STYLES:
+            v = evaluate_task(model, "retrieval-emoji", str(STYLED / "val"), batch_size=500, style=style)
+            row[f"val_{style}"] = {k: round(v[k], 2) for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1")} | {"n": v["n"]}
+        print(json.dumps({style: {k: v for k, v in row.items() if k.endswith(style)}}), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides for every recipe")
+    args = ap.parse_args()
+    ensure_styled_shards()
+    results = {"minutes": args.minutes, "preset": "emoji-small", "overrides": args.set, "recipes": {}}
+    for recipe in args.recipes:
+        out = train(recipe, args.minutes, [x for s in args.set for x in ("--set", s)])
+        last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples"' in line]
+        results["recipes"][recipe] = {"run": str(out.relative_to(ROOT)), "overrides": RECIPES[recipe][1],
+                                      "steps": last[-1]["step"],
+                                      "samples": last[-1]["samples"], **measure(out / "model")}
+    print(json.dumps(results, indent=1))
+    print("wrote", write_results("emoji_styles", results))
+
+
+if __name__ == "__main__":
+    main()

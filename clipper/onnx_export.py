@@ -21,6 +21,7 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +42,15 @@ MAX_BATCH = 1 << 16
 FP32_TOLERANCE = 1e-5
 
 
-class _ImageGraph(nn.Module):
-    def __init__(self, model: CLIP):
+class _Normalized(nn.Module):
+    """A tower whose features come out L2-normalised: what each graph computes."""
+
+    def __init__(self, tower: nn.Module):
         super().__init__()
-        self.visual = model.visual
+        self.tower = tower
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(pixels), dim=-1)
-
-
-class _TextGraph(nn.Module):
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.text = model.text
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text(ids), dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.tower(x), dim=-1)
 
 
 def onnx_available() -> bool:
@@ -94,7 +88,7 @@ def _export(graph: nn.Module, example: torch.Tensor, name: str, dims: dict, path
     # the exporter narrates its steps on stdout; a failure is raised, so nothing is lost
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(graph.eval(), (example,), str(path), dynamo=True, opset_version=OPSET,
-                          input_names=[name], output_names=["embeddings"], dynamic_shapes={name: dims},
+                          input_names=[name], output_names=["embeddings"], dynamic_shapes=(dims,),
                           external_data=False)
 
 
@@ -122,28 +116,35 @@ def export_onnx(model: CLIP, out: str | os.PathLike, quantize: str | None = None
         raise ConfigError(f"quantize: int8 or none, got {quantize!r}")
     model = model.float().cpu().eval()
     cfg = model.config
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     pixels, ids = _samples(model, torch.Generator().manual_seed(seed))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _replaced_whole(Path(out)) as tmp:
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         text_dims = {0: batch} if fixed_text_length(model) else {
             0: batch, 1: torch.export.Dim("length", min=2, max=cfg.text.context_length)}
         with torch.no_grad():
-            _export(_ImageGraph(model), pixels, "pixels", {0: batch}, tmp / "image.onnx")
-            _export(_TextGraph(model), ids, "ids", text_dims, tmp / "text.onnx")
+            _export(_Normalized(model.visual), pixels, "pixels", {0: batch}, tmp / "image.onnx")
+            _export(_Normalized(model.text), ids, "ids", text_dims, tmp / "text.onnx")
             if quantize == "int8":
                 _quantize_int8(tmp)
             verified = _verify(model, tmp, pixels, ids, quantize)
         manifest = _manifest(model, quantize, verified)
         write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _replaced_whole(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` that replaces it when the block succeeds (removed if not):
+    a reader never sees half an export."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
 
 
 def quantize_onnx_export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
@@ -155,10 +156,7 @@ def quantize_onnx_export(source: str | os.PathLike, out: str | os.PathLike) -> d
     fp32 = OnnxCLIP(source)
     if fp32.precision != "fp32":
         raise ConfigError(f"{source}: already {fp32.precision}; quantise an fp32 export")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _replaced_whole(Path(out)) as tmp:
         for name in ("image.onnx", "text.onnx"):
             shutil.copyfile(Path(source) / name, tmp / name)
         _quantize_int8(tmp)
@@ -166,11 +164,6 @@ def quantize_onnx_export(source: str | os.PathLike, out: str | os.PathLike) -> d
         manifest = {**fp32.manifest, "quantize": "int8", "model_fingerprint": fp32.fingerprint() + "-onnx-int8",
                     "verified": _verify(fp32, tmp, pixels, ids, "int8")}
         write_json(tmp / MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
@@ -180,7 +173,8 @@ def _quantize_int8(folder: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
-    level, _ = root.level, root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantisation
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the graphs is for static quantisation
     try:
         for name in ("image.onnx", "text.onnx"):
             fp32 = folder / f"{name}.fp32"

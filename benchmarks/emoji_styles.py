@@ -4,7 +4,7 @@ image->image across styles (a Noto test emoji as the query, the other style's te
 gallery), and on the evaluation-only styles' renderings of the training emoji (val: concepts
 seen in training, a style never seen). Apple and Facebook are never trained on.
 
-    python benchmarks/emoji_styles.py [--minutes 10] [--recipes noto noto+twemoji] [--set FIELD=VALUE ...]
+    python benchmarks/emoji_styles.py [--minutes 10] [--recipes noto noto+twemoji ...] [--name emoji_styles]
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def ensure_styled_shards() -> Path:
 # the style-removing views of issue #18 at a first setting, all at once (each is an AugmentConfig field)
 VIEWS = ["augment.rotate=10", "augment.background=0.2", "augment.outline=0.15", "augment.grayscale=0.15",
          "augment.hue=0.3", "augment.posterize=0.1", "augment.blur=0.1"]
-RECIPES = {"noto": ("noto", []), "noto+twemoji": ("styled", []), "noto+twemoji+views": ("styled", VIEWS)}
+RECIPES = {"noto": ("noto", []), "noto+twemoji": ("styled", []), "noto+twemoji+views": ("styled", VIEWS),
+           # one kind of view at a time, chosen on the val styles
+           "noto+twemoji+outline": ("styled", ["augment.outline=0.2"]),
+           "noto+twemoji+colour": ("styled", ["augment.grayscale=0.2", "augment.hue=0.2"])}
 
 
 def train(recipe: str, minutes: float, extra: list[str]) -> Path:
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides for every recipe")
+    ap.add_argument("--name", default="emoji_styles", help="results/NAME.json")
     args = ap.parse_args()
     ensure_styled_shards()
     results = {"minutes": args.minutes, "preset": "emoji-small", "overrides": args.set, "recipes": {}}
@@ -85,7 +89,7 @@ def main() -> None:
                                       "steps": last[-1]["step"],
                                       "samples": last[-1]["samples"], **measure(out / "model")}
     print(json.dumps(results, indent=1))
-    print("wrote", write_results("emoji_styles", results))
+    print("wrote", write_results(args.name, results))
 
 
 if __name__ == "__main__":

@@ -53,14 +53,10 @@ class _Normalized(nn.Module):
         return F.normalize(self.tower(x), dim=-1)
 
 
-def onnx_available() -> bool:
+def _require_onnx() -> None:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
-
-
-def _require_onnx() -> None:
-    if not onnx_available():
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
         raise ConfigError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'clipper[onnx]'")
 
 

@@ -73,12 +73,6 @@ class OnnxCLIP:
         out = self._text.run(None, {"ids": np.ascontiguousarray(tokens.long().cpu().numpy())})[0]
         return torch.from_numpy(out)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-        return {"image_features": self.encode_image(images), "text_features": self.encode_text(tokens),
-                "logit_scale": self.scale(), "logit_bias": self.logit_bias}
-
-    __call__ = forward
-
 
 def load_onnx(folder: str | os.PathLike, precision: str = "fp32") -> OnnxCLIP:
     """An export folder on ONNX Runtime; its graphs run as exported (fp32 or int8)."""

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .io import atomic_path
 
 if TYPE_CHECKING:  # this module reads and writes files; building models is clipper.factory's job
@@ -40,7 +40,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return _strip_prefixes(load_file(str(path), device="cpu"))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -51,7 +51,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "unpickles code (torch.load weights_only=True). Re-save it as a plain state dict or safetensors."
         ) from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
@@ -70,9 +70,6 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = value
     return out
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

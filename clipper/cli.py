@@ -25,6 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference
                    "file, or preset name" + ("" if required else " (default: the model the folder was embedded with)"))
     p.add_argument("--pretrained", help="with a preset: open_clip pretrained tag or weights file")
     p.add_argument("--quick-gelu", action="store_true", default=None, help="force QuickGELU (OpenAI weights)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer folder (or hub name in the local HF cache) for a "
+                                       "text tower that reads one (SigLIP, CLIPA, ...): default, the model's own")
     if precision:
         p.add_argument("--precision", choices=list(PRECISIONS), default=None,
                        help="fp32 (default), bf16 (CUDA, or CPUs with AVX512-BF16/AMX; refused elsewhere), int8 "
@@ -76,8 +78,12 @@ def _model_spec(args: argparse.Namespace) -> dict:
     pretrained = args.pretrained
     if pretrained and Path(pretrained).exists():
         pretrained = str(Path(pretrained).resolve())
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer and Path(tokenizer).exists():
+        tokenizer = str(Path(tokenizer).resolve())
     return {"model": model, "pretrained": pretrained, "quick_gelu": args.quick_gelu,
-            "precision": getattr(args, "precision", None) or "fp32", "runtime": getattr(args, "runtime", None)}
+            "precision": getattr(args, "precision", None) or "fp32", "runtime": getattr(args, "runtime", None),
+            "tokenizer": tokenizer}
 
 
 def _load_spec(spec: dict, device: str | None = None):
@@ -86,7 +92,8 @@ def _load_spec(spec: dict, device: str | None = None):
     # folders embedded before --precision recorded "quantize": "int8"
     precision = spec.get("precision") or ("int8" if spec.get("quantize") == "int8" else "fp32")
     return load(spec["model"], pretrained=spec.get("pretrained"), quick_gelu=spec.get("quick_gelu"),
-                precision=precision, runtime=spec.get("runtime"), device=_device(device, precision, spec))
+                precision=precision, runtime=spec.get("runtime"), device=_device(device, precision, spec),
+                tokenizer=spec.get("tokenizer"))
 
 
 def _device(device: str | None, precision: str, spec: dict) -> str:

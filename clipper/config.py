@@ -8,6 +8,7 @@ config that ships with open_clip (ViT-B-32, ViT-B-16, ViT-L-14, ViT-S-32, ViT-M-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,6 +21,9 @@ from typing import Any
 from . import io
 from .errors import ConfigError
 
+# the activations a tower may name (clipper.model.transformer.activation builds them)
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
 # open_clip's defaults (OpenAI's dataset statistics), used unless a preset says otherwise.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,7 +31,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class VisionConfig:
-    kind: str = "vit"  # "vit", or "resnet": OpenAI's ModifiedResNet (stages, width = stem width)
+    # "vit"; "resnet": OpenAI's ModifiedResNet (stages, width = stem width); "timm": a timm model
+    # as the trunk (timm_model, built by timm as open_clip does) with open_clip's pooling/projection head
+    kind: str = "vit"
     image_size: int = 224
     patch_size: int = 32
     width: int = 768
@@ -36,16 +42,39 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     in_channels: int = 3
     # "tok": class token; "avg": mean of the patch tokens; "attn": CoCa's attentional pooler, whose
-    # first query gives the embedding and the others the tokens a caption decoder reads
+    # first query gives the embedding and the others the tokens a caption decoder reads; "map":
+    # SigLIP's attention-pooling head (one learned query, then a residual MLP)
     pool: str = "tok"
     attn_pool_queries: int = 256
     attn_pool_heads: int = 8
     stages: tuple[int, ...] = ()  # resnet: bottleneck blocks of its four stages, e.g. (3, 4, 6, 3)
+    class_token: bool = True  # vit: a class token before the patches (SigLIP has none)
+    patch_bias: bool = False  # vit: the patch embedding has a bias (SigLIP's)
+    projection: bool = True  # vit: off, the pooled row is the embedding (width = embed_dim: SigLIP)
+    ln_pre: bool = True  # vit: LayerNorm after the embeddings (CLIPA and SigLIP have none)
+    norm_after_pool: bool = False  # vit: ln_post on the pooled row, not on every token before pooling (CLIPA)
+    act: str = "gelu"  # vit: gelu, gelu_tanh or quick_gelu (the model's quick_gelu overrides it)
+    norm_eps: float = 1e-5
+    # timm: the model name, its global pool ("" keeps timm's default), the projection open_clip puts
+    # after it ("linear", "mlp", "none": none at all, "": timm's classifier of embed_dim outputs).
+    # A vit with timm_model set is that timm network in clipper's code (SigLIP's): open_clip builds it
+    # with timm, and its weights carry timm's names
+    timm_model: str = ""
+    timm_pool: str = "avg"
+    timm_proj: str = "linear"
+    timm_proj_bias: bool = False
+    timm_drop: float = 0.0
+    timm_drop_path: float | None = None
     image_mean: tuple[float, ...] = OPENAI_MEAN
     image_std: tuple[float, ...] = OPENAI_STD
+    # preprocessing: "shortest" side to image_size then a centre crop, or "squash" to image_size x
+    # image_size (SigLIP's, MobileCLIP's); bicubic or bilinear (open_clip's pretrained configs say which)
+    resize: str = "shortest"
+    interpolation: str = "bicubic"
 
     def validate(self, where: str = "vision") -> None:
-        _positive(self, where, ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "in_channels"))
+        _positive(self, where, ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "in_channels",
+                                "norm_eps"))
         _at_most(self, where, image_size=16384, patch_size=1024, width=16384, layers=1024, heads=1024, mlp_ratio=64,
                  in_channels=64)
         if self.kind == "resnet":
@@ -54,15 +83,25 @@ class VisionConfig:
             if self.image_size % 32 or (self.width * 32) % self.heads:
                 raise ConfigError(f"{where}: a resnet needs image_size a multiple of 32 and heads dividing "
                                   f"width x 32 (the pooled width)")
+        elif self.kind == "timm":
+            if not self.timm_model:
+                raise ConfigError(f"{where}.timm_model: kind timm needs the name of a timm model")
+            if self.timm_proj not in ("linear", "mlp", "none", ""):
+                raise ConfigError(f"{where}.timm_proj: {self.timm_proj!r} is not one of linear, mlp, none or ''")
+            if self.timm_pool in ("abs_attn", "rot_attn") and self.timm_proj == "":
+                raise ConfigError(f"{where}.timm_pool {self.timm_pool}: needs timm_proj linear, mlp or none")
         elif self.kind != "vit":
-            raise ConfigError(f"{where}.kind: {self.kind!r} is not one of vit, resnet")
-        else:
-            if self.image_size % self.patch_size:
-                raise ConfigError(f"{where}: image_size {self.image_size} is not a multiple of patch_size "
-                                  f"{self.patch_size}")
+            raise ConfigError(f"{where}.kind: {self.kind!r} is not one of vit, resnet, timm")
+        else:  # a size that is no multiple of the patch drops the last pixels (as timm: SigLIP 384 / 14)
+            if self.image_size < self.patch_size:
+                raise ConfigError(f"{where}: image_size {self.image_size} is below patch_size {self.patch_size}")
             _heads_divide(self, where)
-        if self.pool not in ("tok", "avg", "attn"):
-            raise ConfigError(f"{where}.pool: {self.pool!r} is not one of tok, avg, attn")
+        _one_of(self, where, "pool", ("tok", "avg", "attn", "map"))
+        if self.pool == "tok" and not self.class_token:
+            raise ConfigError(f"{where}.pool tok: needs class_token")
+        _one_of(self, where, "act", ACTIVATIONS)
+        _one_of(self, where, "resize", ("shortest", "squash"))
+        _one_of(self, where, "interpolation", ("bicubic", "bilinear"))
         _positive(self, where, ("attn_pool_queries", "attn_pool_heads"))
         _at_most(self, where, attn_pool_queries=65536, attn_pool_heads=1024)
         for name in ("image_mean", "image_std"):
@@ -85,21 +124,42 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
-    # "eot": causal attention, the end-of-text token's output (CLIP's; open_clip checkpoints);
+    # "eot": the end-of-text token's output (the largest id of a row: CLIP BPE's; open_clip's argmax)
+    # "eos": the first `eos_id` of a row; "last": the last position of the (padded) input (SigLIP's)
     # "mean": every token sees the whole text, the mean of the outputs from start to end-of-text
     # "cls": CoCa's learned token after the text (position context_length), with open_clip's key
     #        mask: key j is hidden where token j-1 is padding (0), the shifted mask its weights use
     pool: str = "eot"
+    # eot/eos/last: attention over the whole padded input, padding included (open_clip's
+    # no_causal_mask: SigLIP, MobileCLIP2, CLIPA), instead of causal
+    bidirectional: bool = False
+    eos_id: int = 2
+    proj_bias: bool = False  # the projection is a linear layer with a bias (SigLIP)
+    projection: bool = True  # off: the pooled output is the embedding (width = embed_dim)
+    act: str = "gelu"  # gelu, gelu_tanh or quick_gelu (the model's quick_gelu overrides it)
+    norm_eps: float = 1e-5
+    # "": CLIP BPE. Otherwise a Hugging Face tokenizer: a hub name (read from the local HF cache) or
+    # a directory, cleaned first (whitespace, lower or canonicalize) as open_clip's HFTokenizer does
+    tokenizer: str = ""
+    tokenizer_clean: str = "whitespace"
+    tokenizer_strip_sep: bool = False  # the separator token becomes padding (CLIPA's BERT tokenizer)
 
     def validate(self, where: str = "text") -> None:
-        _positive(self, where, ("context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"))
+        _positive(self, where, ("context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio", "norm_eps"))
         _at_most(self, where, context_length=16384, vocab_size=10_000_000, width=16384, layers=1024, heads=1024,
                  mlp_ratio=64)
-        if self.pool not in ("eot", "mean", "cls"):
-            raise ConfigError(f"{where}.pool: {self.pool!r} is not one of eot, mean, cls")
+        _one_of(self, where, "pool", ("eot", "eos", "last", "mean", "cls"))
+        _one_of(self, where, "act", ACTIVATIONS)
+        _one_of(self, where, "tokenizer_clean", ("whitespace", "lower", "canonicalize"))
+        if self.bidirectional and self.pool in ("mean", "cls"):
+            raise ConfigError(f"{where}.bidirectional: for pool eot, eos or last (mean is bidirectional already)")
         if self.context_length < 2:
             raise ConfigError(f"{where}.context_length: needs room for start and end tokens (>= 2)")
         _heads_divide(self, where)
+
+    @property
+    def causal(self) -> bool:
+        return self.pool in ("eot", "eos", "last") and not self.bidirectional
 
 
 @dataclass
@@ -148,6 +208,11 @@ class ModelConfig:
         _at_most(self, "model", embed_dim=65536)
         self.vision.validate()
         self.text.validate()
+        v = self.vision
+        if v.kind == "vit" and not v.projection and v.width != self.embed_dim:
+            raise ConfigError(f"vision.projection off: vision.width {v.width} must equal embed_dim {self.embed_dim}")
+        if not self.text.projection and self.text.width != self.embed_dim:
+            raise ConfigError(f"text.projection off: text.width {self.text.width} must equal embed_dim {self.embed_dim}")
         if self.decoder is not None:
             self.decoder.validate()
             if self.decoder.kind == "coca":
@@ -421,6 +486,11 @@ def _heads_divide(cfg: Any, where: str) -> None:
         raise ConfigError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
 
 
+def _one_of(obj: Any, where: str, name: str, choices: Sequence[str]) -> None:
+    if getattr(obj, name) not in choices:
+        raise ConfigError(f"{where}.{name}: {getattr(obj, name)!r} is not one of {', '.join(choices)}")
+
+
 def _at_most(obj: Any, where: str, **limits: float) -> None:
     """Upper bounds, checked before anything is built (a config.json asking for 10^6 layers is refused)."""
     for name, limit in limits.items():
@@ -515,20 +585,119 @@ _PRESETS: dict[str, dict[str, Any]] = {
 _OC_TOP = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
            "custom_text", "multimodal_cfg"}
 _OC_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "pool_type",
-              "attentional_pool", "attn_pooler_queries", "attn_pooler_heads", "output_tokens"}
+              "attentional_pool", "attn_pooler_queries", "attn_pooler_heads", "output_tokens", "no_ln_pre",
+              "final_ln_after_pool", "timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
+              "timm_drop_path"}
 _OC_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pool_type", "embed_cls",
-            "output_tokens"}
+            "output_tokens", "no_causal_mask", "proj_bias", "eos_id", "norm_kwargs", "act_kwargs",
+            "hf_tokenizer_name", "tokenizer_kwargs", "proj_type"}
 # CoCa's decoder; open_clip's MultimodalTransformer does not read dim_head, n_queries, attn_pooler_heads
 _OC_MULTIMODAL = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "dim_head", "n_queries",
                   "attn_pooler_heads"}
-_OC_DEFAULT_OK = {"patch_dropout": 0.0, "ls_init_value": None, "no_ln_pre": False,
-                  "pos_embed_type": "learnable", "final_ln_after_pool": False, "correct_cls_mask": False,
-                  "no_causal_mask": False, "proj_bias": False, "proj_type": "linear",
-                  "pad_id": 0, "hf_model_name": None, "timm_model_name": None, "act_kwargs": None,
-                  "norm_kwargs": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
-                  "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
-                  "custom_text": False, "tokenizer_mode": None, "tokenizer_kwargs": None, "eos_id": 2,
-                  "hf_tokenizer_name": None}
+_OC_DEFAULT_OK = {"patch_dropout": 0.0, "ls_init_value": None, "timm_model_pretrained": False,
+                  "pos_embed_type": "learnable", "correct_cls_mask": False,
+                  "pad_id": 0, "hf_model_name": None, "block_type": None, "qk_norm": False,
+                  "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+                  "scale_fc": False, "custom_text": False, "tokenizer_mode": None}
+_OC_TEXT_POOL = {"argmax": "eot", "eos": "eos", "last": "last"}  # open_clip's text pool_type -> ours
+
+
+def _text_from_open_clip(name: str, tc: dict[str, Any]) -> TextConfig:
+    pool = tc.get("pool_type", "argmax")
+    if pool not in _OC_TEXT_POOL:
+        raise ConfigError(f"open_clip config {name}: text_cfg.pool_type={pool!r} is not supported")
+    if tc.get("proj_type", "linear") not in ("linear", "none"):
+        raise ConfigError(f"open_clip config {name}: text_cfg.proj_type={tc['proj_type']!r} is not supported")
+    norm, act = dict(tc.get("norm_kwargs") or {}), dict(tc.get("act_kwargs") or {})
+    tok = dict(tc.get("tokenizer_kwargs") or {})
+    for what, extra in (("norm_kwargs", set(norm) - {"eps"}), ("act_kwargs", set(act) - {"approximate"}),
+                        ("tokenizer_kwargs", set(tok) - {"clean", "strip_sep_token"})):
+        if extra:
+            raise ConfigError(f"open_clip config {name}: text_cfg.{what} {sorted(extra)} is not supported by clipper")
+    if act.get("approximate", "none") not in ("none", "tanh"):
+        raise ConfigError(f"open_clip config {name}: text_cfg.act_kwargs.approximate={act['approximate']!r}")
+    return TextConfig(
+        context_length=tc.get("context_length", 77), vocab_size=tc.get("vocab_size", 49408),
+        width=tc.get("width", 512), layers=tc.get("layers", 12), heads=tc.get("heads", 8),
+        mlp_ratio=float(tc.get("mlp_ratio", 4.0)), pool="cls" if tc.get("embed_cls") else _OC_TEXT_POOL[pool],
+        bidirectional=bool(tc.get("no_causal_mask", False)) and not tc.get("embed_cls"),
+        eos_id=tc.get("eos_id", 2), proj_bias=bool(tc.get("proj_bias", False)),
+        projection=tc.get("proj_type", "linear") != "none",
+        act="gelu_tanh" if act.get("approximate") == "tanh" else "gelu", norm_eps=float(norm.get("eps", 1e-5)),
+        tokenizer=tc.get("hf_tokenizer_name") or "", tokenizer_clean=tok.get("clean", "whitespace"),
+        tokenizer_strip_sep=bool(tok.get("strip_sep_token", False)))
+
+
+def _vision_from_open_clip(name: str, vc: dict[str, Any]) -> VisionConfig:
+    if not isinstance(vc.get("image_size", 224), int):
+        raise ConfigError(f"open_clip config {name}: only square image towers are supported")
+    if vc.get("timm_model_name"):
+        timm = VisionConfig(kind="timm", image_size=vc.get("image_size", 224), timm_model=vc["timm_model_name"],
+                            timm_pool=vc.get("timm_pool", "avg"), timm_proj=vc.get("timm_proj", "linear") or "",
+                            timm_proj_bias=bool(vc.get("timm_proj_bias", False)),
+                            timm_drop=float(vc.get("timm_drop", 0.0)), timm_drop_path=vc.get("timm_drop_path"))
+        return siglip_vit(timm) or timm
+    resnet = isinstance(vc.get("layers"), (list, tuple))
+    if vc.get("pool_type", "tok") not in ("tok", "avg"):
+        raise ConfigError(f"open_clip config {name}: vision_cfg.pool_type={vc['pool_type']!r} is not supported")
+    if vc.get("attentional_pool", False) not in (False, True):  # "parallel"/"cascade": open_clip's untested WIP
+        raise ConfigError(f"open_clip config {name}: vision_cfg.attentional_pool={vc['attentional_pool']!r} "
+                          "is not supported")
+    width = vc.get("width", 768)
+    return VisionConfig(
+        kind="resnet" if resnet else "vit", stages=tuple(vc["layers"]) if resnet else (),
+        image_size=vc.get("image_size", 224), patch_size=32 if resnet else vc.get("patch_size", 16), width=width,
+        layers=len(vc["layers"]) if resnet else vc.get("layers", 12),
+        heads=width * (32 if resnet else 1) // vc.get("head_width", 64),
+        mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
+        pool="attn" if vc.get("attentional_pool") else vc.get("pool_type", "tok"),
+        attn_pool_queries=vc.get("attn_pooler_queries", 256), attn_pool_heads=vc.get("attn_pooler_heads", 8),
+        ln_pre=not vc.get("no_ln_pre", False), norm_after_pool=bool(vc.get("final_ln_after_pool", False)))
+
+
+def siglip_vit(timm_cfg: VisionConfig) -> VisionConfig | None:
+    """A timm tower that is a plain SigLIP ViT (no class token, attention-pooling head, nothing else
+    added, no projection after it) as clipper's own ViT, which runs faster (benchmarks/README.md);
+    None for any other timm model. The architecture is read off timm's model, built on the meta device."""
+    if timm_cfg.timm_pool != "map" or timm_cfg.timm_proj != "none":
+        return None
+    m = _timm_network(timm_cfg.timm_model)
+    if m is None:
+        return None
+    block, pool = m.blocks[0], m.attn_pool
+    plain = (m.cls_token is None and not m.num_reg_tokens and all(
+        type(getattr(obj, attr)).__name__ == "Identity" for obj, attr in (
+            (m, "norm_pre"), (m, "fc_norm"), (m, "head"), (m, "patch_drop"), (block, "ls1"), (block, "ls2"),
+            (block.attn, "q_norm"), (block.attn, "k_norm"), (block.attn, "norm"), (pool, "q_norm")))
+        and pool.latent_len == 1 and pool.pool == "token" and pool.pos_embed is None and block.attn.qkv.bias is not None
+        and type(m.norm).__name__ == type(pool.norm).__name__ == "LayerNorm" and not m.dynamic_img_size)
+    act = type(block.mlp.act).__name__
+    acts = {"GELU": "gelu_tanh" if getattr(block.mlp.act, "approximate", "none") == "tanh" else "gelu",
+            "GELUTanh": "gelu_tanh"}
+    if not plain or act not in acts or m.patch_embed.img_size[0] != m.patch_embed.img_size[1]:
+        return None
+    width, hidden = m.embed_dim, block.mlp.fc1.out_features
+    if pool.mlp.fc1.out_features != hidden or m.norm.eps != pool.norm.eps:
+        return None
+    return dataclasses.replace(
+        timm_cfg, kind="vit", image_size=m.patch_embed.img_size[0], patch_size=m.patch_embed.patch_size[0],
+        width=width, layers=len(m.blocks), heads=block.attn.num_heads,
+        mlp_ratio=hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width,
+        pool="map", attn_pool_heads=pool.num_heads, class_token=False, patch_bias=True, projection=False,
+        ln_pre=False, act=acts[act], norm_eps=m.norm.eps)
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_network(name: str):
+    try:
+        import timm
+        import torch
+    except ImportError:
+        return None
+    if name not in timm.list_models():
+        return None
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="map")
 
 
 def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelConfig:
@@ -543,16 +712,6 @@ def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelC
     vc, tc = dict(oc["vision_cfg"]), dict(oc["text_cfg"])
     _refuse_unsupported(name, vc, _OC_VISION, "vision_cfg.")
     _refuse_unsupported(name, tc, _OC_TEXT, "text_cfg.")
-    resnet = isinstance(vc.get("layers"), (list, tuple))
-    if not isinstance(vc.get("image_size", 224), int):
-        raise ConfigError(f"open_clip config {name}: only square image towers are supported")
-    if vc.get("pool_type", "tok") not in ("tok", "avg"):
-        raise ConfigError(f"open_clip config {name}: vision_cfg.pool_type={vc['pool_type']!r} is not supported")
-    if tc.get("pool_type", "argmax") != "argmax":
-        raise ConfigError(f"open_clip config {name}: text_cfg.pool_type={tc['pool_type']!r} is not supported")
-    if vc.get("attentional_pool", False) not in (False, True):  # "parallel"/"cascade": open_clip's untested WIP
-        raise ConfigError(f"open_clip config {name}: vision_cfg.attentional_pool={vc['attentional_pool']!r} "
-                          "is not supported")
     decoder = None
     if "multimodal_cfg" in oc:
         mc = dict(oc["multimodal_cfg"])
@@ -562,21 +721,10 @@ def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelC
         decoder = DecoderConfig(kind="coca", width=mc.get("width", 512), layers=mc.get("layers", 12),
                                 heads=mc.get("heads", 8), mlp_ratio=float(mc.get("mlp_ratio", 4)),
                                 context_length=mc.get("context_length", 77))
-    width = vc.get("width", 768)
     cfg = ModelConfig(
         embed_dim=oc["embed_dim"],
-        vision=VisionConfig(
-            kind="resnet" if resnet else "vit", stages=tuple(vc["layers"]) if resnet else (),
-            image_size=vc.get("image_size", 224), patch_size=32 if resnet else vc.get("patch_size", 16), width=width,
-            layers=len(vc["layers"]) if resnet else vc.get("layers", 12),
-            heads=width * (32 if resnet else 1) // vc.get("head_width", 64),
-            mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
-            pool="attn" if vc.get("attentional_pool") else vc.get("pool_type", "tok"),
-            attn_pool_queries=vc.get("attn_pooler_queries", 256), attn_pool_heads=vc.get("attn_pooler_heads", 8)),
-        text=TextConfig(
-            context_length=tc.get("context_length", 77), vocab_size=tc.get("vocab_size", 49408),
-            width=tc.get("width", 512), layers=tc.get("layers", 12), heads=tc.get("heads", 8),
-            mlp_ratio=float(tc.get("mlp_ratio", 4.0)), pool="cls" if tc.get("embed_cls") else "eot"),
+        vision=_vision_from_open_clip(name, vc),
+        text=_text_from_open_clip(name, tc),
         quick_gelu=bool(oc.get("quick_gelu", False)),
         init_logit_scale=float(oc.get("init_logit_scale", math.log(1 / 0.07))),
         init_logit_bias=oc.get("init_logit_bias"),
@@ -613,4 +761,30 @@ def preset(name: str) -> ModelConfig:
     """The named config: a clipper preset or an open_clip model name (e.g. 'ViT-B-32')."""
     if name in _PRESETS:
         return ModelConfig.from_dict(_PRESETS[name])
-    return from_open_clip_config(name)
+    config = from_open_clip_config(name)
+    settings = _tag_preprocessing(name)
+    if settings is not None:  # every pretrained tag of the architecture preprocesses alike: that way
+        apply_open_clip_preprocessing(config.vision, settings)
+    return config
+
+
+def _tag_preprocessing(name: str) -> dict[str, Any] | None:
+    import open_clip
+
+    found = {json.dumps({k: open_clip.get_pretrained_cfg(name, tag).get(k) for k in _PREPROCESS}, sort_keys=True)
+             for tag in open_clip.list_pretrained_tags_by_model(name)}
+    return json.loads(found.pop()) if len(found) == 1 else None
+
+
+_PREPROCESS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def apply_open_clip_preprocessing(vision: VisionConfig, tag_cfg: dict[str, Any]) -> None:
+    """Take mean/std, interpolation and resize mode from an open_clip pretrained config, where it says."""
+    if tag_cfg.get("mean") and tag_cfg.get("std"):
+        vision.image_mean = tuple(float(v) for v in tag_cfg["mean"])
+        vision.image_std = tuple(float(v) for v in tag_cfg["std"])
+    if tag_cfg.get("interpolation") in ("bicubic", "bilinear"):
+        vision.interpolation = tag_cfg["interpolation"]
+    if tag_cfg.get("resize_mode") in ("shortest", "squash"):
+        vision.resize = tag_cfg["resize_mode"]

@@ -29,7 +29,7 @@ from .index import Index
 from .io import atomic_path, read_json_object, read_jsonl, read_lines, write_json, write_jsonl
 from .progress import Progress, track
 from .model import CLIP
-from .tokenizer import Tokenizer
+from .tokenizer import tokenizer_for
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -129,7 +129,7 @@ def embed_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256,
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
-    tokenizer, device = Tokenizer(model.config.text.context_length), model.device
+    tokenizer, device = tokenizer_for(model.config.text), model.device
     parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
              for i in range(0, len(texts), batch_size)]
     out = torch.cat(parts) if parts else torch.empty(0, model.config.embed_dim)

@@ -37,3 +37,8 @@ class PackageError(ClipperError, RuntimeError):
 
 class MissingFileError(DataError, FileNotFoundError):
     """A file or folder that was named does not exist."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for a one-line error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -4,14 +4,14 @@ pretrained tags."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 
 from .checkpoint import is_model_dir, read_model_dir, read_state_dict
-from .config import ModelConfig, preset
+from .config import ModelConfig, apply_open_clip_preprocessing, preset
 from .errors import CheckpointError, ConfigError
+from .io import reachable
 from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
 from .model import CLIP
 from .onnx_export import is_onnx_export
@@ -27,7 +27,8 @@ def load_model(path: str | os.PathLike) -> CLIP:
 
 def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None,
          quick_gelu: bool | None = None, device: str | torch.device = "cpu",
-         cache_dir: str | None = None, precision: str = "fp32", runtime: str | None = None) -> CLIP:
+         cache_dir: str | None = None, precision: str = "fp32", runtime: str | None = None,
+         tokenizer: str | os.PathLike | None = None) -> CLIP:
     """A CLIP model in eval mode, from
     - a clipper model directory (config.json + model.safetensors);
     - an open_clip local-dir folder (open_clip_config.json + open_clip_model.safetensors);
@@ -38,6 +39,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
     - an ONNX export folder (`clipper export --format onnx`): run by ONNX Runtime (`runtime="onnx"`).
     `precision`: fp32, bf16 (where native: refused elsewhere), int8 (CPU) or auto (`clipper.precision`).
     `runtime`: torch or onnx, checked against what the path holds (default: whichever it is).
+    `tokenizer`: a Hugging Face tokenizer folder (or hub name) in place of the one the config names.
     """
     precision = resolve_precision(precision, device)  # refused before anything is read
     path = Path(name_or_path)
@@ -67,6 +69,11 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
             config.quick_gelu = quick_gelu
         model = CLIP(config) if pretrained is None else _load_pretrained(str(name_or_path), config, pretrained,
                                                                           quick_gelu, cache_dir)
+    if tokenizer is not None:
+        if not model.config.text.tokenizer:
+            raise ConfigError(f"tokenizer {tokenizer}: this model's text tower reads CLIP BPE ids, not a Hugging "
+                              "Face tokenizer's")
+        model.config.text.tokenizer = str(tokenizer)
     return with_precision(model.to(device).eval(), precision)
 
 
@@ -94,11 +101,9 @@ def _download_open_clip(name: str, tag: str, config: ModelConfig, quick_gelu: bo
                           f"(tags: {', '.join(tags) or 'none'})")
     if quick_gelu is None:
         config.quick_gelu = bool(tag_cfg.get("quick_gelu", config.quick_gelu))
-    if "mean" in tag_cfg and "std" in tag_cfg:
-        config.vision.image_mean = tuple(float(v) for v in tag_cfg["mean"])
-        config.vision.image_std = tuple(float(v) for v in tag_cfg["std"])
+    apply_open_clip_preprocessing(config.vision, tag_cfg)
     host, cached = _cache_lookup(tag_cfg, cache_dir)
-    if not _reachable(host):  # open_clip's download would retry for about a minute
+    if not reachable(host):  # open_clip's download would retry for about a minute
         if cached is None:
             raise CheckpointError(f"{name}/{tag}: {host} cannot be reached (offline?) and the weights are not in the "
                                   "local cache; pass pretrained=/path/to/weights")
@@ -112,14 +117,6 @@ def _download_open_clip(name: str, tag: str, config: ModelConfig, quick_gelu: bo
     if not target:
         raise CheckpointError(f"open_clip has no download location for {name}/{tag}")
     return Path(target)
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _cache_lookup(tag_cfg: dict, cache_dir: str | None) -> tuple[str, Path | None]:

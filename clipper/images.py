@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, first_line
 
 # Larger images are refused (decompression bombs); 89.5 MP is Pillow's own warning threshold.
 MAX_PIXELS = 89_478_485
@@ -34,7 +34,7 @@ def _opened(data: bytes, where: str, max_pixels: int) -> Iterator[Image.Image]:
     except UnidentifiedImageError:
         raise ImageError(f"{where}: not an image (unknown format); formats read: {', '.join(FORMATS)}") from None
     except Exception as e:  # untrusted bytes: PIL's plugins raise many types (OSError, ValueError, SyntaxError...)
-        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__}: {first_line(e)})") from None
 
 
 def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
@@ -61,9 +61,6 @@ def image_size(data: bytes, where: str) -> tuple[int, int]:
     with _opened(data, where, MAX_PIXELS) as im:
         return im.size
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _read(path: Path) -> bytes:

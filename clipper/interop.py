@@ -36,9 +36,9 @@ _RULES = [
 ]
 _TEXT_RULES = {
     False: [(r"text\.transformer\.blocks\.(\d+)\.", r"transformer.resblocks.\1."), (r"text\.proj$", r"text_projection"),
-            (r"text\.", r"")],
+            (r"text\.proj\.", r"text_projection."), (r"text\.", r"")],
     True: [(r"text\.transformer\.blocks\.(\d+)\.", r"text.transformer.resblocks.\1."),
-           (r"text\.proj$", r"text.text_projection")],
+           (r"text\.proj$", r"text.text_projection"), (r"text\.proj\.", r"text.text_projection.")],
 }
 _BLOCK_RULES = [
     (r"attn\.qkv\.", r"attn.in_proj_"),
@@ -49,11 +49,33 @@ _BLOCK_RULES = [
 # Entries of OpenAI/open_clip files that are not weights.
 _NON_WEIGHTS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
 _POOL = "visual.attn_pool."
+_TIMM = ("visual.trunk.", "visual.head.")  # a timm tower: named as in open_clip already
+# clipper's ViT in place of a timm network (SigLIP's): open_clip's names are timm's, under visual.trunk.
+_B = r"visual\.transformer\.blocks\.(\d+)\."
+_TIMM_VIT_RULES = [
+    (r"visual\.patch_embed\.", r"visual.trunk.patch_embed.proj."),
+    (r"visual\.positional_embedding$", r"visual.trunk.pos_embed"),  # [N, D] here, [1, N, D] in timm
+    (_B + r"ln_1\.", r"visual.trunk.blocks.\1.norm1."), (_B + r"ln_2\.", r"visual.trunk.blocks.\1.norm2."),
+    (_B + r"attn\.out\.", r"visual.trunk.blocks.\1.attn.proj."), (_B + r"mlp\.fc\.", r"visual.trunk.blocks.\1.mlp.fc1."),
+    (_B + r"mlp\.proj\.", r"visual.trunk.blocks.\1.mlp.fc2."), (_B, r"visual.trunk.blocks.\1."),
+    (r"visual\.ln_post\.", r"visual.trunk.norm."),
+    (r"visual\.map_pool\.mlp\.fc\.", r"visual.trunk.attn_pool.mlp.fc1."),
+    (r"visual\.map_pool\.mlp\.proj\.", r"visual.trunk.attn_pool.mlp.fc2."),
+    (r"visual\.map_pool\.", r"visual.trunk.attn_pool."),
+]
+_TIMM_POS = "visual.trunk.pos_embed"
 
 
-def open_clip_name(key: str, custom_text: bool = False) -> str:
+def open_clip_name(key: str, custom_text: bool = False, timm_vit: bool = False) -> str:
     """open_clip's name for the clipper parameter `key` (the attentional pooler's q and kv layers are
-    packed differently: see `_pooler_to_open_clip`)."""
+    packed differently: see `_pooler_to_open_clip`); `timm_vit`: the ViT stands for a timm network."""
+    if key.startswith(_TIMM):
+        return key
+    if timm_vit and key.startswith("visual."):
+        for pattern, repl in _TIMM_VIT_RULES:
+            key, n = re.subn("^" + pattern, repl, key)
+            if n:
+                return key
     in_block = ".blocks." in key or ".cross." in key
     for pattern, repl in _TEXT_RULES[custom_text] + _RULES:
         key, n = re.subn("^" + pattern, repl, key)
@@ -98,9 +120,13 @@ def _pooler_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return sd
 
 
+def _names(config: ModelConfig) -> dict:
+    return {"custom_text": config.custom_text, "timm_vit": config.vision.kind == "vit" and bool(config.vision.timm_model)}
+
+
 def _key_map(model: CLIP) -> dict[str, str]:
     """{open_clip name (pooler unpacked): clipper name} for every tensor of `model`."""
-    return {open_clip_name(k, model.config.custom_text): k for k in model.state_dict()}
+    return {open_clip_name(k, **_names(model.config)): k for k in model.state_dict()}
 
 
 def _exported(model: CLIP) -> bool:
@@ -116,7 +142,10 @@ def to_open_clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
                          "token of a causal text tower; this model cannot be exported to it")
     keep_decoder = _exported(model)
     sd = {k: v for k, v in model.state_dict().items() if keep_decoder or not k.startswith("decoder.")}
-    return {open_clip_name(k, model.config.custom_text): v for k, v in _pooler_to_open_clip(sd).items()}
+    out = {open_clip_name(k, **_names(model.config)): v for k, v in _pooler_to_open_clip(sd).items()}
+    if _TIMM_POS in out and _names(model.config)["timm_vit"]:
+        out[_TIMM_POS] = out[_TIMM_POS].unsqueeze(0)
+    return out
 
 
 def config_from_open_clip_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bool = False,
@@ -203,13 +232,17 @@ def from_open_clip_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig |
     if unknown:
         raise CheckpointError(f"{source}: tensors clipper cannot place (not a ViT CLIP of this config?): "
                               f"{', '.join(unknown[:5])}")
-    # open_clip stores logit_scale as a scalar or as shape [1]; clipper uses a scalar.
-    tensors = {names[k]: (v.reshape(()) if k.startswith("logit_") else v) for k, v in sd.items()}
+    # open_clip stores logit_scale as a scalar or as shape [1]; clipper uses a scalar (and timm's
+    # positions [1, N, D] are clipper's [N, D]).
+    tensors = {names[k]: (v.reshape(()) if k.startswith("logit_") else v[0] if k == _TIMM_POS and v.ndim == 3
+                          and _names(config)["timm_vit"] else v) for k, v in sd.items()}
     return CLIP.from_state_dict(config, {k: v.clone() for k, v in tensors.items()} if copy else tensors, source)
 
 
 def is_open_clip_state_dict(sd: dict[str, torch.Tensor]) -> bool:
-    return "visual.conv1.weight" in sd
+    """open_clip's names (not clipper's): its text projection or blocks, or a ViT's/ResNet's conv1."""
+    return "visual.conv1.weight" in sd or any(k.endswith("text_projection") or "text_projection." in k
+                                              or ".resblocks." in k for k in sd)
 
 
 def load_open_clip_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None,

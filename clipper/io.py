@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -117,3 +118,13 @@ def read_lines(path: str | os.PathLike, what: str, comments: bool = True) -> lis
     if not lines:
         raise DataError(f"{path}: no {what} in it (one per line)")
     return lines
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether `host` accepts an HTTPS connection now (a quick check before a hub download that
+    would otherwise retry for about a minute offline)."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

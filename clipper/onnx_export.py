@@ -61,9 +61,11 @@ def _require_onnx() -> None:
 
 
 def fixed_text_length(model) -> bool:
-    """CoCa's class token sits after the padded text (its position is the padded length), so its
-    text graph takes full-length rows only; the other text towers take any length."""
-    return model.config.text.pool == "cls"
+    """CoCa's class token sits after the padded text (its position is the padded length), and a
+    bidirectional or last-position tower (SigLIP) sees the padding: their text graphs take full-length
+    rows only; causal towers take any length."""
+    t = model.config.text
+    return t.pool in ("cls", "last") or t.bidirectional
 
 
 def _samples(model, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,9 +205,22 @@ def _verify(model, folder: Path, pixels: torch.Tensor, ids: torch.Tensor, quanti
     return {"max_cosine_distance": worst, "tolerance": None if quantize else FP32_TOLERANCE}
 
 
+def _tokenizer_manifest(model: CLIP) -> dict:
+    t = model.config.text
+    if t.tokenizer:  # described, not loaded: exporting needs no tokenizer files
+        return {"kind": "huggingface (open_clip.tokenizer.HFTokenizer)", "name": t.tokenizer, "clean": t.tokenizer_clean,
+                "strip_sep_token": t.tokenizer_strip_sep, "context_length": t.context_length,
+                "truncate": "to context_length", "feed": "each row padded to context_length with the pad token"}
+    tok = Tokenizer(t.context_length)
+    return {"kind": "clip-bpe (open_clip.tokenizer.SimpleTokenizer: lower-cased, whitespace cleaned)",
+            "context_length": t.context_length, "sot": tok.sot_id, "eot": tok.eot_id, "pad": 0,
+            "truncate": "keep the first context_length - 1 ids, then end-of-text",
+            "feed": "each row padded with 0 to its batch's longest text" if not fixed_text_length(model)
+            else "each row padded with 0 to context_length"}
+
+
 def _manifest(model: CLIP, quantize: str | None, verified: dict) -> dict:
     cfg = model.config
-    tok = Tokenizer(cfg.text.context_length)
     v = cfg.vision
     return {
         "format": FORMAT, "version": 1,
@@ -217,14 +232,11 @@ def _manifest(model: CLIP, quantize: str | None, verified: dict) -> dict:
             "output": {"name": "embeddings", "shape": ["batch", cfg.embed_dim], "dtype": "float32",
                        "normalized": True},
         },
-        "preprocess": {"image_size": v.image_size, "resize": "shortest side to image_size, bicubic, then centre crop",
+        "preprocess": {"image_size": v.image_size, "resize": (f"shortest side to image_size, {v.interpolation}, then centre crop" if v.resize == "shortest"
+                                  else f"squashed to image_size x image_size, {v.interpolation}"),
                        "channels": "RGB" if v.in_channels == 3 else "L", "scale": 1 / 255,
                        "mean": list(v.image_mean), "std": list(v.image_std)},
-        "tokenizer": {"kind": "clip-bpe (open_clip.tokenizer.SimpleTokenizer: lower-cased, whitespace cleaned)",
-                      "context_length": cfg.text.context_length, "sot": tok.sot_id, "eot": tok.eot_id, "pad": 0,
-                      "truncate": "keep the first context_length - 1 ids, then end-of-text",
-                      "feed": "each row padded with 0 to its batch's longest text" if not fixed_text_length(model)
-                      else "each row padded with 0 to context_length"},
+        "tokenizer": _tokenizer_manifest(model),
         "logit_scale": float(model.scale().detach()),
         "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
         "quantize": quantize,

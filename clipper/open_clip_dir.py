@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from . import io
 from .checkpoint import read_state_dict
-from .config import ModelConfig, from_open_clip_config
+from .config import ModelConfig, apply_open_clip_preprocessing, from_open_clip_config
 from .errors import CheckpointError, ConfigError
 from .interop import from_open_clip_state_dict, to_open_clip_state_dict
 from .model import CLIP
@@ -31,35 +31,67 @@ LUMA = (0.299, 0.587)  # PIL's "L": 0.299 R + 0.587 G + 0.114 B
 _FIRST_CONV = "visual.conv1.weight"  # the first layer of open_clip's ViT and ResNet towers alike
 
 
-def to_open_clip_config(config: ModelConfig) -> dict:
-    """open_clip's model config (its JSON schema) for `config`; `from_open_clip_config` reads it back."""
-    v, t = config.vision, config.text
+_TEXT_POOL = {"eot": "argmax", "eos": "eos", "last": "last"}  # ours -> open_clip's text pool_type
+
+
+def _vision_config(v) -> dict:
+    if v.timm_model:  # a timm tower, or clipper's ViT standing for one: open_clip builds it with timm
+        out = {"image_size": v.image_size, "timm_model_name": v.timm_model, "timm_model_pretrained": False,
+               "timm_pool": v.timm_pool, "timm_proj": v.timm_proj or None, "timm_proj_bias": v.timm_proj_bias,
+               "timm_drop": v.timm_drop}
+        return out | ({"timm_drop_path": v.timm_drop_path} if v.timm_drop_path is not None else {})
+    if v.act != "gelu" or v.norm_eps != 1e-5:
+        raise ConfigError(f"vision.act {v.act} / norm_eps {v.norm_eps}: open_clip's ViT config has no such setting; "
+                          "this model cannot be exported")
     if v.kind == "resnet":
-        vision = {"image_size": v.image_size, "layers": list(v.stages), "width": v.width, "patch_size": None,
-                  "head_width": v.width * 32 // v.heads}
-    else:
-        vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
-                  "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
-        if v.pool == "attn":
-            vision |= {"attentional_pool": True, "attn_pooler_queries": v.attn_pool_queries,
-                       "attn_pooler_heads": v.attn_pool_heads, "output_tokens": True}
-        else:
-            vision["pool_type"] = v.pool
+        return {"image_size": v.image_size, "layers": list(v.stages), "width": v.width, "patch_size": None,
+                "head_width": v.width * 32 // v.heads}
+    vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
+              "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
+    if not v.ln_pre:
+        vision["no_ln_pre"] = True
+    if v.norm_after_pool:
+        vision["final_ln_after_pool"] = True
+    if v.pool == "attn":
+        return vision | {"attentional_pool": True, "attn_pooler_queries": v.attn_pool_queries,
+                         "attn_pooler_heads": v.attn_pool_heads, "output_tokens": True}
+    return vision | {"pool_type": v.pool}
+
+
+def _text_config(t) -> dict:
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
             "layers": t.layers, "mlp_ratio": t.mlp_ratio}
     if t.pool == "cls":
         text |= {"embed_cls": True, "output_tokens": True}
-    elif t.pool != "eot":
+    elif t.pool in _TEXT_POOL:
+        text |= {"pool_type": _TEXT_POOL[t.pool], "no_causal_mask": t.bidirectional, "eos_id": t.eos_id}
+    else:
         raise ConfigError(f"text.pool {t.pool!r}: open_clip has no such text tower; this model cannot be exported")
-    out = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision, "text_cfg": text,
-           "init_logit_scale": config.init_logit_scale}
+    text |= {"proj_bias": t.proj_bias, "proj_type": "linear" if t.projection else "none"}
+    if t.norm_eps != 1e-5:
+        text["norm_kwargs"] = {"eps": t.norm_eps}
+    if t.act == "gelu_tanh":
+        text["act_kwargs"] = {"approximate": "tanh"}
+    if t.tokenizer:
+        text["hf_tokenizer_name"] = t.tokenizer
+        text["tokenizer_kwargs"] = {"clean": t.tokenizer_clean} | (
+            {"strip_sep_token": True} if t.tokenizer_strip_sep else {})
+    return text
+
+
+def to_open_clip_config(config: ModelConfig) -> dict:
+    """open_clip's model config (its JSON schema) for `config`; `from_open_clip_config` reads it back."""
+    if config.text.act == "quick_gelu" or (config.vision.act == "quick_gelu" and config.vision.kind == "vit"):
+        raise ConfigError("a tower's act quick_gelu: open_clip sets QuickGELU for the whole model (quick_gelu)")
+    out = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": _vision_config(config.vision),
+           "text_cfg": _text_config(config.text), "init_logit_scale": config.init_logit_scale}
     if config.init_logit_bias is not None:  # open_clip makes the parameter only when this is set
         out["init_logit_bias"] = config.init_logit_bias
     if config.custom_text:
         out["custom_text"] = True
     d = config.decoder
     if d is not None and d.kind == "coca":
-        out["multimodal_cfg"] = {"context_length": d.context_length, "vocab_size": t.vocab_size, "width": d.width,
+        out["multimodal_cfg"] = {"context_length": d.context_length, "vocab_size": config.text.vocab_size, "width": d.width,
                                  "heads": d.heads, "layers": d.layers, "mlp_ratio": d.mlp_ratio}
     return out
 
@@ -85,7 +117,8 @@ def save_open_clip_dir(model: CLIP, path: str | os.PathLike) -> Path:
     saved["decoder"] = None if config.decoder is None or config.decoder.kind != "coca" else saved["decoder"]
     meta = {"model_cfg": to_open_clip_config(config),
             "preprocess_cfg": {"size": config.vision.image_size, "mode": "RGB", "mean": mean, "std": std,
-                               "interpolation": "bicubic", "resize_mode": "shortest"},
+                               "interpolation": config.vision.interpolation,
+                               "resize_mode": config.vision.resize},
             "clipper": {"model": saved}}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -117,10 +150,7 @@ def load_open_clip_dir(path: str | os.PathLike) -> CLIP:
             config = from_open_clip_config(path.name, meta["model_cfg"])
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{path / CONFIG}: model_cfg is not an open_clip model config ({e})") from None
-        pre = meta.get("preprocess_cfg") or {}
-        if "mean" in pre and "std" in pre:
-            config.vision.image_mean = tuple(float(x) for x in pre["mean"])
-            config.vision.image_std = tuple(float(x) for x in pre["std"])
+        apply_open_clip_preprocessing(config.vision, meta.get("preprocess_cfg") or {})
         config.validate()
     if config.vision.in_channels == 1 and _FIRST_CONV in sd:
         w = sd[_FIRST_CONV]

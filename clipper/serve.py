@@ -33,7 +33,7 @@ from .errors import ClipperError, ImageError
 from .images import decode_image, image_size
 from .model import CLIP
 from .serve_config import Access, Limits
-from .tokenizer import Tokenizer
+from .tokenizer import tokenizer_for
 
 DEMO_PAGE = Path(__file__).with_name("demo.html")
 
@@ -93,7 +93,7 @@ class Service:
         self.model, self.model_name, self.limits = model.eval(), model_name, limits or Limits()
         self.access = access or Access()
         self.resize, self.normalize = ResizeCrop(model.config.vision), Normalize(model.config.vision)
-        self.tokenizer = Tokenizer(model.config.text.context_length)  # usage counts
+        self.tokenizer = tokenizer_for(model.config.text)  # usage counts
         self.texts = Batcher(self._embed_texts, max_batch)
         self.images = Batcher(self._embed_images, max_batch)
         self.index = self.ids = None

@@ -1,18 +1,25 @@
-"""The CLIP BPE tokenizer: open_clip's SimpleTokenizer and its shipped vocabulary.
+"""Tokenizers: the CLIP BPE (open_clip's SimpleTokenizer and its shipped vocabulary), and the
+Hugging Face tokenizers of SigLIP, SigLIP2, CLIPA and the multilingual towers, run as open_clip's
+HFTokenizer runs them. `tokenizer_for(text config)` picks the one a text tower was trained with.
 
-Rows are [start, ...text..., end, 0, 0, ...]; a text too long for the context is cut and its last
-kept position becomes the end token, so every row keeps its end-of-text (the pooling position).
+CLIP BPE rows are [start, ...text..., end, 0, 0, ...]; a text too long for the context is cut and its
+last kept position becomes the end token, so every row keeps its end-of-text (the pooling position).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .config import TextConfig
+from .errors import ConfigError, first_line
+from .io import reachable
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,6 +91,76 @@ class Tokenizer:
 
     def batch_decode(self, rows: torch.Tensor | Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(r) for r in rows]
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (a directory, or a hub name found in the local HF cache) with open_clip's
+    cleaning, padding to the context and truncation: the ids open_clip's HFTokenizer gives."""
+
+    def __init__(self, name: str, context_length: int, clean: str = "whitespace", strip_sep: bool = False):
+        self.name, self.context_length = name, context_length
+        self._open_clip = _load_hf(name, context_length, clean, strip_sep)
+        hf = self._open_clip.tokenizer
+        self.sot_id = hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id
+        self.eot_id = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text` alone (cleaned as for the tower), without special tokens or padding."""
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected str, got {type(text).__name__}")
+        return self._open_clip.tokenizer(self._open_clip.clean_fn(text), add_special_tokens=False).input_ids
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        return self._open_clip([texts] if isinstance(texts, str) else list(texts)).long()
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        return self._open_clip.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def batch_decode(self, rows: torch.Tensor | Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(r) for r in rows]
+
+
+HF_HOST = "huggingface.co"
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf(name: str, context_length: int, clean: str, strip_sep: bool):
+    if importlib.util.find_spec("transformers") is None:  # open_clip's HFTokenizer runs on it
+        raise ConfigError(f"text.tokenizer {name!r} is a Hugging Face tokenizer: pip install 'clipper[hf]' "
+                          "(transformers)")
+    from open_clip.tokenizer import HFTokenizer as OpenClipHF
+
+    def build(**kwargs):
+        return OpenClipHF(name, context_length=context_length, clean=clean, strip_sep_token=strip_sep, **kwargs)
+
+    if Path(name).is_dir():
+        try:
+            return build()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"text.tokenizer {name}: not a Hugging Face tokenizer folder ({first_line(e)})") from None
+    if os.sep in name and name.count("/") != 1:
+        raise ConfigError(f"text.tokenizer {name}: no such folder")
+    try:
+        return build(local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if not reachable(HF_HOST):
+        raise ConfigError(f"text.tokenizer {name!r}: not in the local Hugging Face cache and {HF_HOST} cannot be "
+                          f"reached; download it where there is a network (`hf download {name}`, into "
+                          "~/.cache/huggingface/hub) or save it to a folder and pass --tokenizer DIR")
+    try:
+        return build()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"text.tokenizer {name!r}: could not be loaded ({first_line(e)})") from None
+
+
+
+def tokenizer_for(text: TextConfig, context_length: int | None = None) -> Tokenizer | HFTokenizer:
+    """The tokenizer a text tower reads: CLIP BPE, or the Hugging Face tokenizer its config names."""
+    n = context_length or text.context_length
+    if not text.tokenizer:
+        return Tokenizer(n)
+    return HFTokenizer(text.tokenizer, n, text.tokenizer_clean, text.tokenizer_strip_sep)
 
 
 def caption_vocabulary(captions: Iterable[str], context_length: int) -> tuple[int, ...]:

@@ -55,7 +55,7 @@ def test_unknown_field_is_named(tmp_path):
 
 @pytest.mark.parametrize("section,field,value,message", [
     ("vision", "heads", 5, "not divisible by heads"),
-    ("vision", "patch_size", 5, "not a multiple of patch_size"),
+    ("vision", "patch_size", 40, "below patch_size"),
     ("vision", "image_mean", [0.5, 0.5], "2 values for in_channels=1"),
     ("vision", "pool", "max", "pool"),
     ("text", "context_length", 1, "context_length"),
@@ -71,7 +71,7 @@ def test_contradictory_or_malformed_fields(section, field, value, message):
 
 def test_unsupported_open_clip_configs_are_refused():
     with pytest.raises(ConfigError, match="not supported"):
-        preset("ViT-B-16-SigLIP")  # custom text tower with its own pooling
+        preset("roberta-ViT-B-32")  # a text tower from Hugging Face transformers
     with pytest.raises(ConfigError, match="neither a clipper preset nor an open_clip"):
         preset("no-such-model")
 

@@ -95,7 +95,7 @@ def test_decode_step_equals_block_forward_with_a_cache():
     same position, and writes the same keys and values into the cache."""
     from clipper.model.transformer import Block, bind_decode_step
 
-    block = Block(32, 4, 4.0, quick_gelu=False).eval()
+    block = Block(32, 4, 4.0, act="gelu").eval()
     x = torch.randn(3, 6, 32)
     step_cache, full_cache = torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)
     with torch.inference_mode():

@@ -47,7 +47,7 @@ def test_pretrained_tag_goes_through_open_clip_download(tmp_path, monkeypatch, o
     from clipper import factory
 
     monkeypatch.setattr(open_clip, "download_pretrained", fake_download)
-    monkeypatch.setattr(factory, "_reachable", lambda host, timeout=3.0: True)
+    monkeypatch.setattr(factory, "reachable", lambda host, timeout=3.0: True)
     monkeypatch.setattr(open_clip, "get_pretrained_cfg",
                         lambda name, tag: {"hf_hub": "x/y/", "quick_gelu": True, "mean": (0.5, 0.5, 0.5),
                                            "std": (0.25, 0.25, 0.25)} if (name, tag) == ("ViT-S-32", "demo") else {})
@@ -128,7 +128,7 @@ def test_offline_hub_tag_fails_fast_and_finds_the_local_cache(tmp_path, monkeypa
 
     from clipper import factory
 
-    monkeypatch.setattr(factory, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(factory, "reachable", lambda host, timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(CheckpointError, match="cannot be reached .* not in the local cache"):
         clipper.load("ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path))

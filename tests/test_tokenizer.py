@@ -1,10 +1,12 @@
 import random
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 
 from clipper import Tokenizer
+from clipper.errors import ConfigError
 
 ALPHABET = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-()[]{}&<>/\\@#$%^*+=_~`|\n\t"
             "éèêëàâäôöûüçñßøåæœ—–…“”‘’«»¿¡ΑαβγδΩЖжДд日本語中文한국어🙂😀🐈🍎🇫🇷👩🏽‍🍳❤️\u200d\ufe0f")
@@ -49,3 +51,76 @@ def test_bad_arguments():
         Tokenizer(1)
     with pytest.raises(TypeError, match="expected str"):
         Tokenizer()([None])
+
+
+# --- Hugging Face tokenizers (SigLIP, CLIPA, ...), on tokenizer files the test builds ---------------
+
+WORDS = "a photo of the cat dog red mat small very on".split()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A word-level tokenizer as transformers saves one (tokenizer.json + tokenizer_config.json):
+    lower-cased, end token appended, [SEP]-style separator for strip_sep."""
+    from tokenizers import Tokenizer as RustTokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = RustTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path = tmp_path_factory.mktemp("hf_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            sep_token="</s>").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("clean,strip_sep", [("canonicalize", False), ("whitespace", True)])
+def test_hf_tokenizer_gives_open_clips_ids(hf_folder, clean, strip_sep):
+    from open_clip.tokenizer import HFTokenizer as OpenClipHF
+
+    from clipper.config import TextConfig
+    from clipper.tokenizer import tokenizer_for
+
+    texts = ["A photo of the Cat!", "very very very small red dog on the mat mat mat", "", "zebra"]
+    cfg = TextConfig(context_length=8, vocab_size=16, width=32, heads=2, layers=1, tokenizer=str(hf_folder),
+                     tokenizer_clean=clean, tokenizer_strip_sep=strip_sep)
+    ours = tokenizer_for(cfg)
+    assert torch.equal(ours(texts), OpenClipHF(str(hf_folder), 8, clean=clean, strip_sep_token=strip_sep)(texts))
+    assert ours.decode(ours(["a photo of the cat"])[0]) == "a photo of the cat"
+
+
+def test_model_reads_its_hf_tokenizer_and_load_can_point_elsewhere(hf_folder, tmp_path):
+    import clipper
+    from clipper.tokenizer import HFTokenizer
+
+    cfg = clipper.ModelConfig.from_dict({
+        "embed_dim": 32, "vision": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+        "text": {"context_length": 8, "vocab_size": 16, "width": 32, "layers": 1, "heads": 2, "pool": "last",
+                 "bidirectional": True, "tokenizer": "org/not-downloaded"}})
+    clipper.CLIP(cfg).eval().save(tmp_path / "m")
+    model = clipper.load(tmp_path / "m", tokenizer=hf_folder)
+    texts = ["a red cat", "the small dog on a mat"]
+    expected = torch.nn.functional.normalize(model.encode_text(HFTokenizer(str(hf_folder), 8)(texts)), dim=-1)
+    assert np.allclose(model.embed_texts(texts), expected.detach().numpy(), atol=1e-6)
+
+
+def test_missing_hf_tokenizer_offline_says_what_to_download(monkeypatch, tmp_path):
+    from clipper import tokenizer as tokenizer_module
+    from clipper.config import TextConfig
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(tokenizer_module, "reachable", lambda host, timeout=3.0: False)
+    tokenizer_module._load_hf.cache_clear()
+    cfg = TextConfig(tokenizer="timm/ViT-B-16-SigLIP")
+    with pytest.raises(ConfigError, match=r"timm/ViT-B-16-SigLIP.*not in the local Hugging Face cache.*hf download"):
+        tokenizer_module.tokenizer_for(cfg)
+    with pytest.raises(ConfigError, match="no such folder"):
+        tokenizer_module.tokenizer_for(TextConfig(tokenizer=str(tmp_path / "a" / "b" / "c")))
+
+
+def test_clip_bpe_model_refuses_another_tokenizer(hf_folder):
+    import clipper
+
+    with pytest.raises(ConfigError, match="CLIP BPE"):
+        clipper.load("fmnist-tiny", tokenizer=hf_folder)

@@ -30,7 +30,7 @@ from ..config import AugmentConfig, ModelConfig, TrainConfig
 from ..distributed import rank_and_world
 from ..errors import ConfigError, DataError, ImageError
 from ..images import MAX_PIXELS, decode_image
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, tokenizer_for
 from .reader import IMAGE_EXTS, Skip, list_shards, read_tar, shard_sizes
 from .shards import reason_kind
 from .sources import read_caption
@@ -68,7 +68,8 @@ class SampleDecoder:
         self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
             else ResizeCrop(config.vision)
         self.normalize = Normalize(config.vision)
-        self.tokenizer = Tokenizer(context_length or config.text.context_length)
+        # the captioner's context: CLIP BPE (its vocabulary); else the text tower's own tokenizer
+        self.tokenizer = Tokenizer(context_length) if context_length else tokenizer_for(config.text)
         self.max_pixels = max_pixels
         self.keywords_prob = keywords_prob if train else 0.0
         self.keyword_single = keyword_single

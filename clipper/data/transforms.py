@@ -21,17 +21,22 @@ def _mode(cfg: VisionConfig) -> str:
 
 
 class ResizeCrop:
-    """PIL image -> uint8 tensor [C, S, S]: shortest side resized (bicubic), centre crop, model's mode.
+    """PIL image -> uint8 tensor [C, S, S]: shortest side resized then a centre crop, or squashed to
+    S x S (the model's `resize`), bicubic or bilinear, in the model's mode.
 
     Kept in uint8 so that decoding workers hand over a quarter of the bytes; `Normalize` finishes
     the job on whole batches.
     """
 
     def __init__(self, cfg: VisionConfig):
-        self.size, self.mode = cfg.image_size, _mode(cfg)
+        self.size, self.mode, self.squash = cfg.image_size, _mode(cfg), cfg.resize == "squash"
+        self.interpolation = T.InterpolationMode(cfg.interpolation)
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
-        im = TF.center_crop(TF.resize(im, self.size, T.InterpolationMode.BICUBIC), self.size)
+        if self.squash:
+            im = TF.resize(im, [self.size, self.size], self.interpolation)
+        else:
+            im = TF.center_crop(TF.resize(im, self.size, self.interpolation), self.size)
         return uint8_tensor(im, self.mode)
 
 

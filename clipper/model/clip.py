@@ -82,7 +82,11 @@ class CLIP(nn.Module):
         t = self.config.text
         nn.init.normal_(self.text.token_embedding.weight, std=0.02)
         nn.init.normal_(self.text.positional_embedding, std=0.01)
-        nn.init.normal_(self.text.proj, std=t.width ** -0.5)
+        if isinstance(self.text.proj, nn.Parameter):
+            nn.init.normal_(self.text.proj, std=t.width ** -0.5)
+        elif self.text.proj is not None:  # with a bias
+            nn.init.normal_(self.text.proj.weight, std=t.width ** -0.5)
+            nn.init.zeros_(self.text.proj.bias)
         if self.text.cls_emb is not None:
             nn.init.normal_(self.text.cls_emb, std=0.01)
         self.visual.init_weights()

@@ -36,8 +36,9 @@ class CoCaDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, quick_gelu) for _ in range(cfg.layers))
-        self.cross = nn.ModuleList(CrossBlock(w, cfg.heads, cfg.mlp_ratio, quick_gelu) for _ in range(cfg.layers))
+        act = "quick_gelu" if quick_gelu else "gelu"
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, act) for _ in range(cfg.layers))
+        self.cross = nn.ModuleList(CrossBlock(w, cfg.heads, cfg.mlp_ratio, act) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(w)
         self.proj = nn.Parameter(torch.empty(w, vocab_size))
         init_blocks(self.blocks)

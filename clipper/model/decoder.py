@@ -60,7 +60,8 @@ class CaptionDecoder(nn.Module):
         self.projector = nn.Sequential(Linear(image_width, w), nn.GELU(), Linear(w, w))
         self.token_embedding = nn.Embedding(len(vocab), w)
         self.positional_embedding = nn.Parameter(torch.randn(prefix_length + cfg.context_length, w) * 0.01)
-        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, quick_gelu) for _ in range(cfg.layers))
+        act = "quick_gelu" if quick_gelu else "gelu"
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, act) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(w)
         self.head = Linear(w, len(vocab), bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)

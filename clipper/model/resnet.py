@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from .linear import Linear
+from .tower import check_images
 from .transformer import attend
 
 
@@ -106,9 +107,7 @@ class ModifiedResNet(nn.Module):
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        if images.ndim != 4 or images.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(f"images: expected [batch, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
-                             f"got {list(images.shape)}")
+        check_images(cfg, images)
         x = images.to(self.conv1.weight.dtype)
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
             x = F.relu(bn(conv(x)))

@@ -1,5 +1,6 @@
-"""CLIP-style text encoder: token + position embeddings, a transformer, then pooling: the
-end-of-text token (causal), the mean of the tokens (bidirectional), or CoCa's class token."""
+"""CLIP-style text encoder: token + position embeddings, a transformer, then pooling: one position
+(the end-of-text token, the first eos id, or the input's last: causal, or bidirectional over the
+padded input as in SigLIP), the mean of the tokens (bidirectional), or CoCa's class token."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
+from .linear import Linear
 from .transformer import Transformer
 
 
@@ -19,9 +21,18 @@ class TextTransformer(nn.Module):
         # CoCa's class token sits after the longest text: one more position
         self.cls_emb = nn.Parameter(torch.empty(w)) if cfg.pool == "cls" else None
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length + (cfg.pool == "cls"), w))
-        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu)
-        self.ln_final = nn.LayerNorm(w)
-        self.proj = nn.Parameter(torch.empty(w, embed_dim))
+        act = "quick_gelu" if quick_gelu else cfg.act
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, act, cfg.norm_eps)
+        self.ln_final = nn.LayerNorm(w, eps=cfg.norm_eps)
+        # [width, embed_dim] as open_clip's text_projection; with a bias, a linear layer as open_clip's
+        self.proj = Linear(w, embed_dim) if cfg.proj_bias else nn.Parameter(torch.empty(w, embed_dim))
+        if not cfg.projection:
+            self.proj = None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.proj is None:
+            return x
+        return self.proj(x) if isinstance(self.proj, nn.Module) else x @ self.proj
 
     def _check(self, tokens: torch.Tensor) -> torch.Tensor:
         """The end-of-text position of each row (the largest id)."""
@@ -32,22 +43,32 @@ class TextTransformer(nn.Module):
             raise ValueError(f"tokens: length {tokens.shape[1]} exceeds context_length {self.cfg.context_length}")
         return tokens.argmax(dim=-1)
 
+    def pool_index(self, tokens: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """[B] the position pooled (pool eot, eos or last)."""
+        if self.cfg.pool == "eos":  # no eos in a row: position 0, as open_clip
+            return (tokens == self.cfg.eos_id).int().argmax(dim=-1)
+        if self.cfg.pool == "last":
+            return torch.full_like(eot, tokens.shape[1] - 1)
+        return eot
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, L] (L <= context_length, end-of-text = the largest id of each row) -> [B, embed_dim]."""
         eot = self._check(tokens)
         if self.cls_emb is not None:
             x, mask = self._with_cls(tokens, eot)
             pool = torch.full_like(eot, x.shape[1] - 1)
-            return self.ln_final(self.transformer(x, mask=mask, pool_index=pool)) @ self.proj
-        length = _used_length(tokens, eot)
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
-        if self.cfg.pool == "eot":
-            x = self.transformer(x, causal=True, pool_index=eot)
-        else:
+            return self.project(self.ln_final(self.transformer(x, mask=mask, pool_index=pool)))
+        if self.cfg.pool == "mean":
+            length = _used_length(tokens, eot)
+            x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
             text = torch.arange(length, device=tokens.device) <= eot[:, None]  # [B, L]: start .. end-of-text
             x = self.transformer(x, mask=text[:, None, None, :])
-            x = (x * text[..., None]).sum(1) / text.sum(1, keepdim=True)
-        return self.ln_final(x) @ self.proj
+            return self.project(self.ln_final((x * text[..., None]).sum(1) / text.sum(1, keepdim=True)))
+        index = self.pool_index(tokens, eot)
+        # causal: nothing after the pooled positions can change them; bidirectional: every position counts
+        length = _used_length(tokens, index) if self.cfg.causal else tokens.shape[1]
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
+        return self.project(self.ln_final(self.transformer(x, causal=self.cfg.causal, pool_index=index)))
 
     def states(self, tokens: torch.Tensor) -> torch.Tensor:
         """The transformer's outputs (before ln_final) at positions 0 .. the last end-of-text [B, T, width]:
@@ -60,16 +81,16 @@ class TextTransformer(nn.Module):
 
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, embed_dim], `states`) from one pass (CoCa's joint training)."""
-        if self.cls_emb is None and self.cfg.pool == "eot":  # causal: the states hold the pooled row
+        if self.cls_emb is None and self.cfg.pool == "eot" and self.cfg.causal:  # the states hold the pooled row
             states = self.states(tokens)
             eot = tokens.argmax(dim=-1)
-            return self.ln_final(states[torch.arange(len(eot), device=eot.device), eot]) @ self.proj, states
-        if self.cls_emb is None:  # bidirectional pooling: the decoder still reads causal states
+            return self.project(self.ln_final(states[torch.arange(len(eot), device=eot.device), eot])), states
+        if self.cls_emb is None:  # other pooling: the decoder still reads causal states
             return self(tokens), self.states(tokens)
         eot = self._check(tokens)
         x, mask = self._with_cls(tokens, eot)
         x = self.transformer(x, mask=mask)
-        return self.ln_final(x[:, -1]) @ self.proj, x[:, :int(eot.max()) + 1]
+        return self.project(self.ln_final(x[:, -1])), x[:, :int(eot.max()) + 1]
 
     def _with_cls(self, tokens: torch.Tensor, eot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of the text (cut after the longest row's first padding) and the class token
@@ -87,7 +108,7 @@ class TextTransformer(nn.Module):
 
 
 def _used_length(tokens: torch.Tensor, eot: torch.Tensor) -> int:
-    """Positions 0 .. the batch's last end-of-text: nothing after it can change the pooled features
+    """Positions 0 .. the batch's last pooled position: nothing after it can change the pooled features
     (causal attention, or padding masked out), so the sequence is cut there: exact, and most
     captions are short. An exported graph (ONNX) must serve any input: it keeps every position."""
     if torch.compiler.is_exporting():

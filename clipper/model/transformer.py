@@ -130,11 +130,16 @@ class Attention(nn.Module):
         return q, k, v
 
 
+def activation(name: str) -> nn.Module:
+    """A tower's `act` (config.ACTIVATIONS): GELU, its tanh form (SigLIP2's), or OpenAI's QuickGELU."""
+    return {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "quick_gelu": QuickGELU}[name]()
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, quick_gelu: bool):
+    def __init__(self, width: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc = Linear(width, hidden)
-        self.act = QuickGELU() if quick_gelu else nn.GELU()
+        self.act = activation(act)
         self.proj = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +147,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu", eps: float = 1e-5):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
 
     def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, int] | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,8 +168,8 @@ class CrossBlock(Block):
     """A pre-norm block whose attention reads another sequence (CoCa's decoder: text queries over
     the image's caption tokens), normalised by its own LayerNorm (ln_1_kv)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
-        super().__init__(width, heads, mlp_ratio, quick_gelu)
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu"):
+        super().__init__(width, heads, mlp_ratio, act)
         self.ln_1_kv = nn.LayerNorm(width)
 
     def context(self, context: torch.Tensor) -> torch.Tensor:
@@ -178,9 +183,10 @@ class CrossBlock(Block):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
+                 eps: float = 1e-5):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, eps) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
                 pool_index: torch.Tensor | None = None) -> torch.Tensor:

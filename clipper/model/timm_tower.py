@@ -1,0 +1,127 @@
+"""A timm model as the image tower, as open_clip builds it (its timm adapter): the trunk is timm's
+own module, so ConvNeXt, EVA, FastViT/MCi (MobileCLIP), PE-Core, ViTamin and timm's SigLIP ViTs
+are timm's code and stay in step with timm; then open_clip's head: the trunk's global pool (or an
+attention pool), and a linear or MLP projection, or timm's own classifier as the projection.
+Parameter names are open_clip's (trunk.*, head.*), so weights map one to one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..config import VisionConfig
+from ..errors import ConfigError
+from .tower import check_images
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("this model's image tower is a timm model: pip install timm") from None
+    return timm
+
+
+def _create(cfg: VisionConfig, **kwargs) -> nn.Module:
+    timm = _timm()
+    if cfg.timm_model not in timm.list_models():
+        raise ConfigError(f"vision.timm_model: timm {timm.__version__} has no model {cfg.timm_model!r}")
+    if cfg.timm_drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.timm_drop_path
+    if torch.get_default_device().type != "meta":
+        return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
+    # On the meta device (weights are loaded next: no init), buffers that a trunk computes when it is
+    # built and does not save (EVA's and PE's rotary tables) would stay empty: they are made on the CPU.
+    try:
+        with torch.device("cpu"), _parameters_on_meta():
+            return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
+    except (RuntimeError, NotImplementedError):  # a model whose init computes with both (MCi's stem): for real
+        with torch.device("cpu"):
+            return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class TimmTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, quick_gelu: bool = False):
+        super().__init__()  # quick_gelu: timm models choose their own activation (as in open_clip)
+        self.cfg = cfg
+        attn_pool = cfg.timm_pool in ("abs_attn", "rot_attn")
+        if cfg.timm_proj in ("", "none") and not attn_pool:
+            # timm's classifier is the projection (""), or the pooled trunk output is the embedding ("none")
+            self.trunk = _create(cfg, num_classes=0 if cfg.timm_proj == "none" else embed_dim,
+                                 global_pool=cfg.timm_pool)
+            width = embed_dim
+        else:
+            self.trunk = _create(cfg)
+            if attn_pool:
+                self.trunk.reset_classifier(0, global_pool="")
+            else:
+                self.trunk.reset_classifier(0, **({"global_pool": cfg.timm_pool} if cfg.timm_pool else {}))
+            width = self.trunk.num_features
+        from timm.layers import AttentionPool2d, Mlp, RotAttentionPool2d
+
+        head: OrderedDict[str, nn.Module] = OrderedDict()
+        if cfg.timm_pool == "abs_attn":
+            head["pool"] = AttentionPool2d(width, feat_size=self.trunk.default_cfg.get("pool_size"),
+                                           out_features=embed_dim)
+            width = embed_dim
+        elif cfg.timm_pool == "rot_attn":
+            head["pool"] = RotAttentionPool2d(width, out_features=embed_dim)
+            width = embed_dim
+        if cfg.timm_proj == "linear":
+            head["drop"] = nn.Dropout(cfg.timm_drop)
+            head["proj"] = nn.Linear(width, embed_dim, bias=cfg.timm_proj_bias)
+        elif cfg.timm_proj == "mlp":
+            head["mlp"] = Mlp(width, 2 * embed_dim, embed_dim, drop=(cfg.timm_drop, 0), bias=(True, cfg.timm_proj_bias))
+        self.head = nn.Sequential(head)
+
+    @staticmethod
+    def token_shape(cfg: VisionConfig, embed_dim: int) -> tuple[int, int]:
+        """(count, width) of `tokens`: the trunk's feature map or token sequence (found on the meta device)."""
+        with torch.device("meta"):
+            trunk = _timm().create_model(cfg.timm_model, pretrained=False, num_classes=0)
+            shape = trunk.forward_features(torch.empty(1, cfg.in_channels, cfg.image_size, cfg.image_size)).shape
+        return (shape[2] * shape[3], shape[1]) if len(shape) == 4 else (shape[1], shape[2])
+
+    def init_weights(self) -> None:
+        """timm initialises its model when it builds it; open_clip leaves the head at PyTorch's init."""
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(self.cfg, images)
+        return self.trunk.forward_features(images)
+
+    @staticmethod
+    def _as_tokens(features: torch.Tensor) -> torch.Tensor:
+        return features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # NCHW -> [B, HW, C]
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """What a caption decoder reads: the trunk's features before pooling [B, N, width]."""
+        return self._as_tokens(self._features(images))
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self._features(images)
+        return self.head(self.trunk.forward_head(features)), self._as_tokens(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S], normalised -> features [B, embed_dim]."""
+        return self.head(self.trunk.forward_head(self._features(images)))

@@ -1,0 +1,151 @@
+"""The model families open_clip builds beyond the plain ViT CLIP (issue #16): towers taken from timm
+(SigLIP's ViT, ConvNeXt, FastViT/MobileCLIP, EVA), SigLIP's and MobileCLIP2's bidirectional text
+towers, CLIPA's ViT, other pooling: same embeddings as open_clip on the same weights, export back
+exact, preprocessing as open_clip's pretrained configs say. Small versions of each family keep the
+suite fast; `benchmarks/zoo.py --parity` runs every pretrained architecture (and the slow test below)."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+import clipper
+from clipper.config import from_open_clip_config, preset
+from clipper.data.transforms import eval_transform
+from clipper.errors import CheckpointError, ConfigError
+from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict
+from clipper.open_clip_dir import save_open_clip_dir
+
+TEXT = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2}
+SIGLIP_TEXT = TEXT | {"no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
+                      "act_kwargs": {"approximate": "tanh"}}
+VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
+# (vision_cfg, text_cfg, embed_dim, logit bias): one small member of each family
+FAMILIES = {
+    "siglip": ({"image_size": 224, "timm_model_name": "vit_tiny_patch16_224", "timm_pool": "map",
+                "timm_proj": "none"}, SIGLIP_TEXT | {"width": 192, "heads": 3}, 192, -10.0),
+    # timm's SigLIP ViT: run by clipper's own ViT (no class token, MAP head), with timm's weight names
+    "siglip-own-vit": ({"image_size": 256, "timm_model_name": "vit_base_patch32_siglip_256", "timm_pool": "map",
+                        "timm_proj": "none"}, SIGLIP_TEXT, 768, -10.0),
+    "convnext": ({"image_size": 64, "timm_model_name": "convnext_atto", "timm_pool": "", "timm_proj": "linear"},
+                 TEXT, 48, None),
+    "convnext-mlp": ({"image_size": 64, "timm_model_name": "convnext_atto", "timm_pool": "avg", "timm_proj": "mlp",
+                      "timm_proj_bias": True}, TEXT, 48, None),
+    "mobileclip2": ({"image_size": 64, "timm_model_name": "fastvit_t8", "timm_pool": "avg", "timm_proj": None},
+                    TEXT | {"no_causal_mask": True}, 48, None),
+    "eva02": ({"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224", "timm_pool": "token",
+               "timm_proj": None}, TEXT, 48, None),  # rotary tables: buffers timm does not save
+    "clipa": (VIT | {"no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
+              TEXT | {"pool_type": "last", "no_causal_mask": True}, 48, None),
+    "eos-pooled": (VIT, TEXT | {"pool_type": "eos", "eos_id": 2}, 48, None),
+    "no-text-projection": (VIT, TEXT | {"proj_type": "none"}, 64, None),
+}
+
+
+def _pair(family: str):
+    vision, text, dim, bias = FAMILIES[family]
+    oc_cfg = {"embed_dim": dim, "vision_cfg": vision, "text_cfg": text, "custom_text": True}
+    if bias is not None:
+        oc_cfg["init_logit_bias"] = bias
+    torch.manual_seed(3)
+    oc = open_clip.CustomTextCLIP(dim, vision, text, init_logit_bias=bias).eval()
+    ours = from_open_clip_state_dict(oc.state_dict(), from_open_clip_config(family, oc_cfg)).eval()
+    return oc, ours, oc_cfg
+
+
+def _inputs(ours, n: int = 3):
+    g = torch.Generator().manual_seed(5)
+    size, t = ours.config.vision.image_size, ours.config.text
+    images = torch.randn(n, 3, size, size, generator=g)
+    tokens = torch.randint(1, t.vocab_size, (n, t.context_length), generator=g)
+    tokens[1, 4:] = 0  # padded rows: bidirectional towers see the padding, causal ones cut it
+    tokens[2, 9:] = 0
+    return images, tokens
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_open_clip_and_exports_exactly(family):
+    oc, ours, _ = _pair(family)
+    assert ours.config.vision.kind == ("vit" if family in ("siglip-own-vit", "clipa", "eos-pooled",
+                                                           "no-text-projection") else "timm")
+    images, tokens = _inputs(ours)
+    with torch.no_grad():
+        for a, b in ((oc.encode_image(images, normalize=True), ours.encode_image(images, normalize=True)),
+                     (oc.encode_text(tokens, normalize=True), ours.encode_text(tokens, normalize=True))):
+            assert (a - b).abs().max() <= 1e-5
+        features, tokens_out = ours.visual.encode(images)  # the one-pass path the captioner and training use
+        assert torch.allclose(features, ours.visual(images), atol=1e-5)
+        assert tuple(tokens_out.shape[1:]) == type(ours.visual).token_shape(ours.config.vision, ours.config.embed_dim)
+    exported = to_open_clip_state_dict(ours)
+    assert exported.keys() == oc.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in oc.state_dict().items())
+
+
+def test_export_folder_is_open_clips_own_model(tmp_path):
+    """open_clip itself loads what clipper writes (timm tower + SigLIP text), to the bit."""
+    oc, ours, _ = _pair("siglip-own-vit")
+    save_open_clip_dir(ours, tmp_path / "export")
+    back = open_clip.create_model(f"local-dir:{tmp_path / 'export'}").eval()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in oc.state_dict().items())
+    assert clipper.load(tmp_path / "export").config == ours.config
+
+
+def test_every_pretrained_architecture_translates_or_names_why():
+    """Each (architecture, tag) of open_clip's list: a config clipper builds, or a refusal naming the
+    field; only the towers taken from Hugging Face transformers (hf_model_name) are left."""
+    refused = {}
+    for arch in sorted({a for a, _ in open_clip.list_pretrained()}):
+        try:
+            preset(arch)
+        except ConfigError as e:
+            refused[arch] = str(e)
+    assert all("text_cfg.hf_model_name" in why for why in refused.values()), refused
+    assert len(refused) <= 8
+
+
+def test_siglip_preprocessing_is_its_pretrained_configs():
+    """SigLIP's tags squash to the square (no crop) with mean/std 0.5: the preset says so, and the
+    pixels equal open_clip's own transform's."""
+    v = preset("ViT-B-16-SigLIP").vision
+    assert (v.resize, v.interpolation, v.image_mean) == ("squash", "bicubic", (0.5, 0.5, 0.5))
+    assert preset("ViT-B-32").vision.resize == "shortest"
+    image = Image.fromarray(torch.randint(0, 256, (90, 160, 3), dtype=torch.uint8).numpy())
+    for vision in (v, preset("MobileCLIP2-S0").vision, preset("ViT-B-32").vision):
+        theirs = open_clip.image_transform(vision.image_size, is_train=False, mean=vision.image_mean,
+                                           std=vision.image_std, resize_mode=vision.resize,
+                                           interpolation=vision.interpolation)
+        assert torch.equal(eval_transform(vision)(image), theirs(image))
+
+
+def test_weights_of_another_family_are_refused_in_one_line():
+    oc, _, _ = _pair("convnext")
+    _, _, siglip_cfg = _pair("siglip")
+    with pytest.raises(CheckpointError, match="cannot place|do not fit"):
+        from_open_clip_state_dict(oc.state_dict(), from_open_clip_config("siglip", siglip_cfg))
+
+
+def test_refusals_name_the_field():
+    cfg = json.loads(json.dumps(open_clip.get_model_config("ViT-B-16-SigLIP")))
+    cfg["text_cfg"]["pool_type"] = "first"
+    with pytest.raises(ConfigError, match="text_cfg.pool_type='first'"):
+        from_open_clip_config("x", cfg)
+    cfg = open_clip.get_model_config("convnext_base") | {"vision_cfg": {"timm_model_name": "no_such_net"}}
+    with pytest.raises(ConfigError, match="no_such_net"):
+        clipper.CLIP(from_open_clip_config("x", cfg))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "MobileCLIP2-S2", "EVA02-B-16",
+                                  "convnext_base", "PE-Core-B-16", "ViTamin-S", "ViT-L-14-CLIPA"])
+def test_pretrained_architectures_match_open_clip(name):
+    """Full-size members (benchmarks/zoo.py --parity runs all of them)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from zoo import parity
+
+    row = parity(name, 1e9)
+    assert row["max_abs_diff"] <= 1e-5 and row["export_exact"]

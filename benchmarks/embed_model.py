@@ -9,6 +9,13 @@ measured only on a CPU with native bf16, or emulated with `--force-bf16`, to sho
 refused there) and clipper's ONNX export on ONNX Runtime, fp32 and int8 (exported to a temporary
 folder); each with its largest cosine distance to clipper fp32.
 
+`--transformers` adds Hugging Face transformers' CLIPModel / SiglipModel holding the same weights
+(clipper's export, `clipper convert --to hf`), with the ratio of clipper to it.
+
+A model whose text tower reads a Hugging Face tokenizer (SigLIP's; not available offline) gets
+random ids instead: prompt-length rows padded to the context, and full rows.
+Results: embed_model.json for ViT-B-32, else embed_model_<model>.json.
+
     python benchmarks/embed_model.py [--model ViT-B-32] [--repeats 5] [--runtimes [--force-bf16]]
 """
 
@@ -41,23 +48,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runtimes", action="store_true", help="also int8, bf16 and ONNX Runtime fp32/int8")
     ap.add_argument("--force-bf16", action="store_true", help="measure bf16 where it is not native (emulated)")
+    ap.add_argument("--transformers", action="store_true", help="also transformers' model on the same weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     oc = open_clip.create_model(args.model, pretrained=None).eval()
-    ours = from_open_clip_state_dict(oc.state_dict(), preset(args.model)).eval()
-    images = torch.randn(args.batch, 3, 224, 224)
-    # Every text distinct: clipper encodes repeated texts once, which would flatter it here.
-    prompts = [f"a photo of a {LABELS[i % len(LABELS)]}, number {i}." for i in range(args.batch)]
-    long_texts = [f"{i} " + " ".join(["word"] * 100) for i in range(args.batch)]
-    tok_short, tok_long = open_clip.tokenize(prompts), open_clip.tokenize(long_texts)
+    config = preset(args.model)
+    ours = from_open_clip_state_dict(oc.state_dict(), config).eval()
+    size = config.vision.image_size
+    images = torch.randn(args.batch, 3, size, size)
+    tok_short, tok_long = _texts(args.model, config, args.batch)
 
-    results = {"model": args.model, "batch": args.batch}
+    results = {"model": args.model, "batch": args.batch, "image_size": size,
+               "towers": {"vision": config.vision.kind + (f" ({config.vision.timm_model})" if config.vision.timm_model
+                                                          else ""), "text": "clipper"}}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         encoders = {"open_clip": oc, "clipper": ours}
         if args.runtimes:
             encoders.update(_runtimes(ours, Path(tmp), args, results))
+        if args.transformers:
+            encoders["transformers"] = _transformers(ours, Path(tmp), results)
         cos = {
             "image": 1 - (oc.encode_image(images, normalize=True) * ours.encode_image(images, normalize=True)).sum(-1),
             "text_prompts": 1 - (oc.encode_text(tok_short, normalize=True)
@@ -79,16 +90,63 @@ def main() -> None:
             base = rates["open_clip"]["per_s_median"]
             results[what]["ratio"] = round(rates["clipper"]["per_s_median"] / base, 3)
             results[what]["ratio_to_open_clip"] = {name: round(r["per_s_median"] / base, 3) for name, r in rates.items()}
+            if "transformers" in rates:
+                results[what]["ratio_to_transformers"] = round(
+                    rates["clipper"]["per_s_median"] / rates["transformers"]["per_s_median"], 3)
             print(f"{what:20s} " + "  ".join(f"{name} {rate:8.2f}/s" for name, rate in results[what].items()
                                               if name in encoders), flush=True)
     print("max cosine distance:", results["max_cosine_distance"])
-    print("wrote", write_results("embed_model", results))
+    print("wrote", write_results("embed_model" + ("" if args.model == "ViT-B-32" else f"_{args.model}"), results))
+
+
+def _texts(name: str, config, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of n distinct prompts and of n distinct texts filling the context."""
+    t = config.text
+    if t.tokenizer:  # random ids: short rows padded with 0, and full rows
+        g = torch.Generator().manual_seed(0)
+        short = torch.zeros(n, t.context_length, dtype=torch.long)
+        short[:, :12] = torch.randint(1, t.vocab_size, (n, 12), generator=g)
+        return short, torch.randint(1, t.vocab_size, (n, t.context_length), generator=g)
+    # Every text distinct: clipper encodes repeated texts once, which would flatter it here.
+    prompts = [f"a photo of a {LABELS[i % len(LABELS)]}, number {i}." for i in range(n)]
+    long_texts = [f"{i} " + " ".join(["word"] * 100) for i in range(n)]
+    tokenize = open_clip.get_tokenizer(name)
+    return tokenize(prompts), tokenize(long_texts)
 
 
 def enc_of(model, what: str):
     """The normalised encoder of `model` for images or texts."""
     fn = model.encode_image if what.startswith("image") else model.encode_text
     return lambda data: fn(data, normalize=True)
+
+
+class _HF:
+    """transformers' model behind open_clip's encode_image / encode_text."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def _out(out, normalize: bool):
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def encode_image(self, images, normalize=False):
+        return self._out(self.model.get_image_features(pixel_values=images), normalize)
+
+    def encode_text(self, ids, normalize=False):
+        return self._out(self.model.get_text_features(input_ids=ids), normalize)
+
+
+def _transformers(ours, tmp: Path, results: dict):
+    import transformers
+
+    from clipper.hf import hf_config, save_hf_dir
+
+    save_hf_dir(ours, tmp / "hf")
+    cls = getattr(transformers, hf_config(ours)["architectures"][0])
+    results["transformers"] = transformers.__version__
+    return _HF(cls.from_pretrained(tmp / "hf", attn_implementation="sdpa").eval())
 
 
 def _runtimes(ours, tmp: Path, args, results: dict) -> dict:

@@ -120,21 +120,25 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
-    """Model presets with their kind, image size and size; then the training presets."""
+    """Model presets with their image tower, image size, tokenizer and decoder (and with --params
+    their size); then the training presets."""
     import torch
 
     from .config import TRAIN_PRESETS, list_presets, preset
     from .model import CLIP
 
-    rows = [("model preset", "image tower", "px", "decoder", "parameters")]
+    rows = [("model preset", "image tower", "px", "tokenizer", "decoder") + (("parameters",) if args.params else ())]
     for name in list_presets():
         config = preset(name)
-        with torch.device("meta"):  # counted without allocating the weights
-            n = sum(p.numel() for p in CLIP(config).parameters())
         v = config.vision
-        tower = f"resnet {'-'.join(map(str, v.stages))}" if v.kind == "resnet" else \
-            f"vit {v.layers}x{v.width}/{v.patch_size}" + (" attn-pool" if v.pool == "attn" else "")
-        rows.append((name, tower, str(v.image_size), config.decoder.kind if config.decoder else "-", f"{n / 1e6:.1f}M"))
+        tower = {"resnet": f"resnet {'-'.join(map(str, v.stages))}", "timm": f"timm {v.timm_model}"}.get(
+            v.kind, f"vit {v.layers}x{v.width}/{v.patch_size}" + (f" {v.pool}-pool" if v.pool in ("attn", "map") else ""))
+        row = (name, tower, str(v.image_size), config.text.tokenizer or "clip-bpe",
+               config.decoder.kind if config.decoder else "-")
+        if args.params:
+            with torch.device("meta"):  # counted without allocating the weights
+                row += (f"{sum(p.numel() for p in CLIP(config).parameters()) / 1e6:.1f}M",)
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -156,7 +160,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Any model clipper loads -> a clipper directory, an open_clip local-dir folder or an open_clip file."""
+    """Any model clipper loads -> a clipper directory, an open_clip local-dir folder or file, or a
+    transformers folder."""
     from .checkpoint import save_model
     from .interop import save_open_clip_checkpoint
     from .open_clip_dir import save_open_clip_dir
@@ -176,6 +181,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     elif to == "open_clip":
         save_open_clip_dir(model, out)
         print(f"wrote open_clip model folder {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
+    elif to == "hf":
+        from .hf import hf_config, save_hf_dir
+
+        save_hf_dir(model, out)
+        print(f"wrote transformers folder {out} ({hf_config(model)['architectures'][0]}.from_pretrained('{out}'))")
     else:
         save_model(model, out)
         print(f"wrote clipper model directory {out}")
@@ -444,22 +454,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"clipper {__version__}")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("presets", help="list the model presets (clipper's and open_clip's configs it builds, with "
-                                       "sizes) and the training presets")
+    p = sub.add_parser("presets", help="list the model presets (clipper's and open_clip's configs it builds) and "
+                                       "the training presets")
+    p.add_argument("--params", action="store_true", help="also count each model's parameters (builds every "
+                                                         "model on the meta device: ~45 s for all of them)")
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("info", help="print a model's config and parameter counts")
     _add_model_args(p, precision=False)
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("convert", help="between clipper model directories and open_clip folders or files",
+    p = sub.add_parser("convert", help="between clipper model directories, open_clip folders or files and "
+                                       "Hugging Face folders",
                        description="--to open_clip writes open_clip's local-dir folder (open_clip_config.json + "
                                    "open_clip_model.safetensors: open_clip and clip_benchmark load it as "
-                                   "local-dir:OUT). Without --to: an open_clip state dict when --out ends in "
+                                   "local-dir:OUT). --to hf writes a transformers CLIPModel or SiglipModel folder "
+                                   "(from_pretrained(OUT)). Without --to: an open_clip state dict when --out ends in "
                                    ".safetensors/.pt/.pth/.bin, else a clipper model directory.")
     _add_model_args(p, precision=False)
     p.add_argument("--out", required=True, help="output directory or open_clip weights file")
-    p.add_argument("--to", choices=["clipper", "open_clip", "open_clip-file"],
+    p.add_argument("--to", choices=["clipper", "open_clip", "open_clip-file", "hf"],
                    help="what to write (default: by --out, see above)")
     p.set_defaults(fn=cmd_convert)
 

@@ -8,7 +8,6 @@ config that ships with open_clip (ViT-B-32, ViT-B-16, ViT-L-14, ViT-S-32, ViT-M-
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -636,7 +635,9 @@ def _vision_from_open_clip(name: str, vc: dict[str, Any]) -> VisionConfig:
                             timm_pool=vc.get("timm_pool", "avg"), timm_proj=vc.get("timm_proj", "linear") or "",
                             timm_proj_bias=bool(vc.get("timm_proj_bias", False)),
                             timm_drop=float(vc.get("timm_drop", 0.0)), timm_drop_path=vc.get("timm_drop_path"))
-        return siglip_vit(timm) or timm
+        from .model.timm_tower import as_own_vit  # reads timm's network: imported only here
+
+        return as_own_vit(timm) or timm
     resnet = isinstance(vc.get("layers"), (list, tuple))
     if vc.get("pool_type", "tok") not in ("tok", "avg"):
         raise ConfigError(f"open_clip config {name}: vision_cfg.pool_type={vc['pool_type']!r} is not supported")
@@ -653,51 +654,6 @@ def _vision_from_open_clip(name: str, vc: dict[str, Any]) -> VisionConfig:
         pool="attn" if vc.get("attentional_pool") else vc.get("pool_type", "tok"),
         attn_pool_queries=vc.get("attn_pooler_queries", 256), attn_pool_heads=vc.get("attn_pooler_heads", 8),
         ln_pre=not vc.get("no_ln_pre", False), norm_after_pool=bool(vc.get("final_ln_after_pool", False)))
-
-
-def siglip_vit(timm_cfg: VisionConfig) -> VisionConfig | None:
-    """A timm tower that is a plain SigLIP ViT (no class token, attention-pooling head, nothing else
-    added, no projection after it) as clipper's own ViT, which runs faster (benchmarks/README.md);
-    None for any other timm model. The architecture is read off timm's model, built on the meta device."""
-    if timm_cfg.timm_pool != "map" or timm_cfg.timm_proj != "none":
-        return None
-    m = _timm_network(timm_cfg.timm_model)
-    if m is None:
-        return None
-    block, pool = m.blocks[0], m.attn_pool
-    plain = (m.cls_token is None and not m.num_reg_tokens and all(
-        type(getattr(obj, attr)).__name__ == "Identity" for obj, attr in (
-            (m, "norm_pre"), (m, "fc_norm"), (m, "head"), (m, "patch_drop"), (block, "ls1"), (block, "ls2"),
-            (block.attn, "q_norm"), (block.attn, "k_norm"), (block.attn, "norm"), (pool, "q_norm")))
-        and pool.latent_len == 1 and pool.pool == "token" and pool.pos_embed is None and block.attn.qkv.bias is not None
-        and type(m.norm).__name__ == type(pool.norm).__name__ == "LayerNorm" and not m.dynamic_img_size)
-    act = type(block.mlp.act).__name__
-    acts = {"GELU": "gelu_tanh" if getattr(block.mlp.act, "approximate", "none") == "tanh" else "gelu",
-            "GELUTanh": "gelu_tanh"}
-    if not plain or act not in acts or m.patch_embed.img_size[0] != m.patch_embed.img_size[1]:
-        return None
-    width, hidden = m.embed_dim, block.mlp.fc1.out_features
-    if pool.mlp.fc1.out_features != hidden or m.norm.eps != pool.norm.eps:
-        return None
-    return dataclasses.replace(
-        timm_cfg, kind="vit", image_size=m.patch_embed.img_size[0], patch_size=m.patch_embed.patch_size[0],
-        width=width, layers=len(m.blocks), heads=block.attn.num_heads,
-        mlp_ratio=hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width,
-        pool="map", attn_pool_heads=pool.num_heads, class_token=False, patch_bias=True, projection=False,
-        ln_pre=False, act=acts[act], norm_eps=m.norm.eps)
-
-
-@functools.lru_cache(maxsize=None)
-def _timm_network(name: str):
-    try:
-        import timm
-        import torch
-    except ImportError:
-        return None
-    if name not in timm.list_models():
-        return None
-    with torch.device("meta"):
-        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="map")
 
 
 def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelConfig:

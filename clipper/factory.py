@@ -11,6 +11,7 @@ import torch
 from .checkpoint import is_model_dir, read_model_dir, read_state_dict
 from .config import ModelConfig, apply_open_clip_preprocessing, preset
 from .errors import CheckpointError, ConfigError
+from .hf import hf_kind, load_hf_dir
 from .io import reachable
 from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
 from .model import CLIP
@@ -36,7 +37,8 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
     - a preset name (`fmnist-tiny`, `ViT-B-32`, ...): random weights, or `pretrained=` an
       open_clip pretrained tag (downloaded by open_clip's own code, needs a network) or a file.
     `quick_gelu` overrides the activation (OpenAI-trained weights need it; open_clip's tags say so).
-    - an ONNX export folder (`clipper export --format onnx`): run by ONNX Runtime (`runtime="onnx"`).
+    - an ONNX export folder (`clipper export --format onnx`): run by ONNX Runtime (`runtime="onnx"`);
+    - a Hugging Face transformers CLIPModel or SiglipModel folder (config.json + model.safetensors).
     `precision`: fp32, bf16 (where native: refused elsewhere), int8 (CPU) or auto (`clipper.precision`).
     `runtime`: torch or onnx, checked against what the path holds (default: whichever it is).
     `tokenizer`: a Hugging Face tokenizer folder (or hub name) in place of the one the config names.
@@ -54,7 +56,9 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
         if torch.device(device).type != "cpu":
             raise ConfigError(f"{path}: the ONNX runtime here runs on the CPU only, not {device}")
         return load_onnx(path, precision)
-    if is_model_dir(path):
+    if hf_kind(path):
+        model = load_hf_dir(path)
+    elif is_model_dir(path):
         model = load_model(path)
     elif is_open_clip_dir(path):
         model = load_open_clip_dir(path)

@@ -120,6 +120,7 @@ def export_onnx(model: CLIP, out: str | os.PathLike, quantize: str | None = None
         text_dims = {0: batch} if fixed_text_length(model) else {
             0: batch, 1: torch.export.Dim("length", min=2, max=cfg.text.context_length)}
         with torch.no_grad():
+            model.visual(pixels[:1])  # a tower with an inference form (timm's fused MobileOne blocks) builds it
             _export(_Normalized(model.visual), pixels, "pixels", {0: batch}, tmp / "image.onnx")
             _export(_Normalized(model.text), ids, "ids", text_dims, tmp / "text.onnx")
             if quantize == "int8":

@@ -8,27 +8,14 @@ and a ViT-B-32 image batch ran 2.8x slower than fp32 on an AVX-512 Xeon without 
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 
 import torch
 
+from .cpu import cpu_flags
 from .errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def native_bf16(device: torch.device | str) -> bool:

@@ -36,8 +36,20 @@ def test_attention_equals_sdpa_with_gradients(lq, lk, causal, masked):
         torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)
 
 
+HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@pytest.fixture(params=[True, False], ids=["onednn", "blas"])
+def kernel(request, monkeypatch):
+    """Both linear kernels, whichever this CPU picks by default (oneDNN on AMD, MKL on Intel)."""
+    if request.param and not HAS_ONEDNN:
+        pytest.skip("oneDNN linear not in this torch build")
+    monkeypatch.setattr(linear_module, "ONEDNN", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [1, 8, 300])
-def test_linear_equals_f_linear_forward_and_backward(rows):
+def test_linear_equals_f_linear_forward_and_backward(rows, kernel):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 48, generator=g, requires_grad=True)
     w = torch.randn(96, 48, generator=g, requires_grad=True)
@@ -67,7 +79,7 @@ def test_bound_linear_equals_linear_and_sees_weights_loaded_in_place(rows, out, 
     torch.testing.assert_close(f(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
-def test_linear_under_cpu_bf16_autocast():
+def test_linear_under_cpu_bf16_autocast(kernel):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g)
     w = torch.randn(16, 32, generator=g, requires_grad=True)
@@ -82,8 +94,9 @@ def test_linear_under_cpu_bf16_autocast():
     torch.testing.assert_close(b.grad, torch.full((16,), 64.0))
 
 
-@pytest.mark.skipif(not linear_module.ONEDNN, reason="oneDNN linear not in this torch build")
-def test_linear_compiles():
+@pytest.mark.skipif(not HAS_ONEDNN, reason="oneDNN linear not in this torch build")
+def test_linear_compiles(monkeypatch):
+    monkeypatch.setattr(linear_module, "ONEDNN", True)
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g), torch.randn(16, generator=g)
     compiled = torch.compile(lambda x: linear(x, w, b), backend="inductor")

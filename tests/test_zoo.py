@@ -149,3 +149,30 @@ def test_pretrained_architectures_match_open_clip(name):
 
     row = parity(name, 1e9)
     assert row["max_abs_diff"] <= 1e-5 and row["export_exact"]
+
+
+def test_fused_inference_trunk_follows_the_weights():
+    """MobileOne blocks run fused in inference; a weight changed in place (a training step, a
+    checkpoint loaded into the tensors) rebuilds the fused copy, and training runs the unfused trunk."""
+    _, ours, _ = _pair("mobileclip2")
+    images, _ = _inputs(ours)
+    with torch.no_grad():
+        before = ours.visual(images)
+        for p in ours.visual.trunk.parameters():
+            p.mul_(1.1)
+        fused = ours.visual(images)
+    unfused = ours.visual(images).detach()  # gradients on: the trunk itself
+    assert ours.visual._fused and not torch.allclose(before, fused, atol=1e-4)
+    assert torch.allclose(fused, unfused, atol=1e-5)
+
+
+def test_timm_tower_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from clipper.onnx_export import export_onnx, fixed_text_length
+
+    _, ours, _ = _pair("convnext")
+    manifest = export_onnx(ours, tmp_path / "onnx")
+    assert max(manifest["verified"]["max_cosine_distance"].values()) <= 1e-5
+    assert manifest["graphs"]["text"]["shape"] == ["batch", "length"]  # causal: rows cut to the batch's longest
+    # a bidirectional tower sees the padding: its graph takes full rows (checked the same way on export)
+    assert fixed_text_length(_pair("mobileclip2")[1]) and fixed_text_length(_pair("siglip")[1])

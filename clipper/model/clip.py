@@ -15,6 +15,7 @@ from ..checkpoint import load_weights, save_model
 from ..config import ModelConfig
 from .coca import CoCaDecoder
 from .decoder import CaptionDecoder
+from .meta import SkipMetaInit
 from .text import TextTransformer
 from .transformer import init_blocks
 from .vision import VISION_TOWERS
@@ -32,7 +33,11 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         bias = config.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
-        self.init_weights()
+        if self.logit_scale.is_meta:  # built for its shapes (weights loaded next): no init to run
+            with SkipMetaInit():
+                self.init_weights()
+        else:
+            self.init_weights()
         self.precision = "fp32"  # inference: "bf16" runs under bf16 autocast (clipper.precision), "int8" quantised
         self.decoder = None
         if config.decoder is not None:

@@ -4,7 +4,9 @@ Why: torch's fp32 CPU matmul goes to MKL, which does not use AVX-512 on AMD CPUs
 On this project's AMD EPYC (2 threads) a ViT-B-32 MLP layer's forward takes 44 ms on oneDNN
 against 82 ms on MKL, and the input-gradient matmul 36 against 70. The weight gradient stays on
 BLAS (BLAS reads transposed operands in place, oneDNN would need copies; measured no faster).
-Results equal F.linear's up to fp32 rounding (accumulation order). CLIPPER_LINEAR=blas turns it off.
+Results equal F.linear's up to fp32 rounding (accumulation order). On Intel CPUs MKL does use
+AVX-512 and is the faster one (an Intel Xeon, 2 threads, 12544 x 768 -> 3072: MKL 329 ms, oneDNN
+371; benchmarks/README.md), so there BLAS is kept. CLIPPER_LINEAR=onednn|blas|auto (default auto).
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import cpuinfo
 
-def _onednn_available() -> bool:
-    if os.environ.get("CLIPPER_LINEAR", "onednn").lower() == "blas":
+
+def _onednn_chosen() -> bool:
+    choice = os.environ.get("CLIPPER_LINEAR", "auto").lower()
+    if choice == "blas" or (choice == "auto" and cpuinfo("vendor_id") == "GenuineIntel"):
         return False
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-ONEDNN = _onednn_available()
+ONEDNN = _onednn_chosen()
 _DNN_DTYPES = (torch.float32, torch.bfloat16)
 # A handful of rows (one decode step) costs oneDNN ~17 us of call overhead against ~9-12 for BLAS
 # (8 x 128 -> 384/512); from ~32 rows, or a wide output (a vocabulary head), oneDNN is faster.

@@ -1,0 +1,106 @@
+"""Hugging Face transformers checkpoints (issue #16): CLIPModel and SiglipModel folders load with
+transformers' embeddings, and `clipper convert --to hf` writes folders transformers loads to the
+bit; on random weights from configs written here."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+import clipper  # noqa: E402
+from clipper.cli import main  # noqa: E402
+from clipper.errors import CheckpointError, ConfigError  # noqa: E402
+from clipper.hf import save_hf_dir  # noqa: E402
+
+TEXT = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": 99}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}
+KINDS = {"clip": (transformers.CLIPModel, transformers.CLIPConfig, {"projection_dim": 24}),
+         "siglip": (transformers.SiglipModel, transformers.SiglipConfig, {})}
+
+
+def _features(out) -> torch.Tensor:  # transformers 5 wraps them in an output object
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _hf_model(kind: str, tmp_path, **text):
+    cls, config_cls, extra = KINDS[kind]
+    torch.manual_seed(0)
+    model = cls(config_cls(text_config=TEXT | text, vision_config=VISION, **extra)).eval()
+    model.save_pretrained(tmp_path / kind)
+    return model, tmp_path / kind
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 99, (3, 16), generator=g)
+    ids[:, 5] = 99  # the end token (eos_token_id)
+    ids[1, 6:] = 0
+    return torch.randn(3, 3, 32, 32, generator=g), ids
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_transformers_folder_loads_with_its_embeddings_and_goes_back_exactly(kind, tmp_path):
+    hf, folder = _hf_model(kind, tmp_path)
+    ours = clipper.load(folder)
+    images, ids = _inputs()
+    norm = torch.nn.functional.normalize
+    with torch.no_grad():
+        assert (norm(_features(hf.get_image_features(pixel_values=images)), dim=-1)
+                - ours.encode_image(images, normalize=True)).abs().max() <= 1e-5
+        assert (norm(_features(hf.get_text_features(input_ids=ids)), dim=-1)
+                - ours.encode_text(ids, normalize=True)).abs().max() <= 1e-5
+    assert torch.allclose(ours.scale(), hf.logit_scale.exp().reshape(()))
+    assert main(["convert", "--model", str(folder), "--to", "hf", "--out", str(tmp_path / "back")]) == 0
+    back = type(hf).from_pretrained(tmp_path / "back").eval()
+    assert back.state_dict().keys() == hf.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in hf.state_dict().items())
+
+
+def test_siglip_folder_is_squashed_at_half_statistics_and_reads_its_processor(tmp_path):
+    _, folder = _hf_model("siglip", tmp_path)
+    v = clipper.load(folder).config.vision
+    assert (v.resize, v.image_mean) == ("squash", (0.5, 0.5, 0.5))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.9, 0.8, 0.7], "resample": 2, "do_center_crop": True}))
+    v = clipper.load(folder).config.vision
+    assert (v.resize, v.interpolation, v.image_std) == ("shortest", "bilinear", (0.9, 0.8, 0.7))
+
+
+def test_open_clip_style_model_exports_to_transformers(tmp_path):
+    """A clipper model (OpenAI layout, QuickGELU) -> CLIPModel with the same embeddings."""
+    from conftest import rgb_tiny
+
+    model = rgb_tiny()
+    model.config.quick_gelu = True
+    model = clipper.CLIP.from_state_dict(model.config, model.state_dict())  # rebuilt with QuickGELU
+    save_hf_dir(model, tmp_path / "hf")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.text_config.hidden_act == "quick_gelu"
+    images = torch.randn(2, 3, 16, 16)
+    ids = clipper.Tokenizer(12)(["a red cat", "a dog on a very small mat"])
+    with torch.no_grad():
+        assert np.allclose(_features(hf.get_image_features(pixel_values=images)), model.encode_image(images), atol=1e-5)
+        assert np.allclose(_features(hf.get_text_features(input_ids=ids)), model.encode_text(ids), atol=1e-5)
+
+
+def test_bad_folders_and_models_are_named(tmp_path):
+    _, folder = _hf_model("clip", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "siglip2"}))
+    with pytest.raises(ConfigError, match="Siglip2Model"):
+        clipper.load(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    save_file(sd | {"vision_model.extra.weight": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="vision_model.extra.weight"):
+        clipper.load(folder)
+    with pytest.raises(ConfigError, match="transformers has no class"):
+        save_hf_dir(clipper.load("fmnist-tiny"), tmp_path / "x")

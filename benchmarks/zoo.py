@@ -6,13 +6,17 @@ clipper holding the same weights: max abs difference of normalised image and tex
 (one image, three texts) and whether the export back is open_clip's state dict tensor for tensor.
 Architectures over --max-params parameters are counted but not built.
 
-    python benchmarks/zoo.py [--parity] [--max-params 1e9]
+`--onnx NAME ...` also exports those architectures (random weights) with `clipper export --format
+onnx`'s code and records the largest cosine distance ONNX Runtime gives against clipper.
+
+    python benchmarks/zoo.py [--parity] [--max-params 1e9] [--onnx MobileCLIP2-S0 convnext_base ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -64,10 +68,25 @@ def parity(name: str, max_params: float) -> dict:
     return {"params": n, "max_abs_diff": diff, "export_exact": exact}
 
 
+def onnx_check(name: str) -> dict:
+    from clipper.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    oc = open_clip.create_model(name, pretrained=None).eval()
+    ours = from_open_clip_state_dict(oc.state_dict(), preset(name)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = export_onnx(ours, Path(tmp) / "onnx")
+    row = {"max_cosine_distance": manifest["verified"]["max_cosine_distance"],
+           "text_shape": manifest["graphs"]["text"]["shape"]}
+    print(name, "onnx", row, flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parity", action="store_true", help="build each architecture and compare with open_clip")
     ap.add_argument("--max-params", type=float, default=1e9)
+    ap.add_argument("--onnx", nargs="*", default=[], metavar="NAME", help="architectures to export to ONNX")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tags = defaultdict(list)
@@ -76,8 +95,10 @@ def main() -> None:
     rows = {}
     for arch in sorted(tags):
         try:
-            preset(arch)
-            row = {"status": "loads"}
+            config = preset(arch)
+            row = {"status": "loads", "vision": config.vision.kind + (f" {config.vision.timm_model}"
+                                                                      if config.vision.timm_model else ""),
+                   "tokenizer": config.text.tokenizer or "clip-bpe"}
         except (ConfigError, KeyError, TypeError, ValueError) as e:
             row = {"status": "refused", "reason": str(e)[:200]}
         row["pretrained"] = tags[arch]
@@ -95,6 +116,7 @@ def main() -> None:
         results["built"] = len(built)
         results["max_abs_diff"] = max((r["max_abs_diff"] for r in built), default=None)
         results["all_exports_exact"] = all(r["export_exact"] for r in built)
+    results["onnx"] = {name: onnx_check(name) for name in args.onnx}
     print({k: v for k, v in results.items() if k != "rows"})
     print("wrote", write_results("zoo", results))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
 import sys
@@ -128,7 +129,10 @@ def cmd_presets(args: argparse.Namespace) -> None:
     from .model import CLIP
 
     rows = [("model preset", "image tower", "px", "tokenizer", "decoder") + (("parameters",) if args.params else ())]
-    for name in list_presets():
+    names = [n for n in list_presets() if not args.names or any(fnmatch.fnmatchcase(n, p) for p in args.names)]
+    if not names:
+        raise ConfigError(f"no preset matches {' '.join(args.names)} (clipper presets lists them all)")
+    for name in names:
         config = preset(name)
         v = config.vision
         tower = {"resnet": f"resnet {'-'.join(map(str, v.stages))}", "timm": f"timm {v.timm_model}"}.get(
@@ -456,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the model presets (clipper's and open_clip's configs it builds) and "
                                        "the training presets")
-    p.add_argument("--params", action="store_true", help="also count each model's parameters (builds every "
-                                                         "model on the meta device: ~45 s for all of them)")
+    p.add_argument("names", nargs="*", help="only these presets (shell-style patterns: 'ViT-*-SigLIP*')")
+    p.add_argument("--params", action="store_true", help="also count each model's parameters (builds each model "
+                                                         "on the meta device: ~45 s for all of them)")
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("info", help="print a model's config and parameter counts")

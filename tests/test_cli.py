@@ -197,5 +197,9 @@ def test_version_and_presets_with_sizes(capsys, monkeypatch):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
-    assert "7.8M" in rows["fmnist-tiny"] and "coca" in rows["coca_ViT-B-32"] and "resnet 3-4-6-3" in rows["RN50"]
+    assert "clip-bpe" in rows["fmnist-tiny"] and "coca" in rows["coca_ViT-B-32"] and "resnet 3-4-6-3" in rows["RN50"]
     assert "coca-finetune: objective caption" in out and "emoji-captioner" in out
+    assert main(["presets", "fmnist-*", "--params"]) == 0
+    out = capsys.readouterr().out
+    assert "7.8M" in out and "RN50" not in out
+    assert main(["presets", "no-such-*"]) == 2

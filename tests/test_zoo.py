@@ -10,6 +10,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import clipper
 from clipper.config import from_open_clip_config, preset
@@ -17,6 +18,31 @@ from clipper.data.transforms import eval_transform
 from clipper.errors import CheckpointError, ConfigError
 from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict
 from clipper.open_clip_dir import save_open_clip_dir
+
+def _register_tiny_timm_vits() -> None:
+    """Two tiny ViTs in timm's registry (the suite's budget): one SigLIP-shaped (no class token, MAP
+    head), which clipper runs in its own ViT, and one with a class token, which stays timm's."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    def tiny(class_token: bool, pool: str):
+        def build(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
+            kwargs.setdefault("global_pool", pool)
+            model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=3.0,
+                                      class_token=class_token, norm_layer=nn.LayerNorm, **kwargs)
+            model.pretrained_cfg = model.default_cfg = {}  # what timm's builder would attach
+            return model
+        return build
+
+    for name, args in (("clipper_test_siglip_vit", (False, "map")), ("clipper_test_vit", (True, "token"))):
+        if name not in timm.list_models():
+            fn = tiny(*args)
+            fn.__name__ = name
+            register_model(fn)
+
+
+_register_tiny_timm_vits()
 
 TEXT = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2}
 SIGLIP_TEXT = TEXT | {"no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
@@ -27,8 +53,10 @@ FAMILIES = {
     "siglip": ({"image_size": 224, "timm_model_name": "vit_tiny_patch16_224", "timm_pool": "map",
                 "timm_proj": "none"}, SIGLIP_TEXT | {"width": 192, "heads": 3}, 192, -10.0),
     # timm's SigLIP ViT: run by clipper's own ViT (no class token, MAP head), with timm's weight names
-    "siglip-own-vit": ({"image_size": 256, "timm_model_name": "vit_base_patch32_siglip_256", "timm_pool": "map",
-                        "timm_proj": "none"}, SIGLIP_TEXT, 768, -10.0),
+    "siglip-own-vit": ({"image_size": 32, "timm_model_name": "clipper_test_siglip_vit", "timm_pool": "map",
+                        "timm_proj": "none"}, SIGLIP_TEXT, 64, -10.0),
+    "timm-vit": ({"image_size": 32, "timm_model_name": "clipper_test_vit", "timm_pool": "token", "timm_proj": "linear"},
+                 TEXT, 48, None),
     "convnext": ({"image_size": 64, "timm_model_name": "convnext_atto", "timm_pool": "", "timm_proj": "linear"},
                  TEXT, 48, None),
     "convnext-mlp": ({"image_size": 64, "timm_model_name": "convnext_atto", "timm_pool": "avg", "timm_proj": "mlp",
@@ -166,11 +194,12 @@ def test_fused_inference_trunk_follows_the_weights():
     assert torch.allclose(fused, unfused, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10 s; benchmarks/zoo.py --onnx exports real timm towers the same way
 def test_timm_tower_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     from clipper.onnx_export import export_onnx, fixed_text_length
 
-    _, ours, _ = _pair("convnext")
+    _, ours, _ = _pair("timm-vit")
     manifest = export_onnx(ours, tmp_path / "onnx")
     assert max(manifest["verified"]["max_cosine_distance"].values()) <= 1e-5
     assert manifest["graphs"]["text"]["shape"] == ["batch", "length"]  # causal: rows cut to the batch's longest

@@ -77,3 +77,23 @@ def two_class_images(rng, n: int):
         pixels[..., 0 if label == 0 else 2] += 135
         images.append(Image.fromarray(pixels.astype(np.uint8)))
     return images, labels
+
+
+WORDS = "a photo of the cat dog red mat small very on".split()
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """A word-level tokenizer as transformers saves one (tokenizer.json + tokenizer_config.json):
+    lower-cased, end token appended, [SEP]-style separator for strip_sep."""
+    from tokenizers import Tokenizer as RustTokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = RustTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path = tmp_path_factory.mktemp("hf_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            sep_token="</s>").save_pretrained(path)
+    return path

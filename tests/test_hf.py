@@ -104,3 +104,29 @@ def test_bad_folders_and_models_are_named(tmp_path):
         clipper.load(folder)
     with pytest.raises(ConfigError, match="transformers has no class"):
         save_hf_dir(clipper.load("fmnist-tiny"), tmp_path / "x")
+
+
+def test_verbs_run_on_a_siglip_folder_with_its_tokenizer(tmp_path, hf_folder, capsys):
+    """A SiglipModel folder holding its tokenizer files: classify, embed and search work from the CLI."""
+    import shutil
+
+    from PIL import Image
+
+    _, folder = _hf_model("siglip", tmp_path)
+    for f in hf_folder.iterdir():
+        shutil.copy(f, folder / f.name)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (40, 30), colour).save(photos / f"{i}.png")
+    assert main(["classify", str(photos), "--model", str(folder), "--labels", "cat,dog,red mat", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and abs(sum(t["prob"] for t in rows[0]["top"]) - 1) < 1e-4
+    assert main(["embed", str(photos), "--model", str(folder), "--out", str(tmp_path / "emb")]) == 0
+    assert main(["index", str(tmp_path / "emb")]) == 0
+    assert main(["search", str(tmp_path / "emb"), "a red cat", "-k", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 2
+    model = clipper.load(folder)
+    assert model.config.text.tokenizer == str(folder)
+    ids = clipper.tokenizer.tokenizer_for(model.config.text)(["A red cat!"])
+    assert ids.shape == (1, 16) and ids[0, :5].tolist() == [3, 9, 7, 1, 0]  # canonicalised, end token, padded

@@ -55,26 +55,6 @@ def test_bad_arguments():
 
 # --- Hugging Face tokenizers (SigLIP, CLIPA, ...), on tokenizer files the test builds ---------------
 
-WORDS = "a photo of the cat dog red mat small very on".split()
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A word-level tokenizer as transformers saves one (tokenizer.json + tokenizer_config.json):
-    lower-cased, end token appended, [SEP]-style separator for strip_sep."""
-    from tokenizers import Tokenizer as RustTokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
-    tok = RustTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    path = tmp_path_factory.mktemp("hf_tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            sep_token="</s>").save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("clean,strip_sep", [("canonicalize", False), ("whitespace", True)])
 def test_hf_tokenizer_gives_open_clips_ids(hf_folder, clean, strip_sep):
     from open_clip.tokenizer import HFTokenizer as OpenClipHF

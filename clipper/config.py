@@ -117,6 +117,10 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
+    # "clipper": clipper's text transformer; "hf": a Hugging Face transformers encoder (roberta,
+    # xlm-roberta, NLLB's, ...) built from `hf_model`'s config as open_clip's HF adapter does, with
+    # its pooler and projection (width, layers, heads and mlp_ratio are the HF config's then)
+    kind: str = "clipper"
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 512
@@ -142,6 +146,12 @@ class TextConfig:
     tokenizer: str = ""
     tokenizer_clean: str = "whitespace"
     tokenizer_strip_sep: bool = False  # the separator token becomes padding (CLIPA's BERT tokenizer)
+    # hf: a hub name (its config.json read from the local HF cache) or a folder holding config.json;
+    # the pooler ("" = the architecture's: mean for roberta, cls for bert and NLLB); the projection
+    # ("linear", "mlp", or "": none where the widths match, else linear)
+    hf_model: str = ""
+    hf_pooler: str = ""
+    hf_proj: str = ""
 
     def validate(self, where: str = "text") -> None:
         _positive(self, where, ("context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio", "norm_eps"))
@@ -150,6 +160,12 @@ class TextConfig:
         _one_of(self, where, "pool", ("eot", "eos", "last", "mean", "cls"))
         _one_of(self, where, "act", ACTIVATIONS)
         _one_of(self, where, "tokenizer_clean", ("whitespace", "lower", "canonicalize"))
+        _one_of(self, where, "kind", ("clipper", "hf"))
+        if self.kind == "hf":
+            if not self.hf_model or not self.tokenizer:
+                raise ConfigError(f"{where}.kind hf: needs hf_model and its tokenizer")
+            _one_of(self, where, "hf_pooler", ("", "mean_pooler", "cls_pooler", "cls_last_hidden_state_pooler"))
+            _one_of(self, where, "hf_proj", ("", "linear", "mlp"))
         if self.bidirectional and self.pool in ("mean", "cls"):
             raise ConfigError(f"{where}.bidirectional: for pool eot, eos or last (mean is bidirectional already)")
         if self.context_length < 2:
@@ -589,19 +605,24 @@ _OC_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_
               "timm_drop_path"}
 _OC_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pool_type", "embed_cls",
             "output_tokens", "no_causal_mask", "proj_bias", "eos_id", "norm_kwargs", "act_kwargs",
-            "hf_tokenizer_name", "tokenizer_kwargs", "proj_type"}
+            "hf_tokenizer_name", "tokenizer_kwargs", "proj_type", "hf_model_name", "hf_pooler_type", "hf_proj_type",
+            "hf_model_pretrained"}
 # CoCa's decoder; open_clip's MultimodalTransformer does not read dim_head, n_queries, attn_pooler_heads
 _OC_MULTIMODAL = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "dim_head", "n_queries",
                   "attn_pooler_heads"}
 _OC_DEFAULT_OK = {"patch_dropout": 0.0, "ls_init_value": None, "timm_model_pretrained": False,
                   "pos_embed_type": "learnable", "correct_cls_mask": False,
-                  "pad_id": 0, "hf_model_name": None, "block_type": None, "qk_norm": False,
+                  "pad_id": 0, "block_type": None, "qk_norm": False,
                   "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
                   "scale_fc": False, "custom_text": False, "tokenizer_mode": None}
 _OC_TEXT_POOL = {"argmax": "eot", "eos": "eos", "last": "last"}  # open_clip's text pool_type -> ours
 
 
 def _text_from_open_clip(name: str, tc: dict[str, Any]) -> TextConfig:
+    if tc.get("hf_model_name"):  # open_clip's HF adapter (hf_model_pretrained: the weights come from the checkpoint)
+        return TextConfig(kind="hf", context_length=tc.get("context_length", 77), hf_model=tc["hf_model_name"],
+                          hf_pooler=tc.get("hf_pooler_type") or "", hf_proj=tc.get("hf_proj_type") or "",
+                          tokenizer=tc.get("hf_tokenizer_name") or tc["hf_model_name"])
     pool = tc.get("pool_type", "argmax")
     if pool not in _OC_TEXT_POOL:
         raise ConfigError(f"open_clip config {name}: text_cfg.pool_type={pool!r} is not supported")
@@ -685,7 +706,7 @@ def from_open_clip_config(name: str, oc: dict[str, Any] | None = None) -> ModelC
         init_logit_scale=float(oc.get("init_logit_scale", math.log(1 / 0.07))),
         init_logit_bias=oc.get("init_logit_bias"),
         decoder=decoder,
-        custom_text=bool(oc.get("custom_text", False)) or decoder is not None,
+        custom_text=bool(oc.get("custom_text", False)) or decoder is not None or "hf_model_name" in tc,
     )
     return cfg.validate()
 

@@ -206,7 +206,7 @@ def hf_kind_of(config: ModelConfig) -> str:
     """Which transformers model holds `config` (clip or siglip), or a ConfigError naming what does not fit."""
     v, t = config.vision, config.text
     common = v.kind == "vit" and v.in_channels == 3 and v.ln_pre == (v.pool == "tok") and not v.norm_after_pool \
-        and t.projection and (config.decoder is None or config.decoder.kind != "coca")
+        and t.kind == "clipper" and t.projection and (config.decoder is None or config.decoder.kind != "coca")
     if common and v.pool == "tok" and v.class_token and v.projection and not v.patch_bias and t.causal \
             and t.pool in ("eot", "eos") and not t.proj_bias and v.norm_eps == t.norm_eps:
         return "clip"

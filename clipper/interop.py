@@ -66,10 +66,11 @@ _TIMM_VIT_RULES = [
 _TIMM_POS = "visual.trunk.pos_embed"
 
 
-def open_clip_name(key: str, custom_text: bool = False, timm_vit: bool = False) -> str:
+def open_clip_name(key: str, custom_text: bool = False, timm_vit: bool = False, hf_text: bool = False) -> str:
     """open_clip's name for the clipper parameter `key` (the attentional pooler's q and kv layers are
-    packed differently: see `_pooler_to_open_clip`); `timm_vit`: the ViT stands for a timm network."""
-    if key.startswith(_TIMM):
+    packed differently: see `_pooler_to_open_clip`); `timm_vit`: the ViT stands for a timm network;
+    `hf_text`: the text tower is a transformers model (named as in open_clip already)."""
+    if key.startswith(_TIMM) or (hf_text and key.startswith("text.")):
         return key
     if timm_vit and key.startswith("visual."):
         for pattern, repl in _TIMM_VIT_RULES:
@@ -121,7 +122,8 @@ def _pooler_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _names(config: ModelConfig) -> dict:
-    return {"custom_text": config.custom_text, "timm_vit": config.vision.kind == "vit" and bool(config.vision.timm_model)}
+    return {"custom_text": config.custom_text, "timm_vit": config.vision.kind == "vit" and bool(config.vision.timm_model),
+            "hf_text": config.text.kind == "hf"}
 
 
 def _key_map(model: CLIP) -> dict[str, str]:

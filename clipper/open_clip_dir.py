@@ -59,6 +59,9 @@ def _vision_config(v) -> dict:
 
 
 def _text_config(t) -> dict:
+    if t.kind == "hf":
+        return {"context_length": t.context_length, "hf_model_name": t.hf_model, "hf_tokenizer_name": t.tokenizer,
+                "hf_pooler_type": t.hf_pooler or None, "hf_proj_type": t.hf_proj or None, "hf_model_pretrained": False}
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
             "layers": t.layers, "mlp_ratio": t.mlp_ratio}
     if t.pool == "cls":

@@ -130,3 +130,44 @@ def test_verbs_run_on_a_siglip_folder_with_its_tokenizer(tmp_path, hf_folder, ca
     assert model.config.text.tokenizer == str(folder)
     ids = clipper.tokenizer.tokenizer_for(model.config.text)(["A red cat!"])
     assert ids.shape == (1, 16) and ids[0, :5].tolist() == [3, 9, 7, 1, 0]  # canonicalised, end token, padded
+
+
+@pytest.mark.parametrize("model_type,pooler,proj", [("roberta", "mean_pooler", "mlp"), ("bert", "cls_pooler", "linear"),
+                                                    ("xlm-roberta", "cls_last_hidden_state_pooler", "linear")])
+def test_hf_text_tower_matches_open_clips_adapter(tmp_path, hf_folder, model_type, pooler, proj):
+    """open_clip's text towers from transformers (roberta-ViT-B-32, xlm-roberta, ...): built from the
+    config in a folder (offline, the hub's would be in the local HF cache), same embeddings, export exact."""
+    import open_clip
+
+    from clipper.config import from_open_clip_config
+    from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict
+
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=16, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64, pad_token_id=0,
+                                               max_position_embeddings=40)
+    config.save_pretrained(tmp_path / "text")
+    text_cfg = {"hf_model_name": str(tmp_path / "text"), "hf_tokenizer_name": str(hf_folder), "hf_proj_type": proj,
+                "hf_pooler_type": pooler, "hf_model_pretrained": False, "context_length": 12}
+    vision_cfg = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32}
+    torch.manual_seed(0)
+    oc = open_clip.CustomTextCLIP(24, vision_cfg, text_cfg).eval()
+    ours = from_open_clip_state_dict(oc.state_dict(), from_open_clip_config("x", {
+        "embed_dim": 24, "vision_cfg": vision_cfg, "text_cfg": text_cfg})).eval()
+    texts = ["a red cat", "the very small dog on a mat", ""]
+    tokens = open_clip.tokenizer.HFTokenizer(str(hf_folder), 12)(texts)
+    with torch.no_grad():
+        assert (oc.encode_text(tokens, normalize=True) - ours.encode_text(tokens, normalize=True)).abs().max() <= 1e-5
+    assert np.allclose(ours.embed_texts(texts), oc.encode_text(tokens, normalize=True).detach().numpy(), atol=1e-5)
+    exported = to_open_clip_state_dict(ours)
+    assert exported.keys() == oc.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in oc.state_dict().items())
+
+
+def test_hf_text_tower_offline_without_its_config_says_what_to_download(monkeypatch, tmp_path):
+    from clipper import config as config_module
+    from clipper.model import hf_text
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_text, "reachable", lambda host, timeout=3.0: False)
+    with pytest.raises(ConfigError, match=r"roberta-base.*not in the local Hugging Face cache.*hf download"):
+        clipper.CLIP(config_module.preset("roberta-ViT-B-32"))

@@ -16,12 +16,13 @@ from ..config import ModelConfig
 from .coca import CoCaDecoder
 from .decoder import CaptionDecoder
 from .meta import SkipMetaInit
+from .hf_text import HFTextTower
 from .text import TextTransformer
-from .transformer import init_blocks
 from .vision import VISION_TOWERS
 
 MAX_LOGIT_SCALE = 100.0
 DECODERS = {"prefix": CaptionDecoder, "coca": CoCaDecoder}  # DecoderConfig.kind -> the module
+TEXT_TOWERS = {"clipper": TextTransformer, "hf": HFTextTower}  # TextConfig.kind -> the tower
 
 
 class CLIP(nn.Module):
@@ -29,7 +30,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.visual = VISION_TOWERS[config.vision.kind](config.vision, config.embed_dim, config.quick_gelu)
-        self.text = TextTransformer(config.text, config.embed_dim, config.quick_gelu)
+        self.text = TEXT_TOWERS[config.text.kind](config.text, config.embed_dim, config.quick_gelu)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         bias = config.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
@@ -83,19 +84,9 @@ class CLIP(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2 style init (as open_clip's text tower): small embeddings, depth-scaled residual outputs."""
-        t = self.config.text
-        nn.init.normal_(self.text.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.text.positional_embedding, std=0.01)
-        if isinstance(self.text.proj, nn.Parameter):
-            nn.init.normal_(self.text.proj, std=t.width ** -0.5)
-        elif self.text.proj is not None:  # with a bias
-            nn.init.normal_(self.text.proj.weight, std=t.width ** -0.5)
-            nn.init.zeros_(self.text.proj.bias)
-        if self.text.cls_emb is not None:
-            nn.init.normal_(self.text.cls_emb, std=0.01)
+        """Each tower's own init (open_clip's)."""
+        self.text.init_weights()
         self.visual.init_weights()
-        init_blocks(self.text.transformer.blocks)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on the model's device when its inference precision is bf16, else nothing."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .linear import Linear
-from .transformer import Transformer
+from .transformer import Transformer, init_blocks
 
 
 class TextTransformer(nn.Module):
@@ -28,6 +28,20 @@ class TextTransformer(nn.Module):
         self.proj = Linear(w, embed_dim) if cfg.proj_bias else nn.Parameter(torch.empty(w, embed_dim))
         if not cfg.projection:
             self.proj = None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style init (as open_clip's text tower): small embeddings, depth-scaled residual outputs."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if isinstance(self.proj, nn.Parameter):
+            nn.init.normal_(self.proj, std=self.cfg.width ** -0.5)
+        elif self.proj is not None:  # with a bias
+            nn.init.normal_(self.proj.weight, std=self.cfg.width ** -0.5)
+            nn.init.zeros_(self.proj.bias)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
+        init_blocks(self.transformer.blocks)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.proj is None:

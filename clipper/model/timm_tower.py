@@ -13,19 +13,17 @@ weights themselves stay unfused (they are what open_clip loads and what training
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..config import VisionConfig
 from ..errors import ConfigError
-from .meta import SkipMetaInit
+from .meta import SkipMetaInit, build
 from .tower import check_images
 
 
@@ -43,20 +41,7 @@ def _create(cfg: VisionConfig, **kwargs) -> nn.Module:
         raise ConfigError(f"vision.timm_model: timm {timm.__version__} has no model {cfg.timm_model!r}")
     if cfg.timm_drop_path is not None:
         kwargs["drop_path_rate"] = cfg.timm_drop_path
-    if torch.get_default_device().type != "meta":
-        return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
-    with SkipMetaInit():
-        trunk = timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
-    if not _transient_buffers(trunk):
-        return trunk
-    # On the meta device (weights are loaded next: no init), buffers that a trunk computes when it is
-    # built and does not save (EVA's and PE's rotary tables) would stay empty: they are made on the CPU.
-    try:
-        with torch.device("cpu"), _parameters_on_meta():  # weight init runs on the meta parameters
-            return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
-    except (RuntimeError, NotImplementedError):  # a model whose init computes with both (MCi's stem): for real
-        with torch.device("cpu"):
-            return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
+    return build(lambda: timm.create_model(cfg.timm_model, pretrained=False, **kwargs))
 
 
 def as_own_vit(timm_cfg: VisionConfig) -> VisionConfig | None:
@@ -101,27 +86,6 @@ def _timm_network(name: str):
         return None
     with torch.device("meta"), SkipMetaInit():
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="map")
-
-
-def _transient_buffers(module: nn.Module) -> bool:
-    saved = set(module.state_dict())
-    return any(name not in saved for name, _ in module.named_buffers())
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 class TimmTower(nn.Module):

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 
 from .config import TextConfig
-from .errors import ConfigError, first_line
-from .io import reachable
+from .errors import ConfigError
+from .hub import from_hub
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,9 +118,6 @@ class HFTokenizer:
         return [self.decode(r) for r in rows]
 
 
-HF_HOST = "huggingface.co"
-
-
 @functools.lru_cache(maxsize=8)
 def _load_hf(name: str, context_length: int, clean: str, strip_sep: bool):
     if importlib.util.find_spec("transformers") is None:  # open_clip's HFTokenizer runs on it
@@ -130,29 +125,9 @@ def _load_hf(name: str, context_length: int, clean: str, strip_sep: bool):
                           "(transformers)")
     from open_clip.tokenizer import HFTokenizer as OpenClipHF
 
-    def build(**kwargs):
-        return OpenClipHF(name, context_length=context_length, clean=clean, strip_sep_token=strip_sep, **kwargs)
-
-    if Path(name).is_dir():
-        try:
-            return build()
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"text.tokenizer {name}: not a Hugging Face tokenizer folder ({first_line(e)})") from None
-    if os.sep in name and name.count("/") != 1:
-        raise ConfigError(f"text.tokenizer {name}: no such folder")
-    try:
-        return build(local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    if not reachable(HF_HOST):
-        raise ConfigError(f"text.tokenizer {name!r}: not in the local Hugging Face cache and {HF_HOST} cannot be "
-                          f"reached; download it where there is a network (`hf download {name}`, into "
-                          "~/.cache/huggingface/hub) or save it to a folder and pass --tokenizer DIR")
-    try:
-        return build()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"text.tokenizer {name!r}: could not be loaded ({first_line(e)})") from None
-
+    return from_hub(lambda **kw: OpenClipHF(name, context_length=context_length, clean=clean,
+                                            strip_sep_token=strip_sep, **kw),
+                    name, "text.tokenizer", instead="save it to a folder and pass --tokenizer DIR")
 
 
 def tokenizer_for(text: TextConfig, context_length: int | None = None) -> Tokenizer | HFTokenizer:

@@ -164,10 +164,9 @@ def test_hf_text_tower_matches_open_clips_adapter(tmp_path, hf_folder, model_typ
 
 
 def test_hf_text_tower_offline_without_its_config_says_what_to_download(monkeypatch, tmp_path):
-    from clipper import config as config_module
-    from clipper.model import hf_text
+    from clipper import config as config_module, hub
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(hf_text, "reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda host, timeout=3.0: False)
     with pytest.raises(ConfigError, match=r"roberta-base.*not in the local Hugging Face cache.*hf download"):
         clipper.CLIP(config_module.preset("roberta-ViT-B-32"))

@@ -86,11 +86,11 @@ def test_model_reads_its_hf_tokenizer_and_load_can_point_elsewhere(hf_folder, tm
 
 
 def test_missing_hf_tokenizer_offline_says_what_to_download(monkeypatch, tmp_path):
-    from clipper import tokenizer as tokenizer_module
+    from clipper import hub, tokenizer as tokenizer_module
     from clipper.config import TextConfig
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(tokenizer_module, "reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda host, timeout=3.0: False)
     tokenizer_module._load_hf.cache_clear()
     cfg = TextConfig(tokenizer="timm/ViT-B-16-SigLIP")
     with pytest.raises(ConfigError, match=r"timm/ViT-B-16-SigLIP.*not in the local Hugging Face cache.*hf download"):

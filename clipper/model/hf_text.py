@@ -10,41 +10,22 @@ the error names what to download.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import TextConfig
-from ..errors import ConfigError, first_line
-from ..io import reachable
+from ..errors import ConfigError
+from ..hub import from_hub
 from .meta import build
-
-HF_HOST = "huggingface.co"
-
 
 def _hf_config(name: str):
     if importlib.util.find_spec("transformers") is None:
         raise ConfigError(f"text.hf_model {name!r} is a Hugging Face model: pip install 'clipper[hf]' (transformers)")
     from transformers import AutoConfig
 
-    if Path(name).is_dir():
-        try:
-            return AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"text.hf_model {name}: not a transformers model folder ({first_line(e)})") from None
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    if not reachable(HF_HOST):
-        raise ConfigError(f"text.hf_model {name!r}: its config is not in the local Hugging Face cache and {HF_HOST} "
-                          f"cannot be reached; download it where there is a network (`hf download {name} "
-                          "config.json`, into ~/.cache/huggingface/hub) or point hf_model at a folder holding it")
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"text.hf_model {name!r}: could not be loaded ({first_line(e)})") from None
+    return from_hub(lambda **kw: AutoConfig.from_pretrained(name, **kw), name, "text.hf_model", files=" config.json",
+                    instead="point text.hf_model at a folder holding it")
 
 
 class HFTextTower(nn.Module):

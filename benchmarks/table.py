@@ -24,12 +24,29 @@ def table() -> str:
                            ("texts_full_context", "texts/s, full 77 tokens")):
             rows.append(f"| embed-model {r['model']} b{r['batch']}: {label} | {r[key]['open_clip']} | "
                         f"{r[key]['clipper']} | {r[key]['ratio']}x |")
-            others = [n for n in r[key].get("ratio_to_open_clip", {}) if n not in ("open_clip", "clipper")]
+            others = [n for n in r[key].get("ratio_to_open_clip", {}) if n not in ("open_clip", "clipper", "transformers")]
             if others:  # --runtimes: clipper int8 / bf16 and its ONNX export on ONNX Runtime, same rounds
                 rows.append(f"| embed-model {label}: " + " / ".join(others) + f" | {r[key]['open_clip']} | "
                             + " / ".join(str(r[key][n]) for n in others) + " | "
                             + " / ".join(f"{r[key]['ratio_to_open_clip'][n]}x" for n in others) + " |")
         rows.append(f"| embed-model: max cosine distance | | | {max(r['max_cosine_distance'].values()):.1e} |")
+        if "transformers" in r:
+            rows.append("| embed-model, transformers CLIPModel on the same weights: images/s, prompts, full | "
+                        + " / ".join(str(r[k]["transformers"]) for k in ("images", "texts_prompts", "texts_full_context"))
+                        + " (transformers) | " + " / ".join(str(r[k]["clipper"]) for k in
+                                                             ("images", "texts_prompts", "texts_full_context"))
+                        + " | " + " / ".join(f"{r[k]['ratio_to_transformers']}x" for k in
+                                             ("images", "texts_prompts", "texts_full_context")) + " |")
+    for path in sorted(RESULTS.glob("embed_model_*.json")):  # the other families (issue #16)
+        r = json.loads(path.read_text())
+        rows.append(f"| embed-model {r['model']} ({r['towers']['vision']}) b{r['batch']}: images/s; texts/s | "
+                    f"{r['images']['open_clip']}; {r['texts_full_context']['open_clip']} | {r['images']['clipper']}; "
+                    f"{r['texts_full_context']['clipper']} | {r['images']['ratio']}x; {r['texts_full_context']['ratio']}x |")
+    if r := _load("zoo"):
+        built = f"; {r['built']} built with random weights: max diff {r['max_abs_diff']:.1e}, exports exact " \
+                f"{r['all_exports_exact']}" if "built" in r else ""
+        rows.append(f"| model zoo: open_clip pretrained pairs clipper loads | {r['pretrained_pairs']} | "
+                    f"{r['pairs_loading']} | {r['architectures_loading']} of {r['architectures']} architectures{built} |")
     if r := _load("train_step"):
         s = r["samples_per_s"]
         rows.append(f"| train-step (ViT 6x192 p4 @32, text 4x192, b256): samples/s | {s['open_clip']} | "

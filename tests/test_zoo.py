@@ -160,11 +160,12 @@ def test_refusals_name_the_field():
         clipper.CLIP(from_open_clip_config("x", cfg))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "MobileCLIP2-S2", "EVA02-B-16",
-                                  "convnext_base", "PE-Core-B-16", "ViTamin-S", "ViT-L-14-CLIPA"])
+@pytest.mark.slow  # ~25 min: benchmarks/zoo.py --parity runs the same and records the table
+@pytest.mark.parametrize("name", sorted({a for a, _ in open_clip.list_pretrained()}))
 def test_pretrained_architectures_match_open_clip(name):
-    """Full-size members (benchmarks/zoo.py --parity runs all of them)."""
+    """Every architecture of open_clip's pretrained list at full size, random weights: open_clip's
+    normalised embeddings within 1e-5 and the export back exact; skipped, saying why, over 1B
+    parameters and where the text tower's config is on the hub only (open_clip cannot build it either)."""
     import sys
     from pathlib import Path
 
@@ -172,6 +173,8 @@ def test_pretrained_architectures_match_open_clip(name):
     from zoo import parity
 
     row = parity(name, 1e9)
+    if "parity" in row:
+        pytest.skip(row["parity"])
     assert row["max_abs_diff"] <= 1e-5 and row["export_exact"]
 
 
@@ -201,3 +204,25 @@ def test_timm_tower_exports_to_onnx(tmp_path):
     assert manifest["graphs"]["text"]["shape"] == ["batch", "length"]  # causal: rows cut to the batch's longest
     # a bidirectional tower sees the padding: its graph takes full rows (checked the same way on export)
     assert fixed_text_length(_pair("mobileclip2")[1]) and fixed_text_length(_pair("siglip")[1])
+
+
+@pytest.mark.parametrize("family,loss", [("convnext", "infonce"), ("siglip-own-vit", "sigmoid"),
+                                         ("mobileclip2", "infonce")])
+def test_family_fine_tunes(family, loss):
+    """The towers train: a few AdamW steps on 8 fixed pairs lower the loss (timm's trunk, clipper's
+    SigLIP ViT with its sigmoid loss, a MobileOne trunk that runs unfused while training)."""
+    from clipper.losses import LOSSES
+
+    _, ours, _ = _pair(family)
+    images, tokens = _inputs(ours, 8)
+    ours.train()
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        out = ours(images, tokens)
+        value = LOSSES[loss](out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])["loss"]
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.detach().item())
+    assert losses[-1] < losses[0], losses

@@ -4,6 +4,7 @@ import open_clip
 import pytest
 
 from clipper import ConfigError, ModelConfig, list_presets, preset
+from clipper.config import from_open_clip_config
 
 
 def test_json_round_trip(tmp_path):
@@ -71,7 +72,7 @@ def test_contradictory_or_malformed_fields(section, field, value, message):
 
 def test_unsupported_open_clip_configs_are_refused():
     with pytest.raises(ConfigError, match="not supported"):
-        preset("roberta-ViT-B-32")  # a text tower from Hugging Face transformers
+        from_open_clip_config("x", open_clip.get_model_config("ViT-B-32") | {"vision_cfg": {"pos_embed_type": "sin_cos_2d"}})
     with pytest.raises(ConfigError, match="neither a clipper preset nor an open_clip"):
         preset("no-such-model")
 

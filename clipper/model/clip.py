@@ -84,9 +84,11 @@ class CLIP(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Each tower's own init (open_clip's)."""
+        """Each tower's own init (open_clip's), the text tower's blocks last: the order in which the
+        random weights of every earlier clipper model were drawn, so seeded runs stay the same."""
         self.text.init_weights()
         self.visual.init_weights()
+        self.text.init_blocks()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on the model's device when its inference precision is bf16, else nothing."""

@@ -62,6 +62,9 @@ class HFTextTower(nn.Module):
     def init_weights(self) -> None:
         """transformers initialises its model when it builds it; the projection keeps PyTorch's init (as open_clip)."""
 
+    def init_blocks(self) -> None:
+        """Nothing: see init_weights."""
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, L] (the tokenizer's ids, padding = the model's pad id) -> [B, embed_dim]."""
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):

@@ -31,7 +31,7 @@ class TextTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2 style init (as open_clip's text tower): small embeddings, depth-scaled residual outputs."""
+        """GPT-2 style init (as open_clip's text tower): small embeddings (the blocks: `init_blocks`)."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.proj, nn.Parameter):
@@ -41,6 +41,9 @@ class TextTransformer(nn.Module):
             nn.init.zeros_(self.proj.bias)
         if self.cls_emb is not None:
             nn.init.normal_(self.cls_emb, std=0.01)
+
+    def init_blocks(self) -> None:
+        """Depth-scaled residual outputs (open_clip's)."""
         init_blocks(self.transformer.blocks)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

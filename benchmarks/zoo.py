@@ -9,12 +9,16 @@ Architectures over --max-params parameters are counted but not built.
 `--onnx NAME ...` also exports those architectures (random weights) with `clipper export --format
 onnx`'s code and records the largest cosine distance ONNX Runtime gives against clipper.
 
+`--only NAME ...` builds just those architectures and updates their rows in results/zoo.json.
+
     python benchmarks/zoo.py [--parity] [--max-params 1e9] [--onnx MobileCLIP2-S0 convnext_base ...]
+    python benchmarks/zoo.py --parity --only coca_ViT-B-32 ViT-SO400M-14-SigLIP2 --max-params 1.2e9
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections import defaultdict
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 import open_clip  # noqa: E402
 
@@ -70,6 +74,10 @@ def parity(name: str, max_params: float) -> dict:
     return {"params": n, "max_abs_diff": diff, "export_exact": exact}
 
 
+def _as_dict(value) -> dict:
+    return value if isinstance(value, dict) else {"default": value}
+
+
 def onnx_check(name: str) -> dict:
     from clipper.onnx_export import export_onnx
 
@@ -89,13 +97,17 @@ def main() -> None:
     ap.add_argument("--parity", action="store_true", help="build each architecture and compare with open_clip")
     ap.add_argument("--max-params", type=float, default=1e9)
     ap.add_argument("--onnx", nargs="*", default=[], metavar="NAME", help="architectures to export to ONNX")
+    ap.add_argument("--only", nargs="*", default=None, metavar="NAME", help="rebuild these rows of results/zoo.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tags = defaultdict(list)
     for arch, tag in open_clip.list_pretrained():
         tags[arch].append(tag)
-    rows = {}
+    previous = json.loads(RESULTS.joinpath("zoo.json").read_text()) if args.only else {}
+    rows = dict(previous.get("rows", {}))
     for arch in sorted(tags):
+        if args.only is not None and arch not in args.only:
+            continue
         try:
             config = preset(arch)
             row = {"status": "loads", "vision": config.vision.kind + (f" {config.vision.timm_model}"
@@ -118,7 +130,9 @@ def main() -> None:
         results["built"] = len(built)
         results["max_abs_diff"] = max((r["max_abs_diff"] for r in built), default=None)
         results["all_exports_exact"] = all(r["export_exact"] for r in built)
-    results["onnx"] = {name: onnx_check(name) for name in args.onnx}
+    results["max_params"] = args.max_params if not args.only else {**_as_dict(previous.get("max_params")),
+                                                                   **{a: args.max_params for a in args.only}}
+    results["onnx"] = previous.get("onnx", {}) | {name: onnx_check(name) for name in args.onnx}
     print({k: v for k, v in results.items() if k != "rows"})
     print("wrote", write_results("zoo", results))
 

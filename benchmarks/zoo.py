@@ -130,7 +130,7 @@ def main() -> None:
         results["built"] = len(built)
         results["max_abs_diff"] = max((r["max_abs_diff"] for r in built), default=None)
         results["all_exports_exact"] = all(r["export_exact"] for r in built)
-    results["max_params"] = args.max_params if not args.only else {**_as_dict(previous.get("max_params")),
+    results["max_params"] = args.max_params if not args.only else {**_as_dict(previous.get("max_params", 1e9)),
                                                                    **{a: args.max_params for a in args.only}}
     results["onnx"] = previous.get("onnx", {}) | {name: onnx_check(name) for name in args.onnx}
     print({k: v for k, v in results.items() if k != "rows"})

@@ -257,8 +257,8 @@ def to_hf_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
                 for name, chunk in zip("qkv", value.chunk(3)):
                     out[f"{tower}self_attn.{name}_proj.{part}"] = chunk
             else:
-                theirs = next(layer[p] for p in layer if m[3].startswith(p))
-                out[tower + theirs + m[3][len(next(p for p in layer if m[3].startswith(p))):]] = value
+                ours_prefix = next(p for p in layer if m[3].startswith(p))
+                out[tower + layer[ours_prefix] + m[3][len(ours_prefix):]] = value
         elif key in back:
             out[back[key]] = value
         elif key in ("visual.proj", "text.proj") and kind == "clip":

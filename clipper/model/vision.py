@@ -9,9 +9,9 @@ from torch import nn
 
 from ..config import VisionConfig
 from .linear import Linear
-from .tower import check_images
 from .resnet import ModifiedResNet
 from .timm_tower import TimmTower
+from .tower import check_images
 from .transformer import MLP, Transformer, attend, init_blocks
 
 

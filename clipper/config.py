@@ -501,6 +501,12 @@ def _heads_divide(cfg: Any, where: str) -> None:
         raise ConfigError(f"{where}: width {cfg.width} is not divisible by heads {cfg.heads}")
 
 
+def mlp_ratio_of(width: int, hidden: int) -> float:
+    """The mlp_ratio whose int(width * ratio) is `hidden` (4304 / 1152 in floating point gives 4303)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
 def _one_of(obj: Any, where: str, name: str, choices: Sequence[str]) -> None:
     if getattr(obj, name) not in choices:
         raise ConfigError(f"{where}.{name}: {getattr(obj, name)!r} is not one of {', '.join(choices)}")

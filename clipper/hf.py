@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import io
 from .checkpoint import read_state_dict
-from .config import ModelConfig, TextConfig, VisionConfig
+from .config import ModelConfig, TextConfig, VisionConfig, mlp_ratio_of
 from .errors import CheckpointError, ConfigError
 from .model import CLIP
 
@@ -57,7 +57,7 @@ def _tower(c: dict, kind: str, where: str) -> dict:
         width, hidden = int(c["hidden_size"]), int(c["intermediate_size"])
         act = _ACT[c.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh")]
         return {"width": width, "layers": int(c["num_hidden_layers"]), "heads": int(c["num_attention_heads"]),
-                "mlp_ratio": hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width,
+                "mlp_ratio": mlp_ratio_of(width, hidden),
                 "act": act, "norm_eps": float(c.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6))}
     except KeyError as e:
         raise ConfigError(f"{where}: no {e.args[0]} (or hidden_act {c.get('hidden_act')!r} unknown)") from None

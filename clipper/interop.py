@@ -128,7 +128,8 @@ def _names(config: ModelConfig) -> dict:
 
 def _key_map(model: CLIP) -> dict[str, str]:
     """{open_clip name (pooler unpacked): clipper name} for every tensor of `model`."""
-    return {open_clip_name(k, **_names(model.config)): k for k in model.state_dict()}
+    naming = _names(model.config)
+    return {open_clip_name(k, **naming): k for k in model.state_dict()}
 
 
 def _exported(model: CLIP) -> bool:
@@ -144,8 +145,9 @@ def to_open_clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
                          "token of a causal text tower; this model cannot be exported to it")
     keep_decoder = _exported(model)
     sd = {k: v for k, v in model.state_dict().items() if keep_decoder or not k.startswith("decoder.")}
-    out = {open_clip_name(k, **_names(model.config)): v for k, v in _pooler_to_open_clip(sd).items()}
-    if _TIMM_POS in out and _names(model.config)["timm_vit"]:
+    naming = _names(model.config)
+    out = {open_clip_name(k, **naming): v for k, v in _pooler_to_open_clip(sd).items()}
+    if _TIMM_POS in out and naming["timm_vit"]:
         out[_TIMM_POS] = out[_TIMM_POS].unsqueeze(0)
     return out
 
@@ -236,8 +238,9 @@ def from_open_clip_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig |
                               f"{', '.join(unknown[:5])}")
     # open_clip stores logit_scale as a scalar or as shape [1]; clipper uses a scalar (and timm's
     # positions [1, N, D] are clipper's [N, D]).
+    timm_vit = _names(config)["timm_vit"]
     tensors = {names[k]: (v.reshape(()) if k.startswith("logit_") else v[0] if k == _TIMM_POS and v.ndim == 3
-                          and _names(config)["timm_vit"] else v) for k, v in sd.items()}
+                          and timm_vit else v) for k, v in sd.items()}
     return CLIP.from_state_dict(config, {k: v.clone() for k, v in tensors.items()} if copy else tensors, source)
 
 

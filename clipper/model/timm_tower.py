@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..config import VisionConfig
+from ..config import VisionConfig, mlp_ratio_of
 from ..errors import ConfigError
 from .meta import SkipMetaInit, build
 from .tower import check_images
@@ -37,7 +37,7 @@ def _timm():
 
 def _create(cfg: VisionConfig, **kwargs) -> nn.Module:
     timm = _timm()
-    if cfg.timm_model not in timm.list_models():
+    if not timm.is_model(cfg.timm_model):
         raise ConfigError(f"vision.timm_model: timm {timm.__version__} has no model {cfg.timm_model!r}")
     if cfg.timm_drop_path is not None:
         kwargs["drop_path_rate"] = cfg.timm_drop_path
@@ -46,7 +46,8 @@ def _create(cfg: VisionConfig, **kwargs) -> nn.Module:
 
 def as_own_vit(timm_cfg: VisionConfig) -> VisionConfig | None:
     """A timm tower that is a plain SigLIP ViT (no class token, attention-pooling head, nothing else
-    added, no projection after it) as clipper's own ViT, which runs faster (benchmarks/README.md);
+    added, no projection after it) as clipper's own ViT: the same arithmetic (a tie in speed,
+    benchmarks/README.md), on the code path clipper's precision, export and training work covers;
     None for any other timm model. The architecture is read off timm's model, built on the meta device."""
     if timm_cfg.timm_pool != "map" or timm_cfg.timm_proj != "none":
         return None
@@ -71,7 +72,7 @@ def as_own_vit(timm_cfg: VisionConfig) -> VisionConfig | None:
     return dataclasses.replace(
         timm_cfg, kind="vit", image_size=m.patch_embed.img_size[0], patch_size=m.patch_embed.patch_size[0],
         width=width, layers=len(m.blocks), heads=block.attn.num_heads,
-        mlp_ratio=hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width,
+        mlp_ratio=mlp_ratio_of(width, hidden),
         pool="map", attn_pool_heads=pool.num_heads, class_token=False, patch_bias=True, projection=False,
         ln_pre=False, act=acts[act], norm_eps=m.norm.eps)
 
@@ -82,7 +83,7 @@ def _timm_network(name: str):
         timm = _timm()
     except ConfigError:
         return None
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         return None
     with torch.device("meta"), SkipMetaInit():
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="map")

@@ -249,11 +249,21 @@ def cmd_data(args: argparse.Namespace) -> None:
     elif args.source == "emoji":
         stats = build.build_emoji(args.out, args.font, args.cldr_root, args.samples_per_shard or 500,
                                   tuple(s.strip() for s in args.styles.split(",") if s.strip()))
-    elif args.source == "folder":
-        stats = {"all": write_shards(sources.folder_samples(args.input), args.out, args.samples_per_shard or 1000)}
+    elif args.source == "clip-benchmark":
+        from .data.clip_benchmark import export_clip_benchmark
+
+        s = export_clip_benchmark(args.input, args.out, args.split, _templates(args), args.samples_per_shard or 1000)
+        print(f"{s['type']}: {s['samples']} samples ({s['skipped']} skipped) in {args.out}/{args.split}; run "
+              f"`clip_benchmark eval --dataset wds/NAME --dataset_root {args.out} --split {args.split} --task "
+              f"zeroshot_{s['type']} ...`")
+        return
     else:
-        stats = {"all": write_shards(sources.csv_samples(args.input, args.image_column, args.caption_column),
-                                     args.out, args.samples_per_shard or 1000)}
+        own = (sources.folder_samples(args.input, classes=args.classes_from_folders) if args.source == "folder" else
+               sources.csv_samples(args.input, args.image_column, args.caption_column, label_column=args.label_column))
+        stats = {"all": write_shards(own, args.out, args.samples_per_shard or 1000, classnames=own.classnames)}
+        if own.classnames:
+            print(f"{len(own.classnames)} classes (in {Path(args.out) / 'classnames.txt'}; `clipper eval --task "
+                  f"zeroshot --data {args.out}` reads them)")
     for split, s in stats.items():
         rejected = f", {s['rejected']} rejected ({s['rejected_by_reason']})" if s["rejected"] else ""
         print(f"{split}: {s['samples']} pairs in {s['shards']} shard(s){rejected}")
@@ -288,12 +298,13 @@ def _labels(args: argparse.Namespace, required: bool) -> list[str] | None:
         if labels:
             return labels
     if required:
-        raise ConfigError("--labels: give the class names (comma-separated) or --labels-file")
+        raise ConfigError("--labels: give the class names (comma-separated) or --labels-file (a set made with "
+                          "--classes-from-folders or --label-column has them)")
     return None
 
 
 def _templates(args: argparse.Namespace) -> list[str] | None:
-    from .embed import check_templates
+    from .prompts import check_templates
 
     return check_templates(read_lines(args.templates, "templates"), args.templates) if args.templates else None
 
@@ -301,7 +312,10 @@ def _templates(args: argparse.Namespace) -> list[str] | None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_task
 
-    classnames = _labels(args, required=args.task == "zeroshot")
+    from .data.shards import CLASSNAMES_FILE, read_set_lines
+
+    # a labelled set names its classes (classnames.txt); checked before the model is loaded
+    classnames = _labels(args, required=args.task == "zeroshot" and read_set_lines(args.data, CLASSNAMES_FILE) is None)
     model = _load(args)
     metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers,
                             classnames=classnames, templates=_templates(args), style=args.style)
@@ -513,10 +527,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "training emoji) and test (default: noto)")
     q = data_sub.add_parser("folder", parents=[common], help="images with same-named .txt captions")
     q.add_argument("input", help="folder (searched recursively)")
+    q.add_argument("--classes-from-folders", action="store_true",
+                   help="label each image by its top folder (INPUT/CLASS/.../x.jpg; underscores read as spaces), "
+                        "kept in the shards with classnames.txt for `clipper eval --task zeroshot`; an image "
+                        "without a .txt gets its class name as caption (default: unlabelled)")
     q = data_sub.add_parser("csv", parents=[common], help="CSV/TSV of image path and caption")
     q.add_argument("input", help="the .csv or .tsv file; image paths relative to its folder")
     q.add_argument("--image-column", default="image", help="column of the image paths (default: image)")
     q.add_argument("--caption-column", default="caption", help="column of the captions (default: caption)")
+    q.add_argument("--label-column", help="column of each row's class name, kept in the shards with "
+                                          "classnames.txt for `clipper eval --task zeroshot` (default: unlabelled)")
+    q = data_sub.add_parser("clip-benchmark", parents=[common],
+                            help="a shard set -> clip_benchmark's webdataset layout (classification when the set "
+                                 "has classnames.txt, else retrieval), for `clip_benchmark eval --dataset wds/NAME "
+                                 "--dataset_root OUT`")
+    q.add_argument("input", help="the shards (folder, brace pattern or glob)")
+    q.add_argument("--split", default="test", help="the split's folder name in OUT (default: test)")
+    q.add_argument("--templates", help="zero-shot templates with {}, one per line (default: the set's "
+                                       "templates.txt, else 'a photo of a {}.')")
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("train", help="contrastive training (also under torchrun)",
@@ -541,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--labels", help="class names, comma-separated")
     labels.add_argument("--labels-file", help="class names, one per line")
     labels.add_argument("--templates", help="prompt templates with {} for the name, one per line "
-                                            "(default: 'a photo of a {}.'); several are averaged")
+                                            "(default: 'a photo of a {}.'; eval: the set's templates.txt when it has "
+                                            "one); several are averaged")
 
     p = sub.add_parser("eval", parents=[labels], help="zero-shot accuracy, retrieval recall or caption metrics",
                        description="Tasks (the *-fmnist and *-emoji ones follow docs/protocol.md), and the shards "

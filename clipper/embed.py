@@ -28,10 +28,9 @@ from .images import MAX_PIXELS, decode_image
 from .index import Index
 from .io import atomic_path, read_json_object, read_jsonl, read_lines, write_json, write_jsonl
 from .progress import Progress, track
+from .prompts import DEFAULT_TEMPLATES, check_templates
 from .model import CLIP
 from .tokenizer import tokenizer_for
-
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 class ImageFiles(Dataset):
@@ -136,20 +135,6 @@ def embed_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256,
     return out.numpy() if to_numpy else out
 
 
-def check_templates(templates: Sequence[str], where: str = "") -> list[str]:
-    """The templates, each with exactly one '{}' where the label goes; `where` (a file) prefixes errors."""
-    for t in templates:
-        try:
-            ok = t.count("{}") == 1 and bool(t.format("x"))
-        except (ValueError, IndexError, KeyError):  # other braces: "{} {", "{0}", "{name}"
-            ok = False
-        if not ok:
-            raise ConfigError(f"{where + ': ' if where else ''}template {t!r}: needs exactly one '{{}}' where the "
-                              "label goes, and no other braces")
-    return list(templates)
-
-
-@torch.inference_mode()
 def label_embeddings(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
     """[C, D]: per label, the mean of its normalised template embeddings, re-normalised."""
     labels, templates = list(labels), check_templates(templates or DEFAULT_TEMPLATES)

@@ -49,10 +49,11 @@ def zero_shot(model: CLIP, batches: Iterable[dict], classnames: Sequence[str],
 
 
 def _class_index(meta: dict, key: str, position: dict[str, int]) -> int:
-    if isinstance(meta.get("label"), int) and 0 <= meta["label"] < len(position):
-        return meta["label"]
-    if meta.get("class") in position:
-        return position[meta["class"]]
+    from .data.shards import class_index
+
+    label = class_index(meta, position)
+    if label is not None:
+        return label
     raise DataError(f"sample {key}: its json needs 'label' (an index into the {len(position)} classes) "
                      f"or 'class' (one of them), got {json.dumps(meta)[:200]}")
 
@@ -201,7 +202,8 @@ EVAL_TASKS: dict[str, EvalTask] = {
                                   "the Fashion-MNIST test shards (and the share of captions naming the class)",
                                   captions=True),
     "zeroshot": EvalTask(zero_shot, "any shards whose json holds 'label' (index) or 'class' (name); --labels "
-                                    "(and --templates, default 'a photo of a {}.')",
+                                    "(default: the set's classnames.txt) and --templates (default: the set's "
+                                    "templates.txt, else 'a photo of a {}.')",
                          inputs=("classnames", "templates"), required=("classnames",)),
     "retrieval": EvalTask(retrieval, "any (image, caption) shards"),
     "captioning": EvalTask(captioning, "any (image, caption) shards; with --labels also the share naming the class",
@@ -216,11 +218,20 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
     if task not in EVAL_TASKS:
         raise ConfigError(f"unknown evaluation task {task!r} (one of {', '.join(EVAL_TASKS)})")
     spec = EVAL_TASKS[task]
+    from .data.shards import CLASSNAMES_FILE, TEMPLATES_FILE, read_set_lines
+
+    # a labelled set names its classes, and may carry its prompt templates
+    if not classnames and "classnames" in spec.inputs:
+        classnames = read_set_lines(data, CLASSNAMES_FILE)
+    if not templates and "templates" in spec.inputs:
+        templates = read_set_lines(data, TEMPLATES_FILE)
     given = {"classnames": list(classnames) if classnames else None, "templates": templates, "style": style}
     missing = [name for name in spec.required if not given[name]]
     if missing:
-        raise ConfigError(f"task {task}: give " + ("the class names (--labels or --labels-file)" if "classnames"
-                                                    in missing else "--style (the rendering to compare with)"))
+        raise ConfigError(f"task {task}: give " + ("the class names (--labels or --labels-file; a set made with "
+                                                    "--classes-from-folders or --label-column has them)"
+                                                    if "classnames" in missing else
+                                                    "--style (the rendering to compare with)"))
     if spec.captions and model.decoder is None:
         raise ConfigError(f"task {task}: the model has no caption decoder")
     was_training = model.training

@@ -28,10 +28,11 @@ from PIL import Image
 from .data.inputs import ImageItem
 from .data.transforms import Normalize, ResizeCrop
 from .config import from_dict
-from .embed import check_templates, classify_embeddings, embed_texts, open_index
+from .embed import classify_embeddings, embed_texts, open_index
 from .errors import ClipperError, ImageError
 from .images import decode_image, image_size
 from .model import CLIP
+from .prompts import check_templates
 from .serve_config import Access, Limits
 from .tokenizer import tokenizer_for
 

@@ -12,7 +12,8 @@ from .shards import write_shards
 def build_fashion_mnist(out: str | os.PathLike, root: str | os.PathLike | None = None, seed: int = 0,
                         samples_per_shard: int = 5000) -> dict[str, dict]:
     return {split: write_shards(fashion_mnist.samples(split, root, seed), Path(out) / split, samples_per_shard,
-                                total=fashion_mnist.COUNTS[split], desc=f"fashion-mnist {split}")
+                                total=fashion_mnist.COUNTS[split], desc=f"fashion-mnist {split}",
+                                classnames=fashion_mnist.CLASSES, templates=fashion_mnist.EVAL_TEMPLATES)
             for split in ("train", "test")}
 
 

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 import textwrap
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -25,6 +25,8 @@ from ..progress import track
 from .samples import Rejected, Sample
 
 SIZES_FILE, STATS_FILE, REJECTED_FILE, GRID_FILE = "sizes.json", "stats.json", "rejected.jsonl", "grid.png"
+# a labelled set's class names (one per line, in label order) and its zero-shot prompt templates
+CLASSNAMES_FILE, TEMPLATES_FILE = "classnames.txt", "templates.txt"
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -41,9 +43,12 @@ def reason_kind(reason: str) -> str:
 
 
 def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike, samples_per_shard: int = 1000,
-                 grid_size: int = 32, total: int | None = None, desc: str = "shards") -> dict:
+                 grid_size: int = 32, total: int | None = None, desc: str = "shards",
+                 classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> dict:
     """Write `items` as shards 00000.tar, 00001.tar, ... in `out_dir`, with sizes.json (samples per
-    shard), stats.json (counts, rejected inputs by reason), rejected.jsonl and grid.png."""
+    shard), stats.json (counts, rejected inputs by reason), rejected.jsonl and grid.png; for a
+    labelled set (samples' json 'label' indexes `classnames`) also classnames.txt and, when given,
+    templates.txt, which zero-shot evaluation reads."""
     if samples_per_shard <= 0:
         raise ConfigError(f"samples_per_shard: must be positive, got {samples_per_shard}")
     out = Path(out_dir)
@@ -54,11 +59,15 @@ def write_shards(items: Iterable[Sample | Rejected], out_dir: str | os.PathLike,
     stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         stats = _write_set(items, stage, samples_per_shard, grid_size, total, desc)
+        for name, lines in ((CLASSNAMES_FILE, classnames), (TEMPLATES_FILE, templates)):
+            if lines is not None:
+                (stage / name).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
         new = sorted(stage.iterdir(), key=lambda p: p.suffix != ".tar")  # shards first, then what describes them
         for path in new:
             os.replace(path, out / path.name)
         names = {path.name for path in new}
-        for stale in [*out.glob("*.tar"), out / SIZES_FILE, out / STATS_FILE, out / REJECTED_FILE, out / GRID_FILE]:
+        for stale in [*out.glob("*.tar"), out / SIZES_FILE, out / STATS_FILE, out / REJECTED_FILE, out / GRID_FILE,
+                      out / CLASSNAMES_FILE, out / TEMPLATES_FILE]:
             if stale.name not in names:  # a rewrite with fewer shards must not leave old ones behind
                 stale.unlink(missing_ok=True)
     finally:
@@ -111,6 +120,34 @@ def _write_set(items: Iterable[Sample | Rejected], out: Path, samples_per_shard:
     if grid:
         write_grid(grid, out / GRID_FILE)
     return stats
+
+
+def class_index(meta: object, position: dict[str, int]) -> int | None:
+    """A labelled sample's class: its json 'label' (an index) or 'class' (a name in `position`)."""
+    if not isinstance(meta, dict):
+        return None
+    label = meta.get("label")
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(position):
+        return label
+    return position.get(meta["class"]) if isinstance(meta.get("class"), str) else None
+
+
+def read_set_lines(data: str, name: str) -> list[str] | None:
+    """The lines of `name` (CLASSNAMES_FILE, TEMPLATES_FILE) written beside a shard set (`data`
+    its folder, or a pattern or file inside one), or None when there is none."""
+    folder = Path(data)
+    if not folder.is_dir():
+        folder = folder.parent
+    path = folder / name
+    if not path.is_file():
+        return None
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not readable as UTF-8 text ({e})") from None
+    if len(set(lines)) != len(lines):
+        raise DataError(f"{path}: a line appears twice")
+    return lines or None
 
 
 def write_grid(samples: list[Sample], path: str | os.PathLike, cell: int = 96, columns: int = 8) -> None:

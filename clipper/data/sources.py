@@ -1,12 +1,15 @@
 """Generic sources: a folder of images with same-named .txt captions, and a CSV/TSV of
 (image path, caption). Keys are sequential indices in sorted order, as img2dataset writes them;
-the original path is kept as the sample's source id."""
+the original path is kept as the sample's source id. Either can be labelled (folder names, or a
+CSV column): each sample's json then holds its `class` and `label` (the class's index in the sorted
+class names), which zero-shot evaluation reads."""
 
 from __future__ import annotations
 
 import csv
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..images import MAX_PIXELS, image_file_bytes
@@ -27,59 +30,102 @@ def read_caption(raw: bytes, where: str) -> str:
     return text
 
 
-def _sample(index: int, image_path: Path, caption: str, source_id: str, max_pixels: int) -> Sample | Rejected:
+@dataclass
+class Labelled:
+    """The samples of a source, and its class names (None: unlabelled) in label order."""
+    samples: Iterator[Sample | Rejected]
+    classnames: list[str] | None = None
+
+    def __iter__(self) -> Iterator[Sample | Rejected]:
+        return iter(self.samples)
+
+
+def _sample(index: int, image_path: Path, caption: str, source_id: str, max_pixels: int,
+            label: tuple[int, str] | None = None) -> Sample | Rejected:
     try:
         data, ext = image_file_bytes(image_path, max_pixels)
     except ImageError as e:
         return Rejected(source_id, str(e))
-    return Sample(key=f"{index:09d}", image=data, ext=ext, text=caption, meta={"source_id": source_id})
+    meta = {"source_id": source_id, **({"label": label[0], "class": label[1]} if label else {})}
+    return Sample(key=f"{index:09d}", image=data, ext=ext, text=caption, meta=meta)
 
 
-def folder_samples(root: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Iterator[Sample | Rejected]:
-    """Every image under `root` (recursive, sorted) with the caption in the .txt beside it.
-    A missing or image-less folder fails here, before any sample is read."""
+def folder_class(rel: str) -> str | None:
+    """The class of an image at `rel` (relative to the root) in a labelled folder: its top folder,
+    with underscores as spaces (`golden_retriever/1.jpg` -> 'golden retriever'), as prompts read it."""
+    top, sep, _ = rel.partition("/")
+    return top.replace("_", " ").strip() or None if sep else None
+
+
+def folder_samples(root: str | os.PathLike, max_pixels: int = MAX_PIXELS, classes: bool = False) -> Labelled:
+    """Every image under `root` (recursive, sorted) with the caption in the .txt beside it. With
+    `classes`, the top folder is the image's class (ImageFolder's layout), and an image without a
+    .txt has its class name as caption. A missing or image-less folder fails here, before any
+    sample is read."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise MissingFileError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return _folder_items(root, images, max_pixels)
+    names = sorted({c for p in images if (c := folder_class(p.relative_to(root).as_posix()))}) if classes else None
+    if classes and not names:
+        raise DataError(f"{root}: no class folders (labelled by folder: ROOT/CLASS/image.jpg)")
+    return Labelled(_folder_items(root, images, max_pixels, names), names)
 
 
-def _folder_items(root: Path, images: list[Path], max_pixels: int) -> Iterator[Sample | Rejected]:
+def _folder_items(root: Path, images: list[Path], max_pixels: int,
+                  classnames: list[str] | None) -> Iterator[Sample | Rejected]:
+    position = {name: i for i, name in enumerate(classnames or ())}
     for index, path in enumerate(images):
         rel = path.relative_to(root).as_posix()
+        label = None
+        if classnames is not None:
+            name = folder_class(rel)
+            if name is None:
+                yield Rejected(rel, f"{rel}: not in a class folder")
+                continue
+            label = (position[name], name)
         txt = path.with_suffix(".txt")
-        if not txt.is_file():
+        if not txt.is_file() and label is None:
             yield Rejected(rel, f"{rel}: no caption file {txt.name}")
             continue
         try:
-            caption = read_caption(txt.read_bytes(), txt.relative_to(root).as_posix())
+            caption = read_caption(txt.read_bytes(), txt.relative_to(root).as_posix()) if txt.is_file() else label[1]
         except ValueError as e:
             yield Rejected(rel, str(e))
             continue
-        yield _sample(index, path, caption, rel, max_pixels)
+        yield _sample(index, path, caption, rel, max_pixels, label)
 
 
 def csv_samples(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
-                max_pixels: int = MAX_PIXELS) -> Iterator[Sample | Rejected]:
-    """Rows of a CSV (or .tsv) file; image paths are relative to the file's folder. A missing
-    file or column fails here, before any sample is read."""
+                max_pixels: int = MAX_PIXELS, label_column: str | None = None) -> Labelled:
+    """Rows of a CSV (or .tsv) file; image paths are relative to the file's folder; with
+    `label_column`, that column names each row's class. A missing file or column fails here,
+    before any sample is read."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
-        columns = next(csv.reader(f, delimiter=delimiter), [])
-    for column in (image_column, caption_column):
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            columns = next(csv.reader(f, delimiter=delimiter), [])
+            # the class names first: a label is an index into all of them, sorted
+            names = sorted({(row.get(label_column) or "").strip() for row in csv.DictReader(f, columns, delimiter=delimiter)}
+                           - {""}) if label_column in columns else None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable UTF-8 CSV ({e})") from None
+    for column in (image_column, caption_column, *([label_column] if label_column else [])):
         if column not in columns:
             raise DataError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
-    return _csv_items(path, delimiter, image_column, caption_column, max_pixels)
+    if label_column and not names:
+        raise DataError(f"{path}: column {label_column!r} names no class")
+    return Labelled(_csv_items(path, delimiter, image_column, caption_column, max_pixels, label_column, names), names)
 
 
-def _csv_items(path: Path, delimiter: str, image_column: str, caption_column: str,
-               max_pixels: int) -> Iterator[Sample | Rejected]:
+def _csv_items(path: Path, delimiter: str, image_column: str, caption_column: str, max_pixels: int,
+               label_column: str | None, classnames: list[str] | None) -> Iterator[Sample | Rejected]:
+    position = {name: i for i, name in enumerate(classnames or ())}
     with open(path, newline="", encoding="utf-8") as f:
         for index, row in enumerate(csv.DictReader(f, delimiter=delimiter)):
             where = f"{path.name}:{index + 2}"  # line number, counting the header
@@ -87,9 +133,16 @@ def _csv_items(path: Path, delimiter: str, image_column: str, caption_column: st
             if not image:
                 yield Rejected(where, f"{where}: empty image path")
                 continue
+            label = None
+            if label_column:
+                name = (row.get(label_column) or "").strip()
+                if not name:
+                    yield Rejected(where, f"{where}: empty {label_column}")
+                    continue
+                label = (position[name], name)
             try:
                 caption = read_caption((row.get(caption_column) or "").encode("utf-8"), where)
             except ValueError as e:
                 yield Rejected(where, str(e))
                 continue
-            yield _sample(index, path.parent / image, caption, image, max_pixels)
+            yield _sample(index, path.parent / image, caption, image, max_pixels, label)

@@ -121,7 +121,7 @@ def test_clip_benchmark_reproduces_clipper_eval_on_exports(tmp_path, capsys):
     exe = shutil.which("clip_benchmark") or str(Path(sys.executable).parent / "clip_benchmark")
     subprocess.run([exe, "eval", "--model_type", "open_clip", "--model", f"local-dir:{tmp_path / 'oc'}",
                     "--dataset", "wds/mine", "--dataset_root", str(tmp_path / "cb"), "--task", "zeroshot_classification",
-                    "--batch_size", "64", "--num_workers", "0", "--output", str(tmp_path / "cb.json")],
+                    "--batch_size", "64", "--num_workers", "0", "--no_amp", "--output", str(tmp_path / "cb.json")],
                    check=True, capture_output=True, cwd=tmp_path)
     theirs = json.loads((tmp_path / "cb.json").read_text())["metrics"]
     assert theirs["acc1"] == pytest.approx(ours["top1"] / 100, abs=1e-6)

@@ -87,8 +87,11 @@ def main() -> None:
                 r = load(base + "/v1/embeddings", bodies[modality], clients, args.seconds)
                 results[f"{modality}_{clients}_clients"] = r
                 print(f"{modality:5s} {clients:2d} clients: {r}", flush=True)
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(base + "/metrics") as r:
-            results["server_batches"] = json.loads(r.read())["batches"]
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+            results["server_batches"] = {s.labels["kind"]: int(s.value) for s in families["clipper_batches"].samples}
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -217,6 +217,8 @@ class ModelConfig:
     decoder: DecoderConfig | None = None  # a captioner on top of the image encoder
     # open_clip's name for a text tower kept under "text." in its state dict (CoCa, SigLIP, ...)
     custom_text: bool = False
+    # the labels of the set the model was trained on (a labelled set's classnames.txt): the demo's default
+    classnames: list[str] | None = None
 
     def validate(self) -> "ModelConfig":
         _positive(self, "model", ("embed_dim",))
@@ -548,8 +550,8 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Check a JSON value against a field's type hint (int, float, bool, str, tuple of numbers,
-    or any of these `| None`); ints are accepted where floats go, lists become tuples."""
+    """Check a JSON value against a field's type hint (int, float, bool, str, tuple of numbers, list
+    of strings, or any of these `| None`); ints are accepted where floats go, lists become tuples."""
     args = typing.get_args(hint)
     if type(None) in args:
         if value is None:
@@ -567,6 +569,9 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is int:
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
+    elif typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = list(value) if ok else value
     elif typing.get_origin(hint) is tuple:
         ok = isinstance(value, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)

@@ -1,5 +1,7 @@
 """`clipper serve`: an HTTP service (FastAPI + uvicorn, extra `serve`) for embeddings in the
-OpenAI shape, zero-shot labels, captions and search, plus a demo page at `/`.
+OpenAI shape, zero-shot labels, captions and search, plus a demo page at `/`, Prometheus metrics
+at `/metrics` and the OpenAPI document at `/openapi.json` (browsable at `/docs`). Bodies are JSON,
+or multipart/form-data where images are uploaded as files.
 
 Requests from concurrent clients are batched: each kind of model call (text embedding, image
 embedding) has one worker thread that takes whatever is queued, up to `max_batch` items, and runs
@@ -34,6 +36,7 @@ from .images import decode_image, image_size
 from .model import CLIP
 from .prompts import check_templates
 from .serve_config import Access, Limits
+from .serve_schema import FORM_JSON_FIELDS, fields
 from .tokenizer import tokenizer_for
 
 DEMO_PAGE = Path(__file__).with_name("demo.html")
@@ -104,8 +107,10 @@ class Service:
             self.ids = [_public(row, manifest.get("source")) for row in self.locations]
         self.counts: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
-        self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
+        self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))  # the quantiles' window
+        self.latency_sum: dict[str, float] = defaultdict(float)
         self.inflight = 0
+        self.created = int(time.time())
 
     # --- model calls (worker threads) -------------------------------------------------------
     def _embed_texts(self, texts: list[str]) -> list[torch.Tensor]:
@@ -119,6 +124,8 @@ class Service:
     # --- input checks ------------------------------------------------------------------------
     @staticmethod
     def image_bytes(value: Any, where: str) -> bytes:
+        if isinstance(value, bytes):  # a multipart file
+            return value
         if not isinstance(value, str) or not value:
             raise BadRequest(f"{where}: expected a base64 string or a data: URI")
         if value.startswith("data:"):
@@ -182,12 +189,22 @@ class Service:
         return torch.stack(await asyncio.wrap_future(batcher.submit(items)))
 
     async def embeddings(self, body: dict) -> dict:
-        _fields(body, "input", "modality", "model", "encoding_format", "user")
+        _fields(body, "embeddings")
         modality = body.get("modality", "text")
         if modality not in ("text", "image"):
             raise BadRequest(f"modality: 'text' or 'image', got {modality!r}")
         if "input" not in body:
             raise BadRequest("input: missing")
+        if body.get("model") is not None and body["model"] != self.model_name:
+            raise BadRequest(f"model: {str(body['model'])[:100]!r} is not served here (this server serves "
+                             f"{self.model_name!r}: GET /v1/models)", 404)
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise BadRequest(f"encoding_format: 'float' or 'base64', got {str(encoding)[:100]!r}")
+        dim = self.model.config.embed_dim
+        if body.get("dimensions") is not None and body["dimensions"] != dim:
+            raise BadRequest(f"dimensions: this model's embeddings have {dim} (CLIP embeddings are not trained "
+                             "to be shortened; leave dimensions out or give that)")
         if modality == "text":
             texts = self.texts_of(body["input"], "input")
             vectors = await self.embed(texts=texts)
@@ -196,11 +213,12 @@ class Service:
             vectors = await self.embed(pixels=await self.pixels_of(body["input"], "input"))
             tokens = 0
         return {"object": "list", "model": self.model_name,
-                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+                "data": [{"object": "embedding", "index": i, "embedding": _encoded(v, encoding)}
+                         for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "images": 0 if modality == "text" else len(vectors)}}
 
     async def classify(self, body: dict) -> dict:
-        _fields(body, "image", "labels", "templates", "k")
+        _fields(body, "classify")
         labels = body.get("labels")
         if isinstance(labels, str):
             labels = [x.strip() for x in labels.split(",") if x.strip()]
@@ -243,8 +261,8 @@ class Service:
             raise BadRequest("this model has no caption decoder", 404)
         from .generate import generate
 
-        _fields(body, "image", "images", "prompt", "options")
-        cfg = self.generation_of(body.get("options", {}))
+        _fields(body, "caption")
+        cfg = self.generation_of(body.get("options") or {})
         prompt = body.get("prompt")
         if prompt is not None:
             self.texts_of(prompt, "prompt", self.limits.max_label_chars)
@@ -256,7 +274,7 @@ class Service:
     async def search(self, body: dict) -> dict:
         if self.index is None:
             raise BadRequest("no index loaded (start the server with --index DIR)", 404)
-        _fields(body, "text", "image", "k")
+        _fields(body, "search")
         if ("text" in body) == ("image" in body):
             raise BadRequest("give 'text' or 'image' (one of them)")
         k = self.k_of(body)
@@ -281,21 +299,93 @@ class Service:
         im.save(buf, format="PNG")
         return buf.getvalue()
 
-    def metrics(self) -> dict:
-        def pct(values, q):
-            values = sorted(values)
-            return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2) if values else None
+    def models(self) -> dict:
+        """GET /v1/models, in OpenAI's shape; `classnames`: the labels the model was trained on, if any."""
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "clipper", "embedding_dim": self.model.config.embed_dim,
+                                            "classnames": self.model.config.classnames or []}]}
 
-        return {"requests": dict(self.counts), "errors": dict(self.errors),
-                "latency_ms": {k: {"p50": pct(v, 0.5), "p95": pct(v, 0.95)} for k, v in self.latency.items()},
-                "batches": {"text": self.texts.batches, "image": self.images.batches}}
+    def metrics(self) -> str:
+        """Prometheus' text format: requests, errors and latency (quantiles over the last 1,000
+        requests) per endpoint, model batches per kind, requests at work."""
+        lines = []
+
+        def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP clipper_{name} {help}", f"# TYPE clipper_{name} {kind}"])
+            lines.extend(f"clipper_{name}{labels} {value:.9g}" for labels, value in samples)
+
+        endpoints = sorted(self.counts)
+        family("requests_total", "counter", "Requests received, by endpoint.",
+               [(f'{{endpoint="{e}"}}', self.counts[e]) for e in endpoints])
+        family("request_errors_total", "counter", "Requests answered with an error, by endpoint.",
+               [(f'{{endpoint="{e}"}}', self.errors[e]) for e in endpoints])
+        latency = []
+        for e in endpoints:
+            window = sorted(self.latency[e])
+            for q in (0.5, 0.95, 0.99):
+                if window:
+                    latency.append((f'{{endpoint="{e}",quantile="{q}"}}', window[min(len(window) - 1, int(q * len(window)))]))
+        lines.extend(["# HELP clipper_request_duration_seconds Request latency, by endpoint.",
+                      "# TYPE clipper_request_duration_seconds summary"])
+        lines.extend(f"clipper_request_duration_seconds{labels} {value:.9g}" for labels, value in latency)
+        for e in endpoints:
+            lines.append(f'clipper_request_duration_seconds_sum{{endpoint="{e}"}} {self.latency_sum[e]:.9g}')
+            lines.append(f'clipper_request_duration_seconds_count{{endpoint="{e}"}} {self.counts[e]}')
+        family("batches_total", "counter", "Model forward passes of the batchers, by kind.",
+               [('{kind="text"}', self.texts.batches), ('{kind="image"}', self.images.batches)])
+        family("inflight_requests", "gauge", "Requests doing model work now.", [("", self.inflight)])
+        return "\n".join(lines) + "\n"
 
 
-def _fields(body: dict, *allowed: str) -> None:
+def _fields(body: dict, endpoint: str) -> None:
     """Unknown or misplaced fields are an error, not ignored (e.g. a generation option outside "options")."""
+    allowed = fields(endpoint)
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))} (this endpoint takes {', '.join(allowed)})")
+
+
+def _encoded(vector: torch.Tensor, encoding: str) -> list[float] | str:
+    """An embedding as OpenAI sends it: numbers, or base64 of little-endian float32 bytes."""
+    if encoding == "float":
+        return vector.tolist()
+    return base64.b64encode(vector.float().numpy().astype("<f4").tobytes()).decode()
+
+
+def form_body(raw: bytes, content_type: str, max_parts: int) -> dict:
+    """A multipart/form-data body as a JSON body would be: files as bytes, fields as text (the
+    non-text ones, FORM_JSON_FIELDS, read as JSON), a repeated name as a list."""
+    from email import policy
+    from email.parser import BytesParser
+
+    message = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1")
+                                                          + b"\r\n\r\n" + raw)
+    if not message.is_multipart():
+        raise BadRequest("body: not valid multipart/form-data (no boundary, or no parts)")
+    parts = list(message.iter_parts())
+    if not parts or len(parts) > max_parts:
+        raise BadRequest(f"body: multipart/form-data with 1 to {max_parts} parts", 413 if parts else 400)
+    body: dict[str, list] = {}
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise BadRequest("body: a multipart part without a name (Content-Disposition: form-data; name=...)")
+        value = part.get_payload(decode=True) or b""
+        if part.get_filename() is None:  # a field, not a file
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest(f"{name}: not UTF-8 text") from None
+            if name in FORM_JSON_FIELDS:
+                try:
+                    value = json.loads(value)
+                except (ValueError, RecursionError):
+                    raise BadRequest(f"{name}: not valid JSON") from None
+        body.setdefault(name, []).append(value)
+    out = {name: values[0] if len(values) == 1 else values for name, values in body.items()}
+    if "modality" not in out and any(isinstance(v, bytes) for v in body.get("input", [])):
+        out["modality"] = "image"  # files to embed are images
+    return out
 
 
 def _public(row: dict, source: str | None) -> dict:
@@ -342,9 +432,23 @@ async def read_body(request, limit: int, timeout_s: float) -> bytes:
 def create_app(service: Service):
     """The FastAPI application around `service`."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-    app = FastAPI(title="clipper", docs_url=None, redoc_url=None)
+    from . import __version__
+    from .serve_schema import components, request_body
+
+    app = FastAPI(title="clipper", version=__version__, docs_url="/docs", redoc_url=None)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # the request schemas are ours, not derived from the handlers
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description=(__doc__ or "").split("\n\n")[0])
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def refusal(e: BadRequest) -> Response:
         return JSONResponse({"error": {"message": str(e), "status": e.status}}, status_code=e.status,
@@ -356,18 +460,24 @@ def create_app(service: Service):
         working = False
         try:
             check_access(request)
-            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-                raise BadRequest("Content-Type: send the body as application/json", 415)
+            content_type = request.headers.get("content-type", "")
+            media = content_type.split(";")[0].strip().lower()
+            if media not in ("application/json", "multipart/form-data"):
+                raise BadRequest("Content-Type: send the body as application/json or multipart/form-data", 415)
             raw = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
             # the limit is on requests doing work (reading a body costs little, and a body left
             # unread would reset the connection before the 503 arrived)
             if service.inflight >= service.limits.max_inflight:
                 raise BadRequest("busy: too many requests at once", 503, {"Retry-After": "1"})
             service.inflight, working = service.inflight + 1, True
-            try:
-                body = json.loads(raw)
-            except (ValueError, RecursionError):  # malformed, too deep, or an integer of thousands of digits
-                raise BadRequest("body: not valid JSON (or nested too deep, or a number too long)") from None
+            if media == "multipart/form-data":
+                limits = service.limits
+                body = form_body(raw, content_type, limits.max_images + limits.max_texts + limits.max_templates + 8)
+            else:
+                try:
+                    body = json.loads(raw)
+                except (ValueError, RecursionError):  # malformed, too deep, or an integer of thousands of digits
+                    raise BadRequest("body: not valid JSON (or nested too deep, or a number too long)") from None
             if not isinstance(body, dict):
                 raise BadRequest("body: expected a JSON object")
             return JSONResponse(await op(body))
@@ -379,7 +489,9 @@ def create_app(service: Service):
             return refusal(e)
         finally:
             service.inflight -= working
-            service.latency[name].append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            service.latency[name].append(elapsed)
+            service.latency_sum[name] += elapsed
 
     def check_access(request: Request) -> None:
         access = service.access
@@ -399,7 +511,7 @@ def create_app(service: Service):
 
     for path, name, op in (("/v1/embeddings", "embeddings", service.embeddings), ("/classify", "classify", service.classify),
                            ("/caption", "caption", service.caption), ("/search", "search", service.search)):
-        app.post(path, name=name)(endpoint(name, op))
+        app.post(path, name=name, openapi_extra=request_body(name))(endpoint(name, op))
 
     @app.get("/thumbnail/{i}")
     async def thumbnail(i: int, request: Request):
@@ -414,9 +526,27 @@ def create_app(service: Service):
         return {"status": "ok", "model": service.model_name, "caption": service.model.decoder is not None,
                 "index": None if service.index is None else len(service.index)}
 
+    @app.get("/v1/models")
+    async def models(request: Request):
+        try:
+            check_access(request)
+            return service.models()
+        except BadRequest as e:
+            return refusal(e)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        try:
+            check_access(request)
+            if model_id != service.model_name:
+                raise BadRequest(f"model {model_id[:100]!r} is not served here", 404)
+            return service.models()["data"][0]
+        except BadRequest as e:
+            return refusal(e)
+
     @app.get("/metrics")
     async def metrics():
-        return service.metrics()
+        return PlainTextResponse(service.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -66,6 +66,7 @@ class SearchRequest(_Body):
 
 REQUESTS: dict[str, type[BaseModel]] = {"embeddings": EmbeddingsRequest, "classify": ClassifyRequest,
                                         "caption": CaptionRequest, "search": SearchRequest}
+FORM_JSON_FIELDS = ("k", "options", "dimensions")  # multipart fields that are not text: read as JSON
 IMAGE_FIELDS = {"embeddings": ("input",), "classify": ("image",), "caption": ("image", "images"),
                 "search": ("image",)}
 

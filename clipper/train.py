@@ -56,6 +56,17 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return contextlib.nullcontext
 
 
+def trained_classnames(cfg: TrainConfig) -> list[str] | None:
+    """The labels of a labelled training set (else of the zero-shot eval set), kept in the model:
+    the demo page offers them, and they say what the model was trained to tell apart."""
+    from .data.shards import CLASSNAMES_FILE, read_set_lines
+
+    for data in (cfg.train_data, cfg.eval_data if cfg.eval_task.startswith("zeroshot") else None):
+        if data and (names := read_set_lines(data, CLASSNAMES_FILE)):
+            return names
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
         self.cfg = cfg.validate()
@@ -75,6 +86,7 @@ class Trainer:
 
         self.objective = OBJECTIVES[cfg.objective](cfg)
         self.model = self.objective.build_model().to(self.device)
+        self.model.config.classnames = trained_classnames(cfg) or self.model.config.classnames
         self.optimizer = make_optimizer(self.model, cfg)
         self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
                                      self.objective.context_length(self.model))

@@ -58,6 +58,7 @@ def server(tmp_path_factory):
     model = clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY))
     model.add_decoder(DecoderConfig(width=32, layers=1, heads=2, context_length=10,
                                     vocab=caption_vocabulary(["a red square", "a blue square"], 10)))
+    model.config.classnames = ["red", "blue", "green"]  # as training on a labelled set records them
     model.eval()
     (tmp / "imgs").mkdir()
     for i in range(6):
@@ -88,8 +89,19 @@ def test_health_page_and_metrics(server):
     status, page = call(server, "/")
     assert status == 200 and b"clipper" in page and b"/classify" in page
     call(server, "/v1/embeddings", {"input": "x"})
-    status, metrics = call(server, "/metrics")
-    assert metrics["requests"]["embeddings"] >= 1 and metrics["latency_ms"]["embeddings"]["p50"] > 0
+    with urllib.request.urlopen(server["url"] + "/metrics") as r:
+        assert r.headers.get_content_type() == "text/plain"
+        text = r.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # the parser refuses malformed text
+    requests = {s.labels["endpoint"]: s.value for s in families["clipper_requests"].samples}
+    assert families["clipper_requests"].type == "counter" and requests["embeddings"] >= 1
+    latency = families["clipper_request_duration_seconds"]
+    assert latency.type == "summary" and {s.labels.get("quantile") for s in latency.samples} >= {"0.5", "0.95"}
+    count = [s.value for s in latency.samples if s.name.endswith("_count") and s.labels["endpoint"] == "embeddings"]
+    assert count == [requests["embeddings"]] and all(s.value > 0 for s in latency.samples)
+    assert {s.labels["kind"] for s in families["clipper_batches"].samples} == {"text", "image"}
 
 
 def test_embeddings_in_the_openai_shape(server):
@@ -115,6 +127,73 @@ def test_classify_caption_search_thumbnail(server):
     assert status == 200 and len(out["results"]) == 6
     status, thumb = call(server, f"/thumbnail/{out['results'][0]['index']}")
     assert status == 200 and thumb[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_openai_client_reads_embeddings_float_and_base64(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+    texts = ["a dog", "a red square"]
+    expected = embed_texts(server["model"], texts)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    # the client asks for base64 unless told otherwise, and decodes it itself
+    default = client.embeddings.create(model="tiny", input=texts)
+    floats = client.embeddings.create(model="tiny", input=texts, encoding_format="float", dimensions=32)
+    for out in (default, floats):
+        assert np.allclose([d.embedding for d in out.data], expected, atol=1e-6)
+    raw = client.embeddings.create(model="tiny", input=texts, encoding_format="base64")  # left encoded
+    assert np.array_equal(np.stack([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in raw.data]),
+                          np.array([d.embedding for d in floats.data], dtype=np.float32))
+    with pytest.raises(openai.BadRequestError, match="have 32"):
+        client.embeddings.create(model="tiny", input=texts, dimensions=16)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.embeddings.create(model="text-embedding-3-small", input=texts)
+
+
+def test_models_and_openapi_schemas(server):
+    status, models = call(server, "/v1/models")
+    assert status == 200 and models["data"][0] | {"created": 0} == {
+        "id": "tiny", "object": "model", "created": 0, "owned_by": "clipper", "embedding_dim": 32,
+        "classnames": ["red", "blue", "green"]}
+    assert call(server, "/v1/models/tiny")[1]["id"] == "tiny" and call(server, "/v1/models/other")[0] == 404
+    status, spec = call(server, "/openapi.json")
+    schemas = spec["components"]["schemas"]
+    for path, name in (("/v1/embeddings", "EmbeddingsRequest"), ("/classify", "ClassifyRequest"),
+                       ("/caption", "CaptionRequest"), ("/search", "SearchRequest")):
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert content["application/json"]["schema"]["$ref"] == f"#/components/schemas/{name}"
+        assert content["multipart/form-data"]["schema"]["$ref"] == f"#/components/schemas/{name}Form"
+        assert schemas[name]["additionalProperties"] is False and schemas[name]["properties"]
+    assert schemas["ClassifyRequest"]["required"] == ["image", "labels"]
+    assert "num_beams" in schemas["GenerationOptions"]["properties"]
+    assert schemas["ClassifyRequestForm"]["properties"]["image"]["anyOf"][0]["format"] == "binary"
+    status, page = call(server, "/docs")
+    assert status == 200 and b"swagger" in page.lower()
+
+
+def test_multipart_uploads_equal_json_bodies(server):
+    requests = pytest.importorskip("requests")
+    png = _png(3)
+    url = server["url"]
+    got = requests.post(url + "/classify", files={"image": ("3.png", png, "image/png")},
+                        data={"labels": "red, blue, green", "k": "2"}, timeout=30)
+    assert got.status_code == 200 and got.json() == call(server, "/classify", {"image": _b64(png),
+                                                                              "labels": ["red", "blue", "green"], "k": 2})[1]
+    two = [("input", ("a.png", png, "image/png")), ("input", ("b.png", _png(4), "image/png"))]
+    got = requests.post(url + "/v1/embeddings", files=two, timeout=30)
+    expected = embed_images(server["model"], [Image.open(io.BytesIO(png)), Image.open(io.BytesIO(_png(4)))])
+    assert got.status_code == 200 and np.allclose([d["embedding"] for d in got.json()["data"]], expected, atol=1e-5)
+    got = requests.post(url + "/caption", files={"image": ("3.png", png, "image/png")},
+                        data={"options": json.dumps({"num_beams": 2})}, timeout=30)
+    assert got.json() == call(server, "/caption", {"image": _b64(png), "options": {"num_beams": 2}})[1]
+    got = requests.post(url + "/search", files={"image": ("3.png", png, "image/png")}, data={"k": "3"}, timeout=30)
+    assert got.status_code == 200 and got.json()["results"][0]["id"].endswith("3.png")
+    for files, data, message in (({"image": ("x.png", b"not an image", "image/png")}, {"labels": "a"}, "not an image"),
+                                 ({"image": ("x.png", png, "image/png")}, {"labels": "a", "k": "two"}, "k: not valid JSON"),
+                                 ({"image": ("x.png", png, "image/png")}, {"labels": "a", "beams": "3"}, "unknown field")):
+        got = requests.post(url + "/classify", files=files, data=data, timeout=30)
+        assert got.status_code == 400 and message in got.json()["error"]["message"]
+    got = requests.post(url + "/classify", data=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}, timeout=30)
+    assert got.status_code == 400 and "multipart" in got.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("path,body,raw,status,message", [
@@ -268,7 +347,8 @@ def test_demo_page_in_headless_chromium(server):
         page = browser.new_page()
         page.goto(server["url"] + "/")
         page.wait_for_function("document.getElementById('status').textContent.includes('indexed')")
-        page.fill("#labels", "red, blue, green")
+        # the label box holds the model's class names
+        page.wait_for_function("document.getElementById('labels').value === 'red, blue, green'")
         page.set_input_files("#file", str(image))
         page.wait_for_selector("#top .bar", timeout=15000)
         page.wait_for_function("document.getElementById('caption').textContent.length > 0", timeout=15000)

@@ -60,7 +60,8 @@ class CLIP(nn.Module):
         """A digest of the architecture and the weights (each tensor's name, shape, dtype and 4,096
         of its values, evenly spaced): tells one model's embeddings from another's without reading
         every byte (milliseconds for a ViT-B)."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        architecture = {k: v for k, v in self.config.to_dict().items() if k != "classnames"}  # labels embed nothing
+        h = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
         for name, t in self.state_dict().items():
             flat = t.detach().reshape(-1)
             sample = flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().contiguous()

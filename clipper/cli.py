@@ -393,6 +393,12 @@ def cmd_caption(args: argparse.Namespace) -> None:
             print(f"{item.id}\t" + "\t".join(texts))
 
 
+def served_name(model: str) -> str:
+    """The id clients name the model by: its folder's name (a run's, for RUN/model), or the preset."""
+    path = Path(model)
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import importlib.util
     import os
@@ -406,7 +412,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     access = Access(api_key=args.api_key or os.environ.get("CLIPPER_API_KEY") or None,
                     allowed_hosts=() if "*" in hosts else tuple(h.strip() for h in hosts if h.strip()))
     model = _load(args)
-    service = Service(model, Path(args.model).name, args.index, Limits(**_flag_values(args, args.config_fields)),
+    service = Service(model, args.served_model_name or served_name(args.model), args.index,
+                      Limits(**_flag_values(args, args.config_fields)),
                       max_batch=args.max_batch, access=access)
     print(f"clipper serve: http://{args.host}:{args.port}/ (model {args.model}"
           + (f", index {args.index})" if args.index else ")"), flush=True)
@@ -620,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass (default: 32)")
+    p.add_argument("--served-model-name", help="the model's id in /v1/models and the 'model' field of "
+                                               "/v1/embeddings (default: the model folder's name; RUN/model: RUN's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and / "
                                      "(default: $CLIPPER_API_KEY, else none)")
     p.add_argument("--allowed-hosts", help="comma-separated Host names requests may carry, '*' for any "

@@ -143,3 +143,20 @@ def test_offline_hub_tag_fails_fast_and_finds_the_local_cache(tmp_path, monkeypa
     (tmp_path / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("abc123")
     host, cached = factory._cache_lookup(tag, str(tmp_path))
     assert host == "huggingface.co" and cached == snapshot / "open_clip_model.safetensors"
+
+
+def test_preprocess_and_tokenize_make_what_encode_takes(tmp_path):
+    """The tour's low-level path (preprocess -> encode_image, tokenize -> encode_text) gives the
+    verbs' embeddings, from paths and PIL images alike."""
+    import numpy as np
+    from PIL import Image
+
+    model = clipper.load("fmnist-tiny")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 33, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    pixels = model.preprocess([tmp_path / "a.png", image])
+    assert pixels.shape == (2, 1, 28, 28) and pixels.dtype == torch.float32
+    with torch.no_grad():
+        assert np.array_equal(model.encode_image(pixels, normalize=True).numpy(), model.embed_images([image, image]))
+        texts = ["a dress", "an ankle boot"]
+        assert np.array_equal(model.encode_text(model.tokenize(texts), normalize=True).numpy(), model.embed_texts(texts))

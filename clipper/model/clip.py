@@ -123,6 +123,25 @@ class CLIP(nn.Module):
             "logit_bias": self.logit_bias,
         }
 
+    # What encode_image / encode_text take, made as the verbs make it.
+    def preprocess(self, images) -> torch.Tensor:
+        """[N, C, S, S] float pixels for `encode_image` from PIL images or image paths: the model's
+        resize, crop, mode and mean/std (open_clip's `preprocess`, on a list)."""
+        from PIL import Image
+
+        from ..data.transforms import Normalize, ResizeCrop
+        from ..images import open_image
+
+        resize = ResizeCrop(self.config.vision)
+        images = [im if isinstance(im, Image.Image) else open_image(im) for im in images]
+        return Normalize(self.config.vision)(torch.stack([resize(im) for im in images])).to(self.device)
+
+    def tokenize(self, texts) -> torch.Tensor:
+        """[N, context_length] token ids for `encode_text`, with the model's tokenizer."""
+        from ..tokenizer import tokenizer_for
+
+        return tokenizer_for(self.config.text)(list(texts)).to(self.device)
+
     # The user-facing verbs; `clipper.embed` does the work (imported late: it builds on this module).
     def embed_images(self, images, batch_size: int = 64, **kwargs):
         """Normalised float32 embeddings of PIL images or paths: see `clipper.embed.embed_images`."""

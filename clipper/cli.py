@@ -24,7 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference
                     precision: bool = True) -> None:
     p.add_argument("--model", required=required, help="model directory, ONNX export folder, open_clip checkpoint "
                    "file, or preset name" + ("" if required else " (default: the model the folder was embedded with)"))
-    p.add_argument("--pretrained", help="with a preset: open_clip pretrained tag or weights file")
+    p.add_argument("--pretrained", help="with a preset: open_clip pretrained tag or weights file (default: none, random "
+                   "weights, with a warning)")
     p.add_argument("--quick-gelu", action="store_true", default=None, help="force QuickGELU (OpenAI weights)")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer folder (or hub name in the local HF cache) for a "
                                        "text tower that reads one (SigLIP, CLIPA, ...): default, the model's own")
@@ -465,12 +466,12 @@ def _add_train_args(p: argparse.ArgumentParser, presets: str) -> None:
     from .config import TrainConfig
 
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, final model)")
-    p.add_argument("--preset", help=f"training preset: {presets}")
-    p.add_argument("--config", help="TrainConfig JSON file (its fields override the preset's)")
+    p.add_argument("--preset", help=f"training preset: {presets} (default: none: TrainConfig's defaults)")
+    p.add_argument("--config", help="TrainConfig JSON file (its fields override the preset's; default: none)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="any TrainConfig field, JSON value, nested with dots (e.g. augment.crop_scale=[0.5,1.0], "
-                        "decoder.layers=3); applied last")
+                        "decoder.layers=3); applied last; repeatable (default: none)")
     p.set_defaults(fn=cmd_train, config_fields=add_config_flags(p, TrainConfig))
 
 
@@ -512,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (default; the only one)")
     p.add_argument("--out", required=True, help="output folder (replaced)")
     p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime's dynamic int8 quantisation of the graphs "
-                                                        "(also of an fp32 export folder given as --model)")
+                                                        "(also of an fp32 export folder given as --model; default: fp32 only)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("data", help="turn a data source into webdataset shards")
@@ -520,11 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub.add_parser("fetch", help="locate or fetch the Debian packages of the real sets (apt-get download)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output folder (real sets: one subfolder per split)")
-    common.add_argument("--samples-per-shard", type=int, help="samples per .tar shard")
+    common.add_argument("--samples-per-shard", type=int, help="samples per .tar shard (default: fashion-mnist 5000, emoji 500, "
+                        "others 1000)")
     q = data_sub.add_parser("fashion-mnist", parents=[common], help="Fashion-MNIST (Debian package, folder or upstream)")
     q.add_argument("--root", help="folder with the four idx .gz files (default: Debian's dataset-fashion-mnist)")
     q.add_argument("--download", action="store_true", help="fetch the upstream files instead (needs a network)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the caption template draw")
+    q.add_argument("--seed", type=int, default=0, help="seed of the caption template draw (default: 0)")
     q = data_sub.add_parser("emoji", parents=[common], help="Noto Color Emoji glyphs named by Unicode CLDR")
     q.add_argument("--font", help="NotoColorEmoji.ttf (default: Debian's fonts-noto-color-emoji)")
     q.add_argument("--cldr-root", help="CLDR folder holding common/annotations (default: Debian's unicode-cldr-core)")
@@ -567,14 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption images with a model that has a decoder")
     p.add_argument("images", nargs="+", help="image files, folders or list files")
     _add_model_args(p)
-    p.add_argument("--prompt", help="text the captions start with")
+    p.add_argument("--prompt", help="text the captions start with (default: none)")
     p.add_argument("--sample", action="store_true", help="sample (temperature, top-k, top-p) instead of greedy/beam")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.set_defaults(fn=cmd_caption, config_fields=add_config_flags(p, GenerationConfig, skip=("do_sample",)))
 
     labels = argparse.ArgumentParser(add_help=False)
-    labels.add_argument("--labels", help="class names, comma-separated")
-    labels.add_argument("--labels-file", help="class names, one per line")
+    labels.add_argument("--labels", help="class names, comma-separated (eval default: the set's classnames.txt)")
+    labels.add_argument("--labels-file", help="class names, one per line (default: none)")
     labels.add_argument("--templates", help="prompt templates with {} for the name, one per line "
                                             "(default: 'a photo of a {}.'; eval: the set's templates.txt when it has "
                                             "one); several are averaged")
@@ -586,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="the evaluation (see above)")
     p.add_argument("--style", help="emoji shards of several renderings (`clipper data emoji --styles`): evaluate "
-                                   "on one (noto, twemoji, apple, facebook); cross-style-emoji: the gallery's")
+                                   "on one (noto, twemoji, apple, facebook); cross-style-emoji: the gallery's "
+                                   "(default: every sample)")
     p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     p.add_argument("--workers", type=int, default=0, help="processes decoding images (default: 0)")
@@ -600,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "or shards (.tar, folder of .tar, brace pattern)")
     _add_model_args(p, inference=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--texts", help="UTF-8 file of texts to embed, one per line")
+    p.add_argument("--texts", help="UTF-8 file of texts to embed, one per line (default: none)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="dtype of the stored vectors (default: float16)")
     p.add_argument("--part-size", type=int, default=1024,
@@ -623,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP API (embeddings, classify, caption, search) and a demo page",
                        description="Needs the 'serve' extra (FastAPI, uvicorn). Bound to 127.0.0.1 unless --host.")
     _add_model_args(p)
-    p.add_argument("--index", help="folder from `clipper embed` + `clipper index`, for /search")
+    p.add_argument("--index", help="folder from `clipper embed` + `clipper index`, for /search (default: "
+                                     "none, /search answers 404)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass (default: 32)")
@@ -655,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="nearest images to a text or an image")
     p.add_argument("index", help="folder of embeddings with an index (`clipper index`)")
     p.add_argument("query", nargs="?", help="text query")
-    p.add_argument("--image", help="image query instead of text")
+    p.add_argument("--image", help="image query instead of text (default: none)")
     p.add_argument("-k", type=int, default=10, help="results (default: 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per result")
     _add_model_args(p, required=False)
@@ -664,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("similarity", help="cosine similarity of images and texts")
     _add_model_args(p)
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--texts", nargs="+", default=[], help="texts to compare the images with")
+    p.add_argument("--texts", nargs="+", default=[], help="texts to compare the images with (default: none)")
     p.set_defaults(fn=cmd_similarity)
     return ap
 

@@ -32,6 +32,11 @@ def test_every_flag_of_every_verb_has_help():
                for path, parser in _subparsers(build_parser()) for a in parser._actions
                if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not (a.help or "").strip()]
     assert not missing
+    # and says its default: every optional flag but switches (off unless given) and --version
+    silent = [f"{path} {'/'.join(a.option_strings)}" for path, parser in _subparsers(build_parser())
+              for a in parser._actions if a.option_strings and not a.required and "default" not in (a.help or "")
+              and not isinstance(a, (argparse._HelpAction, argparse._StoreTrueAction, argparse._VersionAction))]
+    assert not silent
     # flags come from the config fields, defaults included
     train = dict(_subparsers(build_parser()))["clipper train"]
     flags = {s: a for a in train._actions for s in a.option_strings}

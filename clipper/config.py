@@ -345,7 +345,9 @@ class TrainConfig:
                                              "(small sets decode once)")
     augment: AugmentConfig = setting(help="train-time augmentation (--set augment.X=...)", factory=AugmentConfig)
     log_every: int = setting(10, "steps between lines of metrics.jsonl")
-    eval_every: int = setting(0, "steps between evaluations (0: at the end only)")
+    eval_every: int = setting(0, "steps between evaluations (0: none but the final one and --evals)")
+    evals: int = setting(0, "evaluations spread evenly over the run's budget (steps, epochs or minutes), the "
+                            "last at the end; their time is not counted in the budget (0: the final one only)")
     checkpoint_every: int = setting(500, "steps between checkpoints")
     keep_checkpoints: int = setting(2, "complete checkpoints kept (older ones are deleted)")
     stop_after: int | None = setting(None, "leave after this many steps of this run, checkpointed (job time "
@@ -370,6 +372,8 @@ class TrainConfig:
             raise ConfigError(f"train.eval_data: needed for eval_task {self.eval_task}")
         if self.steps is None and self.epochs is None and self.minutes is None:
             raise ConfigError("train: set at least one of steps, epochs, minutes")
+        if self.evals < 0:
+            raise ConfigError(f"train.evals: must be >= 0, got {self.evals}")
         if self.batch_size % self.accum_freq:
             raise ConfigError(f"train: batch_size {self.batch_size} is not divisible by accum_freq {self.accum_freq}")
         if self.precision not in ("fp32", "bf16"):
@@ -394,14 +398,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # fights the step's two threads (measured 2,458 vs 2,240 samples/s; emoji 1,293 vs 1,009).
     "fmnist-tiny": {"model": "fmnist-tiny", "eval_task": "zeroshot-fmnist", "batch_size": 256, "lr": 2e-3,
                     "weight_decay": 0.1, "warmup_steps": 100, "minutes": 10.0, "workers": 0, "precision": "bf16",
-                    "same_caption_positive": True, "eval_every": 0, "checkpoint_every": 500},
+                    "same_caption_positive": True, "eval_every": 0, "evals": 5, "checkpoint_every": 500},
     # No flips or colour jitter: names say "facing right", "red", "medium-dark skin tone". A quarter
     # of the captions are one keyword, shared by several emoji: those count as positives of each other.
     "emoji-small": {"model": "emoji-small", "eval_task": "retrieval-emoji", "batch_size": 256, "lr": 1e-3,
                     "weight_decay": 0.3, "warmup_steps": 50, "minutes": 10.0, "workers": 0, "precision": "bf16",
                     "keywords_prob": 0.5, "keyword_single": 0.5, "same_caption_positive": True,
                     "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
-                    "eval_every": 0, "checkpoint_every": 500, "min_epoch_batches": 64},
+                    "eval_every": 0, "evals": 5, "checkpoint_every": 500, "min_epoch_batches": 64},
 }
 
 
@@ -411,11 +415,11 @@ TRAIN_PRESETS |= {
                         "weight_decay": 0.05, "warmup_steps": 50, "minutes": 10.0, "workers": 1, "lock_image": True,
                         "decoder": {"width": 128, "layers": 3, "heads": 4, "context_length": 32},
                         "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
-                        "checkpoint_every": 500, "min_epoch_batches": 64},
+                        "evals": 5, "checkpoint_every": 500, "min_epoch_batches": 64},
     "fmnist-captioner": {"objective": "caption", "eval_task": "captioning-fmnist", "batch_size": 128, "lr": 1e-3,
                          "weight_decay": 0.05, "warmup_steps": 50, "minutes": 10.0, "workers": 1, "lock_image": True,
                          "decoder": {"width": 128, "layers": 2, "heads": 4, "context_length": 24},
-                         "checkpoint_every": 500},
+                         "evals": 5, "checkpoint_every": 500},
 }
 
 

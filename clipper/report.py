@@ -4,8 +4,8 @@ the metrics, sample captions of test images) from a folder of runs.
     python -m clipper.report runs/quickstart-STAMP
 
 The folder holds one run folder per job (fmnist, emoji, fmnist-captioner, emoji-captioner), each
-with the `clipper train` summary beside it (NAME.summary.json) and `clipper eval` output
-(NAME.eval.json) where there is one.
+with its summary.json (what `clipper train` writes at the end) and, beside it, the `clipper eval`
+output (NAME.eval.json) where there is one.
 """
 
 import base64
@@ -20,20 +20,17 @@ JOBS = [("fmnist", "Fashion-MNIST contrastive", "fmnist"), ("emoji", "emoji cont
 SHOWN = ("top1", "top5", "t2i_R@1", "t2i_R@5", "i2t_R@1", "exact_match", "bleu4", "rouge_l", "cider_d", "class_named")
 
 
-def _last_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip().startswith("{")]
-    return json.loads(lines[-1]) if lines else None
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def rows(folder: Path) -> list[dict]:
     out = []
     for name, title, data in JOBS:
-        summary = _last_json(folder / f"{name}.summary.json")
+        summary = _json(folder / name / "summary.json")
         if summary is None:
             continue
-        metrics = _last_json(folder / f"{name}.eval.json") or summary.get("eval") or {}
+        metrics = _json(folder / f"{name}.eval.json") or summary.get("eval") or {}
         out.append({"name": name, "title": title, "data": data, "train_seconds": summary["train_seconds"],
                     "samples": summary["samples"], "samples_per_s": summary["samples_per_s"],
                     "metrics": {k: metrics[k] for k in SHOWN if isinstance(metrics.get(k), (int, float))}})

@@ -5,6 +5,7 @@
     RUN/checkpoints/step-N/     model/ (config.json + model.safetensors), state.pt, checksums.json
     RUN/model/                  the final model directory
     RUN/curves.png              loss and evaluation curves
+    RUN/summary.json            what the finished run did (steps, samples, time, the final evaluation)
 
 A checkpoint is written to a hidden temporary folder and renamed into place when complete, so a
 run killed mid-write leaves the previous checkpoint as the latest complete one; its checksums let a
@@ -32,6 +33,7 @@ from .model import CLIP
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 CHECKSUMS = "checksums.json"
 _CHECKED = ("state.pt", "model/model.safetensors", "model/config.json")
+OWN_SCALES = {"cider_d": "CIDEr-D (x100)"}  # evaluation metrics that are not percentages
 _STATE_KEYS = {"optimizer", "step", "epoch", "batch_in_epoch", "samples", "elapsed", "rng_torch", "rng_python"}
 
 
@@ -138,7 +140,8 @@ class RunDir:
             write_jsonl(self.metrics, [r for r in self.read_metrics() if r["step"] <= step])
 
     def plot(self) -> Path:
-        """curves.png: training loss (and learning rate), and every evaluation metric, by step."""
+        """curves.png: training loss (and learning rate) by step, then the evaluation metrics against
+        training time, one panel per scale (percentages; CIDEr-D, which is not one)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -147,7 +150,12 @@ class RunDir:
         records = self.read_metrics()
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval" in r]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        names = sorted({k for r in evals for k, v in r["eval"].items()
+                        if k not in ("n", "skipped") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        scales = {scale: [n for n in names if OWN_SCALES.get(n, "%") == scale]
+                  for scale in dict.fromkeys(OWN_SCALES.get(n, "%") for n in names)}
+        fig, axes = plt.subplots(1, 1 + len(scales), figsize=(5.5 * (1 + len(scales)), 4), squeeze=False)
+        axes = axes[0]
         if train:
             axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
             axes[0].set_yscale("log")
@@ -155,13 +163,12 @@ class RunDir:
             lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", alpha=0.5)
             lr_axis.set_ylabel("learning rate", color="tab:gray")
         axes[0].set(xlabel="step", ylabel="training loss", title="training")
-        for name in sorted({k for r in evals for k, v in r["eval"].items()
-                            if k not in ("n", "skipped") and isinstance(v, (int, float))}):
-            points = [(r["step"], r["eval"][name]) for r in evals if name in r["eval"]]
-            axes[1].plot(*zip(*points), marker="o", label=name)
-        axes[1].set(xlabel="step", ylabel="%", title="evaluation")
-        if evals:
-            axes[1].legend(fontsize=8)
+        for ax, (scale, group) in zip(axes[1:], scales.items()):
+            for name in group:
+                points = [(r.get("elapsed", 0.0) / 60, r["eval"][name]) for r in evals if name in r["eval"]]
+                ax.plot(*zip(*points), marker="o", label=name)
+            ax.set(xlabel="training minutes", ylabel=scale, title=f"evaluation ({len(evals)} during the run)")
+            ax.legend(fontsize=8)
         fig.tight_layout()
         out = self.path / "curves.png"
         fig.savefig(out, dpi=90)

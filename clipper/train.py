@@ -36,6 +36,7 @@ from .objectives import OBJECTIVES
 from .optim import learning_rate, make_optimizer, set_learning_rate
 from .precision import native_bf16
 from .progress import Progress
+from .io import write_json
 from .runs import RunDir
 
 
@@ -114,6 +115,8 @@ class Trainer:
         self.total_steps = cfg.steps
         if self.total_steps is None and cfg.epochs is not None:
             self.total_steps = math.ceil(cfg.epochs * self.data.batches_per_epoch())
+        # a resumed run has had the evaluations its progress passed
+        self._evals_done = min(cfg.evals - 1, math.floor(self._progress() * cfg.evals + 1e-9)) if cfg.evals > 1 else 0
         if self.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.run.path / "config.json")
@@ -207,6 +210,18 @@ class Trainer:
             return True
         return bool(self.cfg.minutes) and self.elapsed >= 60 * self.cfg.minutes
 
+    def _eval_due(self) -> bool:
+        """One of the run's `evals` is due: the budget passed its next fraction (the last is the final
+        evaluation, at the end). Counted from the progress, so a resumed run goes on where it was."""
+        n = self.cfg.evals
+        if n < 2 or self._finished():
+            return False
+        due = min(n - 1, math.floor(self._progress() * n + 1e-9))
+        if due > self._evals_done:
+            self._evals_done = due
+            return True
+        return False
+
     def _sync_elapsed(self) -> None:
         """Every rank follows rank 0's clock, so all agree on the learning rate and on stopping."""
         if self.world > 1 and self.cfg.minutes:
@@ -251,7 +266,7 @@ class Trainer:
                 for _ in range(self.batch_in_epoch):  # resume mid-epoch: replay the stream up to the position
                     next(batches)
                 t_log, steps_log = time.perf_counter(), 0
-                t_mark = t_log  # the budget counts all wall time in the loop: data, steps, evals, checkpoints
+                t_mark = t_log  # the budget counts the loop's wall time (data, steps, checkpoints), not evals
                 for batch in batches:
                     self.skips.add(batch)
                     lr = learning_rate(cfg, self.step, self._progress())
@@ -272,8 +287,10 @@ class Trainer:
                         self._log(losses, lr, rate)
                         bar.set_postfix(loss=f"{losses['loss'].item():.3f}", samples_s=f"{rate:.0f}")
                         t_log, steps_log = time.perf_counter(), 0
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or self._eval_due():
                         self._record_eval()
+                        t_mark = time.perf_counter()  # the evaluation is neither training time nor rate
+                        t_log, steps_log = t_mark, 0
                     if self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
                     if self._done(steps_this_run):
@@ -300,6 +317,7 @@ class Trainer:
             self.model.save(self.run.path / "model")
             summary["eval"] = self._record_eval()
             self.run.plot()
+            write_json(self.run.path / "summary.json", summary)
         return summary
 
     def _record_eval(self) -> dict[str, float] | None:

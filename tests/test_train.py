@@ -1,5 +1,6 @@
 """Contrastive training: losses, distributed and accumulation equivalence, resume, CLI smoke run."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -191,6 +192,23 @@ def test_a_small_set_gets_a_batch_and_warmup_that_fit(tmp_path, tiny_preset, cap
     cfg = trainer.cfg
     assert learning_rate(cfg, 0, 0.0) == pytest.approx(cfg.lr / 100)  # warming up
     assert learning_rate(cfg, 1, 1 / 7) > 0.9 * cfg.lr  # warm by a tenth of the run, not after 100 steps
+
+
+def test_evaluations_spread_over_the_run_and_a_json_summary(shards, tmp_path, tiny_preset):
+    """evals=4 over 20 steps: at 5, 10, 15 and the end, also across a resume; their time is not
+    training time; summary.json is JSON; the curves have one panel per scale."""
+    cfg = _cfg(shards, eval_task="retrieval", eval_data=str(shards), evals=4)
+    Trainer(dataclasses.replace(cfg, stop_after=10), tmp_path / "run").fit()
+    Trainer(cfg, tmp_path / "run", resume=True).fit()
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20]
+    assert all(a["elapsed"] <= b["elapsed"] for a, b in zip(evals, evals[1:])) and evals[0]["eval"]["t2i_R@1"] >= 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 20 and summary["eval"] == evals[-1]["eval"]
+    assert summary["train_seconds"] == pytest.approx(evals[-1]["elapsed"], abs=0.1)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "curves.png").width > 2 * Image.open(tmp_path / "run" / "curves.png").height
 
 
 def test_half_written_checkpoint_is_never_picked(shards, tmp_path, tiny_preset):

@@ -28,6 +28,7 @@ import clipper  # noqa: E402
 from clipper.data.reader import Skip, read_tar  # noqa: E402
 from clipper.data.shards import SIZES_FILE, add_member  # noqa: E402
 from clipper.evaluate import evaluate_task  # noqa: E402
+from clipper.finetune import mix_weights  # noqa: E402
 
 
 def split_folder(val: str, pairs: int, out: Path) -> tuple[str, str]:
@@ -59,9 +60,22 @@ def train(args: list[str]) -> float:
     return time.time() - t0
 
 
-def retrieval(model_dir: Path, shards: str) -> dict:
-    metrics = evaluate_task(clipper.load(model_dir), "retrieval", shards)
+def retrieval(model: Path | clipper.CLIP, shards: str) -> dict:
+    metrics = evaluate_task(clipper.load(model) if isinstance(model, Path) else model, "retrieval", shards)
     return {k: round(v, 2) for k, v in metrics.items() if k.startswith(("t2i", "i2t"))}
+
+
+def wise_ft_sweep(base: Path, run: Path, mine: str, rest: str, alphas=(0.25, 0.5, 0.75, 1.0)) -> dict:
+    """The fine-tuned weights (the run's last checkpoint: the model folder holds the default mix)
+    mixed with the base's at each alpha, on both parts."""
+    tuned = sorted((run / "checkpoints").glob("step-*"))[-1] / "model"
+    start = clipper.load(base / "model").state_dict()
+    out = {}
+    for alpha in alphas:
+        model = clipper.load(tuned)
+        mix_weights(model, start, alpha)
+        out[str(alpha)] = {"mine": retrieval(model, mine), "rest": retrieval(model, rest)}
+    return out
 
 
 def main() -> None:
@@ -92,7 +106,9 @@ def measure(args: argparse.Namespace, train_split: str, mine: str, rest: str, ba
                "finetune_wall_s": round(seconds, 1), "base_wall_s": round(base_seconds, 1),
                "lr_at_step": {str(r["step"]): r["lr"] for r in steps[:3]},
                "mine_before": retrieval(base / "model", mine), "mine_after": retrieval(run / "model", mine),
-               "rest_before": retrieval(base / "model", rest), "rest_after": retrieval(run / "model", rest)}
+               "wise_ft_default": config["wise_ft"],
+               "rest_before": retrieval(base / "model", rest), "rest_after": retrieval(run / "model", rest),
+               "wise_ft_sweep": wise_ft_sweep(base, run, mine, rest)}
     return results
 
 

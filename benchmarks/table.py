@@ -134,6 +134,12 @@ def table() -> str:
         for m in ("text", "image"):
             rows.append(f"| serve {r['model']} /v1/embeddings {m}: requests/s at 1 / 8 / 32 clients | | {cells[m]} | "
                         f"p95 ms {p95[m]} |")
+    for path in sorted(RESULTS.glob("peer_eval_*.json")):  # clip_benchmark on clipper's exports (issue #17)
+        r = json.loads(path.read_text())
+        fp32, amp = r["clip_benchmark_fp32"], r["clip_benchmark_amp"]
+        rows.append(f"| clip_benchmark on the exported model and set ({path.stem.removeprefix('peer_eval_')}, "
+                    f"{r['samples']} images): zero-shot top-1 | {fp32['top1']:.2f} (fp32); {amp['top1']:.2f} (its "
+                    f"default bf16 autocast) | {r['clipper']['top1']:.2f} | difference {fp32['top1_difference']:.1e} |")
     if r := _load("open_clip_trainer"):
         f = r["final"]
         rows.append(f"| open_clip_train.main on the Fashion-MNIST shards ({r['epochs']} epochs, "

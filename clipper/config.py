@@ -302,6 +302,9 @@ class TrainConfig:
                                         "the architecture of an open_clip weights file")
     init: str | None = setting(None, "start from these weights (clipper model dir or open_clip file) "
                                      "instead of random")
+    wise_ft: float = setting(1.0, "with --init: the final model is this mix of the fine-tuned weights and the "
+                                  "initial ones (WiSE-FT; 1: the fine-tuned weights alone); checkpoints keep "
+                                  "the fine-tuned ones")
     decoder: DecoderConfig = setting(help="caption: the decoder added when --init has none (--set decoder.X=...)",
                                      factory=DecoderConfig)
     train_data: str = setting("", "training shards: folder, brace pattern or glob")
@@ -372,6 +375,8 @@ class TrainConfig:
             raise ConfigError(f"train.eval_data: needed for eval_task {self.eval_task}")
         if self.steps is None and self.epochs is None and self.minutes is None:
             raise ConfigError("train: set at least one of steps, epochs, minutes")
+        if not 0 <= self.wise_ft <= 1:
+            raise ConfigError(f"train.wise_ft: a mix from 0 to 1, got {self.wise_ft}")
         if self.evals < 0:
             raise ConfigError(f"train.evals: must be >= 0, got {self.evals}")
         if self.batch_size % self.accum_freq:

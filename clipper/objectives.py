@@ -67,6 +67,10 @@ class Objective(abc.ABC):
     def context_length(self, model: CLIP) -> int:
         """Captions are tokenized to this length."""
 
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """The weights of --init, as the run started from them (for WiSE-FT's mix at the end)."""
+        return _init_model(self.cfg).state_dict()
+
     def module(self, model: CLIP) -> nn.Module:
         """What the trainer runs (and DDP wraps): forward(images, tokens) -> what `forward_backward` needs."""
         return model

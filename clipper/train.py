@@ -36,6 +36,7 @@ from .objectives import OBJECTIVES
 from .optim import learning_rate, make_optimizer, set_learning_rate
 from .precision import native_bf16
 from .progress import Progress
+from .finetune import mix_weights
 from .io import write_json
 from .runs import RunDir
 
@@ -314,6 +315,8 @@ class Trainer:
                    "samples_per_s": round(self.samples / self.elapsed, 1) if self.elapsed else None,
                    "skipped": len(self.skips.skipped)}
         if self.is_main and self._finished():
+            if cfg.init and cfg.wise_ft < 1:
+                mix_weights(self.model, self.objective.initial_weights(), cfg.wise_ft)
             self.model.save(self.run.path / "model")
             summary["eval"] = self._record_eval()
             self.run.plot()

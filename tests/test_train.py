@@ -394,3 +394,17 @@ def test_model_from_a_config_file(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(TINY | {"text": TINY["text"] | {"pool": "max"}}))
     with pytest.raises(clipper.config.ConfigError, match="text.pool"):
         build_model(TrainConfig(model=str(tmp_path / "bad.json"), steps=1))
+
+
+def test_wise_ft_mixes_the_final_model_and_keeps_the_checkpoint(shards, tmp_path, tiny_preset):
+    from clipper.interop import save_open_clip_checkpoint
+
+    torch.manual_seed(12)
+    start = tiny_model()
+    path = save_open_clip_checkpoint(start, tmp_path / "pretrained.safetensors")
+    Trainer(_cfg(shards, steps=3, init=str(path), wise_ft=0.25), tmp_path / "ft").fit()
+    tuned = clipper.load(tmp_path / "ft" / "checkpoints" / "step-00000003" / "model").state_dict()
+    final = clipper.load(tmp_path / "ft" / "model").state_dict()
+    for name, weight in start.state_dict().items():
+        assert torch.allclose(final[name], 0.25 * tuned[name] + 0.75 * weight, atol=1e-6)
+    assert not torch.equal(final["text.proj"], tuned["text.proj"])

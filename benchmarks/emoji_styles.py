@@ -42,7 +42,10 @@ VIEWS = ["augment.rotate=10", "augment.background=0.2", "augment.outline=0.15", 
 RECIPES = {"noto": ("noto", []), "noto+twemoji": ("styled", []), "noto+twemoji+views": ("styled", VIEWS),
            # one kind of view at a time, chosen on the val styles
            "noto+twemoji+outline": ("styled", ["augment.outline=0.2"]),
-           "noto+twemoji+colour": ("styled", ["augment.grayscale=0.2", "augment.hue=0.2"])}
+           "noto+twemoji+colour": ("styled", ["augment.grayscale=0.2", "augment.hue=0.2"]),
+           "noto+twemoji+background": ("styled", ["augment.background=0.3"]),
+           "noto+twemoji+rotate": ("styled", ["augment.rotate=10"]),
+           "noto+twemoji+blur": ("styled", ["augment.blur=0.2"])}
 
 
 def train(recipe: str, minutes: float, extra: list[str]) -> Path:

@@ -108,8 +108,8 @@ def test_captions_equal_open_clips_generate(pair, images, tmp_path):
     pixels = images[:3]
     save_file({k: v.contiguous() for k, v in to_open_clip_state_dict(ours).items()}, tmp_path / "w.safetensors")
     save_file({"images": pixels.contiguous()}, tmp_path / "images.safetensors")
-    runs = [dict(generation_type="top_k", top_k=1, seq_len=20, min_seq_len=5),
-            dict(generation_type="beam_search", num_beams=3, num_beam_groups=1, seq_len=12, min_seq_len=3)]
+    runs = [dict(generation_type="top_k", top_k=1, seq_len=14, min_seq_len=5),
+            dict(generation_type="beam_search", num_beams=3, num_beam_groups=1, seq_len=9, min_seq_len=3)]
     peer = run_open_clip_generate(NAME, tmp_path / "w.safetensors", tmp_path / "images.safetensors", runs,
                                   tmp_path / "out.json")
     if isinstance(peer, str):
@@ -119,8 +119,8 @@ def test_captions_equal_open_clips_generate(pair, images, tmp_path):
         row = row[1:]
         return row[:row.index(49407)] if 49407 in row else row
 
-    greedy = generate(ours, pixels, None, GenerationConfig(max_new_tokens=18, min_new_tokens=4))
-    beam = generate(ours, pixels, None, GenerationConfig(max_new_tokens=11, min_new_tokens=2, num_beams=3,
+    greedy = generate(ours, pixels, None, GenerationConfig(max_new_tokens=12, min_new_tokens=4))
+    beam = generate(ours, pixels, None, GenerationConfig(max_new_tokens=8, min_new_tokens=2, num_beams=3,
                                                          beam_score="logit"))
     tok = clipper.Tokenizer(76)
     for got, ref in ((greedy, peer["runs"][0]["tokens"]), (beam, peer["runs"][1]["tokens"])):

@@ -103,6 +103,7 @@ def _bpe_rows(model, pixels, cfg):
     return [tok.encode(c[0]) for c in generate(model, pixels, None, cfg)]
 
 
+@pytest.mark.slow  # benchmarks/decode.py --model coca_ViT-B-32 checks the same (greedy and beam 3) every run
 def test_captions_equal_open_clips_generate(pair, images, tmp_path):
     ours, _ = pair
     pixels = images[:3]

@@ -70,6 +70,14 @@ def table() -> str:
         rows.append(f"| emoji, {r['minutes']:g} min: t2i R@1 / R@5 / i2t R@1 | {peer['t2i_R@1']} / "
                     f"{peer['t2i_R@5']} / {peer['i2t_R@1']} (reported) | {f['t2i_R@1']} / {f['t2i_R@5']} / "
                     f"{f['i2t_R@1']} | {r['samples_per_s']} samples/s |")
+    for path in sorted(RESULTS.glob("emoji_styles*.json")):  # style robustness (issue #18), one row per recipe
+        r = json.loads(path.read_text())
+        for recipe, m in r["recipes"].items():
+            styles = " / ".join(f"{m[f'test_{s}']['t2i_R@1']}" for s in ("noto", "twemoji", "apple", "facebook"))
+            rows.append(f"| emoji styles, {r['minutes']:g} min, {recipe}: test t2i R@1 noto / twemoji / apple / "
+                        f"facebook | | {styles} | val (never-trained styles) apple {m['val_apple']['t2i_R@1']}, "
+                        f"facebook {m['val_facebook']['t2i_R@1']}; Noto -> apple i2i R@1 "
+                        f"{m['cross_noto_to_apple']['i2i_R@1']} |")
     if r := _load("data_pipeline"):
         for data in ("fmnist", "emoji"):
             s = r[data]["samples_per_s"]

@@ -108,7 +108,8 @@ class Service:
         self.counts: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))  # the quantiles' window
-        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.latency_sum: dict[str, float] = defaultdict(float)  # and count: of the requests answered
+        self.latency_count: dict[str, int] = defaultdict(int)
         self.inflight = 0
         self.created = int(time.time())
 
@@ -330,7 +331,7 @@ class Service:
         lines.extend(f"clipper_request_duration_seconds{labels} {value:.9g}" for labels, value in latency)
         for e in endpoints:
             lines.append(f'clipper_request_duration_seconds_sum{{endpoint="{e}"}} {self.latency_sum[e]:.9g}')
-            lines.append(f'clipper_request_duration_seconds_count{{endpoint="{e}"}} {self.counts[e]}')
+            lines.append(f'clipper_request_duration_seconds_count{{endpoint="{e}"}} {self.latency_count[e]}')
         family("batches_total", "counter", "Model forward passes of the batchers, by kind.",
                [('{kind="text"}', self.texts.batches), ('{kind="image"}', self.images.batches)])
         family("inflight_requests", "gauge", "Requests doing model work now.", [("", self.inflight)])
@@ -492,6 +493,7 @@ def create_app(service: Service):
             elapsed = time.perf_counter() - t0
             service.latency[name].append(elapsed)
             service.latency_sum[name] += elapsed
+            service.latency_count[name] += 1
 
     def check_access(request: Request) -> None:
         access = service.access

@@ -31,13 +31,13 @@ from .data.pipeline import SkipLog, make_loader, training_dataset
 from .distributed import peak_rss_mib, rank_and_world
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_task
+from .finetune import mix_weights
+from .io import write_json
 from .model.clip import MAX_LOGIT_SCALE
 from .objectives import OBJECTIVES
 from .optim import learning_rate, make_optimizer, set_learning_rate
 from .precision import native_bf16
 from .progress import Progress
-from .finetune import mix_weights
-from .io import write_json
 from .runs import RunDir
 
 

@@ -54,7 +54,12 @@ def folder_class(rel: str) -> str | None:
     """The class of an image at `rel` (relative to the root) in a labelled folder: its top folder,
     with underscores as spaces (`golden_retriever/1.jpg` -> 'golden retriever'), as prompts read it."""
     top, sep, _ = rel.partition("/")
-    return top.replace("_", " ").strip() or None if sep else None
+    return class_name(top.replace("_", " ")) if sep else None
+
+
+def class_name(text: str) -> str | None:
+    """A class name as classnames.txt holds it: one line, its whitespace runs single spaces."""
+    return " ".join(text.split()) or None
 
 
 def folder_samples(root: str | os.PathLike, max_pixels: int = MAX_PIXELS, classes: bool = False) -> Labelled:
@@ -111,8 +116,8 @@ def csv_samples(path: str | os.PathLike, image_column: str = "image", caption_co
         with open(path, newline="", encoding="utf-8") as f:
             columns = next(csv.reader(f, delimiter=delimiter), [])
             # the class names first: a label is an index into all of them, sorted
-            names = sorted({(row.get(label_column) or "").strip() for row in csv.DictReader(f, columns, delimiter=delimiter)}
-                           - {""}) if label_column in columns else None
+            names = sorted({class_name(row.get(label_column) or "") for row in csv.DictReader(f, columns, delimiter=delimiter)}
+                           - {None}) if label_column in columns else None
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: not a readable UTF-8 CSV ({e})") from None
     for column in (image_column, caption_column, *([label_column] if label_column else [])):
@@ -135,7 +140,7 @@ def _csv_items(path: Path, delimiter: str, image_column: str, caption_column: st
                 continue
             label = None
             if label_column:
-                name = (row.get(label_column) or "").strip()
+                name = class_name(row.get(label_column) or "")
                 if not name:
                     yield Rejected(where, f"{where}: empty {label_column}")
                     continue

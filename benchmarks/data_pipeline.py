@@ -5,6 +5,7 @@ the first pass of a run; and with no worker and no cache), next to the training 
 not be the bottleneck: the ratio pipeline/step should stay well above 1.
 
     python benchmarks/data_pipeline.py [--batches 30]
+    python benchmarks/data_pipeline.py --only emoji --set augment.rotate=10 ... --name data_pipeline_views
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from recipe import ensure_shards  # noqa: E402
 
-from clipper.config import preset, train_preset  # noqa: E402
+from clipper.config import merge_train_config, preset, train_preset  # noqa: E402
 from clipper.data.pipeline import ShardDataset, make_loader, training_dataset  # noqa: E402
 from clipper.losses import infonce_loss  # noqa: E402
 from clipper.model import CLIP  # noqa: E402
@@ -29,11 +30,13 @@ from clipper.objectives import contrastive_forward_backward  # noqa: E402
 from clipper.train import autocast_for  # noqa: E402
 
 
-def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int, cache: bool) -> float:
+def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int, cache: bool,
+                  sets: list[str]) -> float:
     """Samples/s of the preset's training pipeline (its augmentation and captions, its decoded-image
-    cache or none), measured after one pass over the set: the state of most of a run."""
-    cfg = dataclasses.replace(train_preset(model_preset), train_data=str(shards), batch_size=batch,
-                              min_epoch_batches=10**9)  # one endless epoch
+    cache or none; `sets`: TrainConfig overrides, e.g. the style views), measured after one pass
+    over the set: the state of most of a run."""
+    cfg = dataclasses.replace(merge_train_config(model_preset, None, {}, sets), train_data=str(shards),
+                              batch_size=batch, min_epoch_batches=10**9)  # one endless epoch
     if not cache:
         cfg.decoded_cache_mb = 0
     ds = training_dataset(cfg, preset(model_preset), rank=0, world=1)
@@ -70,21 +73,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="+", choices=["fmnist", "emoji"], default=["fmnist", "emoji"])
+    ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides for the pipelines")
+    ap.add_argument("--name", default="data_pipeline", help="results name")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = {}
+    results = {"overrides": args.set}
     for data, model_preset in (("fmnist", "fmnist-tiny"), ("emoji", "emoji-small")):
+        if data not in args.only:
+            continue
         shards = ensure_shards(data) / "train"
         batch = train_preset(model_preset).batch_size
-        row = {f"pipeline_{w}_workers": round(pipeline_rate(shards, model_preset, batch, w, args.batches, True), 1)
-               for w in (0, 1, 2)}
+        row = {f"pipeline_{w}_workers": round(pipeline_rate(shards, model_preset, batch, w, args.batches, True,
+                                                            args.set), 1) for w in (0, 1, 2)}
         row["pipeline_0_workers_no_cache"] = round(pipeline_rate(shards, model_preset, batch, 0, args.batches,
-                                                                 False), 1)
+                                                                 False, args.set), 1)
         row["train_step_only"] = round(step_rate(shards, model_preset, batch, 10), 1)
         row["ratio_pipeline0_to_step"] = round(row["pipeline_0_workers"] / row["train_step_only"], 2)
         results[data] = {"preset": model_preset, "batch": batch, "samples_per_s": row}
         print(data, row, flush=True)
-    print("wrote", write_results("data_pipeline", results))
+    print("wrote", write_results(args.name, results))
 
 
 if __name__ == "__main__":

@@ -78,12 +78,16 @@ def table() -> str:
                         f"facebook | | {styles} | val (never-trained styles) apple {m['val_apple']['t2i_R@1']}, "
                         f"facebook {m['val_facebook']['t2i_R@1']}; Noto -> apple i2i R@1 "
                         f"{m['cross_noto_to_apple']['i2i_R@1']} |")
-    if r := _load("data_pipeline"):
+    for path in sorted(RESULTS.glob("data_pipeline*.json")):
+        r = json.loads(path.read_text())
+        views = f", with {' '.join(r['overrides'])}" if r.get("overrides") else ""
         for data in ("fmnist", "emoji"):
+            if data not in r:
+                continue
             s = r[data]["samples_per_s"]
             no_cache = f"; {s['pipeline_0_workers_no_cache']} at 0 without the decoded-image cache" \
                 if "pipeline_0_workers_no_cache" in s else ""
-            rows.append(f"| data pipeline {data} ({r[data]['preset']}): samples/s at 0/1/2 workers | | "
+            rows.append(f"| data pipeline {data} ({r[data]['preset']}{views}): samples/s at 0/1/2 workers | | "
                         f"{s['pipeline_0_workers']} / {s['pipeline_1_workers']} / {s['pipeline_2_workers']} | "
                         f"{s['ratio_pipeline0_to_step']}x the training step alone ({s['train_step_only']}/s){no_cache} |")
     if r := _load("embed_e2e"):

@@ -58,6 +58,9 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return contextlib.nullcontext
 
 
+SHORT_EPOCH = 64  # batches: a shorter epoch is stretched to this many when loader workers read it
+
+
 def trained_classnames(cfg: TrainConfig) -> list[str] | None:
     """The labels of a labelled training set (else of the zero-shot eval set), kept in the model:
     the demo page offers them, and they say what the model was trained to tell apart."""
@@ -97,6 +100,13 @@ class Trainer:
             self._notice(f"batch_size {cfg.batch_size}: the training set holds {self.data.num_samples} pairs; "
                          f"batches of {batch} per rank, so that no pair is its own negative")
             self.cfg = cfg = dataclasses.replace(cfg, batch_size=batch)
+            self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
+                                         self.objective.context_length(self.model))
+        if cfg.workers and cfg.epochs is None and max(self.data.batches_per_epoch(), cfg.min_epoch_batches) < SHORT_EPOCH:
+            # loader workers start again every epoch: a small set would wait for them every step or two
+            self._notice(f"min_epoch_batches {SHORT_EPOCH}: an epoch of {self.data.batches_per_epoch()} batch(es) "
+                         "is read several times over, so that the loader's workers do not restart every step")
+            self.cfg = cfg = dataclasses.replace(cfg, min_epoch_batches=SHORT_EPOCH)
             self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
                                          self.objective.context_length(self.model))
         self.loader = make_loader(self.data, cfg.workers)

@@ -6,8 +6,8 @@
     DIR/classnames.txt, DIR/zeroshot_classification_templates.txt   (classification; {c} templates)
     DIR/dataset_type.txt                                            (retrieval)
 
-A set with class names (classnames.txt, and every sample labelled) exports for classification,
-any other for retrieval. Images keep their bytes. Written to a staging folder and renamed into
+A set with class names (classnames.txt) exports for classification (a sample without a label is
+skipped and counted), any other for retrieval. Images keep their bytes. Written to a staging folder and renamed into
 place: an interrupted export leaves no half-written dataset.
 """
 
@@ -26,7 +26,6 @@ from ..progress import track
 from ..prompts import DEFAULT_TEMPLATES, check_templates
 from .reader import IMAGE_EXTS, list_shards, read_tar, shard_sizes
 from .shards import CLASSNAMES_FILE, TEMPLATES_FILE, add_member, class_index, read_set_lines
-
 
 
 def export_clip_benchmark(data: str, out: str | os.PathLike, split: str = "test",

@@ -35,7 +35,7 @@ def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, bat
     """Samples/s of the preset's training pipeline (its augmentation and captions, its decoded-image
     cache or none; `sets`: TrainConfig overrides, e.g. the style views), measured after one pass
     over the set: the state of most of a run."""
-    cfg = dataclasses.replace(merge_train_config(model_preset, None, {}, sets), train_data=str(shards),
+    cfg = dataclasses.replace(merge_train_config(model_preset, None, {"eval_task": "none"}, sets), train_data=str(shards),
                               batch_size=batch, min_epoch_batches=10**9)  # one endless epoch
     if not cache:
         cfg.decoded_cache_mb = 0

@@ -74,7 +74,7 @@ def table() -> str:
         r = json.loads(path.read_text())
         for recipe, m in r["recipes"].items():
             styles = " / ".join(f"{m[f'test_{s}']['t2i_R@1']}" for s in ("noto", "twemoji", "apple", "facebook"))
-            rows.append(f"| emoji styles, {r['minutes']:g} min, {recipe}: test t2i R@1 noto / twemoji / apple / "
+            rows.append(f"| emoji styles ({path.stem}), {r['minutes']:g} min, {recipe}: test t2i R@1 noto / twemoji / apple / "
                         f"facebook | | {styles} | val (never-trained styles) apple {m['val_apple']['t2i_R@1']}, "
                         f"facebook {m['val_facebook']['t2i_R@1']}; Noto -> apple i2i R@1 "
                         f"{m['cross_noto_to_apple']['i2i_R@1']} |")

@@ -59,11 +59,12 @@ def export_clip_benchmark(data: str, out: str | os.PathLike, split: str = "test"
 
 def _write_split(shards: list[str], out: Path, classnames: list[str] | None, samples_per_shard: int) -> dict:
     written, skipped, tar = 0, 0, None
+    position = None if classnames is None else {name: i for i, name in enumerate(classnames)}
     try:
         for sample in track((s for shard in shards for s in read_tar(shard)), sum(shard_sizes(shards)),
                             "clip_benchmark", "sample"):
             image_ext = next((e for e in IMAGE_EXTS if isinstance(sample, dict) and e in sample), None)
-            target = None if image_ext is None else _target(sample, classnames)
+            target = None if image_ext is None else _target(sample, position)
             if target is None:  # damaged, no image, or no label / caption: as the evaluators would skip it
                 skipped += 1
                 continue
@@ -85,13 +86,14 @@ def _write_split(shards: list[str], out: Path, classnames: list[str] | None, sam
     return {"samples": written, "skipped": skipped}
 
 
-def _target(sample: dict, classnames: list[str] | None) -> bytes | None:
-    """The .cls (label index) or .txt (caption) member's bytes, or None when the sample has none."""
-    if classnames is None:
+def _target(sample: dict, position: dict[str, int] | None) -> bytes | None:
+    """The .cls (label index, `position` maps class names to them) or .txt (caption; `position`
+    None) member's bytes, or None when the sample has none."""
+    if position is None:
         return sample.get("txt") or None
     try:
         meta = json.loads(sample.get("json", b"{}"))
     except (ValueError, UnicodeDecodeError):
         return None
-    label = class_index(meta, {name: i for i, name in enumerate(classnames)})
+    label = class_index(meta, position)
     return None if label is None else str(label).encode()

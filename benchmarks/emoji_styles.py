@@ -1,5 +1,6 @@
 """Style robustness (issue #18): `emoji-small` trained for the same wall-clock budget on Noto only,
-on Noto + Twemoji, and on Noto + Twemoji with the style-removing views (VIEWS), then measured on every rendering's test split (text->image R@k per style),
+on Noto + Twemoji, with the style-removing views (VIEWS), and with each emoji's two renderings as
+views of one thing (paired, the view loss), then measured on every rendering's test split (text->image R@k per style),
 image->image across styles (a Noto test emoji as the query, the other style's test emoji as the
 gallery), and on the evaluation-only styles' renderings of the training emoji (val: concepts
 seen in training, a style never seen). Apple and Facebook are never trained on.
@@ -28,24 +29,28 @@ ROOT = Path(__file__).resolve().parents[1]
 STYLED = ROOT / "data" / "shards" / "emoji-styles"
 
 
-def ensure_styled_shards() -> Path:
-    from clipper.data.build import build_emoji
-
-    if not (STYLED / "test" / "sizes.json").is_file():
-        build_emoji(STYLED, styles=STYLES)
-    return STYLED
-
-
 # the style-removing views of issue #18 at a first setting, all at once (each is an AugmentConfig field)
 VIEWS = ["augment.rotate=10", "augment.background=0.2", "augment.outline=0.15", "augment.grayscale=0.15",
          "augment.hue=0.3", "augment.posterize=0.1", "augment.blur=0.1"]
-RECIPES = {"noto": ("noto", []), "noto+twemoji": ("styled", []), "noto+twemoji+views": ("styled", VIEWS),
+# emoji-small now trains with the view loss (below: "noto+twemoji+paired+view-loss"); the recipes
+# measured before it turn it off, as the preset was then
+BEFORE = ["view_key=", "view_weight=0"]
+RECIPES = {"noto": ("noto", BEFORE), "noto+twemoji": ("styled", BEFORE), "noto+twemoji+views": ("styled", BEFORE + VIEWS),
            # one kind of view at a time, chosen on the val styles
-           "noto+twemoji+outline": ("styled", ["augment.outline=0.2"]),
-           "noto+twemoji+colour": ("styled", ["augment.grayscale=0.2", "augment.hue=0.2"]),
-           "noto+twemoji+background": ("styled", ["augment.background=0.3"]),
-           "noto+twemoji+rotate": ("styled", ["augment.rotate=10"]),
-           "noto+twemoji+blur": ("styled", ["augment.blur=0.2"])}
+           "noto+twemoji+outline": ("styled", BEFORE + ["augment.outline=0.2"]),
+           "noto+twemoji+colour": ("styled", BEFORE + ["augment.grayscale=0.2", "augment.hue=0.2"]),
+           "noto+twemoji+background": ("styled", BEFORE + ["augment.background=0.3"]),
+           "noto+twemoji+rotate": ("styled", BEFORE + ["augment.rotate=10"]),
+           "noto+twemoji+blur": ("styled", BEFORE + ["augment.blur=0.2"]),
+           # both renderings of an emoji in the same batch, positives of each other; then with the
+           # image-image loss between them at several weights
+           "noto+twemoji+paired": ("styled", ["view_weight=0"]),
+           "noto+twemoji+paired+view-loss-0.5": ("styled", ["view_weight=0.5"]),
+           "noto+twemoji+paired+view-loss": ("styled", []),
+           "noto+twemoji+paired+view-loss-2": ("styled", ["view_weight=2"]),
+           "noto+twemoji+paired+view-loss-4": ("styled", ["view_weight=4"]),
+           "noto+twemoji+paired+view-loss-2+colour": ("styled", ["view_weight=2", "augment.grayscale=0.2",
+                                                                 "augment.hue=0.2"])}
 
 
 def train(recipe: str, minutes: float, extra: list[str]) -> Path:
@@ -83,7 +88,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides for every recipe")
     ap.add_argument("--name", default="emoji_styles", help="results/NAME.json")
     args = ap.parse_args()
-    ensure_styled_shards()
+    ensure_shards("emoji-styles")
     results = {"minutes": args.minutes, "preset": "emoji-small", "overrides": args.set, "recipes": {}}
     for recipe in args.recipes:
         out = train(recipe, args.minutes, [x for s in args.set for x in ("--set", s)])

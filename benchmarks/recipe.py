@@ -22,11 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ensure_shards(name: str) -> Path:
+    """data/shards/NAME, built first if needed: fmnist, emoji (Noto) or emoji-styles (every style;
+    its train split holds the training styles only)."""
     from clipper.data.build import build_emoji, build_fashion_mnist
+    from clipper.data.emoji import STYLES
 
     out = ROOT / "data" / "shards" / name
     if not (out / "test" / "sizes.json").is_file():
-        (build_fashion_mnist if name == "fmnist" else build_emoji)(out)
+        if name == "fmnist":
+            build_fashion_mnist(out)
+        else:
+            build_emoji(out, **({"styles": STYLES} if name == "emoji-styles" else {}))
     return out
 
 
@@ -63,7 +69,7 @@ def holdout_split(train: Path, fraction: int = 6) -> tuple[str, str]:
 
 
 def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoint_every: int,
-               extra: list[str], holdout: bool = False) -> dict:
+               extra: list[str], holdout: bool = False, style: str | None = None) -> dict:
     shards = ensure_shards(data)
     train, evaluation = (holdout_split(shards / "train") if holdout else (str(shards / "train"), str(shards / "test")))
     out = ROOT / "runs" / f"bench-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -78,7 +84,7 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
     curve = []
     for ckpt in run.complete_checkpoints():
         model, state = RunDir.load_checkpoint(ckpt)
-        metrics = evaluate_task(model, eval_task, evaluation, batch_size=500)
+        metrics = evaluate_task(model, eval_task, evaluation, batch_size=500, style=style)
         curve.append({"step": state["step"], "elapsed_s": round(state["elapsed"], 1), "samples": state["samples"],
                       **{k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()}})
         print(json.dumps(curve[-1]), flush=True)
@@ -86,7 +92,7 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
     # folder keeps its final model, metrics and plot
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     train = [r for r in run.read_metrics() if "samples_per_s" in r]
-    return {"preset": preset, "run": str(out.relative_to(ROOT)), "minutes": minutes,
+    return {"preset": preset, "data": data, "style": style, "run": str(out.relative_to(ROOT)), "minutes": minutes,
             "evaluated_on": "validation (1 in 6 training pairs, held out)" if holdout else "test split", "wall_s_incl_startup": round(wall, 1),
             "train_config": json.loads((out / "config.json").read_text()),
             "samples_seen": curve[-1]["samples"], "train_seconds": curve[-1]["elapsed_s"],
@@ -95,7 +101,7 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
             "final": curve[-1], "curve": curve, "threads": torch.get_num_threads()}
 
 
-def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int) -> dict:
+def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int, style: str | None = None) -> dict:
     """The shared command line of the recipe benchmarks: parse, run, return the result."""
     import argparse
 
@@ -108,7 +114,7 @@ def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int
                          "not on the test split")
     args = ap.parse_args()
     return run_recipe(preset, data, eval_task, args.minutes, args.checkpoint_every,
-                      [x for s in args.set for x in ("--set", s)], args.holdout)
+                      [x for s in args.set for x in ("--set", s)], args.holdout, style)
 
 
 def results_name(name: str, result: dict) -> str:

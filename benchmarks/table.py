@@ -67,9 +67,16 @@ def table() -> str:
                     f"{r['samples_per_s']} | {r['samples_seen']} samples seen |")
     if r := _load("train_emoji"):
         peer, f = r["open_clip_peer_reported"], r["final"]
-        rows.append(f"| emoji, {r['minutes']:g} min: t2i R@1 / R@5 / i2t R@1 | {peer['t2i_R@1']} / "
+        trained = " (trained on Noto + Twemoji), Noto test" if r.get("data") == "emoji-styles" else ""
+        rows.append(f"| emoji, {r['minutes']:g} min{trained}: t2i R@1 / R@5 / i2t R@1 | {peer['t2i_R@1']} / "
                     f"{peer['t2i_R@5']} / {peer['i2t_R@1']} (reported) | {f['t2i_R@1']} / {f['t2i_R@5']} / "
                     f"{f['i2t_R@1']} | {r['samples_per_s']} samples/s |")
+        if by_style := r.get("final_by_style"):  # trained on Noto + Twemoji: the styles it never saw
+            cells = "; ".join(f"{s} " + " / ".join(str(by_style[f"test_{s}"][k]) for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1"))
+                              for s in ("apple", "facebook"))
+            cross = " / ".join(str(by_style[f"cross_noto_to_{s}"]["i2i_R@1"]) for s in ("apple", "facebook"))
+            rows.append(f"| emoji, {r['minutes']:g} min, styles never trained on: test t2i R@1 / R@5 / i2t R@1 | | "
+                        f"{cells} | Noto -> apple / facebook i2i R@1 {cross} |")
     for path in sorted(RESULTS.glob("emoji_styles*.json")):  # style robustness (issue #18), one row per recipe
         r = json.loads(path.read_text())
         for recipe, m in r["recipes"].items():

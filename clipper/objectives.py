@@ -24,7 +24,7 @@ from .config import ModelConfig, TrainConfig, preset
 from .data.reader import shard_captions
 from .errors import ConfigError
 from .factory import load
-from .losses import LOSSES
+from .losses import LOSSES, view_loss
 from .model import CLIP
 from .tokenizer import caption_vocabulary
 
@@ -77,8 +77,10 @@ class Objective(abc.ABC):
 
     @abc.abstractmethod
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
-                         autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
-        """Loss and gradients of one batch; the losses to log ("loss" first)."""
+                         autocast: Autocast = contextlib.nullcontext,
+                         groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss and gradients of one batch; the losses to log ("loss" first). `groups`: the
+        batch's view-group ids (TrainConfig.view_key), or None."""
 
 
 class Contrastive(Objective):
@@ -104,23 +106,32 @@ class Contrastive(Objective):
         return model.config.text.context_length
 
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
-                         autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
-        return contrastive_forward_backward(module, images, texts, LOSSES[self.cfg.loss], self.cfg.accum_freq,
-                                            autocast, self.cfg.same_caption_positive)
+                         autocast: Autocast = contextlib.nullcontext,
+                         groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        return contrastive_forward_backward(module, images, texts, LOSSES[cfg.loss], cfg.accum_freq, autocast,
+                                            cfg.same_caption_positive, groups, cfg.view_weight)
 
 
-def _features_loss(loss_fn, out: dict, image: torch.Tensor, text: torch.Tensor,
-                   tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _features_loss(loss_fn, out: dict, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor | None,
+                   groups: torch.Tensor | None = None, view_weight: float = 0.0) -> dict[str, torch.Tensor]:
     bias = out["logit_bias"]
-    return loss_fn(image.float(), text.float(), out["logit_scale"].float(), None if bias is None else bias.float(),
-                   tokens=tokens)
+    scale = out["logit_scale"].float()
+    losses = loss_fn(image.float(), text.float(), scale, None if bias is None else bias.float(),
+                     tokens=tokens, groups=groups)
+    if view_weight and groups is not None:
+        views = view_loss(image.float(), scale, groups)
+        losses = {**losses, "loss": losses["loss"] + view_weight * views, "view_loss": views.detach()}
+    return losses
 
 
 def contrastive_forward_backward(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, loss_fn,
                                  accum_freq: int = 1, autocast: Autocast = contextlib.nullcontext,
-                                 same_caption_positive: bool = False) -> dict[str, torch.Tensor]:
+                                 same_caption_positive: bool = False, groups: torch.Tensor | None = None,
+                                 view_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Loss and gradients of one batch (`model` may be DDP-wrapped); with `same_caption_positive`,
-    pairs with identical captions count as positives.
+    pairs with identical captions count as positives; with `groups`, pairs of one group too, and
+    `view_weight` adds the image-image loss between the views of each group.
 
     With accum_freq k > 1 (open_clip's --accum-freq): the features of the k micro-batches are
     computed without gradients first; then each micro-batch is recomputed with gradients and scored
@@ -131,7 +142,8 @@ def contrastive_forward_backward(model: nn.Module, images: torch.Tensor, texts: 
     if accum_freq == 1:
         with autocast():
             out = model(images, texts)
-            losses = _features_loss(loss_fn, out, out["image_features"], out["text_features"], tokens)
+            losses = _features_loss(loss_fn, out, out["image_features"], out["text_features"], tokens, groups,
+                                    view_weight)
         losses["loss"].backward()
         return losses
     img_chunks, txt_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
@@ -145,7 +157,8 @@ def contrastive_forward_backward(model: nn.Module, images: torch.Tensor, texts: 
                          for name in ("image_features", "text_features")}
                 if j < accum_freq - 1:  # the temperature (and bias) get their gradient once, not k times
                     out = {**out, **{k: None if v is None else v.detach() for k, v in out.items() if k.startswith("logit")}}
-                losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"], tokens)
+                losses = _features_loss(loss_fn, out, feats["image_features"], feats["text_features"], tokens,
+                                        groups, view_weight)
             losses["loss"].backward()
     return losses
 
@@ -226,7 +239,8 @@ class Caption(Objective):
         return (JointModel if self.joint else CaptionModel)(model, train_image=not self.cfg.lock_image)
 
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
-                         autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+                         autocast: Autocast = contextlib.nullcontext,
+                         groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """In `accum_freq` micro-batches weighted by their caption tokens (the sum equals the whole
         batch's token-mean loss); the joint objective in one."""
         cfg = self.cfg
@@ -234,7 +248,8 @@ class Caption(Objective):
             with autocast():
                 out = module(images, texts)
                 contrastive = _features_loss(LOSSES[cfg.loss], out, out["image_features"], out["text_features"],
-                                             texts if cfg.same_caption_positive else None)["loss"]
+                                             texts if cfg.same_caption_positive else None, groups,
+                                             cfg.view_weight)["loss"]
                 caption = out["caption"]["loss"]
                 loss = cfg.contrastive_weight * contrastive + cfg.caption_weight * caption
             loss.backward()

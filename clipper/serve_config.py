@@ -3,9 +3,10 @@ CLI can make their flags without importing it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .config import setting
+from .errors import ConfigError
 
 
 @dataclass
@@ -30,6 +31,11 @@ class Limits:
     max_label_chars: int = setting(200, "characters per label, template or caption prompt")
     max_beams: int = setting(8, "num_beams and num_return_sequences of /caption")
     max_k: int = setting(100, "results per /search request")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # a zero would refuse (or, for the upload slots, stall) every request
+            if not getattr(self, f.name) > 0:
+                raise ConfigError(f"serve: --{f.name.replace('_', '-')} must be positive, got {getattr(self, f.name)}")
 
 
 

@@ -193,10 +193,11 @@ class Trainer:
             self.run.save_checkpoint(self.step, self.model, self._state(), self.cfg.keep_checkpoints)
 
     # --- one optimisation step ------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward, backward and update on one batch."""
+    def train_step(self, images: torch.Tensor, texts: torch.Tensor,
+                   groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Forward, backward and update on one batch (`groups`: its view-group ids, if any)."""
         self.train_model.train()
-        losses = self.objective.forward_backward(self.train_model, images, texts, self._autocast)
+        losses = self.objective.forward_backward(self.train_model, images, texts, self._autocast, groups)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.optimizer.step()
@@ -282,8 +283,10 @@ class Trainer:
                     self.skips.add(batch)
                     lr = learning_rate(cfg, self.step, self._progress())
                     set_learning_rate(self.optimizer, lr)
+                    groups = batch.get("group")
                     losses = self.train_step(batch["image"].to(self.device, non_blocking=True),
-                                             batch["text"].to(self.device, non_blocking=True))
+                                             batch["text"].to(self.device, non_blocking=True),
+                                             None if groups is None else groups.to(self.device))
                     self.step += 1
                     self.batch_in_epoch += 1
                     steps_this_run += 1

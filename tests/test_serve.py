@@ -298,6 +298,15 @@ def test_access_rules(server):
     assert not any(r["id"].startswith("/") for r in out["results"])  # no path on the server's disk
 
 
+def test_limits_are_positive():
+    from clipper.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--max-texts must be positive, got 0"):
+        Limits(max_texts=0)
+    with pytest.raises(ConfigError, match="--read-timeout-s must be positive, got nan"):
+        Limits(read_timeout_s=float("nan"))
+
+
 def test_a_cancelled_request_does_not_stop_its_batcher():
     import threading
 

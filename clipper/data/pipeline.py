@@ -6,6 +6,10 @@ batches (cycling its own shards if they run short), so every rank gets the same 
 With `resampled=True` each reader instead draws shards with replacement: an endless stream cut
 into epochs of the same fixed length. Evaluation visits every sample once, in shard order.
 
+With a `view_key` (a json field naming the thing a sample shows), consecutive samples sharing
+it are one unit through the shuffle, so the views of one thing (the same emoji in two styles) land
+in the same batch, and each batch carries their group ids for the loss.
+
 Bad samples (truncated tar members, undecodable images, over-limit images, missing, empty or
 non-UTF-8 captions) are skipped; each batch carries the skips met since the previous batch, so
 the main process can count and report them (`SkipLog`) whatever worker met them.
@@ -13,6 +17,7 @@ the main process can count and report them (`SkipLog`) whatever worker met them.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -121,18 +126,59 @@ class SampleDecoder:
         return pixels, self.tokenizer([text])[0], key, meta, text
 
 
+# a unit of views is cut at this many samples: a shard whose samples all share one value cannot
+# make the reader hold the whole shard
+MAX_VIEWS = 16
+
+
+def _view_value(sample: dict | Skip, view_key: str) -> str | None:
+    if isinstance(sample, Skip):
+        return None
+    try:
+        value = json.loads(sample["json"]).get(view_key) if "json" in sample else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # the decoder names the bad member
+    return None if value is None else str(value)
+
+
+def view_units(samples: Iterator[dict | Skip], view_key: str) -> Iterator[list[dict | Skip]]:
+    """Consecutive samples whose json `view_key` is equal, as lists of at most MAX_VIEWS; a sample
+    without one is a unit of its own."""
+    unit: list[dict | Skip] = []
+    current = None
+    for sample in samples:
+        value = _view_value(sample, view_key)
+        if unit and (value is None or value != current or len(unit) == MAX_VIEWS):
+            yield unit
+            unit = []
+        unit.append(sample)
+        current = value
+    if unit:
+        yield unit
+
+
+def group_id(value: str) -> int:
+    """A stable int64 id of a view value (the same in every process, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
 def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool,
-            normalize: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
+            normalize: Callable[[torch.Tensor], torch.Tensor], view_key: str = "") -> Iterator[dict]:
     """Collate decoded samples (uint8 images, `normalize`d as one batch); each batch carries the
-    skips met since the previous one."""
+    skips met since the previous one, and with a `view_key` the group id of each sample (a sample
+    without the field is a group of its own)."""
     rows: list[tuple] = []
     skipped: list[Skip] = []
 
     def collate() -> dict:
         images, tokens, keys, metas, captions = zip(*rows) if rows else ((), (), (), (), ())
-        return {"image": normalize(torch.stack(images)) if rows else torch.empty(0),
-                "text": torch.stack(tokens) if rows else torch.empty(0, dtype=torch.long),
-                "key": list(keys), "meta": list(metas), "caption": list(captions), "skipped": list(skipped)}
+        batch = {"image": normalize(torch.stack(images)) if rows else torch.empty(0),
+                 "text": torch.stack(tokens) if rows else torch.empty(0, dtype=torch.long),
+                 "key": list(keys), "meta": list(metas), "caption": list(captions), "skipped": list(skipped)}
+        if view_key:
+            values = [str(m[view_key]) if view_key in m else f"\0{k}" for m, k in zip(metas, keys)]
+            batch["group"] = torch.tensor([group_id(v) for v in values], dtype=torch.long)
+        return batch
 
     for item in items:
         if isinstance(item, Skip):
@@ -154,7 +200,8 @@ class ShardDataset(IterableDataset):
                  augment: AugmentConfig | None = None, seed: int = 0, resampled: bool = False,
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
-                 min_epoch_batches: int = 0, cache_mb: float = 0.0, keyword_single: float = 0.0):
+                 min_epoch_batches: int = 0, cache_mb: float = 0.0, keyword_single: float = 0.0,
+                 view_key: str = ""):
         super().__init__()
         if batch_size <= 0:
             raise ConfigError(f"batch_size: must be positive, got {batch_size}")
@@ -166,7 +213,7 @@ class ShardDataset(IterableDataset):
                                      context_length=context_length, cache_mb=cache_mb, keyword_single=keyword_single)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
-        self.min_epoch_batches = min_epoch_batches
+        self.min_epoch_batches, self.view_key = min_epoch_batches, view_key
         r, w = rank_and_world()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.epoch = 0
@@ -214,7 +261,11 @@ class ShardDataset(IterableDataset):
             shards = self._my_shards(worker, workers, shard_rng)
             raw = (s for shard in shards for s in read_tar(shard))
             rng = random.Random(f"{self.seed}-shuffle-{self.epoch}-{self.rank}-{worker}-{cycle}")
-            yield from wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(raw)
+            shuffle = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
+            if not self.view_key:
+                yield from shuffle(raw)
+            else:  # units of views through the shuffle, then their samples one after the other
+                yield from (s for unit in shuffle(view_units(raw, self.view_key)) for s in unit)
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._worker()
@@ -224,7 +275,7 @@ class ShardDataset(IterableDataset):
             return
         self.decoder.reseed(f"{self.seed}-augment-{self.epoch}-{self.rank}-{worker}")
         stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, True,
-                         self.decoder.normalize)
+                         self.decoder.normalize, self.view_key)
         yield from itertools.islice(stream, self.batches_per_worker())
 
 
@@ -236,7 +287,7 @@ def training_dataset(cfg: TrainConfig, config: ModelConfig, rank: int | None = N
                         resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world,
                         keywords_prob=cfg.keywords_prob, context_length=context_length,
                         min_epoch_batches=cfg.min_epoch_batches, cache_mb=cfg.decoded_cache_mb,
-                        keyword_single=cfg.keyword_single)
+                        keyword_single=cfg.keyword_single, view_key=cfg.view_key)
 
 
 @dataclass

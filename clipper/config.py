@@ -323,8 +323,9 @@ class TrainConfig:
     keyword_single: float = setting(0.0, "of those times, this share one keyword alone (a word shared by many "
                                          "images: with same_caption_positive, their positives)")
     view_key: str = setting("", "json field naming the thing a sample shows (source_id: the same emoji in every "
-                                "style); samples next to each other in a shard that share it stay together "
-                                "through the shuffle and are positives of each other (empty: off)")
+                                "style), or caption (a folder's photos of one thing, captioned alike); samples "
+                                "next to each other in a shard that share it stay together through the shuffle "
+                                "and are positives of each other (empty: off)")
     view_weight: float = setting(0.0, "with view_key: weight of an image-image loss pulling each image towards "
                                       "the other views of its thing")
     batch_size: int = setting(256, "samples per step and rank")

@@ -59,9 +59,10 @@ def test_view_units_group_neighbours_only():
     assert [len(u) for u in view_units(iter(many), "id")] == [MAX_VIEWS, MAX_VIEWS, 1]
 
 
-def test_the_views_of_a_thing_share_a_batch_and_a_group(two_style_shards):
+@pytest.mark.parametrize("view_key", ["source_id", "caption"])
+def test_the_views_of_a_thing_share_a_batch_and_a_group(two_style_shards, view_key):
     config = ModelConfig.from_dict(TINY_RGB)
-    data = ShardDataset(two_style_shards, config, batch_size=16, seed=5, shuffle_buffer=50, view_key="source_id")
+    data = ShardDataset(two_style_shards, config, batch_size=16, seed=5, shuffle_buffer=50, view_key=view_key)
     seen = []
     for batch in data:
         metas, groups = batch["meta"], batch["group"].tolist()
@@ -75,6 +76,28 @@ def test_the_views_of_a_thing_share_a_batch_and_a_group(two_style_shards):
     assert seen[::2] != [f"cp{i}" for i in range(40)]  # shuffled, as units
     plain = next(iter(ShardDataset(two_style_shards, config, batch_size=16, seed=5, shuffle_buffer=50)))
     assert "group" not in plain
+
+
+def test_a_folder_with_several_photos_per_caption(tmp_path):
+    """A user's folder (`clipper data folder`): each thing's photos side by side in its folder,
+    captioned alike, are one thing's views with view_key=caption."""
+    from PIL import Image
+
+    from clipper.data.sources import folder_samples
+
+    for i in range(6):
+        for s in range(2):
+            (tmp_path / "photos" / f"thing{i}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_draw(i, s)).save(tmp_path / "photos" / f"thing{i}" / f"{s}.png")
+            (tmp_path / "photos" / f"thing{i}" / f"{s}.txt").write_text(f"a photo of thing {i}\n")
+    write_shards(folder_samples(tmp_path / "photos"), tmp_path / "shards")
+    batch = next(iter(ShardDataset(tmp_path / "shards", ModelConfig.from_dict(TINY_RGB), batch_size=12,
+                                   shuffle_buffer=50, view_key="caption")))
+    by_caption = {}
+    for caption, group in zip(batch["caption"], batch["group"].tolist()):
+        by_caption.setdefault(caption, set()).add(group)
+    assert len(by_caption) == 6 and all(len(g) == 1 for g in by_caption.values())
+    assert Counter(batch["group"].tolist()).most_common()[-1][1] == 2
 
 
 def test_a_group_makes_positives_like_a_shared_caption():

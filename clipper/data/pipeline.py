@@ -6,9 +6,10 @@ batches (cycling its own shards if they run short), so every rank gets the same 
 With `resampled=True` each reader instead draws shards with replacement: an endless stream cut
 into epochs of the same fixed length. Evaluation visits every sample once, in shard order.
 
-With a `view_key` (a json field naming the thing a sample shows), consecutive samples sharing
-it are one unit through the shuffle, so the views of one thing (the same emoji in two styles) land
-in the same batch, and each batch carries their group ids for the loss.
+With a `view_key` (a json field naming the thing a sample shows, or "caption": the caption
+itself), consecutive samples sharing it are one unit through the shuffle, so the views of one
+thing (the same emoji in two styles; a folder's photos of one product) land in the same batch,
+and each batch carries their group ids for the loss.
 
 Bad samples (truncated tar members, undecodable images, over-limit images, missing, empty or
 non-UTF-8 captions) are skipped; each batch carries the skips met since the previous batch, so
@@ -60,14 +61,19 @@ class DecodedCache:
             self.used += size
 
 
+# view_key naming the caption (the .txt member) rather than a json field
+CAPTION_VIEWS = "caption"
+
+
 class SampleDecoder:
-    """Raw sample -> (image tensor, token ids, key, metadata, caption) or a Skip with the reason.
-    Captions are tokenized for the text tower, or to `context_length` (the captioner's). Training
-    keeps decoded images in a `DecodedCache` of `cache_mb` MiB."""
+    """Raw sample -> (image tensor, token ids, key, metadata, caption, view) or a Skip with the
+    reason. Captions are tokenized for the text tower, or to `context_length` (the captioner's);
+    `view` is the sample's `view_key` value as a string (a key of its own where it has none; None
+    without a view_key). Training keeps decoded images in a `DecodedCache` of `cache_mb` MiB."""
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
-                 cache_mb: float = 0.0, keyword_single: float = 0.0):
+                 cache_mb: float = 0.0, keyword_single: float = 0.0, view_key: str = ""):
         self.image_size = config.vision.image_size
         # uint8 per sample (a quarter of the bytes through the worker queue); `normalize` per batch
         self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
@@ -80,6 +86,7 @@ class SampleDecoder:
         self.keyword_single = keyword_single
         self.rng = random.Random(0)
         self.cache = DecodedCache(int(cache_mb * 2**20) if train else 0)
+        self.view_key = view_key
 
     def reseed(self, seed: str) -> None:
         self.rng = random.Random(seed + "-captions")
@@ -122,8 +129,12 @@ class SampleDecoder:
             meta = json.loads(sample["json"]) if "json" in sample else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             return Skip(url, key, "json member is not valid JSON")
+        view = None
+        if self.view_key:
+            value = text if self.view_key == CAPTION_VIEWS else meta.get(self.view_key)
+            view = f"\0{url}/{key}" if value is None else str(value)
         text = self._text(text, meta)
-        return pixels, self.tokenizer([text])[0], key, meta, text
+        return pixels, self.tokenizer([text])[0], key, meta, text, view
 
 
 # a unit of views is cut at this many samples: a shard whose samples all share one value cannot
@@ -135,6 +146,8 @@ def _view_value(sample: dict | Skip, view_key: str) -> str | None:
     if isinstance(sample, Skip):
         return None
     try:
+        if view_key == CAPTION_VIEWS:
+            return sample["txt"].decode("utf-8").strip() or None if "txt" in sample else None
         value = json.loads(sample["json"]).get(view_key) if "json" in sample else None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None  # the decoder names the bad member
@@ -142,8 +155,8 @@ def _view_value(sample: dict | Skip, view_key: str) -> str | None:
 
 
 def view_units(samples: Iterator[dict | Skip], view_key: str) -> Iterator[list[dict | Skip]]:
-    """Consecutive samples whose json `view_key` is equal, as lists of at most MAX_VIEWS; a sample
-    without one is a unit of its own."""
+    """Consecutive samples whose `view_key` value (json field, or the caption) is equal, as lists
+    of at most MAX_VIEWS; a sample without one is a unit of its own."""
     unit: list[dict | Skip] = []
     current = None
     for sample in samples:
@@ -163,21 +176,19 @@ def group_id(value: str) -> int:
 
 
 def batches(items: Iterator[tuple | Skip], batch_size: int, drop_last: bool,
-            normalize: Callable[[torch.Tensor], torch.Tensor], view_key: str = "") -> Iterator[dict]:
+            normalize: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
     """Collate decoded samples (uint8 images, `normalize`d as one batch); each batch carries the
-    skips met since the previous one, and with a `view_key` the group id of each sample (a sample
-    without the field is a group of its own)."""
+    skips met since the previous one, and where the samples have views the group id of each."""
     rows: list[tuple] = []
     skipped: list[Skip] = []
 
     def collate() -> dict:
-        images, tokens, keys, metas, captions = zip(*rows) if rows else ((), (), (), (), ())
+        images, tokens, keys, metas, captions, views = zip(*rows) if rows else ((), (), (), (), (), ())
         batch = {"image": normalize(torch.stack(images)) if rows else torch.empty(0),
                  "text": torch.stack(tokens) if rows else torch.empty(0, dtype=torch.long),
                  "key": list(keys), "meta": list(metas), "caption": list(captions), "skipped": list(skipped)}
-        if view_key:
-            values = [str(m[view_key]) if view_key in m else f"\0{k}" for m, k in zip(metas, keys)]
-            batch["group"] = torch.tensor([group_id(v) for v in values], dtype=torch.long)
+        if views and views[0] is not None:
+            batch["group"] = torch.tensor([group_id(v) for v in views], dtype=torch.long)
         return batch
 
     for item in items:
@@ -210,7 +221,8 @@ class ShardDataset(IterableDataset):
         if train and not self.num_samples:
             raise DataError(f"{shards}: the shards hold no readable sample")
         self.decoder = SampleDecoder(config, train, augment, max_pixels=max_pixels, keywords_prob=keywords_prob,
-                                     context_length=context_length, cache_mb=cache_mb, keyword_single=keyword_single)
+                                     context_length=context_length, cache_mb=cache_mb, keyword_single=keyword_single,
+                                     view_key=view_key if train else "")
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.min_epoch_batches, self.view_key = min_epoch_batches, view_key
@@ -275,7 +287,7 @@ class ShardDataset(IterableDataset):
             return
         self.decoder.reseed(f"{self.seed}-augment-{self.epoch}-{self.rank}-{worker}")
         stream = batches(map(self.decoder, self._train_samples(worker, workers)), self.batch_size, True,
-                         self.decoder.normalize, self.view_key)
+                         self.decoder.normalize)
         yield from itertools.islice(stream, self.batches_per_worker())
 
 

@@ -50,7 +50,8 @@ RECIPES = {"noto": ("noto", BEFORE), "noto+twemoji": ("styled", BEFORE), "noto+t
            "noto+twemoji+paired+view-loss-2": ("styled", ["view_weight=2"]),
            "noto+twemoji+paired+view-loss-4": ("styled", ["view_weight=4"]),
            "noto+twemoji+paired+view-loss-2+colour": ("styled", ["view_weight=2", "augment.grayscale=0.2",
-                                                                 "augment.hue=0.2"])}
+                                                                 "augment.hue=0.2"]),
+           "noto+twemoji+paired+view-loss+outline": ("styled", ["augment.outline=0.2"])}
 
 
 def train(recipe: str, minutes: float, extra: list[str]) -> Path:

@@ -130,9 +130,8 @@ class SampleDecoder:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return Skip(url, key, "json member is not valid JSON")
         view = None
-        if self.view_key:
-            value = text if self.view_key == CAPTION_VIEWS else meta.get(self.view_key)
-            view = f"\0{url}/{key}" if value is None else str(value)
+        if self.view_key:  # a sample without a value is a group of its own
+            view = view_of(meta, text, self.view_key) or f"\0{url}/{key}"
         text = self._text(text, meta)
         return pixels, self.tokenizer([text])[0], key, meta, text, view
 
@@ -142,16 +141,23 @@ class SampleDecoder:
 MAX_VIEWS = 16
 
 
+def view_of(meta: dict, caption: str | None, view_key: str) -> str | None:
+    """A sample's view value: its caption for view_key "caption", else its json field; None
+    where it has none."""
+    value = caption if view_key == CAPTION_VIEWS else meta.get(view_key)
+    return None if value is None or value == "" else str(value)
+
+
 def _view_value(sample: dict | Skip, view_key: str) -> str | None:
+    """`view_of` on a raw sample, before decoding (a damaged member: no value; the decoder names it)."""
     if isinstance(sample, Skip):
         return None
     try:
         if view_key == CAPTION_VIEWS:
-            return sample["txt"].decode("utf-8").strip() or None if "txt" in sample else None
-        value = json.loads(sample["json"]).get(view_key) if "json" in sample else None
+            return view_of({}, sample["txt"].decode("utf-8").strip() if "txt" in sample else None, view_key)
+        return view_of(json.loads(sample["json"]) if "json" in sample else {}, None, view_key)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None  # the decoder names the bad member
-    return None if value is None else str(value)
+        return None
 
 
 def view_units(samples: Iterator[dict | Skip], view_key: str) -> Iterator[list[dict | Skip]]:

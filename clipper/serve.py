@@ -13,6 +13,7 @@ request gets a 4xx with a one-line reason and the server goes on serving.
 import asyncio
 import base64
 import binascii
+import gc
 import hmac
 import io
 import json
@@ -398,26 +399,68 @@ def _public(row: dict, source: str | None) -> dict:
     return {"id": ident, **({"caption": row["caption"]} if row.get("caption") is not None else {})}
 
 
-async def read_body(request, limit: int, timeout_s: float) -> bytes:
+class BodyBudget:
+    """The body bytes held at once by all the requests being received (`max_buffered_bytes`). A
+    request that would take the total past it waits before reading on (uvicorn then stops reading
+    its socket: the client is held by TCP), unless it is the only holder. Under a flood of uploads
+    this bounds the memory the server touches: fresh pages for hundreds of buffered bodies cost
+    seconds of page zeroing on the one event loop (measured in benchmarks/README.md)."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.held = limits, 0
+        self._freed: asyncio.Condition | None = None  # made on the serving loop, at first use
+
+    def _condition(self) -> asyncio.Condition:
+        if self._freed is None:
+            self._freed = asyncio.Condition()
+        return self._freed
+
+    async def take(self, n: int, mine: int) -> None:
+        """Count `n` more bytes held by a request that holds `mine` bytes already; return once the
+        total fits (or the request holds it all)."""
+        self.held += n
+        try:
+            if self.held > self.limits.max_buffered_bytes and self.held > mine + n:
+                async with self._condition():
+                    await self._freed.wait_for(
+                        lambda: self.held <= self.limits.max_buffered_bytes or self.held == mine + n)
+        except BaseException:  # the read timed out while waiting: these bytes are not held after all
+            self.held -= n
+            raise
+
+    async def give(self, n: int) -> None:
+        self.held -= n
+        async with self._condition():
+            self._freed.notify_all()
+
+
+async def read_body(request, limit: int, timeout_s: float, budget: BodyBudget) -> bytes:
     """The body, within `limit` bytes and `timeout_s` seconds (a declared Content-Length over 4
-    times the limit was refused before, by `_Admission`). A body over the limit is refused (413):
-    at once when a chunked body passes 4 times the limit, otherwise after the body has been read
-    and dropped (closing on unread bytes resets the connection, and the client would lose the
-    answer). A client that stalls gets 408."""
+    times the limit was refused before, by `_Admission`), held within `budget`. A body over the
+    limit is refused (413) as soon as it passes the limit: on a kept-alive connection the server
+    discards what follows while the client sends it, so the answer arrives whenever the client
+    reads. A client that asked for `Connection: close` gets its body read and dropped up to 4
+    times the limit first (closing on unread bytes resets the connection, and the client would
+    lose the answer). A client that stalls gets 408; one that the budget kept waiting, 503."""
     too_large = BadRequest(f"request body of {request.headers.get('content-length') or 'over ' + str(limit)} bytes "
                            f"exceeds the limit of {limit}", 413)
-
-    received = 0
+    closing = request.headers.get("connection", "").strip().lower() == "close"
+    drop_up_to = 4 * limit if closing else limit
+    received = held = 0
+    waiting = False
 
     async def read() -> bytes:
-        nonlocal received
+        nonlocal received, held, waiting
         chunks = []
         async for chunk in request.stream():
             received += len(chunk)
-            if received > 4 * limit:
+            if received > drop_up_to:
                 raise too_large
             if received <= limit:
                 chunks.append(chunk)
+                waiting = True
+                await budget.take(len(chunk), held)
+                held, waiting = held + len(chunk), False
         if received > limit:
             raise too_large
         return b"".join(chunks)
@@ -427,7 +470,11 @@ async def read_body(request, limit: int, timeout_s: float) -> bytes:
     except asyncio.TimeoutError:
         if received > limit:  # what did arrive is already too much
             raise too_large from None
+        if waiting:
+            raise BadRequest("busy: receiving too many request bodies at once", 503, {"Retry-After": "1"}) from None
         raise BadRequest(f"request body not received within {timeout_s:g} s", 408) from None
+    finally:
+        await budget.give(held)
 
 
 def create_app(service: Service):
@@ -440,6 +487,7 @@ def create_app(service: Service):
     from .serve_schema import components, request_body
 
     app = FastAPI(title="clipper", version=__version__, docs_url="/docs", redoc_url=None)
+    budget = BodyBudget(service.limits)
 
     def openapi() -> dict:
         if app.openapi_schema is None:  # the request schemas are ours, not derived from the handlers
@@ -465,7 +513,7 @@ def create_app(service: Service):
             media = content_type.split(";")[0].strip().lower()
             if media not in ("application/json", "multipart/form-data"):
                 raise BadRequest("Content-Type: send the body as application/json or multipart/form-data", 415)
-            raw = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
+            raw = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s, budget)
             # the limit is on requests doing work (reading a body costs little, and a body left
             # unread would reset the connection before the 503 arrived)
             if service.inflight >= service.limits.max_inflight:
@@ -596,6 +644,10 @@ class _Admission:
 def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
+    # The model, torch and the framework are ~400,000 objects that live as long as the server; left to
+    # the cyclic collector, each full collection walks them all (~140 ms) on the event loop, and a
+    # flood of connections triggers them. Frozen, a collection walks only what requests allocated.
+    gc.freeze()
     # SIGTERM: stop taking requests, give running ones 5 s; idle keep-alive connections close after 5 s
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                 timeout_keep_alive=5)

@@ -260,6 +260,11 @@ def test_bodies_are_bounded_before_and_while_reading(server):
     chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"  # 64 KiB chunks without end: over 1 MiB is refused
     status, _ = _raw(server, head + b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 40)
     assert status == 413
+    # 3 MiB sent whole before reading: refused at the limit, the rest discarded as it comes (kept
+    # alive) or read and dropped (Connection: close); either way the client sees the 413, no reset
+    for close in (b"", b"Connection: close\r\n"):
+        status, _ = _raw(server, head + close + b"Content-Length: 3145728\r\n\r\n", [b" " * (1 << 20)] * 3)
+        assert status == 413
     assert call(server, "/health")[0] == 200
 
 
@@ -305,6 +310,56 @@ def test_limits_are_positive():
         Limits(max_texts=0)
     with pytest.raises(ConfigError, match="--read-timeout-s must be positive, got nan"):
         Limits(read_timeout_s=float("nan"))
+    with pytest.raises(ConfigError, match="--max-buffered-bytes .* must be at least --max-body-bytes"):
+        Limits(max_body_bytes=2 << 20, max_buffered_bytes=1 << 20)
+
+
+class _Upload:
+    """A request as `read_body` sees it: headers and a stream of `chunks`, then (if `stall`) silence."""
+
+    def __init__(self, chunks: list[bytes], stall: bool = False):
+        self.headers, self.chunks, self.stall = {}, chunks, stall
+
+    async def stream(self):
+        import asyncio
+
+        for chunk in self.chunks:
+            yield chunk
+        if self.stall:
+            await asyncio.sleep(3600)
+
+
+def test_bodies_wait_for_the_buffer_budget():
+    import asyncio
+
+    from clipper.serve import BadRequest, BodyBudget, read_body
+
+    async def run() -> None:
+        budget = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100))
+        holder = asyncio.ensure_future(read_body(_Upload([b"a" * 60], stall=True), 100, 5.0, budget))
+        await asyncio.sleep(0.05)
+        assert budget.held == 60
+        # a body that does not fit waits; if its read timeout passes meanwhile: 503, nothing kept held
+        with pytest.raises(BadRequest) as busy:
+            await read_body(_Upload([b"b" * 30, b"b" * 20]), 100, 0.2, budget)
+        assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "1"}
+        assert budget.held == 60
+        # one that waits while the holder goes reads on, whole
+        waiter = asyncio.ensure_future(read_body(_Upload([b"c" * 30, b"c" * 20]), 100, 5.0, budget))
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and budget.held == 110  # its second chunk arrived, and waits
+        holder.cancel()
+        assert await waiter == b"c" * 50 and budget.held == 0
+        # a body that alone exceeds the budget is not kept waiting for itself
+        small = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100))
+        small.limits.max_buffered_bytes = 10
+        assert await read_body(_Upload([b"d" * 40] * 2), 100, 1.0, small) == b"d" * 80 and small.held == 0
+        # a stalled client alone gets 408, not 503
+        with pytest.raises(BadRequest) as stalled:
+            await read_body(_Upload([b"e"], stall=True), 100, 0.1, small)
+        assert stalled.value.status == 408 and small.held == 0
+
+    asyncio.run(run())
 
 
 def test_a_cancelled_request_does_not_stop_its_batcher():

@@ -404,10 +404,12 @@ class BodyBudget:
     request that would take the total past it waits before reading on (uvicorn then stops reading
     its socket: the client is held by TCP), unless it is the only holder. Under a flood of uploads
     this bounds the memory the server touches: fresh pages for hundreds of buffered bodies cost
-    seconds of page zeroing on the one event loop (measured in benchmarks/README.md)."""
+    seconds of page zeroing on the one event loop (measured in benchmarks/README.md). A body of at
+    most `free_bytes` never waits, so clients that hold the budget (they must send ~budget bytes
+    per read timeout to keep it) can delay large uploads but not queries and small images."""
 
-    def __init__(self, limits: Limits):
-        self.limits, self.held = limits, 0
+    def __init__(self, limits: Limits, free_bytes: int = 64 << 10):
+        self.limits, self.free_bytes, self.held = limits, free_bytes, 0
         self._freed: asyncio.Condition | None = None  # made on the serving loop, at first use
 
     def _condition(self) -> asyncio.Condition:
@@ -420,7 +422,7 @@ class BodyBudget:
         total fits (or the request holds it all)."""
         self.held += n
         try:
-            if self.held > self.limits.max_buffered_bytes and self.held > mine + n:
+            if self.held > self.limits.max_buffered_bytes and self.held > mine + n > self.free_bytes:
                 async with self._condition():
                     await self._freed.wait_for(
                         lambda: self.held <= self.limits.max_buffered_bytes or self.held == mine + n)

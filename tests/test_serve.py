@@ -335,23 +335,25 @@ def test_bodies_wait_for_the_buffer_budget():
     from clipper.serve import BadRequest, BodyBudget, read_body
 
     async def run() -> None:
-        budget = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100))
-        holder = asyncio.ensure_future(read_body(_Upload([b"a" * 60], stall=True), 100, 5.0, budget))
+        budget = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100), free_bytes=10)
+        holder = asyncio.ensure_future(read_body(_Upload([b"a" * 98], stall=True), 100, 5.0, budget))
         await asyncio.sleep(0.05)
-        assert budget.held == 60
+        assert budget.held == 98
         # a body that does not fit waits; if its read timeout passes meanwhile: 503, nothing kept held
         with pytest.raises(BadRequest) as busy:
             await read_body(_Upload([b"b" * 30, b"b" * 20]), 100, 0.2, budget)
         assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "1"}
-        assert budget.held == 60
+        assert budget.held == 98
+        # one within the free bytes does not wait for anyone
+        assert await read_body(_Upload([b"s" * 6, b"s" * 4]), 100, 0.2, budget) == b"s" * 10
         # one that waits while the holder goes reads on, whole
         waiter = asyncio.ensure_future(read_body(_Upload([b"c" * 30, b"c" * 20]), 100, 5.0, budget))
         await asyncio.sleep(0.05)
-        assert not waiter.done() and budget.held == 110  # its second chunk arrived, and waits
+        assert not waiter.done() and budget.held == 128  # its first chunk arrived, and waits
         holder.cancel()
         assert await waiter == b"c" * 50 and budget.held == 0
         # a body that alone exceeds the budget is not kept waiting for itself
-        small = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100))
+        small = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100), free_bytes=0)
         small.limits.max_buffered_bytes = 10
         assert await read_body(_Upload([b"d" * 40] * 2), 100, 1.0, small) == b"d" * 80 and small.held == 0
         # a stalled client alone gets 408, not 503

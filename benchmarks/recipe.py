@@ -39,7 +39,10 @@ def ensure_shards(name: str) -> Path:
 def holdout_split(train: Path, fraction: int = 6) -> tuple[str, str]:
     """(training shards, validation shards): one training pair in `fraction`, chosen by a hash of
     its key (a random sample, like the test split), held out, so that recipe choices are made
-    without the test split. Written once beside the training shards, in `holdout/`."""
+    without the test split. A set with several renderings of a thing (json `source_id`) is split
+    by that instead, as the test split is: no rendering of a held-out thing is trained on. Written
+    once beside the training shards, in `holdout/`."""
+    from clipper.data.pipeline import raw_view_of
     from clipper.data.reader import Skip, read_tar
     from clipper.data.shards import SIZES_FILE, add_member
 
@@ -57,7 +60,8 @@ def holdout_split(train: Path, fraction: int = 6) -> tuple[str, str]:
                     if isinstance(sample, Skip):
                         continue
                     key = sample["__key__"]
-                    held = int(hashlib.sha1(f"holdout-{key}".encode()).hexdigest(), 16) % fraction == 0
+                    unit = raw_view_of(sample, "source_id") or key
+                    held = int(hashlib.sha1(f"holdout-{unit}".encode()).hexdigest(), 16) % fraction == 0
                     tar, part, name = (val, "val", "00000.tar") if held else (kept, "train", shard.name)
                     for ext, data in sample.items():
                         if not ext.startswith("__"):

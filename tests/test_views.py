@@ -143,3 +143,21 @@ def test_training_with_views_lowers_the_view_loss(two_style_shards, tmp_path, mo
     assert len(views) == 6 and views[-1] < views[0] / 2
     with pytest.raises(ConfigError, match="view_weight: needs view_key"):
         TrainConfig(train_data="x", steps=1, view_weight=1.0).validate()
+
+
+def test_the_validation_split_keeps_a_things_renderings_together(two_style_shards, monkeypatch):
+    from pathlib import Path
+
+    from clipper.data.reader import read_tar
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from recipe import holdout_split
+
+    def things(part: str) -> Counter:
+        return Counter(json.loads(s["json"])["source_id"] for shard in sorted(Path(part).glob("*.tar"))
+                       for s in read_tar(str(shard)))
+
+    things = [things(part) for part in holdout_split(two_style_shards, fraction=4)]
+    assert things[0] and things[1] and not set(things[0]) & set(things[1])  # each thing on one side only
+    assert set(things[0].values()) == set(things[1].values()) == {2}  # with both its renderings
+    assert sum(things[0].values()) + sum(things[1].values()) == 80

@@ -148,7 +148,7 @@ def view_of(meta: dict, caption: str | None, view_key: str) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def _view_value(sample: dict | Skip, view_key: str) -> str | None:
+def raw_view_of(sample: dict | Skip, view_key: str) -> str | None:
     """`view_of` on a raw sample, before decoding (a damaged member: no value; the decoder names it)."""
     if isinstance(sample, Skip):
         return None
@@ -166,7 +166,7 @@ def view_units(samples: Iterator[dict | Skip], view_key: str) -> Iterator[list[d
     unit: list[dict | Skip] = []
     current = None
     for sample in samples:
-        value = _view_value(sample, view_key)
+        value = raw_view_of(sample, view_key)
         if unit and (value is None or value != current or len(unit) == MAX_VIEWS):
             yield unit
             unit = []

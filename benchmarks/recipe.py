@@ -48,7 +48,9 @@ def holdout_split(train: Path, fraction: int = 6) -> tuple[str, str]:
 
     out = train.parent / "holdout"
     done = out / "val" / SIZES_FILE  # written last; older than the shards: rebuilt from them
-    if done.is_file() and done.stat().st_mtime >= max(t.stat().st_mtime for t in train.glob("*.tar")):
+    rule = {"fraction": fraction, "hash_of": "source_id, else key"}  # an older rule's split: rebuilt too
+    if (done.is_file() and done.stat().st_mtime >= max(t.stat().st_mtime for t in train.glob("*.tar"))
+            and (out / "rule.json").is_file() and json.loads((out / "rule.json").read_text()) == rule):
         return str(out / "train"), str(out / "val")
     sizes: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     for part in sizes:
@@ -67,6 +69,7 @@ def holdout_split(train: Path, fraction: int = 6) -> tuple[str, str]:
                         if not ext.startswith("__"):
                             add_member(tar, f"{key}.{ext}", data)
                     sizes[part][name] = sizes[part].get(name, 0) + 1
+    (out / "rule.json").write_text(json.dumps(rule) + "\n")
     for part, table in sizes.items():
         (out / part / SIZES_FILE).write_text(json.dumps(table, indent=1) + "\n")
     return str(out / "train"), str(out / "val")

@@ -51,7 +51,12 @@ RECIPES = {"noto": ("noto", BEFORE), "noto+twemoji": ("styled", BEFORE), "noto+t
            "noto+twemoji+paired+view-loss-4": ("styled", ["view_weight=4"]),
            "noto+twemoji+paired+view-loss-2+colour": ("styled", ["view_weight=2", "augment.grayscale=0.2",
                                                                  "augment.hue=0.2"]),
-           "noto+twemoji+paired+view-loss+outline": ("styled", ["augment.outline=0.2"])}
+           "noto+twemoji+paired+view-loss+outline": ("styled", ["augment.outline=0.2"]),
+           # the preset (views and view loss) with one style-removing augmentation more
+           "noto+twemoji+paired+view-loss+blur": ("styled", ["augment.blur=0.2"]),
+           "noto+twemoji+paired+view-loss+rotate": ("styled", ["augment.rotate=10"]),
+           "noto+twemoji+paired+view-loss+scale": ("styled", ["augment.crop_scale=[0.4, 1.0]"]),
+           "noto+twemoji+paired+view-loss+posterize": ("styled", ["augment.posterize=0.2"])}
 
 
 def train(recipe: str, minutes: float, extra: list[str]) -> Path:

@@ -422,7 +422,7 @@ class BodyBudget:
         total fits (or the request holds it all)."""
         self.held += n
         try:
-            if self.held > self.limits.max_buffered_bytes and self.held > mine + n > self.free_bytes:
+            if self.held > self.limits.max_buffered_bytes and mine + n > self.free_bytes:
                 async with self._condition():
                     await self._freed.wait_for(
                         lambda: self.held <= self.limits.max_buffered_bytes or self.held == mine + n)

@@ -14,9 +14,10 @@ class Limits:
     """What one request may ask for; each has a `clipper serve` flag. A request over a limit gets a
     4xx with the reason before any model work is done."""
     max_body_bytes: int = setting(16 << 20, "request body bytes (Content-Length checked before reading)")
-    max_buffered_bytes: int = setting(64 << 20, "body bytes held at once by all the requests being received; "
-                                                 "past it a body waits (TCP backpressure), and gets 503 with "
-                                                 "Retry-After if its read timeout passes while waiting")
+    max_buffered_bytes: int = setting(64 << 20, "body bytes held at once by all the requests being received (at "
+                                                 "least --max-body-bytes); past it a body over 64 KiB waits (TCP "
+                                                 "backpressure), and gets 503 with Retry-After if its read "
+                                                 "timeout passes while waiting")
     read_timeout_s: float = setting(10.0, "seconds a client has to send its whole body (then 408)")
     max_inflight: int = setting(512, "requests doing model work at once (the batchers queue them); more get 503 "
                                      "with Retry-After")
@@ -39,7 +40,7 @@ class Limits:
         for f in fields(self):  # a zero would refuse (or, for the upload slots, stall) every request
             if not getattr(self, f.name) > 0:
                 raise ConfigError(f"serve: --{f.name.replace('_', '-')} must be positive, got {getattr(self, f.name)}")
-        if self.max_buffered_bytes < self.max_body_bytes:  # else a body at the limit could never be held
+        if self.max_buffered_bytes < self.max_body_bytes:  # else a body near the limit would wait for all others
             raise ConfigError(f"serve: --max-buffered-bytes ({self.max_buffered_bytes}) must be at least "
                               f"--max-body-bytes ({self.max_body_bytes})")
 

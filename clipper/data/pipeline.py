@@ -130,8 +130,8 @@ class SampleDecoder:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return Skip(url, key, "json member is not valid JSON")
         view = None
-        if self.view_key:  # a sample without a value is a group of its own
-            view = view_of(meta, text, self.view_key) or f"\0{url}/{key}"
+        if self.view_key:  # the value `view_units` found; a sample without one is a group of its own
+            view = sample.get("__view__") or f"\0{url}/{key}"
         text = self._text(text, meta)
         return pixels, self.tokenizer([text])[0], key, meta, text, view
 
@@ -141,32 +141,31 @@ class SampleDecoder:
 MAX_VIEWS = 16
 
 
-def view_of(meta: dict, caption: str | None, view_key: str) -> str | None:
-    """A sample's view value: its caption for view_key "caption", else its json field; None
-    where it has none."""
-    value = caption if view_key == CAPTION_VIEWS else meta.get(view_key)
-    return None if value is None or value == "" else str(value)
-
-
 def raw_view_of(sample: dict | Skip, view_key: str) -> str | None:
-    """`view_of` on a raw sample, before decoding (a damaged member: no value; the decoder names it)."""
+    """A raw sample's view value: its caption for view_key "caption", else its json field; None
+    where it has none (a damaged member too: the decoder names it)."""
     if isinstance(sample, Skip):
         return None
     try:
         if view_key == CAPTION_VIEWS:
-            return view_of({}, sample["txt"].decode("utf-8").strip() if "txt" in sample else None, view_key)
-        return view_of(json.loads(sample["json"]) if "json" in sample else {}, None, view_key)
+            value = sample["txt"].decode("utf-8").strip() if "txt" in sample else None
+        else:
+            value = (json.loads(sample["json"]) if "json" in sample else {}).get(view_key)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
+    return None if value is None or value == "" else str(value)
 
 
 def view_units(samples: Iterator[dict | Skip], view_key: str) -> Iterator[list[dict | Skip]]:
     """Consecutive samples whose `view_key` value (json field, or the caption) is equal, as lists
-    of at most MAX_VIEWS; a sample without one is a unit of its own."""
+    of at most MAX_VIEWS; a sample without one is a unit of its own. Each sample keeps its value
+    (`__view__`) for the decoder, which then need not find it again."""
     unit: list[dict | Skip] = []
     current = None
     for sample in samples:
         value = raw_view_of(sample, view_key)
+        if not isinstance(sample, Skip):
+            sample["__view__"] = value
         if unit and (value is None or value != current or len(unit) == MAX_VIEWS):
             yield unit
             unit = []

@@ -118,3 +118,31 @@ def test_decode_step_equals_block_forward_with_a_cache():
         out = bind_decode_step(block)(x[:, 5].contiguous(), step_cache, 5, None)
     assert torch.allclose(out, full[:, 5], atol=1e-5)
     assert torch.allclose(step_cache[:, :, :, :6], full_cache[:, :, :, :6], atol=1e-6)
+
+
+def test_cpu_inference_runs_in_row_chunks_with_the_same_embeddings(monkeypatch):
+    from clipper.config import preset
+    from clipper.model import CLIP, chunks
+
+    torch.manual_seed(0)
+    model = CLIP(preset("fmnist-tiny")).eval()
+    images = torch.randn(10, 1, 28, 28)
+    tokens = model.tokenize([f"a photo of thing {i}" + " and more" * (i % 3) for i in range(10)])
+    calls = {"visual": 0, "text": 0}
+    for name in calls:
+        getattr(model, name).register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(name, calls[name] + 1))
+    with torch.no_grad():
+        whole = model.visual(images), model.text(tokens)
+        row_image = chunks._row_bytes(model.visual, images)
+        monkeypatch.setattr(chunks, "ROW_CHUNK_BYTES", 3 * row_image)  # 4 parts of 2-3 images
+        calls.update(visual=0, text=0)
+        parts = model.encode_image(images), model.encode_text(tokens)
+    assert calls["visual"] == 4 and calls["text"] >= 2
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the widest activation is measured on the row that reaches furthest, per reach
+    assert row_image == 17 * 4 * 128 * 4  # 4x4 patches and the class token, MLP hidden 512, float32
+    assert chunks._row_bytes(model.text, tokens) > chunks._row_bytes(model.text, tokens[:1])
+    calls.update(visual=0)
+    model.encode_image(images).sum().backward()  # training: one pass, nothing chunked
+    assert calls["visual"] == 1

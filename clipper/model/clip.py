@@ -13,6 +13,7 @@ from torch import nn
 
 from ..checkpoint import load_weights, save_model
 from ..config import ModelConfig
+from .chunks import chunked
 from .coca import CoCaDecoder
 from .decoder import CaptionDecoder
 from .meta import SkipMetaInit
@@ -99,7 +100,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         with self.autocast():
-            features = self.visual(images)
+            features = chunked(self.visual, images)
         if self.precision == "bf16":  # normalised and returned in float32
             features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
@@ -109,7 +110,8 @@ class CLIP(nn.Module):
         # the features are the same, and gradients of the copies add up in the shared row.
         unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
         with self.autocast():
-            features = self.text(unique)[inverse] if unique.shape[0] < tokens.shape[0] else self.text(tokens)
+            features = (chunked(self.text, unique)[inverse] if unique.shape[0] < tokens.shape[0]
+                        else chunked(self.text, tokens))
         if self.precision == "bf16":
             features = features.float()
         return F.normalize(features, dim=-1) if normalize else features

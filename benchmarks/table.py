@@ -103,9 +103,12 @@ def table() -> str:
                     f"{ips['open_clip']} | {ips['clipper_fp32']} | {r['ratio_fp32']}x, max abs diff "
                     f"{r['fp32_max_abs_diff_vs_open_clip']:.1e} |")
         acc = r.get("int8_fmnist_zero_shot")
-        rows.append(f"| embed-e2e: images/s `--quantize int8` | {ips['open_clip']} | {ips['clipper_int8']} | "
-                    f"{r['ratio_int8']}x, min cosine to fp32 {r['int8_min_cosine_vs_fp32']:.4f}"
-                    + (f"; fmnist top-1 {acc['fp32_top1']} -> {acc['int8_top1']}" if acc else "") + " |")
+        for p in ("int8", "bf16"):
+            if f"clipper_{p}" in ips:
+                rows.append(f"| embed-e2e: images/s `--precision {p}` | {ips['open_clip']} | {ips[f'clipper_{p}']} | "
+                            f"{r[f'ratio_{p}']}x, min cosine to open_clip {r[f'{p}_min_cosine_vs_open_clip']:.4f}"
+                            + (f"; fmnist top-1 {acc['fp32_top1']} -> {acc['int8_top1']}" if acc and p == "int8"
+                               else "") + " |")
     if r := _load("search"):
         for n, row in r["sizes"].items():
             cells = "; ".join(f"{kind} {m['p50_ms']} ms, R@10 {m['recall_at_10']}" for kind, m in row.items()

@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch import nn
 
-ROW_CHUNK_BYTES = 16 << 20  # measured: 12-20 MiB chunks fault not at all; from 24 MiB (40 images) they do
+ROW_CHUNK_BYTES = 16 << 20  # benchmarks/row_chunks.py: no faults at 8-16 MiB; some at 24 (chunks of 40 images)
 
 _widest: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 

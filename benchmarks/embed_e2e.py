@@ -122,7 +122,8 @@ def scale_out(model, folder: Path, processes: int, batch: int, precision: str) -
                   flush=True)
         (a, ids_a), (b, ids_b) = out.values()
         n = len(list(folder.glob("*.jpg")))
-        return {"images": n, "precision": precision, "images_per_s_with_start_up": {k: round(n / v, 2) for k, v in seconds.items()},
+        return {"images": n, "precision": precision,
+                "images_per_s_with_start_up": {k: round(n / v, 2) for k, v in seconds.items()},
                 "ids_identical": ids_a == ids_b, "vectors_max_abs_diff": float(np.abs(a - b).max()),
                 "vectors_identical": bool(np.array_equal(a, b))}
 

@@ -178,7 +178,8 @@ def main() -> None:
            for p in precisions},
     }
     if "clipper_fp32" in vectors:
-        results["fp32_max_abs_diff_vs_open_clip"] = float(np.abs(vectors["open_clip"] - vectors["clipper_fp32"]).max())
+        diff = np.abs(vectors["open_clip"] - vectors["clipper_fp32"])
+        results["fp32_max_abs_diff_vs_open_clip"] = float(diff.max())
     model_dir = args.fmnist_model
     if model_dir is None and (ROOT / "benchmarks" / "results" / "train_fmnist.json").is_file():
         model_dir = ROOT / json.loads((ROOT / "benchmarks" / "results" / "train_fmnist.json").read_text())["run"] / "model"

@@ -79,6 +79,44 @@ def test_bound_linear_equals_linear_and_sees_weights_loaded_in_place(rows, out, 
     torch.testing.assert_close(f(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
+@pytest.fixture
+def packing(monkeypatch):
+    """bound_linear's reordered oneDNN weights, on any CPU (by default only where oneDNN is chosen)."""
+    if not (HAS_ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        pytest.skip("oneDNN weight reordering not in this torch build")
+    monkeypatch.setattr(linear_module, "PACK", True)
+
+
+@pytest.mark.parametrize("rows,transposed,bias", [(None, False, True), ((384, 768), False, True), (None, True, False)])
+def test_packed_bound_linear_equals_f_linear_and_follows_the_weight(packing, rows, transposed, bias):
+    import gc
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 384, generator=g)
+    w = torch.randn(*((384, 1152) if transposed else (1152, 384)), generator=g)
+    b = torch.randn(1152, generator=g) if bias else None
+
+    def reference() -> torch.Tensor:
+        ref_w = w.t() if transposed else w
+        cut = slice(*rows) if rows else slice(None)
+        return F.linear(x, ref_w[cut], None if b is None else b[cut])
+
+    f = bound_linear(w, b, rows, transposed)
+    assert id(w) in linear_module._PACKED  # reordered: this shape is above the packing threshold
+    torch.testing.assert_close(f(x), reference(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(bound_linear(w, b, rows, transposed)(x[:3]), reference()[:3], atol=1e-4, rtol=1e-5)
+    w.mul_(-0.5)  # loaded or trained in place: a new binding reorders the new values
+    torch.testing.assert_close(bound_linear(w, b, rows, transposed)(x), reference(), atol=1e-4, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bound_linear(w, b, rows, transposed)(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(), atol=0.5, rtol=0.02)
+    key = id(w)
+    del w, f
+    gc.collect()
+    assert key not in linear_module._PACKED  # the packed copies go with their weight
+
+
 def test_linear_under_cpu_bf16_autocast(kernel):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g)
@@ -103,21 +141,39 @@ def test_linear_compiles(monkeypatch):
     torch.testing.assert_close(compiled(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
-def test_decode_step_equals_block_forward_with_a_cache():
+@pytest.mark.parametrize("width", [32, 384])  # 384: its linears are reordered where oneDNN is chosen
+def test_decode_step_equals_block_forward_with_a_cache(width):
     """The bound decode step (generation's fast path) computes what Block.forward does for the
     same position, and writes the same keys and values into the cache."""
     from clipper.model.transformer import Block, bind_decode_step
 
-    block = Block(32, 4, 4.0, act="gelu").eval()
-    x = torch.randn(3, 6, 32)
-    step_cache, full_cache = torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)
+    torch.manual_seed(0)
+    block = Block(width, 4, 4.0, act="gelu").eval()
+    x = torch.randn(3, 6, width)
+    step_cache, full_cache = torch.zeros(2, 3, 4, 8, width // 4), torch.zeros(2, 3, 4, 8, width // 4)
     with torch.inference_mode():
         full = block(x, causal=True)
         assert torch.allclose(block(x, causal=True, kv=(full_cache, 0)), full, atol=1e-6)  # a cache changes nothing
         block(x[:, :5], causal=True, kv=(step_cache, 0))  # prefill five positions, then step the sixth
         out = bind_decode_step(block)(x[:, 5].contiguous(), step_cache, 5, None)
-    assert torch.allclose(out, full[:, 5], atol=1e-5)
-    assert torch.allclose(step_cache[:, :, :, :6], full_cache[:, :, :, :6], atol=1e-6)
+    torch.testing.assert_close(out, full[:, 5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_cache[:, :, :, :6], full_cache[:, :, :, :6], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width,per_image", [(32, 1), (384, 3)])
+def test_cross_step_equals_cross_block_forward(width, per_image):
+    """CoCa's bound cross-attention step equals CrossBlock.forward on one token per row, each
+    image's rows (beams) reading its keys and values."""
+    from clipper.model.transformer import CrossBlock, bind_cross_step
+
+    torch.manual_seed(0)
+    block = CrossBlock(width, 4, 4.0).eval()
+    context, x = torch.randn(2, 7, width), torch.randn(2 * per_image, width)
+    with torch.inference_mode():
+        kv = block.context(context)
+        out = bind_cross_step(block)(x, kv)
+        ref = block(x[:, None], kv)[:, 0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_inference_runs_in_row_chunks_with_the_same_embeddings(monkeypatch):

@@ -14,7 +14,9 @@ stops a row there).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +24,9 @@ from torch import nn
 
 from ..config import DecoderConfig, ModelConfig
 from ..errors import ConfigError
+from .linear import bound_linear
 from .text import TextTransformer
-from .transformer import Block, CrossBlock, DecodeStep, bind_decode_step, init_blocks
+from .transformer import Block, CrossBlock, CrossStep, DecodeStep, bind_cross_step, bind_decode_step, init_blocks
 
 PAD_ID = 0
 EOT_ID = 49407
@@ -49,12 +52,13 @@ class CoCaDecoder(nn.Module):
     def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "CoCaDecoder":
         return cls(cfg, model.text.vocab_size, model.quick_gelu)
 
-    def context(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Every cross-attention layer's keys and values of the image's caption tokens
-        [layers, 2, B, H, N, C/H]."""
-        return torch.stack([block.context(image_tokens) for block in self.cross])
+    def context(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every cross-attention layer's keys and values of the image's caption tokens, each
+        [2, B, H, N, C/H] and contiguous (each decode step reads them all: 20% faster than the
+        projection's strided view; one stacked tensor cost 40-250 ms to build at B-32 x 8 images)."""
+        return tuple(block.context(image_tokens).contiguous() for block in self.cross)
 
-    def hidden(self, states: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
+    def hidden(self, states: torch.Tensor, context: tuple[torch.Tensor, ...], mask: torch.Tensor | None = None,
                caches: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's blocks over text states [B, T, C]: causal (or `mask` [B, 1, T, T]), filling
         `caches` [layers, 2, B, H, S, C/H] from position 0 when given."""
@@ -83,14 +87,23 @@ class CoCaDecoder(nn.Module):
         return CoCaCaptioner(text, self)
 
 
+class CoCaSteps(NamedTuple):
+    """The bound decode path (made at the first decode): text tower, decoder self- and
+    cross-attention blocks, and the head on the final LayerNorm."""
+    text: list[DecodeStep]
+    blocks: list[DecodeStep]
+    cross: list[CrossStep]
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class CoCaCache:
     """Keys and values of the text tower's and the decoder's layers [layers, 2, R, H, S, C/H], the
-    decoder's cross-attention keys and values per image [layers, 2, B, H, N, C/H] (R = B x rows
+    decoder's cross-attention keys and values per image (per layer [2, B, H, N, C/H]; R = B x rows
     per image), and which cached positions each stack may attend to."""
     text_kv: torch.Tensor
     kv: torch.Tensor
-    context: torch.Tensor
+    context: tuple[torch.Tensor, ...]
     valid: torch.Tensor  # [R, S] real tokens (not left padding): the decoder's keys
     text_valid: torch.Tensor  # [R, S] the text tower's keys: real, and not after a padding token
     positions: torch.Tensor  # [R] position id of each row's next token
@@ -98,11 +111,12 @@ class CoCaCache:
     length: int = 0
     padded: bool = True  # some row has a hidden decoder key (else a decode step needs no mask)
     text_padded: bool = True  # some row has a hidden text-tower key
-    steps: tuple[list[DecodeStep], list[DecodeStep]] | None = None
+    steps: CoCaSteps | None = None
 
     def select(self, rows: torch.Tensor) -> "CoCaCache":
         """The cache of rows `rows`, which must keep each image's rows together (beams, samples)."""
-        B, per = self.context.shape[2], len(rows) // self.context.shape[2]
+        B = self.context[0].shape[1]
+        per = len(rows) // B
         old = self.kv.shape[2] // B
         if len(rows) != B * per or not bool((rows // old == torch.arange(len(rows), device=rows.device) // per).all()):
             raise ValueError("CoCaCache.select: rows must stay with their image (same number per image, in order)")
@@ -178,20 +192,24 @@ class CoCaCaptioner:
             raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
         text = self.text
         if cache.steps is None:
-            cache.steps = ([bind_decode_step(b) for b in text.transformer.blocks],
-                           [bind_decode_step(b) for b in self.decoder.blocks])
+            decoder = self.decoder
+            cache.steps = CoCaSteps([bind_decode_step(b) for b in text.transformer.blocks],
+                                    [bind_decode_step(b) for b in decoder.blocks],
+                                    [bind_cross_step(b) for b in decoder.cross],
+                                    bound_linear(decoder.proj, transposed=True))
         after_pad = cache.last == PAD_ID
         if bool(after_pad.any()):  # open_clip's shifted mask: the key after a padding token is hidden
             cache.text_valid[:, n] = ~after_pad
             cache.text_padded = True
         x = text.token_embedding.forward(token) + text.positional_embedding[cache.positions]
         text_mask = cache.text_valid[:, None, None, :n + 1] if cache.text_padded else None
-        for step, kv in zip(cache.steps[0], cache.text_kv):
+        steps = cache.steps
+        for step, kv in zip(steps.text, cache.text_kv):
             x = step(x, kv, n, text_mask)
         mask = cache.valid[:, None, None, :n + 1] if cache.padded else None
-        for step, cross, kv, context in zip(cache.steps[1], self.decoder.cross, cache.kv, cache.context):
-            x = cross(step(x, kv, n, mask)[:, None], context)[:, 0]
+        for step, cross, kv, context in zip(steps.blocks, steps.cross, cache.kv, cache.context):
+            x = cross(step(x, kv, n, mask), context)
         cache.length += 1
         cache.positions = cache.positions + 1
         cache.last = token
-        return self.decoder.ln_final.forward(x) @ self.decoder.proj
+        return steps.head(self.decoder.ln_final.forward(x))

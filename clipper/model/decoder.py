@@ -10,6 +10,7 @@ positions count real tokens only, so a padded row computes what it would alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..config import DecoderConfig, ModelConfig
 from ..errors import ConfigError
-from .linear import Linear
+from .linear import Linear, bound_layer
 from .transformer import Block, DecodeStep, bind_decode_step
 from .vision import VISION_TOWERS
 
@@ -36,11 +37,12 @@ class KVCache:
     length: int = 0
     padded: bool = True  # some row has padding among its keys (else decode needs no mask)
     steps: list[DecodeStep] | None = None  # each block's bound decode step, made at the first decode
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None  # the bound vocabulary head, likewise
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """The cache of rows `rows` (beam reordering, several samples per image)."""
         return KVCache(self.kv[:, :, rows], self.valid[rows], self.positions[rows], self.length, self.padded,
-                       self.steps)
+                       self.steps, self.head)
 
 
 class CaptionDecoder(nn.Module):
@@ -187,11 +189,12 @@ class CaptionDecoder(nn.Module):
         mask = cache.valid[:, None, None, :n + 1] if cache.padded else None
         if cache.steps is None:
             cache.steps = [bind_decode_step(block) for block in self.blocks]
+            cache.head = bound_layer(self.head)
         for step, kv in zip(cache.steps, cache.kv):
             x = step(x, kv, n, mask)
         cache.length += 1
         cache.positions = cache.positions + 1
-        return self.head.forward(self.ln_final.forward(x))
+        return cache.head(self.ln_final.forward(x))
 
     def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] by recomputing the whole sequence (no cache): the reference the

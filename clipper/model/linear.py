@@ -12,6 +12,7 @@ AVX-512 and is the faster one (an Intel Xeon, 2 threads, 12544 x 768 -> 3072: MK
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -79,17 +80,66 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def bound_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`linear(x, weight, bias)` for 2-D x, as a function of x alone, for a hot loop (a decode step):
-    where `linear` would take F.linear (a handful of rows), it calls the addmm that F.linear makes, on
-    a transpose taken once: the same numbers, without F.linear's dispatch and transpose (~1 us of a
-    ~12 us call). Weights loaded in place later are seen; replaced tensors are not."""
+# A decode step feeds a handful of rows through every weight of the decoder once. There oneDNN on a
+# weight reordered into its own blocked layout streams 2-4x faster than BLAS or the plain oneDNN
+# call (8 rows, 2 threads, weights from memory: 512 -> 2048 in 141 vs 620 / 337 us, a 49,408-way
+# head 2.8 vs 18 / 6.5 ms; benchmarks/README.md, "Caption decoding"). The reorder itself is slow
+# (2-10 ms a 512 x 2048 weight), so each packed copy is kept, beside the weight, until the weight
+# changes. Below 2^17 weights the packed call's ~25 us floor loses to addmm (8 x 128 -> 512: 29 vs 21).
+PACK = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_PACK_MIN = 1 << 17
+# id(weight) -> {(rows, transposed, dtype): (weight version, packed copy)}, dropped with the weight
+# (not a WeakKeyDictionary: it compares keys with ==, which tensors answer elementwise)
+_PACKED: dict[int, dict] = {}
+
+
+def _packed(weight: torch.Tensor, rows: tuple[int, int] | None, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The oneDNN-reordered copy of `weight` (its transpose, rows `rows` of it) in `dtype`, made once
+    per version of the weight (an in-place load or optimiser step makes a new one)."""
+    entries = _PACKED.get(id(weight))
+    if entries is None:
+        entries = _PACKED[id(weight)] = {}
+        weakref.finalize(weight, _PACKED.pop, id(weight), None)
+    key = (rows, transposed, dtype)
+    version, packed = entries.get(key, (None, None))
+    if version != weight._version:
+        w = weight.detach().t() if transposed else weight.detach()
+        w = w if rows is None else w[rows[0]:rows[1]]
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous())
+        entries[key] = (weight._version, packed)
+    return packed
+
+
+def bound_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
+                 transposed: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`linear(x, w, bias)` for 2-D x, as a function of x alone, for a hot loop (a decode step), where
+    w is `weight` (`weight.t()` when `transposed`: an [in, out] matrix), only rows `rows` of it when
+    given (and of `bias`). On oneDNN CPUs a large w is reordered once (`_packed`; in bf16 under CPU bf16
+    autocast, which is looked at here, once); elsewhere the addmm that F.linear makes is called on a
+    transpose taken once: the same numbers, without F.linear's dispatch (~1 us of a ~12 us call).
+    The weights are those at binding time: bind again after loading new ones."""
+    w = weight.t() if transposed else weight
+    if rows is not None:
+        w, bias = w[rows[0]:rows[1]], None if bias is None else bias[rows[0]:rows[1]]
+    cpu = weight.device.type == "cpu"
+    dtype = torch.bfloat16 if cpu and torch.is_autocast_enabled("cpu") and \
+        torch.get_autocast_dtype("cpu") == torch.bfloat16 else weight.dtype
+    if PACK and cpu and dtype in _DNN_DTYPES and w.numel() >= _PACK_MIN and not torch.compiler.is_compiling():
+        packed = _packed(weight, rows, transposed, dtype)
+        b = None if bias is None else bias.detach().to(dtype)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dtype).contiguous(), packed, b, "none", [None], "")
+    weight = w
     if weight.shape[0] > _WIDE_OUT:
         return lambda x: linear(x, weight, bias)
     wt = weight.t()
     if bias is None:
         return lambda x: torch.mm(x, wt) if x.shape[0] < _FEW_ROWS else linear(x, weight)
     return lambda x: torch.addmm(bias, x, wt) if x.shape[0] < _FEW_ROWS else linear(x, weight, bias)
+
+
+def bound_layer(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer as a function of its 2-D input (`bound_linear`; other layers, int8: as they are)."""
+    return bound_linear(layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer.forward
 
 
 class Linear(nn.Linear):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear, bound_linear, linear
+from .linear import Linear, bound_layer, bound_linear, linear
 
 
 class QuickGELU(nn.Module):
@@ -230,27 +230,56 @@ def bind_decode_step(block: Block) -> DecodeStep:
 
     Why a separate path: a step is ~30 ops of a few us each on 8 rows, so it keeps rows 2-D, looks
     no module attribute up (~80 lookups per token otherwise: ~420 -> ~345 us per token at 3 layers
-    x 128, 8 rows), calls the addmm that F.linear makes on transposes taken once (`bound_linear`)
-    and adds residuals in place (another ~6%; benchmarks/README.md, "Caption decoding").
-    Int8 layers (quantize_int8) keep their own forward.
+    x 128, 8 rows), calls its linears bound once (`bound_linear`: addmm on transposes taken once, or
+    oneDNN on weights reordered once) and adds residuals in place (another ~6%; benchmarks/README.md,
+    "Caption decoding"). Int8 layers (quantize_int8) keep their own forward.
     """
-    (g1, b1, e1), (g2, b2, e2) = ((ln.weight, ln.bias, ln.eps) for ln in (block.ln_1, block.ln_2))
+    g1, b1, e1 = block.ln_1.weight, block.ln_1.bias, block.ln_1.eps
     H = block.attn.heads
-    qkv, out, fc, proj = (_bound(m) for m in (block.attn.qkv, block.attn.out, block.mlp.fc, block.mlp.proj))
-    act = block.mlp.act.forward
+    qkv, finish = bound_layer(block.attn.qkv), _bind_finish(block)
 
     def step(x: torch.Tensor, kv: torch.Tensor, n: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, C = x.shape
         h = qkv(torch.layer_norm(x, (C,), g1, b1, e1)).view(B, 3, H, 1, C // H)
         kv.narrow(3, n, 1).copy_(h[:, 1:].transpose(0, 1))
         kv = kv.narrow(3, 0, n + 1)
-        y = F.scaled_dot_product_attention(h[:, 0], kv[0], kv[1], attn_mask=mask)
-        x = out(y.view(B, C)).add_(x)  # in place on the fresh output: one allocation less
-        return proj(act(fc(torch.layer_norm(x, (C,), g2, b2, e2)))).add_(x)
+        return finish(x, F.scaled_dot_product_attention(h[:, 0], kv[0], kv[1], attn_mask=mask).view(B, C))
 
     return step
 
 
-def _bound(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A linear layer as a function of its 2-D input, its weights looked up once (int8 layers: as is)."""
-    return bound_linear(layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer.forward
+CrossStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # step(x, kv): see bind_cross_step
+
+
+def bind_cross_step(block: CrossBlock) -> CrossStep:
+    """`block`'s forward for one new token per row, bound as bind_decode_step's (tested equal to
+    CrossBlock.forward): step(x, kv) takes x [R, C] and the keys and values of the context
+    [2, B, H, N, C/H] (`CrossBlock.context`; rows r * R/B .. of x belong to context row r, as in
+    `Attention.cross`) and returns the block's output [R, C]."""
+    g1, b1, e1 = block.ln_1.weight, block.ln_1.bias, block.ln_1.eps
+    H, qkv = block.attn.heads, block.attn.qkv
+    C = qkv.in_features
+    q = bound_linear(qkv.weight, qkv.bias, rows=(0, C)) if isinstance(qkv, nn.Linear) else \
+        (lambda x: qkv(x)[:, :C])  # int8: not sliceable
+    finish = _bind_finish(block)
+
+    def step(x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        R, B = x.shape[0], kv.shape[1]
+        h = q(torch.layer_norm(x, (C,), g1, b1, e1)).view(B, R // B, H, C // H).transpose(1, 2)
+        return finish(x, attend(h, kv[0], kv[1]).transpose(1, 2).reshape(R, C))
+
+    return step
+
+
+def _bind_finish(block: Block) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a bound step does after attention: finish(x, y) = the block's output [B, C] from its
+    input x and attention output y (heads merged), the residuals added in place on fresh outputs."""
+    g2, b2, e2 = block.ln_2.weight, block.ln_2.bias, block.ln_2.eps
+    out, fc, proj = (bound_layer(m) for m in (block.attn.out, block.mlp.fc, block.mlp.proj))
+    act = block.mlp.act.forward
+
+    def finish(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = out(y).add_(x)
+        return proj(act(fc(torch.layer_norm(x, x.shape[1:], g2, b2, e2)))).add_(x)
+
+    return finish

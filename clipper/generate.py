@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .model import CLIP
+from .model.chunks import chunked
 from .tokenizer import Tokenizer
 from .config import setting
 from .errors import ConfigError
@@ -295,7 +296,7 @@ def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
         raise ConfigError(f"max_new_tokens {cfg.max_new_tokens}: the longest prompt leaves room for {room} "
                          f"(decoder context {context}), and min_new_tokens "
                          f"{cfg.min_new_tokens} must fit")
-    image_tokens = model.visual.tokens(pixels.to(device))
+    image_tokens = chunked(model.visual, pixels.to(device), "tokens")
     state = _DecodeState(text.captioner, image_tokens, tokens, valid, cfg)
     seen = _seen(tokens, valid, text.captioner.vocab_size)
     if cfg.num_beams > 1:

@@ -193,7 +193,10 @@ def test_cpu_inference_runs_in_row_chunks_with_the_same_embeddings(monkeypatch):
         monkeypatch.setattr(chunks, "ROW_CHUNK_BYTES", 3 * row_image)  # 4 parts of 2-3 images
         calls.update(visual=0, text=0)
         parts = model.encode_image(images), model.encode_text(tokens)
+        tokens_whole, tokens_parts = model.visual.tokens(images), chunks.chunked(model.visual, images, "tokens")
     assert calls["visual"] == 4 and calls["text"] >= 2
+    assert 10 * chunks._row_bytes(model.visual, images, "tokens") > chunks.ROW_CHUNK_BYTES  # the decoder's: chunked too
+    torch.testing.assert_close(tokens_parts, tokens_whole, atol=1e-5, rtol=1e-5)
     for a, b in zip(whole, parts):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # the widest activation is measured on the row that reaches furthest, per reach

@@ -21,26 +21,28 @@ ROW_CHUNK_BYTES = 16 << 20  # benchmarks/row_chunks.py: no faults at 8-16 MiB; s
 _widest: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
-def chunked(tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """tower(x), computed over row chunks of x when that keeps its activations under the budget:
-    CPU inference only (training keeps every activation for backward anyway; GPUs cache memory)."""
+def chunked(tower: nn.Module, x: torch.Tensor, method: str = "forward") -> torch.Tensor:
+    """tower(x) (or tower.`method`(x), e.g. "tokens"), computed over row chunks of x when that keeps
+    its activations under the budget: CPU inference only (training keeps every activation for
+    backward anyway; GPUs cache memory)."""
+    run = tower if method == "forward" else getattr(tower, method)
     if (torch.is_grad_enabled() or x.device.type != "cpu" or len(x) < 2 or torch.compiler.is_compiling()
             or torch.compiler.is_exporting()):
-        return tower(x)
-    parts = -(-len(x) * _row_bytes(tower, x) // ROW_CHUNK_BYTES)
+        return run(x)
+    parts = -(-len(x) * _row_bytes(tower, x, method) // ROW_CHUNK_BYTES)
     if parts < 2:
-        return tower(x)
-    return torch.cat([tower(part) for part in x.tensor_split(min(parts, len(x)))])  # even parts
+        return run(x)
+    return torch.cat([run(part) for part in x.tensor_split(min(parts, len(x)))])  # even parts
 
 
-def _row_bytes(tower: nn.Module, x: torch.Tensor) -> int:
+def _row_bytes(tower: nn.Module, x: torch.Tensor, method: str = "forward") -> int:
     """Bytes of the largest tensor a module of `tower` makes for one row of x, measured on the row
     that reaches furthest (token ids: the one with the last nonzero id, as towers cut the padding)."""
     row, reach = 0, None
     if not x.is_floating_point():
         last = ((x != 0) * torch.arange(1, x.shape[1] + 1, device=x.device)).amax(1)
         row, reach = int(last.argmax()), int(last.max())
-    key = (tuple(x.shape[1:]), x.dtype, reach, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+    key = (method, tuple(x.shape[1:]), x.dtype, reach, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
     measured = _widest.setdefault(tower, {})
     if key not in measured:
         widest = [1]
@@ -52,7 +54,7 @@ def _row_bytes(tower: nn.Module, x: torch.Tensor) -> int:
 
         handles = [m.register_forward_hook(track) for m in tower.modules()]
         try:
-            tower(x[row:row + 1])
+            (tower if method == "forward" else getattr(tower, method))(x[row:row + 1])
         finally:
             for h in handles:
                 h.remove()

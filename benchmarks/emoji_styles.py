@@ -6,6 +6,9 @@ gallery), and on the evaluation-only styles' renderings of the training emoji (v
 seen in training, a style never seen). Apple and Facebook are never trained on.
 
     python benchmarks/emoji_styles.py [--minutes 10] [--recipes noto noto+twemoji ...] [--name emoji_styles]
+    python benchmarks/emoji_styles.py --steps N ...
+        Every recipe for N steps instead (the same schedule for each, whatever each step costs on
+        this machine; recipes compared by the clock differed by 10% in steps).
 """
 
 from __future__ import annotations
@@ -56,16 +59,17 @@ RECIPES = {"noto": ("noto", BEFORE), "noto+twemoji": ("styled", BEFORE), "noto+t
            "noto+twemoji+paired+view-loss+blur": ("styled", ["augment.blur=0.2"]),
            "noto+twemoji+paired+view-loss+rotate": ("styled", ["augment.rotate=10"]),
            "noto+twemoji+paired+view-loss+scale": ("styled", ["augment.crop_scale=[0.4, 1.0]"]),
-           "noto+twemoji+paired+view-loss+posterize": ("styled", ["augment.posterize=0.2"])}
+           "noto+twemoji+paired+view-loss+posterize": ("styled", ["augment.posterize=0.2"]),
+           "noto+twemoji+paired+view-loss+posterize+blur": ("styled", ["augment.posterize=0.2", "augment.blur=0.2"])}
 
 
-def train(recipe: str, minutes: float, extra: list[str]) -> Path:
+def train(recipe: str, budget: list[str], extra: list[str]) -> Path:
     data, overrides = RECIPES[recipe]
     extra = [*[x for s in overrides for x in ("--set", s)], *extra]
     data = ensure_shards("emoji") / "train" if data == "noto" else STYLED / "train"
     out = ROOT / "runs" / f"bench-emoji-styles-{recipe.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [sys.executable, "-m", "clipper.train", "--preset", "emoji-small", "--train-data", str(data),
-           "--eval-task", "none", "--minutes", str(minutes), "--out", str(out), *extra]
+           "--eval-task", "none", *budget, "--out", str(out), *extra]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -90,17 +94,20 @@ def measure(model_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, help="train each recipe for this many steps instead of --minutes")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides for every recipe")
     ap.add_argument("--name", default="emoji_styles", help="results/NAME.json")
     args = ap.parse_args()
     ensure_shards("emoji-styles")
-    results = {"minutes": args.minutes, "preset": "emoji-small", "overrides": args.set, "recipes": {}}
+    budget = ["--steps", str(args.steps)] if args.steps else ["--minutes", str(args.minutes)]
+    results = {("steps" if args.steps else "minutes"): args.steps or args.minutes, "preset": "emoji-small",
+               "overrides": args.set, "recipes": {}}
     for recipe in args.recipes:
-        out = train(recipe, args.minutes, [x for s in args.set for x in ("--set", s)])
+        out = train(recipe, budget, [x for s in args.set for x in ("--set", s)])
         last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples"' in line]
         results["recipes"][recipe] = {"run": str(out.relative_to(ROOT)), "overrides": RECIPES[recipe][1],
-                                      "steps": last[-1]["step"],
+                                      "steps": last[-1]["step"], "train_seconds": last[-1].get("elapsed"),
                                       "samples": last[-1]["samples"], **measure(out / "model")}
     print(json.dumps(results, indent=1))
     print("wrote", write_results(args.name, results))

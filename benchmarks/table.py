@@ -79,9 +79,10 @@ def table() -> str:
                         f"{cells} | Noto -> apple / facebook i2i R@1 {cross} |")
     for path in sorted(RESULTS.glob("emoji_styles*.json")):  # style robustness (issue #18), one row per recipe
         r = json.loads(path.read_text())
+        budget = f"{r['minutes']:g} min" if "minutes" in r else f"{r['steps']} steps"
         for recipe, m in r["recipes"].items():
             styles = " / ".join(f"{m[f'test_{s}']['t2i_R@1']}" for s in ("noto", "twemoji", "apple", "facebook"))
-            rows.append(f"| emoji styles ({path.stem}), {r['minutes']:g} min, {recipe}: test t2i R@1 noto / twemoji / apple / "
+            rows.append(f"| emoji styles ({path.stem}), {budget}, {recipe}: test t2i R@1 noto / twemoji / apple / "
                         f"facebook | | {styles} | val (never-trained styles) apple {m['val_apple']['t2i_R@1']}, "
                         f"facebook {m['val_facebook']['t2i_R@1']}; Noto -> apple i2i R@1 "
                         f"{m['cross_noto_to_apple']['i2i_R@1']} |")

@@ -96,21 +96,21 @@ def test_packed_bound_linear_equals_f_linear_and_follows_the_weight(packing, row
     w = torch.randn(*((384, 1152) if transposed else (1152, 384)), generator=g)
     b = torch.randn(1152, generator=g) if bias else None
 
-    def reference() -> torch.Tensor:
+    def reference(w: torch.Tensor) -> torch.Tensor:
         ref_w = w.t() if transposed else w
         cut = slice(*rows) if rows else slice(None)
         return F.linear(x, ref_w[cut], None if b is None else b[cut])
 
     f = bound_linear(w, b, rows, transposed)
     assert id(w) in linear_module._PACKED  # reordered: this shape is above the packing threshold
-    torch.testing.assert_close(f(x), reference(), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(bound_linear(w, b, rows, transposed)(x[:3]), reference()[:3], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(f(x), reference(w), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(bound_linear(w, b, rows, transposed)(x[:3]), reference(w)[:3], atol=1e-4, rtol=1e-5)
     w.mul_(-0.5)  # loaded or trained in place: a new binding reorders the new values
-    torch.testing.assert_close(bound_linear(w, b, rows, transposed)(x), reference(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(bound_linear(w, b, rows, transposed)(x), reference(w), atol=1e-4, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = bound_linear(w, b, rows, transposed)(x)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), reference(), atol=0.5, rtol=0.02)
+    torch.testing.assert_close(out.float(), reference(w), atol=0.5, rtol=0.02)
     key = id(w)
     del w, f
     gc.collect()

@@ -83,7 +83,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # A decode step feeds a handful of rows through every weight of the decoder once. There oneDNN on a
 # weight reordered into its own blocked layout streams 2-4x faster than BLAS or the plain oneDNN
 # call (8 rows, 2 threads, weights from memory: 512 -> 2048 in 141 vs 620 / 337 us, a 49,408-way
-# head 2.8 vs 18 / 6.5 ms; benchmarks/README.md, "Caption decoding"). The reorder itself is slow
+# head 2.8 vs 18 / 6.5 ms; benchmarks/README.md, "CoCa captioning"). The reorder itself is slow
 # (2-10 ms a 512 x 2048 weight), so each packed copy is kept, beside the weight, until the weight
 # changes. Below 2^17 weights the packed call's ~25 us floor loses to addmm (8 x 128 -> 512: 29 vs 21).
 PACK = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")

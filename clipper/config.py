@@ -418,12 +418,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # of the captions are one keyword, shared by several emoji: those count as positives of each other.
     # Trained on two artists' drawings (clipper data emoji --styles noto,twemoji), an emoji's two
     # renderings are views of one thing, pulled together by the view loss (weight 1 chosen on the
-    # never-trained styles' val split; on a one-style set the key groups nothing).
+    # never-trained styles' val split; on a one-style set the key groups nothing). Posterize 0.2: the
+    # one style-removing view that led on that split at equal steps (benchmarks/README.md, stop 30).
     "emoji-small": {"model": "emoji-small", "eval_task": "retrieval-emoji", "batch_size": 256, "lr": 1e-3,
                     "weight_decay": 0.3, "warmup_steps": 50, "minutes": 10.0, "workers": 0, "precision": "bf16",
                     "keywords_prob": 0.5, "keyword_single": 0.5, "same_caption_positive": True,
                     "view_key": "source_id", "view_weight": 1.0,
-                    "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1]},
+                    "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.9, 1.1], "posterize": 0.2},
                     "eval_every": 0, "evals": 5, "checkpoint_every": 500, "min_epoch_batches": 64},
 }
 

@@ -79,10 +79,13 @@ def test_bound_linear_equals_linear_and_sees_weights_loaded_in_place(rows, out, 
     torch.testing.assert_close(f(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
+HAS_REORDER = HAS_ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 @pytest.fixture
 def packing(monkeypatch):
     """bound_linear's reordered oneDNN weights, on any CPU (by default only where oneDNN is chosen)."""
-    if not (HAS_ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    if not HAS_REORDER:
         pytest.skip("oneDNN weight reordering not in this torch build")
     monkeypatch.setattr(linear_module, "PACK", True)
 
@@ -141,11 +144,13 @@ def test_linear_compiles(monkeypatch):
     torch.testing.assert_close(compiled(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("width", [32, 384])  # 384: its linears are reordered where oneDNN is chosen
-def test_decode_step_equals_block_forward_with_a_cache(width):
+@pytest.mark.parametrize("width", [32, 384])  # 384: its linears are reordered (on any CPU, here)
+def test_decode_step_equals_block_forward_with_a_cache(width, monkeypatch):
     """The bound decode step (generation's fast path) computes what Block.forward does for the
     same position, and writes the same keys and values into the cache."""
     from clipper.model.transformer import Block, bind_decode_step
+
+    monkeypatch.setattr(linear_module, "PACK", HAS_REORDER)
 
     torch.manual_seed(0)
     block = Block(width, 4, 4.0, act="gelu").eval()
@@ -161,10 +166,12 @@ def test_decode_step_equals_block_forward_with_a_cache(width):
 
 
 @pytest.mark.parametrize("width,per_image", [(32, 1), (384, 3)])
-def test_cross_step_equals_cross_block_forward(width, per_image):
+def test_cross_step_equals_cross_block_forward(width, per_image, monkeypatch):
     """CoCa's bound cross-attention step equals CrossBlock.forward on one token per row, each
     image's rows (beams) reading its keys and values."""
     from clipper.model.transformer import CrossBlock, bind_cross_step
+
+    monkeypatch.setattr(linear_module, "PACK", HAS_REORDER)
 
     torch.manual_seed(0)
     block = CrossBlock(width, 4, 4.0).eval()

@@ -25,7 +25,7 @@ def chunked(tower: nn.Module, x: torch.Tensor, method: str = "forward") -> torch
     """tower(x) (or tower.`method`(x), e.g. "tokens"), computed over row chunks of x when that keeps
     its activations under the budget: CPU inference only (training keeps every activation for
     backward anyway; GPUs cache memory)."""
-    run = tower if method == "forward" else getattr(tower, method)
+    run = _entry(tower, method)
     if (torch.is_grad_enabled() or x.device.type != "cpu" or len(x) < 2 or torch.compiler.is_compiling()
             or torch.compiler.is_exporting()):
         return run(x)
@@ -54,9 +54,14 @@ def _row_bytes(tower: nn.Module, x: torch.Tensor, method: str = "forward") -> in
 
         handles = [m.register_forward_hook(track) for m in tower.modules()]
         try:
-            (tower if method == "forward" else getattr(tower, method))(x[row:row + 1])
+            _entry(tower, method)(x[row:row + 1])
         finally:
             for h in handles:
                 h.remove()
         measured[key] = widest[0]
     return measured[key]
+
+
+def _entry(tower: nn.Module, method: str):
+    """What runs the tower: the module itself for forward (its own hooks run), else the method."""
+    return tower if method == "forward" else getattr(tower, method)

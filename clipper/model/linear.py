@@ -41,6 +41,10 @@ def _dnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [None], "")
 
 
+def _cpu_bf16_autocast(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -69,7 +73,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling() or (x.numel() < _FEW_ROWS * x.shape[-1] and weight.shape[0] <= _WIDE_OUT):
         return F.linear(x, weight, bias)
     cpu = x.device.type == "cpu"
-    if cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+    if _cpu_bf16_autocast(x.device):
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         bias = None if bias is None else bias.to(torch.bfloat16)
     if ONEDNN and cpu and x.dtype == weight.dtype and x.dtype in _DNN_DTYPES and x.numel():
@@ -121,20 +125,18 @@ def bound_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, rows: t
     w = weight.t() if transposed else weight
     if rows is not None:
         w, bias = w[rows[0]:rows[1]], None if bias is None else bias[rows[0]:rows[1]]
-    cpu = weight.device.type == "cpu"
-    dtype = torch.bfloat16 if cpu and torch.is_autocast_enabled("cpu") and \
-        torch.get_autocast_dtype("cpu") == torch.bfloat16 else weight.dtype
-    if PACK and cpu and dtype in _DNN_DTYPES and w.numel() >= _PACK_MIN and not torch.compiler.is_compiling():
+    dtype = torch.bfloat16 if _cpu_bf16_autocast(weight.device) else weight.dtype
+    if PACK and weight.device.type == "cpu" and dtype in _DNN_DTYPES and w.numel() >= _PACK_MIN \
+            and not torch.compiler.is_compiling():
         packed = _packed(weight, rows, transposed, dtype)
         b = None if bias is None else bias.detach().to(dtype)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dtype).contiguous(), packed, b, "none", [None], "")
-    weight = w
-    if weight.shape[0] > _WIDE_OUT:
-        return lambda x: linear(x, weight, bias)
-    wt = weight.t()
+        return lambda x: _dnn(x.to(dtype), packed, b)
+    if w.shape[0] > _WIDE_OUT:
+        return lambda x: linear(x, w, bias)
+    wt = w.t()
     if bias is None:
-        return lambda x: torch.mm(x, wt) if x.shape[0] < _FEW_ROWS else linear(x, weight)
-    return lambda x: torch.addmm(bias, x, wt) if x.shape[0] < _FEW_ROWS else linear(x, weight, bias)
+        return lambda x: torch.mm(x, wt) if x.shape[0] < _FEW_ROWS else linear(x, w)
+    return lambda x: torch.addmm(bias, x, wt) if x.shape[0] < _FEW_ROWS else linear(x, w, bias)
 
 
 def bound_layer(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

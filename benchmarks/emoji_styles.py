@@ -60,7 +60,16 @@ RECIPES = {"noto": ("noto", BEFORE), "noto+twemoji": ("styled", BEFORE), "noto+t
            "noto+twemoji+paired+view-loss+rotate": ("styled", ["augment.rotate=10"]),
            "noto+twemoji+paired+view-loss+scale": ("styled", ["augment.crop_scale=[0.4, 1.0]"]),
            "noto+twemoji+paired+view-loss+posterize": ("styled", ["augment.posterize=0.2"]),
-           "noto+twemoji+paired+view-loss+posterize+blur": ("styled", ["augment.posterize=0.2", "augment.blur=0.2"])}
+           "noto+twemoji+paired+view-loss+posterize+blur": ("styled", ["augment.posterize=0.2", "augment.blur=0.2"]),
+           # the preset of stop 30 (posterize) with one more: a light from one side, brightness /
+           # contrast / saturation jitter, the feature-statistics perturbation (DSU)
+           "noto+twemoji+paired+view-loss+posterize+shade": ("styled", ["augment.posterize=0.2", "augment.shade=0.3"]),
+           "noto+twemoji+paired+view-loss+posterize+jitter": ("styled", ["augment.posterize=0.2",
+                                                                         "augment.color_jitter=0.3"]),
+           "noto+twemoji+paired+view-loss+posterize+feature-style": ("styled", ["augment.posterize=0.2",
+                                                                                "feature_style=0.5"]),
+           # a rectangle trades places between the two renderings of an emoji
+           "noto+twemoji+paired+view-loss+posterize+swap": ("styled", ["augment.posterize=0.2", "view_swap=0.5"])}
 
 
 # every recipe above was measured before emoji-small took posterize 0.2 (stop 30): each starts from

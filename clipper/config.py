@@ -282,9 +282,11 @@ class AugmentConfig:
     hue: float = setting(0.0, "largest hue rotation, a fraction of the colour circle (0 .. 0.5)")
     posterize: float = setting(0.0, "probability of posterising to 2-4 bits a channel")
     blur: float = setting(0.0, "probability of a Gaussian blur of radius 0.5-1.5 px")
+    shade: float = setting(0.0, "probability of a light from one side: the drawing (not its white background) "
+                                "brightened towards a random direction and darkened away from it")
 
     def validate(self, where: str = "augment") -> None:
-        for name in ("hflip", "background", "outline", "grayscale", "posterize", "blur"):
+        for name in ("hflip", "background", "outline", "grayscale", "posterize", "blur", "shade"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{where}.{name}: a probability in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.hue <= 0.5 or not 0 <= self.rotate <= 180 or not 0 <= self.color_jitter < 1:
@@ -328,6 +330,12 @@ class TrainConfig:
                                 "and are positives of each other (empty: off)")
     view_weight: float = setting(0.0, "with view_key: weight of an image-image loss pulling each image towards "
                                       "the other views of its thing")
+    view_swap: float = setting(0.0, "with view_key: probability per pair of views that a rectangle (a quarter to "
+                                    "half the image) trades places between them, each image then showing two "
+                                    "styles")
+    feature_style: float = setting(0.0, "probability per training image that the channel statistics of its patch "
+                                        "embeddings are redrawn around the batch's spread of them (DSU): styles "
+                                        "between and beyond those of the data")
     batch_size: int = setting(256, "samples per step and rank")
     accum_freq: int = setting(1, "micro-batches per step (all negatives of the full batch are kept)")
     lr: float = setting(1e-3, "peak learning rate (AdamW)")
@@ -393,11 +401,13 @@ class TrainConfig:
             raise ConfigError(f"train.precision: {self.precision!r} is not one of fp32, bf16")
         if self.lock_image and self.lock_text:
             raise ConfigError("train: lock_image and lock_text together leave nothing to train")
-        for name in ("keywords_prob", "keyword_single"):
+        for name in ("keywords_prob", "keyword_single", "feature_style", "view_swap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name}: a probability in [0, 1], got {getattr(self, name)}")
         if self.view_weight < 0 or (self.view_weight and not self.view_key):
             raise ConfigError(f"train.view_weight: needs view_key and a weight >= 0, got {self.view_weight}")
+        if self.view_swap and not self.view_key:
+            raise ConfigError("train.view_swap: needs view_key (the views whose patches trade places)")
         if self.decoded_cache_mb < 0:
             raise ConfigError(f"train.decoded_cache_mb: must be >= 0, got {self.decoded_cache_mb}")
         if self.contrastive_weight < 0 or self.caption_weight <= 0:

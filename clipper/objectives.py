@@ -24,9 +24,11 @@ from .config import ModelConfig, TrainConfig, preset
 from .data.reader import shard_captions
 from .errors import ConfigError
 from .factory import load
+from .feature_style import add_feature_style
 from .losses import LOSSES, view_loss
 from .model import CLIP
 from .tokenizer import caption_vocabulary
+from .view_mix import swap_view_patches
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -100,6 +102,8 @@ class Contrastive(Objective):
             model = CLIP(config)
         _set_trainable({model.visual: not cfg.lock_image, model.text: not cfg.lock_text, model.decoder: False,
                         model.logit_scale: True, model.logit_bias: True})
+        if cfg.feature_style:
+            add_feature_style(model.visual, cfg.feature_style)
         return model.train()
 
     def context_length(self, model: CLIP) -> int:
@@ -109,6 +113,8 @@ class Contrastive(Objective):
                          autocast: Autocast = contextlib.nullcontext,
                          groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if cfg.view_swap and groups is not None:
+            images = swap_view_patches(images, groups, cfg.view_swap)
         return contrastive_forward_backward(module, images, texts, LOSSES[cfg.loss], cfg.accum_freq, autocast,
                                             cfg.same_caption_positive, groups, cfg.view_weight)
 

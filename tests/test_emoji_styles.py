@@ -140,6 +140,9 @@ def test_style_views_do_what_they_say_and_are_seeded():
     assert (hue[32, 32] != plain[32, 32]).any() and (hue[0, 0] == 255).all()
     assert (view(posterize=1.0) % 16 == 0).all()  # at most 4 bits a channel
     assert (view(rotate=40) != plain).any() and (view(blur=1.0) != plain).any()
+    lit = view(shade=1.0)  # the disc brighter on one side, darker on the other; the white stays white
+    assert (lit[0, 0] == 255).all() and (lit[..., 0] != plain[..., 0]).sum() > 100
+    assert (lit[:, :, 0] > plain[:, :, 0]).any() and (lit[:, :, 0] < plain[:, :, 0]).any()
     assert (view(hue=0.5, outline=0.5, rotate=10) == view(hue=0.5, outline=0.5, rotate=10)).all()  # seeded
 
 
@@ -147,6 +150,6 @@ def test_style_options_are_validated():
     from clipper.config import AugmentConfig
     from clipper.errors import ConfigError
 
-    for bad in ({"outline": 1.5}, {"hue": 0.7}, {"rotate": -1}):
+    for bad in ({"outline": 1.5}, {"hue": 0.7}, {"rotate": -1}, {"shade": 2}):
         with pytest.raises(ConfigError, match="augment"):
             AugmentConfig(**bad).validate()

@@ -159,13 +159,14 @@ def _params(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_resume_gives_identical_parameters(shards, tmp_path, tiny_preset):
-    straight = Trainer(_cfg(shards), tmp_path / "a")
+@pytest.mark.parametrize("extra", [{}, {"feature_style": 0.5}], ids=["plain", "feature-style"])
+def test_resume_gives_identical_parameters(shards, tmp_path, tiny_preset, extra):
+    straight = Trainer(_cfg(shards, **extra), tmp_path / "a")
     straight.fit()
-    first = Trainer(_cfg(shards, stop_after=10), tmp_path / "b")
+    first = Trainer(_cfg(shards, stop_after=10, **extra), tmp_path / "b")
     first.fit()
     assert (tmp_path / "b" / "checkpoints" / "step-00000010").is_dir()
-    resumed = Trainer(_cfg(shards), tmp_path / "b", resume=True)
+    resumed = Trainer(_cfg(shards, **extra), tmp_path / "b", resume=True)
     assert resumed.step == 10
     resumed.fit()
     a, b = _params(straight.model), _params(resumed.model)

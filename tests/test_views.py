@@ -161,3 +161,26 @@ def test_the_validation_split_keeps_a_things_renderings_together(two_style_shard
     assert things[0] and things[1] and not set(things[0]) & set(things[1])  # each thing on one side only
     assert set(things[0].values()) == set(things[1].values()) == {2}  # with both its renderings
     assert sum(things[0].values()) + sum(things[1].values()) == 80
+
+
+def test_swapped_patches_trade_places_within_a_pair_only():
+    from clipper.view_mix import swap_view_patches
+
+    torch.manual_seed(0)
+    images = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 16, 16).contiguous()
+    groups = torch.tensor([4, 7, 4, 9, 7, 1])  # pairs (0, 2) and (1, 4); 3 and 5 alone
+    assert torch.equal(swap_view_patches(images, groups, 0.0), images)
+    torch.manual_seed(1)
+    out = swap_view_patches(images, groups, 1.0)
+    torch.manual_seed(1)
+    assert torch.equal(swap_view_patches(images, groups, 1.0), out)  # seeded
+    assert torch.equal(out[[3, 5]], images[[3, 5]])
+    for i, j in ((0, 2), (2, 0), (1, 4), (4, 1)):
+        taken = out[i] == j  # the partner's pixels, in one rectangle at the same place in both
+        share = taken[0].float().mean()
+        assert 0.2 <= share <= 0.55 and torch.equal(taken, out[j] == i)
+        assert ((out[i] == i) | taken).all()
+        rows, cols = taken[0].any(1).nonzero().flatten(), taken[0].any(0).nonzero().flatten()
+        assert taken[0].sum() == len(rows) * len(cols)  # a rectangle
+    with pytest.raises(ConfigError, match="view_swap: needs view_key"):
+        TrainConfig(train_data="x", steps=1, view_swap=0.5).validate()

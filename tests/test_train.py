@@ -159,7 +159,8 @@ def _params(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("extra", [{}, {"feature_style": 0.5}], ids=["plain", "feature-style"])
+@pytest.mark.parametrize("extra", [{}, {"feature_style": 0.5}, {"view_key": "caption", "view_swap": 1.0}],
+                         ids=["plain", "feature-style", "view-swap"])
 def test_resume_gives_identical_parameters(shards, tmp_path, tiny_preset, extra):
     straight = Trainer(_cfg(shards, **extra), tmp_path / "a")
     straight.fit()

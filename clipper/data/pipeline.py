@@ -332,8 +332,10 @@ def make_loader(dataset: ShardDataset, workers: int = 0) -> DataLoader:
     if workers < 0:
         raise ConfigError(f"workers: must be >= 0, got {workers}")
     dataset.num_workers = max(1, workers)
+    # A private generator: each iter() draws the workers' base seed from it, not from torch's global
+    # RNG, whose stream a resumed run must replay draw for draw (the dataset seeds its own RNGs).
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None, collate_fn=_as_is)
+                      prefetch_factor=4 if workers else None, collate_fn=_as_is, generator=torch.Generator())
 
 
 def _as_is(batch: dict) -> dict:

@@ -14,6 +14,7 @@ def swap_view_patches(images: torch.Tensor, groups: torch.Tensor, p: float) -> t
     """images [B, C, H, W], groups [B]: for each group's first two images, with probability p, one
     random rectangle (a quarter to half of the image, the same place in both) trades places
     between them. Returns a new tensor; torch's global RNG decides (a resumed run draws the same)."""
+    groups = groups.cpu()  # the pairs are found and drawn on the CPU, whatever device holds the images
     order = torch.argsort(groups, stable=True)
     sorted_groups = groups[order]
     first = torch.ones_like(sorted_groups, dtype=torch.bool)

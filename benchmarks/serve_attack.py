@@ -3,9 +3,11 @@
 A tiny model is served by a real `clipper serve` process (1 MiB body limit, 5 s read timeout).
 At once: 500 clients announce a 10 GB body and send a few bytes, 500 stream a chunked body
 without end (64 KiB chunks, at most 40 each), 200 send their headers one byte a second
-(slowloris, 20 s), while /health is timed every 50 ms and the server's memory is sampled. Then 300
-concurrent ordinary requests, then each text and generation bomb once. Writes
-results/serve_attack.json and prints the table.
+(slowloris, 20 s), 300 send a request line and a Host header and then nothing, 10 of each
+multipart bomb of issue #37 (within the body limit) and 50 cross-site multipart posts, while
+/health is timed every 50 ms and the server's memory is sampled. Then 300 concurrent ordinary
+requests, then each text, generation and multipart bomb once, alone. Writes results/serve_attack.json and prints
+the table.
 
     python benchmarks/serve_attack.py
 """
@@ -104,6 +106,45 @@ async def slowloris(port: int, seconds: float) -> str:
         writer.close()
 
 
+async def raw(port: int, data: bytes, timeout: float = 30) -> tuple[int | None, float]:
+    """Send `data` on a fresh connection; (the answer's status, seconds until it came)."""
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+    except ConnectionError:
+        pass
+    status = await _status(reader, timeout)
+    writer.close()
+    return status, time.perf_counter() - t0
+
+
+def _form(parts: list[tuple[str, bytes]]) -> bytes:
+    return b"".join(b"--B\r\n" + head.encode() + b"\r\n\r\n" + data + b"\r\n" for head, data in parts) + b"--B--\r\n"
+
+
+_FILE = 'Content-Disposition: form-data; name="image"; filename='
+_LABELS = ('Content-Disposition: form-data; name="labels"', b"red, blue")
+# issue #37's multipart bombs, each within the 1 MiB body limit: (Content-Type parameters, body)
+MULTIPART_BOMBS = {
+    "encoded words in a file name": ("", _form([(_FILE + '"' + "=?utf-8?q?a?= " * 20_000 + '"', b"x"), _LABELS])),
+    "100,000 empty parts": ("", b"--B\r\n\r\n\r\n" * 100_000),
+    "50,000 name*N parameters": ("", _form([("Content-Disposition: form-data" + "".join(
+        f'; name*{i}="a"' for i in range(50_000)), b"x")])),
+    "2,000 ( in a disposition": ("", _form([(_FILE + '"a.png"' + "(" * 2000, b"x"), _LABELS])),
+    "multipart nested 3,000 deep": ("", _form([('Content-Disposition: form-data; name="image"\r\n'
+                                                'Content-Type: multipart/mixed; boundary=C',
+                                                b"--C\r\nContent-Type: multipart/mixed; boundary=C\r\n\r\n" * 3000)])),
+    "Content-Type of 100,000 parameters": ("; a=b" * 100_000, _form([_LABELS])),
+}
+
+
+def multipart(body: bytes, params: str = "", extra: str = "") -> bytes:
+    return (f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=B{params}\r\n"
+            f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
 def watch_health(port: int, pid: int, stop, out) -> None:
     """In its own process (the attackers' event loop would delay its timings): GET /health every
     50 ms with a fresh connection, and the server's memory, until `stop` is set."""
@@ -143,24 +184,37 @@ async def attack(port: int, pid: int, slow_seconds: float) -> dict:
     watcher = multiprocessing.Process(target=watch_health, args=(port, pid, stop, out))
     watcher.start()
     t0 = time.perf_counter()
+    unfinished = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    cross_site = multipart(_form([_LABELS]), extra="Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\n")
     results = await asyncio.gather(*[huge_announced(port) for _ in range(500)],
                                    *[endless_chunked(port) for _ in range(500)],
-                                   *[slowloris(port, slow_seconds) for _ in range(200)], return_exceptions=True)
+                                   *[slowloris(port, slow_seconds) for _ in range(200)],
+                                   *[raw(port, unfinished) for _ in range(300)],
+                                   *[raw(port, multipart(body, params)) for params, body in MULTIPART_BOMBS.values()
+                                     for _ in range(10)],
+                                   *[raw(port, cross_site) for _ in range(50)], return_exceptions=True)
     wall = time.perf_counter() - t0
     stop.set()
     health_times, statuses, rss, starts = out.get(timeout=30)
     watcher.join(timeout=30)
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
-    kinds = {}
-    for name, part in (("10 GB announced", results[:500]), ("chunked without end", results[500:1000])):
+    kinds, at = {}, 1200
+    groups = [("10 GB announced", results[:500]), ("chunked without end", results[500:1000]),
+              ("headers never finished", results[at:at + 300])]
+    at += 300
+    for name in MULTIPART_BOMBS:
+        groups.append((f"multipart: {name}", results[at:at + 10]))
+        at += 10
+    groups.append(("cross-site multipart", results[at:at + 50]))
+    for name, part in groups:
         done = [r for r in part if not isinstance(r, BaseException)]
-        kinds[name] = {"answered": f"{sum(s is not None for s, _ in done)} / 500",
+        kinds[name] = {"answered": f"{sum(s is not None for s, _ in done)} / {len(part)}",
                        "status": dict(Counter(str(s) for s, _ in done)),
                        "max_s": round(max((t for _, t in done), default=0), 2)}
     return {
         "wall_s": round(wall, 1),
         **kinds,
-        "slowloris": dict(Counter(r for r in results[1000:] if isinstance(r, str))),
+        "slowloris": dict(Counter(r for r in results[1000:1200] if isinstance(r, str))),
         "client_errors": errors[:5],
         "health_checks": len(health_times),
         "health_status": dict(Counter(statuses)),
@@ -208,12 +262,21 @@ async def bombs(port: int) -> dict:
         body = {**body, "image": _png()}
         status, seconds = await request(port, path, json.dumps(body).encode())
         out[name] = {"status": status, "ms": round(1000 * seconds, 1)}
-    for name, (path, raw) in {
+    for name, (path, body) in {
             "NaN temperature": ("/caption", b'{"image": "x", "options": {"temperature": NaN}}'),
             "5,000-digit integer": ("/v1/embeddings", b'{"input": "a", "user": ' + b"9" * 5000 + b"}"),
-            "10,000-deep JSON": ("/v1/embeddings", b"[" * 10000 + b"]" * 10000)}.items():
-        status, seconds = await request(port, path, raw)
+            "10,000-deep JSON": ("/v1/embeddings", b"[" * 10000 + b"]" * 10000),
+            "lone surrogate label": ("/classify", b'{"image": "%s", "labels": ["\\ud800"]}' % _png().encode()),
+            "temperature 1e-308": ("/caption", b'{"image": "%s", "options": {"do_sample": true, "temperature": 1e-308}}'
+                                   % _png().encode()),
+            "length_penalty 1e308": ("/caption", b'{"image": "%s", "options": {"num_beams": 4, "length_penalty": 1e308}}'
+                                     % _png().encode()),
+            "prompt as a list": ("/caption", b'{"image": "%s", "prompt": ["a", "b"]}' % _png().encode())}.items():
+        status, seconds = await request(port, path, body)
         out[name] = {"status": status, "ms": round(1000 * seconds, 1)}
+    for name, (params, body) in MULTIPART_BOMBS.items():  # alone: the parse's own cost
+        status, seconds = await raw(port, multipart(body, params))
+        out[f"multipart: {name}"] = {"status": status, "ms": round(1000 * seconds, 1)}
     return out
 
 

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
+from .data.remote import PIPE_ENV
 from .errors import ClipperError, ConfigError, DataError
 from .evaluate import EVAL_TASKS
 from .generate import GenerationConfig
@@ -411,11 +412,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else ["127.0.0.1", "localhost", "::1", args.host]
     access = Access(api_key=args.api_key or os.environ.get("CLIPPER_API_KEY") or None,
-                    allowed_hosts=() if "*" in hosts else tuple(h.strip() for h in hosts if h.strip()))
+                    allowed_hosts=() if "*" in hosts else tuple(h.strip() for h in hosts if h.strip()),
+                    cors_origins=tuple(o.rstrip("/") for o in args.cors_origin))
     model = _load(args)
     service = Service(model, args.served_model_name or served_name(args.model), args.index,
                       Limits(**_flag_values(args, args.config_fields)),
-                      max_batch=args.max_batch, access=access)
+                      max_batch=args.max_batch, access=access, media_roots=args.media_root or None)
     print(f"clipper serve: http://{args.host}:{args.port}/ (model {args.model}"
           + (f", index {args.index})" if args.index else ")"), flush=True)
     serve(service, args.host, args.port)
@@ -478,6 +480,9 @@ def _add_train_args(p: argparse.ArgumentParser, presets: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clipper", description="CLIP-style image-text models, fast on CPUs.")
     ap.add_argument("--version", action="version", version=f"clipper {__version__}")
+    ap.add_argument("--allow-pipe", action="store_true",
+                    help="data specs typed here may be pipe:COMMAND shards, run in a shell (names found in folders, "
+                         "globs, list and id files never are; sets CLIPPER_ALLOW_PIPE=1 for this run)")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("presets", help="list the model presets (clipper's and open_clip's configs it builds) and "
@@ -633,10 +638,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass (default: 32)")
     p.add_argument("--served-model-name", help="the model's id in /v1/models and the 'model' field of "
                                                "/v1/embeddings (default: the model folder's name; RUN/model: RUN's)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and / "
-                                     "(default: $CLIPPER_API_KEY, else none)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'X-API-Key: KEY') on every path but "
+                                     "/health and the page / (default: $CLIPPER_API_KEY, else none)")
     p.add_argument("--allowed-hosts", help="comma-separated Host names requests may carry, '*' for any "
                                            "(default: loopback names and --host)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="another site whose pages may call this server (scheme://host[:port]; repeatable); "
+                        "cross-site requests from others are refused (default: none)")
+    p.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                   help="folder /thumbnail may read images from (repeatable; default: the --index folder and "
+                        "the folder it was embedded from)")
     from .serve_config import Limits
 
     p.set_defaults(fn=cmd_serve, config_fields=add_config_flags(p, Limits))
@@ -677,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run a verb. Bad input (a ClipperError) is one line on stderr and exit status 2; anything
     else is a bug and raises with its traceback."""
     args = build_parser().parse_args(argv)
+    if args.allow_pipe:
+        os.environ[PIPE_ENV] = "1"
     try:
         args.fn(args)
     except ClipperError as e:

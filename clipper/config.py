@@ -314,6 +314,8 @@ class TrainConfig:
     train_data: str = setting("", "training shards: folder, brace pattern or glob")
     eval_task: str = setting("none", "evaluation during and after training (see `clipper eval --help`), or none")
     eval_data: str | None = setting(None, "shards of the eval split, for --eval-task")
+    allow_pipe: bool = setting(False, "train_data and eval_data may be pipe: shard commands (they run in a shell: "
+                                      "only for configs you wrote)")
     loss: str = setting("infonce", "contrastive loss: infonce or sigmoid (SigLIP)")
     caption_weight: float = setting(1.0, "caption: weight of the caption loss (open_clip's CoCa fine-tuning: 2.0)")
     contrastive_weight: float = setting(0.0, "caption: weight of a contrastive loss trained with it (CoCa's joint "
@@ -517,6 +519,8 @@ def _read_json_object(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as e:

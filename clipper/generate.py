@@ -56,8 +56,14 @@ class GenerationConfig:
             raise ConfigError("generation: several captions need do_sample or num_beams >= num_return_sequences")
         if self.beam_score not in ("logprob", "logit"):
             raise ConfigError(f"generation: beam_score {self.beam_score!r} is not one of logprob, logit")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ConfigError("generation: need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+        # bounds, not just signs: a temperature of 1e-308 or a length penalty of 1e308 makes infinite
+        # scores, and sampling or ranking them fails deep in torch
+        if not (0.01 <= self.temperature <= 100 and 0 < self.top_p <= 1 and 0 <= self.top_k <= 1 << 20
+                and 0.01 <= self.repetition_penalty <= 100):
+            raise ConfigError("generation: need 0.01 <= temperature <= 100, 0 < top_p <= 1, 0 <= top_k <= 2**20, "
+                              "0.01 <= repetition_penalty <= 100")
+        if not -10 <= self.length_penalty <= 10:
+            raise ConfigError(f"generation: length_penalty {self.length_penalty:g}: need -10 to 10")
         return self
 
 

@@ -42,7 +42,7 @@ def hf_kind(path: str | os.PathLike) -> str | None:
         return None
     try:
         kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
     if kind == "siglip2":
         raise ConfigError(f"{path}: a Siglip2Model folder (variable-resolution patch embedding) is not supported; "

@@ -19,6 +19,9 @@ MAX_PIXELS = 89_478_485
 MAX_ASPECT = 100
 # The formats decoded; anything else (EPS would start Ghostscript, where installed) is refused.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Pixels of an image whose decoder is written in Python (Pillow's registered decoders, e.g. BMP's
+# RLE): ~0.1 s per megapixel, so a 25 KB RLE8 BMP of 6000 x 6000 would hold a worker for 4 s.
+MAX_PYTHON_DECODED_PIXELS = 4_000_000
 
 
 @contextlib.contextmanager
@@ -50,6 +53,9 @@ def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS, draft_si
             raise ImageError(f"{where}: {w}x{h} has no pixels")
         if max(w, h) > MAX_ASPECT * min(w, h):
             raise ImageError(f"{where}: {w}x{h} is outside the aspect ratio limit ({MAX_ASPECT}:1)")
+        if w * h > MAX_PYTHON_DECODED_PIXELS and any(tile[0] in Image.DECODERS for tile in im.tile):
+            raise ImageError(f"{where}: {w}x{h} {im.format} with a slow (pure-Python) decoder: at most "
+                             f"{MAX_PYTHON_DECODED_PIXELS} pixels")
         if draft_size and im.format == "JPEG":
             im.draft(im.mode, (draft_size, draft_size))
         im.load()

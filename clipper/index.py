@@ -52,6 +52,7 @@ class Index:
             raise ConfigError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
         if vectors.ndim != 2:
             raise DataError(f"vectors: expected [N, D], got shape {list(vectors.shape)}")
+        check_finite(vectors)
         self.vectors, self.kind, self.params = vectors, kind, params or {}
         self.faiss_index = faiss_index
         self._matrix: torch.Tensor | None = None  # float32 copy for exact search, made on first use
@@ -75,6 +76,7 @@ class Index:
             return cls(vectors, kind)
         if kind not in KINDS:
             raise ConfigError(f"kind: one of {', '.join(KINDS)}, got {kind!r}")
+        check_finite(vectors)  # before faiss trains on them
         faiss = _faiss()
         data = np.ascontiguousarray(vectors, dtype=np.float32)
         n, d = data.shape
@@ -189,6 +191,14 @@ class Index:
                 faiss_index.hnsw.efSearch = meta["ef_search"]
         params = {k: v for k, v in meta.items() if k not in ("kind", "count", "dim", "vectors")}
         return cls(vectors, meta["kind"], faiss_index, params)
+
+
+def check_finite(vectors: np.ndarray) -> None:
+    """Refuse vectors with a NaN or infinite entry: one such row makes every search's scores NaN."""
+    for start in range(0, len(vectors), 1 << 16):  # in slices: the vectors may be a memory map
+        bad = np.flatnonzero(~np.isfinite(vectors[start:start + (1 << 16)]).all(axis=1))
+        if len(bad):
+            raise DataError(f"vectors: row {start + int(bad[0])} is not finite (NaN or inf); embed that image again")
 
 
 def load_vectors(path: str | os.PathLike) -> np.ndarray:

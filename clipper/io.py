@@ -79,6 +79,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: {what} is JSON nested too deeply") from None
 
 
 def read_json_object(path: str | os.PathLike, what: str, fields: dict[str, type | tuple[type, ...]]) -> dict:
@@ -102,7 +104,7 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[dict]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise DataError(f"{path}:{n}: {what} line is not valid JSON") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: {what} line is not a JSON object")

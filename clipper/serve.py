@@ -14,9 +14,8 @@ import asyncio
 import base64
 import binascii
 import gc
-import hmac
 import io
-import json
+import os
 import queue
 import threading
 import time
@@ -37,16 +36,12 @@ from .images import decode_image, image_size
 from .model import CLIP
 from .prompts import check_templates
 from .serve_config import Access, Limits
-from .serve_schema import FORM_JSON_FIELDS, fields
+from .serve_guard import Admission, header_guard
+from .serve_body import BadRequest, BodyBudget, parse_body, read_body
+from .serve_schema import fields
 from .tokenizer import tokenizer_for
 
 DEMO_PAGE = Path(__file__).with_name("demo.html")
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers or {}
 
 
 class Batcher:
@@ -94,7 +89,7 @@ class Service:
     """The model, the optional index, the batchers and the request metrics."""
 
     def __init__(self, model: CLIP, model_name: str, index_dir: str | None = None, limits: Limits | None = None,
-                 max_batch: int = 32, access: Access | None = None):
+                 max_batch: int = 32, access: Access | None = None, media_roots: list[str] | None = None):
         self.model, self.model_name, self.limits = model.eval(), model_name, limits or Limits()
         self.access = access or Access()
         self.resize, self.normalize = ResizeCrop(model.config.vision), Normalize(model.config.vision)
@@ -106,6 +101,8 @@ class Service:
             self.index, self.locations, manifest = open_index(index_dir, model)
             # clients see ids relative to the embedded folder; where the bytes are is for thumbnails only
             self.ids = [_public(row, manifest.get("source")) for row in self.locations]
+            # thumbnails are read from files under these folders only, whatever ids.jsonl says
+            self.media_roots = [os.path.realpath(r) for r in media_roots or _embedded_folders(index_dir, manifest)]
         self.counts: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))  # the quantiles' window
@@ -143,8 +140,11 @@ class Service:
         except ImageError as e:
             raise BadRequest(str(e), 413 if "pixel limit" in str(e) else 400) from None
 
-    async def pixels_of(self, values: Any, where: str) -> list[torch.Tensor]:
-        """Decoded and resized images (uint8), off the event loop: a large image takes a while."""
+    async def pixels_of(self, values: Any, where: str, many: bool = True) -> list[torch.Tensor]:
+        """Decoded and resized images (uint8), off the event loop: a large image takes a while.
+        `many`: a list of images is taken (else one image only: a list is refused, never cut)."""
+        if isinstance(values, list) and not many:
+            raise BadRequest(f"{where}: one image (this endpoint answers for one; /v1/embeddings takes several)")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise BadRequest(f"{where}: empty list")
@@ -239,7 +239,7 @@ class Service:
             raise BadRequest(f"labels x templates: {len(labels) * len(templates)} prompts, at most "
                              f"{self.limits.max_prompts}", 413)
         k = self.k_of(body, 5)
-        emb = await self.embed(pixels=await self.pixels_of(body.get("image"), "image"))
+        emb = await self.embed(pixels=await self.pixels_of(body.get("image"), "image", many=False))
         result = await asyncio.to_thread(classify_embeddings, self.model, emb, labels, templates, k)
         return {"labels": [{"label": label, "prob": round(p, 6)} for label, p in result.top[0]]}
 
@@ -267,8 +267,13 @@ class Service:
         cfg = self.generation_of(body.get("options") or {})
         prompt = body.get("prompt")
         if prompt is not None:
+            if not isinstance(prompt, str):
+                raise BadRequest("prompt: one string (the same prompt continues every image's caption)")
             self.texts_of(prompt, "prompt", self.limits.max_label_chars)
-        pixels = self.normalize(torch.stack(await self.pixels_of(body.get("image", body.get("images")), "image")))
+        if ("image" in body) == ("images" in body):
+            raise BadRequest("give 'image' or 'images' (one of them)")
+        field = "image" if "image" in body else "images"
+        pixels = self.normalize(torch.stack(await self.pixels_of(body[field], field)))
         captions = await asyncio.to_thread(generate, self.model, pixels,
                                            None if prompt is None else [prompt] * len(pixels), cfg)
         return {"captions": [c if len(c) > 1 else c[0] for c in captions]}
@@ -281,25 +286,43 @@ class Service:
             raise BadRequest("give 'text' or 'image' (one of them)")
         k = self.k_of(body)
         if "text" in body:
-            query = await self.embed(texts=self.texts_of(body["text"], "text")[:1])
+            if not isinstance(body["text"], str):
+                raise BadRequest("text: one string (the query)")
+            query = await self.embed(texts=self.texts_of(body["text"], "text"))
         else:
-            query = await self.embed(pixels=await self.pixels_of(body["image"], "image"))
+            query = await self.embed(pixels=await self.pixels_of(body["image"], "image", many=False))
         result = await asyncio.to_thread(self.index.search, query.numpy(), k)
         return {"results": [{"index": i, "score": round(s, 6), **self.ids[i]} for s, i in result.hits(0)]}
 
     def thumbnail(self, i: int, size: int = 128) -> bytes:
         if self.ids is None or not 0 <= i < len(self.ids):
             raise BadRequest(f"no indexed image {i}", 404)
-        row = self.locations[i]
-        item = ImageItem(row["id"], row.get("path", row["id"]), row.get("offset", 0), row.get("size", -1))
+        item = self._stored_image(i)
         try:
-            im = decode_image(item.read(), item.id)
+            im = decode_image(item.read(), item.id, self.limits.max_pixels)
         except (OSError, ImageError):  # the reason would show a path on this machine
             raise BadRequest(f"image {i} is no longer readable", 404) from None
         im.thumbnail((size, size))
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         return buf.getvalue()
+
+    def _stored_image(self, i: int) -> ImageItem:
+        """Where indexed image `i` is, from its ids.jsonl row: a file (never a URL or command) under
+        the media roots, and a bounded byte range of it."""
+        row = self.locations[i]
+        path, offset, size = row.get("path", row["id"]), row.get("offset", 0), row.get("size", -1)
+        if not (isinstance(path, str) and _whole_number(offset) and _whole_number(size) and offset >= 0
+                and -1 <= size <= self.limits.max_body_bytes):
+            raise BadRequest(f"image {i}: its ids.jsonl row has no usable path, offset and size", 404)
+        real = os.path.realpath(path)
+        if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.media_roots):
+            raise BadRequest(f"image {i} is not under the folders this server reads (--media-root)", 404)
+        if not os.path.isfile(real):  # gone, or a folder, a device or a FIFO (whose read would never end)
+            raise BadRequest(f"image {i} is no longer readable", 404)
+        if size < 0 and os.path.getsize(real) > self.limits.max_body_bytes:
+            raise BadRequest(f"image {i} is larger than --max-body-bytes", 404)
+        return ImageItem(row["id"], real, offset, size)
 
     def models(self) -> dict:
         """GET /v1/models, in OpenAI's shape; `classnames`: the labels the model was trained on, if any."""
@@ -354,40 +377,17 @@ def _encoded(vector: torch.Tensor, encoding: str) -> list[float] | str:
     return base64.b64encode(vector.float().numpy().astype("<f4").tobytes()).decode()
 
 
-def form_body(raw: bytes, content_type: str, max_parts: int) -> dict:
-    """A multipart/form-data body as a JSON body would be: files as bytes, fields as text (the
-    non-text ones, FORM_JSON_FIELDS, read as JSON), a repeated name as a list."""
-    from email import policy
-    from email.parser import BytesParser
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    message = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1")
-                                                          + b"\r\n\r\n" + raw)
-    if not message.is_multipart():
-        raise BadRequest("body: not valid multipart/form-data (no boundary, or no parts)")
-    parts = list(message.iter_parts())
-    if not parts or len(parts) > max_parts:
-        raise BadRequest(f"body: multipart/form-data with 1 to {max_parts} parts", 413 if parts else 400)
-    body: dict[str, list] = {}
-    for part in parts:
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            raise BadRequest("body: a multipart part without a name (Content-Disposition: form-data; name=...)")
-        value = part.get_payload(decode=True) or b""
-        if part.get_filename() is None:  # a field, not a file
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest(f"{name}: not UTF-8 text") from None
-            if name in FORM_JSON_FIELDS:
-                try:
-                    value = json.loads(value)
-                except (ValueError, RecursionError):
-                    raise BadRequest(f"{name}: not valid JSON") from None
-        body.setdefault(name, []).append(value)
-    out = {name: values[0] if len(values) == 1 else values for name, values in body.items()}
-    if "modality" not in out and any(isinstance(v, bytes) for v in body.get("input", [])):
-        out["modality"] = "image"  # files to embed are images
-    return out
+
+def _embedded_folders(index_dir: str, manifest: dict) -> list[str]:
+    """The folders an index's thumbnails may come from: its own, and the one it was embedded from."""
+    source = manifest.get("source")
+    roots = [index_dir]
+    if isinstance(source, str) and os.path.exists(source):
+        roots.append(source if os.path.isdir(source) else os.path.dirname(source))
+    return roots
 
 
 def _public(row: dict, source: str | None) -> dict:
@@ -397,86 +397,6 @@ def _public(row: dict, source: str | None) -> dict:
     if source and ident.startswith(source.rstrip("/") + "/"):
         ident = ident[len(source.rstrip("/")) + 1:]
     return {"id": ident, **({"caption": row["caption"]} if row.get("caption") is not None else {})}
-
-
-class BodyBudget:
-    """The body bytes held at once by all the requests being received (`max_buffered_bytes`). A
-    request that would take the total past it waits before reading on (uvicorn then stops reading
-    its socket: the client is held by TCP), unless it is the only holder. Under a flood of uploads
-    this bounds the memory the server touches: fresh pages for hundreds of buffered bodies cost
-    seconds of page zeroing on the one event loop (measured in benchmarks/README.md). A body of at
-    most `free_bytes` never waits, so clients that hold the budget (they must send ~budget bytes
-    per read timeout to keep it) can delay large uploads but not queries and small images."""
-
-    def __init__(self, limits: Limits, free_bytes: int = 64 << 10):
-        self.limits, self.free_bytes, self.held = limits, free_bytes, 0
-        self._freed: asyncio.Condition | None = None  # made on the serving loop, at first use
-
-    def _condition(self) -> asyncio.Condition:
-        if self._freed is None:
-            self._freed = asyncio.Condition()
-        return self._freed
-
-    async def take(self, n: int, mine: int) -> None:
-        """Count `n` more bytes held by a request that holds `mine` bytes already; return once the
-        total fits (or the request holds it all)."""
-        self.held += n
-        try:
-            if self.held > self.limits.max_buffered_bytes and mine + n > self.free_bytes:
-                async with self._condition():
-                    await self._freed.wait_for(
-                        lambda: self.held <= self.limits.max_buffered_bytes or self.held == mine + n)
-        except BaseException:  # the read timed out while waiting: these bytes are not held after all
-            self.held -= n
-            raise
-
-    async def give(self, n: int) -> None:
-        self.held -= n
-        async with self._condition():
-            self._freed.notify_all()
-
-
-async def read_body(request, limit: int, timeout_s: float, budget: BodyBudget) -> bytes:
-    """The body, within `limit` bytes and `timeout_s` seconds (a declared Content-Length over 4
-    times the limit was refused before, by `_Admission`), held within `budget`. A body over the
-    limit is refused (413) as soon as it passes the limit: on a kept-alive connection the server
-    discards what follows while the client sends it, so the answer arrives whenever the client
-    reads. A client that asked for `Connection: close` gets its body read and dropped up to 4
-    times the limit first (closing on unread bytes resets the connection, and the client would
-    lose the answer). A client that stalls gets 408; one that the budget kept waiting, 503."""
-    too_large = BadRequest(f"request body of {request.headers.get('content-length') or 'over ' + str(limit)} bytes "
-                           f"exceeds the limit of {limit}", 413)
-    closing = request.headers.get("connection", "").strip().lower() == "close"
-    drop_up_to = 4 * limit if closing else limit
-    received = held = 0
-    waiting = False
-
-    async def read() -> bytes:
-        nonlocal received, held, waiting
-        chunks = []
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > drop_up_to:
-                raise too_large
-            if received <= limit:
-                chunks.append(chunk)
-                waiting = True
-                await budget.take(len(chunk), held)
-                held, waiting = held + len(chunk), False
-        if received > limit:
-            raise too_large
-        return b"".join(chunks)
-
-    try:
-        return await asyncio.wait_for(read(), timeout_s)
-    except asyncio.TimeoutError:
-        if received > limit:  # what did arrive is already too much
-            raise too_large from None
-        if waiting:
-            raise BadRequest("busy: receiving too many request bodies at once", 503, {"Retry-After": "1"}) from None
-        raise BadRequest(f"request body not received within {timeout_s:g} s", 408) from None
-    finally:
-        await budget.give(held)
 
 
 def create_app(service: Service):
@@ -510,7 +430,6 @@ def create_app(service: Service):
         service.counts[name] += 1
         working = False
         try:
-            check_access(request)
             content_type = request.headers.get("content-type", "")
             media = content_type.split(";")[0].strip().lower()
             if media not in ("application/json", "multipart/form-data"):
@@ -521,16 +440,10 @@ def create_app(service: Service):
             if service.inflight >= service.limits.max_inflight:
                 raise BadRequest("busy: too many requests at once", 503, {"Retry-After": "1"})
             service.inflight, working = service.inflight + 1, True
-            if media == "multipart/form-data":
-                limits = service.limits
-                body = form_body(raw, content_type, limits.max_images + limits.max_texts + limits.max_templates + 8)
-            else:
-                try:
-                    body = json.loads(raw)
-                except (ValueError, RecursionError):  # malformed, too deep, or an integer of thousands of digits
-                    raise BadRequest("body: not valid JSON (or nested too deep, or a number too long)") from None
-            if not isinstance(body, dict):
-                raise BadRequest("body: expected a JSON object")
+            limits = service.limits
+            # parsed off the event loop: a 16 MB body takes a while, and /health must not wait for it
+            body = await asyncio.to_thread(parse_body, raw, content_type,
+                                           limits.max_images + limits.max_texts + limits.max_templates + 8)
             return JSONResponse(await op(body))
         except ClipperError as e:  # an option or input the library refused
             service.errors[name] += 1
@@ -538,23 +451,17 @@ def create_app(service: Service):
         except BadRequest as e:
             service.errors[name] += 1
             return refusal(e)
+        except (RecursionError, OverflowError, MemoryError) as e:  # an input past what the model code can take
+            service.errors[name] += 1
+            status = 413 if isinstance(e, MemoryError) else 400
+            return refusal(BadRequest(f"{name}: the request is too large or extreme to process ({type(e).__name__})",
+                                      status))
         finally:
             service.inflight -= working
             elapsed = time.perf_counter() - t0
             service.latency[name].append(elapsed)
             service.latency_sum[name] += elapsed
             service.latency_count[name] += 1
-
-    def check_access(request: Request) -> None:
-        access = service.access
-        host = request.headers.get("host", "")
-        hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
-        if access.allowed_hosts and hostname not in access.allowed_hosts:
-            raise BadRequest(f"Host {host!r} is not one this server answers to", 421)
-        if access.api_key is not None:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), access.api_key.encode()):
-                raise BadRequest("not authorised: send Authorization: Bearer <api key>", 401)
 
     def endpoint(name: str, op):
         async def run(request: Request):
@@ -566,9 +473,8 @@ def create_app(service: Service):
         app.post(path, name=name, openapi_extra=request_body(name))(endpoint(name, op))
 
     @app.get("/thumbnail/{i}")
-    async def thumbnail(i: int, request: Request):
+    async def thumbnail(i: int):
         try:
-            check_access(request)
             return Response(await asyncio.to_thread(service.thumbnail, i), media_type="image/png")
         except BadRequest as e:
             return refusal(e)
@@ -579,17 +485,12 @@ def create_app(service: Service):
                 "index": None if service.index is None else len(service.index)}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        try:
-            check_access(request)
-            return service.models()
-        except BadRequest as e:
-            return refusal(e)
+    async def models():
+        return service.models()
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
+    async def model(model_id: str):
         try:
-            check_access(request)
             if model_id != service.model_name:
                 raise BadRequest(f"model {model_id[:100]!r} is not served here", 404)
             return service.models()["data"][0]
@@ -604,43 +505,7 @@ def create_app(service: Service):
     async def page():
         return DEMO_PAGE.read_text(encoding="utf-8")
 
-    return _Admission(app, service.limits)
-
-
-class _Admission:
-    """ASGI wrapper, before any framework work: at most `max_connections` requests open at once
-    (more get 503 with Retry-After) and a declared body over 4 times `max_body_bytes` refused (413),
-    both before the body is read. /health and /metrics always pass, so that a monitor sees a full
-    server as busy, not dead (uvicorn's own limit_concurrency would refuse them too)."""
-    EXEMPT = ("/health", "/metrics")
-
-    def __init__(self, app, limits: Limits):
-        self.app, self.limits, self.open = app, limits, 0
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if self.open >= self.limits.max_connections:
-            return await self.refuse(send, 503, "busy: too many open requests", [(b"retry-after", b"1")])
-        if declared is not None and not declared.isdigit():
-            return await self.refuse(send, 400, "Content-Length: not a number")
-        if declared is not None and int(declared) > 4 * self.limits.max_body_bytes:
-            return await self.refuse(send, 413, f"request body of {declared.decode()} bytes exceeds the limit of "
-                                                f"{self.limits.max_body_bytes}")
-        self.open += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.open -= 1
-
-    @staticmethod
-    async def refuse(send, status: int, message: str, headers: list | None = None) -> None:
-        body = json.dumps({"error": {"message": message, "status": status}}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close"), *(headers or [])]})
-        await send({"type": "http.response.body", "body": body})
+    return Admission(app, service.limits, service.access)
 
 
 def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -652,7 +517,7 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
     gc.freeze()
     # SIGTERM: stop taking requests, give running ones 5 s; idle keep-alive connections close after 5 s
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                timeout_keep_alive=5)
+                timeout_keep_alive=5, http=header_guard(service.limits))
 
 
 def free_port() -> int:
@@ -683,7 +548,7 @@ def serve_in_thread(service: Service) -> tuple[str, Callable[[], None]]:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))
+                                           log_level="warning", http=header_guard(service.limits)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.config.port}"

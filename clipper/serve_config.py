@@ -18,7 +18,9 @@ class Limits:
                                                  "least --max-body-bytes); past it a body over 64 KiB waits (TCP "
                                                  "backpressure), and gets 503 with Retry-After if its read "
                                                  "timeout passes while waiting")
-    read_timeout_s: float = setting(10.0, "seconds a client has to send its whole body (then 408)")
+    read_timeout_s: float = setting(10.0, "seconds a client has to send its request headers, and then its whole "
+                                          "body (then 408)")
+    max_header_bytes: int = setting(64 << 10, "bytes of one request's headers (then 431)")
     max_inflight: int = setting(512, "requests doing model work at once (the batchers queue them); more get 503 "
                                      "with Retry-After")
     max_connections: int = setting(1024, "requests open at once, being received or worked on (/health and "
@@ -48,7 +50,9 @@ class Limits:
 
 @dataclass
 class Access:
-    """Who may call: a bearer token (`--api-key` or CLIPPER_API_KEY) and the Host names a request
-    may carry (DNS rebinding: a page elsewhere cannot reach a loopback server through its name)."""
+    """Who may call: a bearer token (`--api-key` or CLIPPER_API_KEY), the Host names a request
+    may carry (DNS rebinding: a page elsewhere cannot reach a loopback server through its name),
+    and the origins of other sites whose pages may send requests (`--cors-origin`)."""
     api_key: str | None = None
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # empty: any
+    cors_origins: tuple[str, ...] = ()  # the other sites' pages that may call (scheme://host[:port])

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig, write_config
 from .data.pipeline import SkipLog, make_loader, training_dataset
+from .data.remote import PIPE_ENV
 from .distributed import peak_rss_mib, rank_and_world
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_task
@@ -75,6 +76,8 @@ def trained_classnames(cfg: TrainConfig) -> list[str] | None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
         self.cfg = cfg.validate()
+        if cfg.allow_pipe:  # this run's own shard specs (and its loader workers') may be pipe: commands
+            os.environ[PIPE_ENV] = "1"
         self.device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = init_distributed(self.device)
         if self.device.type == "cuda":

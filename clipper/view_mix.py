@@ -17,12 +17,11 @@ def swap_view_patches(images: torch.Tensor, groups: torch.Tensor, p: float) -> t
     groups = groups.cpu()  # the pairs are found and drawn on the CPU, whatever device holds the images
     order = torch.argsort(groups, stable=True)
     sorted_groups = groups[order]
-    first = torch.ones_like(sorted_groups, dtype=torch.bool)
-    first[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    starts = first.nonzero().flatten()
-    has_pair = (starts + 1 < len(groups)) & (sorted_groups[(starts + 1).clamp(max=len(groups) - 1)]
-                                            == sorted_groups[starts])
-    a, b = order[starts[has_pair]], order[starts[has_pair] + 1]
+    same_as_next = sorted_groups[1:] == sorted_groups[:-1]
+    first = torch.ones_like(same_as_next)
+    first[1:] = ~same_as_next[:-1]
+    starts = (first & same_as_next).nonzero().flatten()  # a group's first image, with a second after it
+    a, b = order[starts], order[starts + 1]
     chosen = torch.rand(len(a)) < p
     a, b = a[chosen].tolist(), b[chosen].tolist()
     out = images.clone()

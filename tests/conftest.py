@@ -1,4 +1,7 @@
 import logging
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -97,3 +100,53 @@ def hf_folder(tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                             sep_token="</s>").save_pretrained(path)
     return path
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium for the demo-page tests (installed here when root, as the README's setup
+    would); None where it cannot be had."""
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        return shutil.which("chromium")
+    return None
+
+
+def noise_png(seed: int = 0, size=(20, 20)) -> bytes:
+    """A PNG of seeded random pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def indexed_captioner(tmp, images: int):
+    """A tiny model with a caption decoder (seeded), and `images` noise PNGs in tmp/imgs embedded
+    and indexed in tmp/emb: what the server tests serve."""
+    import numpy as np
+
+    import clipper
+    from clipper.config import DecoderConfig
+    from clipper.embed import embed_folder
+    from clipper.index import Index
+    from clipper.tokenizer import caption_vocabulary
+
+    torch.manual_seed(0)
+    model = clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY))
+    model.add_decoder(DecoderConfig(width=32, layers=1, heads=2, context_length=10,
+                                    vocab=caption_vocabulary(["a red square", "a blue square"], 10)))
+    model.eval()
+    (tmp / "imgs").mkdir()
+    for i in range(images):
+        (tmp / "imgs" / f"{i}.png").write_bytes(noise_png(i))
+    embed_folder(model, "test", tmp / "imgs", tmp / "emb", dtype="float32", progress=False)
+    Index.build(np.load(tmp / "emb" / "img_emb.npy")).save(tmp / "emb")
+    return model

@@ -115,3 +115,46 @@ def test_a_failed_shard_write_leaves_the_old_set_whole(tmp_path):
     with tarfile.open(tmp_path / "s" / "00000.tar") as tar:
         assert tar.extractfile("n0.txt").read() == b"new"
     assert not list((tmp_path / "s").glob(".partial-*"))
+
+
+def test_a_compressed_shard_is_read_a_member_at_a_time(tmp_path, monkeypatch):
+    """A small .tar.gz of six 16 MB members: reading it holds a few members (the one read, the one
+    handed out, the sample before it), not the 96 MB archive; past the bound on the total it ends
+    as damage."""
+    import gzip
+    import tracemalloc
+
+    from clipper.data import tar as tar_module
+    from clipper.data.reader import Skip, read_tar
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        for i in range(6):
+            info = tarfile.TarInfo(f"k{i}.bin")
+            info.size = 16 << 20
+            archive.addfile(info, io.BytesIO(bytes(info.size)))
+    shard = tmp_path / "bomb.tar.gz"
+    shard.write_bytes(gzip.compress(raw.getvalue(), 1))
+    assert shard.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        sizes = []
+        for sample in read_tar(str(shard)):
+            sizes.append(len(sample["bin"]))
+            del sample
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sizes == [16 << 20] * 6 and peak < 64 << 20, peak / 2 ** 20
+    monkeypatch.setattr(tar_module, "MAX_DECOMPRESSED", 40 << 20)
+    samples = list(read_tar(str(shard)))
+    assert len(samples) == 3 and "decompresses to over" in samples[-1].reason and isinstance(samples[-1], Skip)
+
+
+@pytest.mark.parametrize("name", ["config.json", "open_clip_config.json"])
+def test_a_config_nested_100000_deep_is_a_one_line_error(tmp_path, capsys, name):
+    (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / name.replace("config.json", "model.safetensors")).write_bytes(b"")
+    assert main(["info", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nested too deeply" in err and name in err

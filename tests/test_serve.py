@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import os
-import shutil
-import subprocess
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,20 +19,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import clipper  # noqa: E402
-from clipper.config import DecoderConfig  # noqa: E402
 from clipper.embed import embed_folder, embed_images, embed_texts  # noqa: E402
 from clipper.index import Index  # noqa: E402
 from clipper.serve import Limits, Service, serve_in_thread  # noqa: E402
-from clipper.tokenizer import caption_vocabulary  # noqa: E402
-from conftest import RGB_TINY  # noqa: E402
+from conftest import RGB_TINY, chromium_path, indexed_captioner, noise_png  # noqa: E402
 
 
 
-def _png(seed: int, size=(20, 20)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+_png = noise_png
 
 
 def _b64(data: bytes) -> str:
@@ -54,17 +46,8 @@ def _claiming(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    model = clipper.CLIP(clipper.ModelConfig.from_dict(RGB_TINY))
-    model.add_decoder(DecoderConfig(width=32, layers=1, heads=2, context_length=10,
-                                    vocab=caption_vocabulary(["a red square", "a blue square"], 10)))
+    model = indexed_captioner(tmp, 6)
     model.config.classnames = ["red", "blue", "green"]  # as training on a labelled set records them
-    model.eval()
-    (tmp / "imgs").mkdir()
-    for i in range(6):
-        (tmp / "imgs" / f"{i}.png").write_bytes(_png(i))
-    embed_folder(model, "test", tmp / "imgs", tmp / "emb", dtype="float32", progress=False)
-    Index.build(np.load(tmp / "emb" / "img_emb.npy")).save(tmp / "emb")
     service = Service(model, "tiny", str(tmp / "emb"), Limits(max_images=4, max_pixels=300 * 300,
                                                               max_body_bytes=1 << 20, read_timeout_s=1.0))
     url, stop = serve_in_thread(service)
@@ -332,7 +315,7 @@ class _Upload:
 def test_bodies_wait_for_the_buffer_budget():
     import asyncio
 
-    from clipper.serve import BadRequest, BodyBudget, read_body
+    from clipper.serve_body import BadRequest, BodyBudget, read_body
 
     async def run() -> None:
         budget = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100), free_bytes=10)
@@ -391,20 +374,9 @@ def test_fifty_concurrent_requests_match_single_ones(server):
     assert server["service"].texts.batches - batches_before < 50  # requests were batched together
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        if path := shutil.which(name):
-            return path
-    if shutil.which("apt-get") and os.geteuid() == 0:  # install it as the README's setup would
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        return shutil.which("chromium")
-    return None
-
-
 def test_demo_page_in_headless_chromium(server):
     playwright = pytest.importorskip("playwright.sync_api")
-    chromium = _chromium()
+    chromium = chromium_path()
     if chromium is None:
         pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
     image = server["tmp"] / "imgs" / "2.png"
@@ -434,7 +406,7 @@ def test_demo_page_in_headless_chromium(server):
 def test_demo_page_shows_hostile_captions_and_labels_as_text(tmp_path):
     """Stored XSS: captions and file names of the indexed images, and labels, are shown as text."""
     playwright = pytest.importorskip("playwright.sync_api")
-    chromium = _chromium()
+    chromium = chromium_path()
     if chromium is None:
         pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
     payload = "<img src=x onerror=window.__pwned=1>"

@@ -93,7 +93,7 @@ def _target(sample: dict, position: dict[str, int] | None) -> bytes | None:
         return sample.get("txt") or None
     try:
         meta = json.loads(sample.get("json", b"{}"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     label = class_index(meta, position)
     return None if label is None else str(label).encode()

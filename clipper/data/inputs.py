@@ -11,7 +11,7 @@ from ..errors import DataError, MissingFileError
 from ..io import read_text
 from .reader import IMAGE_EXTS as SHARD_IMAGE_EXTS
 from .reader import list_shards
-from .remote import is_url, local_shard
+from .remote import is_url, local_shard, looks_like_url
 from .tar import TarDamage, tar_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -51,16 +51,20 @@ class InputSkip:
     reason: str
 
 
-def list_images(spec: str | os.PathLike) -> tuple[list[ImageItem], list[InputSkip]]:
+def list_images(spec: str | os.PathLike, allow_pipe: bool | None = None) -> tuple[list[ImageItem], list[InputSkip]]:
     """Items in a fixed order, plus what was passed over (files without an image extension, damaged
     shards), for the record.
 
     `spec` is an image file; a folder (searched recursively; captions from same-named .txt files);
     a list file (.txt/.lst/.list: one path per line, relative to the list's folder, optionally a
-    tab and a caption); or shards (a .tar, a folder holding .tar files, a brace pattern or glob).
+    tab and a caption); or shards (a .tar, a folder holding .tar files, a brace pattern or glob,
+    shard URLs: see `list_shards`, which `allow_pipe` is passed to). The names found in folders,
+    list files and globs are files, always (see `remote`).
     """
     text = str(spec)
     path = Path(text)
+    if looks_like_url(text):
+        return _shard_items(text, allow_pipe)
     if path.is_dir():
         if any(path.glob("*.tar")):  # a shard folder (its grid.png preview is not a sample)
             return _shard_items(text)
@@ -71,7 +75,7 @@ def list_images(spec: str | os.PathLike) -> tuple[list[ImageItem], list[InputSki
         if path.suffix.lower() == ".tar":
             return _shard_items(text)
         return [ImageItem(str(path), str(path))], []
-    if is_url(text) or any(c in text for c in "{*?["):
+    if any(c in text for c in "{*?["):
         return _shard_items(text)
     raise MissingFileError(f"{text}: no such file or folder")
 
@@ -117,11 +121,11 @@ def _list_file_items(list_file: Path) -> list[ImageItem]:
     return items
 
 
-def _shard_items(spec: str) -> tuple[list[ImageItem], list[InputSkip]]:
+def _shard_items(spec: str, allow_pipe: bool | None = None) -> tuple[list[ImageItem], list[InputSkip]]:
     """The image member of every sample in the shards, located by offset (read without untarring);
     a damaged shard gives the samples before the damage, and a skip that says where it broke."""
     items, skipped = [], []
-    for shard in list_shards(spec):
+    for shard in list_shards(spec, allow_pipe):
         try:
             members, damage = tar_index(shard)
         except (TarDamage, OSError) as e:

@@ -127,7 +127,7 @@ class SampleDecoder:
         pixels = self.transform(im)
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return Skip(url, key, "json member is not valid JSON")
         view = None
         if self.view_key:  # the value `view_units` found; a sample without one is a group of its own
@@ -151,7 +151,7 @@ def raw_view_of(sample: dict | Skip, view_key: str) -> str | None:
             value = sample["txt"].decode("utf-8").strip() if "txt" in sample else None
         else:
             value = (json.loads(sample["json"]) if "json" in sample else {}).get(view_key)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
     return None if value is None or value == "" else str(value)
 

@@ -15,7 +15,7 @@ import braceexpand
 from ..errors import DataError, MissingFileError
 from .shards import SIZES_FILE
 from .sources import read_caption
-from .remote import is_url
+from .remote import as_url, is_url, looks_like_url
 from .tar import TarDamage, tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -28,14 +28,15 @@ class Skip:
     reason: str
 
 
-def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], allow_pipe: bool | None = None) -> list[str]:
     """Shard paths from a folder (its *.tar), a brace pattern (`d/{00000..00009}.tar`), a glob, or a
     list; or shard URLs (`pipe:`, `http(s)://`, fsspec's: see `remote`), brace patterns too, fetched
-    when read."""
+    when read. `spec` is what the user typed: only it may be a URL (`pipe:` with `allow_pipe`, None:
+    CLIPPER_ALLOW_PIPE); the names a folder or glob yields are files, whatever they look like."""
     if isinstance(spec, (str, os.PathLike)):
         text = str(spec)
-        if is_url(text):
-            return list(braceexpand.braceexpand(text))
+        if looks_like_url(text):
+            return [as_url(url, allow_pipe) for url in braceexpand.braceexpand(text)]
         if Path(text).is_dir():
             paths = sorted(str(p) for p in Path(text).glob("*.tar"))
             if not paths:
@@ -45,7 +46,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
         for part in braceexpand.braceexpand(text):
             paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
     else:
-        paths = [str(p) for p in spec]
+        paths = [p if is_url(p) else as_url(str(p), allow_pipe) if looks_like_url(str(p)) else str(p) for p in spec]
     if not paths:
         raise DataError(f"{spec}: no shards")
     for p in paths:
@@ -76,7 +77,7 @@ def shard_sizes(shards: list[str]) -> list[int]:
 def _read_sizes(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, RecursionError):
         return {}
 
 

@@ -2,9 +2,9 @@
 
 Python's tarfile spends ~40 us of interpreted header parsing per member, as much as decoding a
 28x28 PNG, and it trusts its headers: a member whose size field says -1000 makes it loop forever.
-So every archive is parsed here, over an mmap (compressed ones are decompressed into memory
-first, up to a bound): ustar, GNU (long names, base-256 sizes) and pax (path and size records)
-headers. A header that does not parse, a size that runs past the end of the file or over
+So every archive is parsed here, over an mmap (compressed ones are decompressed as the scan goes,
+a member at a time, up to a bound on the total): ustar, GNU (long names, base-256 sizes) and pax
+(path and size records) headers. A header that does not parse, a size that runs past the end of the file or over
 `MAX_MEMBER`, a bad checksum: the scan stops there with a `TarDamage` that says where, after the
 members before it. Every header moves the scan forward by at least one block, so it always ends.
 """
@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from .remote import local_shard
 
 BLOCK = 512
-MAX_MEMBER = 1 << 30  # bytes; a larger member is damage, not a sample (images and captions are far smaller)
-MAX_DECOMPRESSED = 4 << 30  # bytes of a compressed archive held in memory
+MAX_MEMBER = 1 << 28  # bytes; a larger member is damage, not a sample (images and captions are far smaller)
+MAX_DECOMPRESSED = 4 << 30  # bytes a compressed archive may decompress to (a time bound: memory holds a member)
 MAX_EXTENDED = 1 << 20  # bytes of a pax or GNU long-name header
 _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders, fifos: no data, not members
@@ -48,13 +48,18 @@ class TarDamage(Exception):
 
 def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular member in order. Raises TarDamage where the archive breaks
-    (after yielding what came before), OSError if it cannot be opened."""
-    with _open(path) as (data, damage):
-        members, scan_damage = _scan(data)
-        for name, start, size in members:
-            yield name, bytes(data[start:start + size])
-    if scan_damage or damage:
-        raise scan_damage or damage
+    (after yielding what came before), OSError if it cannot be opened. A compressed archive is
+    decompressed as it is read: memory holds a member at a time, never the whole archive."""
+    with _open(path) as data:
+        try:
+            for name, start, size in _walk(data):
+                yield name, data[start:start + size]
+        except TarDamage as e:
+            if data.damage is None:
+                raise
+            raise TarDamage(str(data.damage), e.member) from None  # the archive was cut where decompression broke off
+        if data.damage is not None:
+            raise data.damage
 
 
 def tar_index(path: str) -> tuple[list[Member], TarDamage | None]:
@@ -65,13 +70,72 @@ def tar_index(path: str) -> tuple[list[Member], TarDamage | None]:
     with open(path, "rb") as f:
         if _compression(f.read(6)) is not None:
             raise TarDamage("compressed archive: its members cannot be read by offset")
-    with _open(path) as (data, _):
-        return _scan(data)
+    members: list[Member] = []
+    with _open(path) as data:
+        try:
+            members.extend(_walk(data))
+        except TarDamage as e:
+            return members, e
+    return members, None
+
+
+class _Mapped:
+    """An uncompressed archive's bytes: the file, memory-mapped (`reach(end)`: how far they go, up
+    to `end`)."""
+    damage = None
+
+    def __init__(self, data: mmap.mmap):
+        self.data = data
+
+    def reach(self, end: int) -> int:
+        return min(end, len(self.data))
+
+    def __getitem__(self, span: slice) -> bytes:
+        return self.data[span]
+
+
+class _Inflating:
+    """A compressed archive's bytes, decompressed as they are asked for: slices move forward only,
+    and what lies before the latest slice's end is dropped, so that memory holds about one member.
+    At most MAX_DECOMPRESSED bytes; `damage` says what stopped the stream early (None: it ended)."""
+
+    def __init__(self, stream):
+        self.stream, self.buffer, self.base, self.total = stream, bytearray(), 0, 0
+        self.damage: TarDamage | None = None
+        self.ended = False
+
+    def _fill(self, end: int) -> None:
+        while self.base + len(self.buffer) < end and not self.ended:
+            try:
+                chunk = self.stream.read(1 << 20)
+            except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as e:
+                self.damage, self.ended = TarDamage(f"damaged compressed data ({e})"), True
+                return
+            self.total += len(chunk)
+            if not chunk or self.total > MAX_DECOMPRESSED:
+                self.ended = True
+                if chunk:
+                    self.damage = TarDamage(f"decompresses to over {MAX_DECOMPRESSED} bytes")
+                return
+            self.buffer += chunk
+
+    def reach(self, end: int) -> int:
+        self._fill(end)
+        return min(end, self.base + len(self.buffer))
+
+    def __getitem__(self, span: slice) -> bytes:
+        """Bytes [start, stop); the scan asks for each range once, in order, so what lies before
+        `stop` is dropped after (the read-ahead kept in a fresh buffer: the old one is freed)."""
+        self._fill(span.stop)
+        with memoryview(self.buffer) as view:
+            out = bytes(view[span.start - self.base:span.stop - self.base])
+            rest = bytearray(view[span.stop - self.base:]) if span.stop - self.base < len(self.buffer) else bytearray()
+        self.buffer, self.base = rest, max(self.base, span.stop)
+        return out
 
 
 @contextlib.contextmanager
-def _open(path: str) -> Iterator[tuple[bytes | mmap.mmap, TarDamage | None]]:
-    """The archive's bytes (an mmap, or the decompressed bytes) and any damage met decompressing."""
+def _open(path: str) -> Iterator[_Mapped | _Inflating]:
     with open(local_shard(path), "rb") as f:
         if f.seek(0, 2) == 0:
             raise TarDamage("empty file")
@@ -79,29 +143,15 @@ def _open(path: str) -> Iterator[tuple[bytes | mmap.mmap, TarDamage | None]]:
         opener = _compression(f.read(6))
         f.seek(0)
         if opener is not None:
-            yield _decompress(opener(f))
+            with opener(f) as stream:
+                yield _Inflating(stream)
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            yield data, None
+            yield _Mapped(data)
 
 
 def _compression(head: bytes):
     return next((opener for magic, opener in _COMPRESSED.items() if head.startswith(magic)), None)
-
-
-def _decompress(stream) -> tuple[bytes, TarDamage | None]:
-    """What decompresses, up to MAX_DECOMPRESSED, and the damage that stopped it (None: all of it)."""
-    chunks, total = [], 0
-    try:
-        with stream:
-            while chunk := stream.read(1 << 20):
-                total += len(chunk)
-                if total > MAX_DECOMPRESSED:
-                    return b"".join(chunks), TarDamage(f"decompresses to over {MAX_DECOMPRESSED} bytes")
-                chunks.append(chunk)
-    except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as e:
-        return b"".join(chunks), TarDamage(f"damaged compressed data ({e})")
-    return b"".join(chunks), None
 
 
 # octal digits between spaces, then anything after a NUL (regular expressions run in C: a shard of
@@ -169,26 +219,26 @@ def _clean_name(raw: bytes) -> str:
     return "" if name in (".", "..") else name
 
 
-def _scan(data) -> tuple[list[Member], TarDamage | None]:
-    """(name, data offset, size) of each regular member and the damage that ended the scan (None:
-    a clean end)."""
-    members: list[Member] = []
-    pos, end = 0, len(data)
+def _walk(data: _Mapped | _Inflating) -> Iterator[Member]:
+    """(name, data offset, size) of each regular member, in order, as the scan reaches it; raises
+    TarDamage where the archive breaks (a clean end returns)."""
+    pos = 0
+    last: str | None = None  # the last member's name
     next_name: bytes | None = None  # from a GNU long-name or pax header, for the member after it
     next_size: int | None = None  # from a pax header
     extended_at: int | None = None  # where the extended headers of the next member began
-    while pos + BLOCK <= end:
+    while data.reach(pos + BLOCK) == pos + BLOCK:
         header = data[pos:pos + BLOCK]
         if not any(header):  # end-of-archive marker
             if extended_at is not None:
-                return members, TarDamage(f"the extended tar header at byte {extended_at} describes no member")
-            return members, None
+                raise TarDamage(f"the extended tar header at byte {extended_at} describes no member")
+            return
         size, flag, start = _number(header[124:136]), header[156:157], pos + BLOCK
         if size is None or not _header_ok(header):
-            return members, TarDamage(f"bad tar header at byte {pos}")
+            raise TarDamage(f"bad tar header at byte {pos}")
         if flag in _EXTENDED:
-            if size > MAX_EXTENDED or start + size > end:
-                return members, TarDamage(f"extended tar header at byte {pos} is {size} bytes long")
+            if size > MAX_EXTENDED or data.reach(start + size) < start + size:
+                raise TarDamage(f"extended tar header at byte {pos} is {size} bytes long")
             extended = data[start:start + size]
             # the first extended header of a member wins where several name it (as in tarfile)
             if flag == b"L" and next_name is None:
@@ -196,9 +246,9 @@ def _scan(data) -> tuple[list[Member], TarDamage | None]:
             elif flag in (b"x", b"X", b"g"):
                 records = _pax_records(extended)
                 if records is None or not records.get("size", "0").isdigit():
-                    return members, TarDamage(f"malformed pax header at byte {pos}")
+                    raise TarDamage(f"malformed pax header at byte {pos}")
                 if flag == b"g" and ("path" in records or "size" in records):  # they would apply to all later members
-                    return members, TarDamage(f"global pax header at byte {pos} sets a path or size: not supported")
+                    raise TarDamage(f"global pax header at byte {pos} sets a path or size: not supported")
                 if next_name is None and "path" in records:
                     next_name = records["path"].encode()
                 if next_size is None and "size" in records:
@@ -216,16 +266,17 @@ def _scan(data) -> tuple[list[Member], TarDamage | None]:
             pos = start
             continue
         if flag == b"S":
-            return members, TarDamage(f"sparse member {name} at byte {pos}: not supported", name)
+            raise TarDamage(f"sparse member {name} at byte {pos}: not supported", name)
         if size > MAX_MEMBER:
-            return members, TarDamage(f"member {name} is {size} bytes, over the limit of {MAX_MEMBER}", name)
-        if start + size > end:
-            return members, TarDamage(f"unexpected end of data in member {name}", name)
+            raise TarDamage(f"member {name} is {size} bytes, over the limit of {MAX_MEMBER}", name)
+        if data.reach(start + size) < start + size:
+            raise TarDamage(f"unexpected end of data in member {name}", name)
         if flag in _REGULAR:  # other (unknown) types are skipped, as tarfile skips them
-            members.append((name, start, size))
+            last = name
+            yield name, start, size
         pos = start + -(-size // BLOCK) * BLOCK
+    end = data.reach(pos + BLOCK)
     if pos > end:  # the last member's padding is cut: the archive was truncated after it
-        return members, TarDamage("unexpected end of data", members[-1][0] if members else None)
+        raise TarDamage("unexpected end of data", last)
     if any(data[pos:end]):
-        return members, TarDamage(f"truncated tar header at byte {pos}")
-    return members, None
+        raise TarDamage(f"truncated tar header at byte {pos}")

@@ -121,6 +121,14 @@ def test_names_found_in_data_never_run_or_fetch(shards, tmp_path, monkeypatch):
     assert [s["__key__"] for s in read_tar(list_shards("*.tar")[0])] == ["k0", "k1"]
     embed_folder(model, "test", "*.tar", tmp_path / "e2", progress=False)
     embed_folder(model, "test", ".", tmp_path / "e3", progress=False)
+    # the commands of issue #37, through the CLI, with --allow-pipe given (it must not matter here)
+    from clipper.cli import main
+
+    model.save(tmp_path / "m")
+    assert main(["--allow-pipe", "eval", "--task", "retrieval", "--data", "*.tar", "--model", str(tmp_path / "m")]) == 0
+    monkeypatch.chdir(folder)
+    assert main(["--allow-pipe", "embed", ".", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "e4"),
+                 "--workers", "0"]) == 0
     assert not any(tmp_path.rglob("PWNED*")) and not any(shards.parent.rglob("PWNED*"))
     assert not (shards.parent / "cache").exists() or not any((shards.parent / "cache").iterdir())  # nothing fetched
 

@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from recipe import ensure_shards  # noqa: E402
 
-from clipper.config import merge_train_config, preset, train_preset  # noqa: E402
+from clipper.presets import preset  # noqa: E402
+from clipper.run_config import merge_train_config  # noqa: E402
+from clipper.train_config import train_preset  # noqa: E402
 from clipper.data.pipeline import ShardDataset, make_loader, training_dataset  # noqa: E402
 from clipper.losses import infonce_loss  # noqa: E402
 from clipper.model import CLIP  # noqa: E402

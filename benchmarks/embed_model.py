@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_rates, write_results  # noqa: E402
 
 from clipper.interop import from_open_clip_state_dict  # noqa: E402
-from clipper.config import preset  # noqa: E402
+from clipper.presets import preset  # noqa: E402
 
 LABELS = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
           "cat", "dog", "red apple", "golden retriever puppy", "mountain bike", "cup of coffee"]

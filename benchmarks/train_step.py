@@ -35,7 +35,7 @@ def build(batch: int, only: str | None = None, device: str = "cpu", bf16: bool =
     import open_clip
     from open_clip.loss import ClipLoss
 
-    from clipper.config import from_open_clip_config
+    from clipper.presets import from_open_clip_config
     from clipper.data.fashion_mnist import CLASSES, TRAIN_TEMPLATES
     from clipper.interop import from_open_clip_state_dict
     from clipper.losses import infonce_loss

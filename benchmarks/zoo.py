@@ -31,7 +31,7 @@ from common import RESULTS, write_results  # noqa: E402
 
 import open_clip  # noqa: E402
 
-from clipper.config import preset  # noqa: E402
+from clipper.presets import preset  # noqa: E402
 from clipper.errors import ConfigError  # noqa: E402
 from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict  # noqa: E402
 from clipper.model import CLIP  # noqa: E402

@@ -1,7 +1,8 @@
 """clipper: CLIP-style image-text embeddings, fast on CPUs, interoperable with OpenCLIP."""
 
 from .checkpoint import save_model
-from .config import ModelConfig, TextConfig, VisionConfig, list_presets, preset
+from .config import ModelConfig, TextConfig, VisionConfig
+from .presets import list_presets, preset
 from .errors import CheckpointError, ClipperError, ConfigError
 from .factory import load, load_model
 from .model import CLIP

@@ -127,7 +127,8 @@ def cmd_presets(args: argparse.Namespace) -> None:
     their size); then the training presets."""
     import torch
 
-    from .config import TRAIN_PRESETS, list_presets, preset
+    from .presets import list_presets, preset
+    from .train_config import TRAIN_PRESETS
     from .model import CLIP
 
     rows = [("model preset", "image tower", "px", "tokenizer", "decoder") + (("parameters",) if args.params else ())]
@@ -274,7 +275,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     """Preset, then --config file, then the flags, then --set FIELD=JSON overrides."""
-    from .config import merge_train_config
+    from .run_config import merge_train_config
 
     overrides = _flag_values(args, args.config_fields)
     if args.verb == "train-captioner":
@@ -465,7 +466,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser, presets: str) -> None:
-    from .config import TrainConfig
+    from .train_config import TrainConfig
 
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curves, final model)")
     p.add_argument("--preset", help=f"training preset: {presets} (default: none: TrainConfig's defaults)")

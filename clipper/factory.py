@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import is_model_dir, read_model_dir, read_state_dict
-from .config import ModelConfig, apply_open_clip_preprocessing, preset
+from .config import ModelConfig
+from .presets import apply_open_clip_preprocessing, preset
 from .errors import CheckpointError, ConfigError
 from .hf import hf_kind, load_hf_dir
 from .io import reachable

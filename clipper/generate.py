@@ -2,7 +2,10 @@
 penalty, min/max new tokens, several captions per image, prompts of different lengths.
 
 Each image is encoded once; its prefix and prompt run once (`prefill`), and every later step feeds
-one token through the KV cache. Beams and extra samples copy the cache rows, not the image.
+one token through the KV cache. Beams and extra samples copy the cache rows, not the image. The
+engine drives any decoder through its `Captioner` and reads its token ids through its `Codec`
+(clipper.model.decoders): it knows no tokenizer. The recompute path (`use_cache=False`) is the
+naive reference the cached one is tested against.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .model import CLIP
-from .model.chunks import chunked
-from .tokenizer import Tokenizer
 from .config import setting
 from .errors import ConfigError
+from .model import CLIP
+from .model.chunks import chunked
+from .model.decoders import Codec
 
 
 @dataclass
@@ -67,35 +70,14 @@ class GenerationConfig:
         return self
 
 
-class _Text:
-    """Prompts as left-padded vocabulary indices, the special tokens, and captions back to text."""
-
-    def __init__(self, model: CLIP):
-        self.captioner = model.captioner()
-        self.tokenizer = Tokenizer(self.captioner.context_length)
-        self.eot = int(self.captioner.to_vocab(torch.tensor([self.tokenizer.eot_id]))[0])
-        self.stops = list(self.captioner.stop_ids)  # tokens that end a greedy or sampled caption
-
-    def prompts(self, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [[self.tokenizer.sot_id, *self.tokenizer.encode(p)] for p in prompts]
-        T = max(len(r) for r in rows)
-        tokens = torch.zeros(len(rows), T, dtype=torch.long)
-        valid = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids = self.captioner.to_vocab(torch.tensor(row), f"prompt {prompts[i]!r}")
-            tokens[i, T - len(row):], valid[i, T - len(row):] = ids, True
-        return tokens.to(device), valid.to(device)
-
-    def texts(self, prompts: Sequence[str], per_image: list[list[list[int]]]) -> list[list[str]]:
-        """Each image's prompt followed by its generated vocabulary indices, as text; one lookup of
-        BPE ids for all of them (a tensor op per caption costs as much as a decode step's)."""
-        flat = [i for seqs in per_image for seq in seqs for i in seq]
-        bpe = iter(self.captioner.to_bpe(torch.tensor(flat, dtype=torch.long)).tolist() if flat else [])
-        out = []
-        for prompt, seqs in zip(prompts, per_image):
-            ids = self.tokenizer.encode(prompt)
-            out.append([self.tokenizer.decode(ids + [next(bpe) for _ in seq]) for seq in seqs])
-        return out
+def _left_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id rows as [B, T] left-padded with 0, and which positions are real."""
+    T = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, T - len(row):], valid[i, T - len(row):] = torch.tensor(row, dtype=torch.long), True
+    return tokens.to(device), valid.to(device)
 
 
 def _process(logits: torch.Tensor, seen: torch.Tensor, step: int, cfg: GenerationConfig, eot: int) -> torch.Tensor:
@@ -156,7 +138,7 @@ def _seen(tokens: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor
     return seen.scatter_(1, tokens, valid)
 
 
-def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: GenerationConfig) -> list[list[int]]:
+def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg: GenerationConfig) -> list[list[int]]:
     R, device = seen.shape[0], seen.device
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = torch.arange(R, device=device)
@@ -164,9 +146,9 @@ def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg:
     # one token per row per step, read back once at the end (no per-step Python work per row); a row
     # that has ended keeps going until all have (rows are independent) and is cut at its first end
     steps = []
-    stops = torch.tensor(text.stops, device=device)
+    stops = torch.tensor(codec.stop_ids, device=device)
     for step in range(cfg.max_new_tokens):
-        token = _sample(_process(state.logits, seen, step, cfg, text.eot), cfg, generator)
+        token = _sample(_process(state.logits, seen, step, cfg, codec.end_id), cfg, generator)
         steps.append(token)
         done |= torch.isin(token, stops)
         if step == cfg.max_new_tokens - 1 or bool(done.all()):
@@ -174,10 +156,10 @@ def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg:
         if cfg.repetition_penalty != 1.0:
             seen[rows, token] = True
         state.feed(token)
-    return [_until(row, text.stops) for row in torch.stack(steps, 1).tolist()]
+    return [_until(row, codec.stop_ids) for row in torch.stack(steps, 1).tolist()]
 
 
-def _until(row: list[int], stops: list[int]) -> list[int]:
+def _until(row: list[int], stops: Sequence[int]) -> list[int]:
     """`row` up to its first stop token."""
     ends = [row.index(t) for t in stops if t in row]
     return row[:min(ends)] if ends else row
@@ -211,7 +193,7 @@ class _Hypotheses:
         return [tokens for _, tokens in sorted(self.beams, key=lambda b: b[0], reverse=True)[:n]]
 
 
-def _beam_search(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: GenerationConfig,
+def _beam_search(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg: GenerationConfig,
                  prompt_lengths: list[int]) -> list[list[list[int]]]:
     """Per image, its best `num_return_sequences` of `num_beams` beams. Each step ranks the 2k best
     continuations: an end-of-text among the first k finishes a hypothesis, the best k others run on;
@@ -227,7 +209,7 @@ def _beam_search(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: Gene
     hyps = [_Hypotheses(k, cfg.length_penalty) for _ in range(B)]
     done = [False] * B
     for step in range(cfg.max_new_tokens):
-        processed = _process(state.logits, seen, step, cfg, text.eot)
+        processed = _process(state.logits, seen, step, cfg, codec.end_id)
         step_scores = processed.log_softmax(dim=-1) if cfg.beam_score == "logprob" else processed
         V = step_scores.shape[1]
         cand = (scores.view(-1, 1) + step_scores.cpu()).view(B, k * V)
@@ -239,7 +221,7 @@ def _beam_search(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: Gene
             if not done[b]:
                 for rank, (s, i) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
                     origin, token = b * k + i // V, i % V
-                    if token == text.eot:
+                    if token == codec.end_id:
                         if rank < k:
                             hyps[b].add(s, seqs[origin], length)
                         continue
@@ -252,7 +234,7 @@ def _beam_search(state: _DecodeState, seen: torch.Tensor, text: _Text, cfg: Gene
                 done[b] = hyps[b].done(top_scores[b, 0].item(), length)
             for j in range(kept, k):  # a finished image keeps k rows (never read)
                 new_rows.append(b * k + j)
-                new_tokens.append(text.eot)
+                new_tokens.append(codec.end_id)
         seqs = [seqs[r] + [t] for r, t in zip(new_rows, new_tokens)]
         scores = new_scores
         if all(done):
@@ -286,14 +268,14 @@ def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
     if model.decoder is None:
         raise ConfigError("this model has no caption decoder (train one with `clipper train-captioner`)")
     cfg = (cfg or GenerationConfig()).validate()
-    text = _Text(model)
-    context = text.captioner.context_length
+    captioner = model.captioner()
+    codec, context = captioner.codec, captioner.context_length
     B = pixels.shape[0]
     prompts = list(prompts) if prompts is not None else [""] * B
     if len(prompts) != B:
         raise ConfigError(f"prompts: {len(prompts)} for {B} image(s)")
     device = model.device
-    tokens, valid = text.prompts(prompts, device)
+    tokens, valid = _left_padded([codec.prompt(p) for p in prompts], device)
     lengths = valid.sum(1).tolist()
     room = context - max(lengths)
     if cfg.max_new_tokens is None:
@@ -303,19 +285,19 @@ def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
                          f"(decoder context {context}), and min_new_tokens "
                          f"{cfg.min_new_tokens} must fit")
     image_tokens = chunked(model.visual, pixels.to(device), "tokens")
-    state = _DecodeState(text.captioner, image_tokens, tokens, valid, cfg)
-    seen = _seen(tokens, valid, text.captioner.vocab_size)
+    state = _DecodeState(captioner, image_tokens, tokens, valid, cfg)
+    seen = _seen(tokens, valid, codec.vocab_size)
     if cfg.num_beams > 1:
-        per_image = _beam_search(state, seen, text, cfg, lengths)
+        per_image = _beam_search(state, seen, codec, cfg, lengths)
     else:
         n = cfg.num_return_sequences
         if n > 1:  # several samples per image: copy the prefilled cache rows, not the image
             rows = torch.arange(B, device=device).repeat_interleave(n)
             state.select(rows)
             seen = seen[rows]
-        flat = _greedy_or_sample(state, seen, text, cfg)
+        flat = _greedy_or_sample(state, seen, codec, cfg)
         per_image = [flat[i * n:(i + 1) * n] for i in range(B)]
-    return text.texts(prompts, per_image)
+    return codec.texts(prompts, per_image)
 
 
 def caption(model: CLIP, images, prompt: str | Sequence[str] | None = None, batch_size: int = 32,

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import is_model_dir
-from .config import ModelConfig, TrainConfig, preset
+from .config import ModelConfig
+from .presets import preset
+from .train_config import TrainConfig
 from .data.reader import shard_captions
 from .errors import ConfigError
 from .factory import load
@@ -36,6 +38,11 @@ Autocast = Callable[[], contextlib.AbstractContextManager]
 def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
     """DDP reduces gradients once, after the last micro-batch of a step."""
     return module.no_sync() if not last and hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
+def _decoder(module: nn.Module) -> nn.Module:
+    """The caption decoder inside a CaptionModel, whether DDP wraps it or not."""
+    return getattr(module, "module", module).model.decoder
 
 
 def _set_trainable(parts: dict[nn.Module | nn.Parameter | None, bool]) -> None:
@@ -261,10 +268,10 @@ class Caption(Objective):
             loss.backward()
             return {"loss": loss.detach(), "contrastive_loss": contrastive.detach(), "caption_loss": caption.detach()}
         k = cfg.accum_freq
-        eot = texts.argmax(dim=-1)
-        total = float(eot.sum())  # predicted tokens: the caption and its end token, per row
+        counts = _decoder(module).target_counts(texts)  # predicted tokens per row: the caption and its end
+        total = float(counts.sum())
         loss = torch.zeros(())
-        for j, (i_chunk, t_chunk, e_chunk) in enumerate(zip(images.chunk(k), texts.chunk(k), eot.chunk(k))):
+        for j, (i_chunk, t_chunk, e_chunk) in enumerate(zip(images.chunk(k), texts.chunk(k), counts.chunk(k))):
             with _no_sync(module, j == k - 1):
                 with autocast():
                     part = module(i_chunk, t_chunk)["loss"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .model import CLIP
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import TrainConfig, write_config
+from .config import write_config
 from .data.pipeline import SkipLog, make_loader, training_dataset
 from .data.remote import PIPE_ENV
 from .distributed import peak_rss_mib, rank_and_world
@@ -39,7 +39,9 @@ from .objectives import OBJECTIVES
 from .optim import learning_rate, make_optimizer, set_learning_rate
 from .precision import native_bf16
 from .progress import Progress
+from .run_config import check_train_config
 from .runs import RunDir
+from .train_config import TrainConfig
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -75,7 +77,7 @@ def trained_classnames(cfg: TrainConfig) -> list[str] | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
-        self.cfg = cfg.validate()
+        self.cfg = check_train_config(cfg)
         if cfg.allow_pipe:  # this run's own shard specs (and its loader workers') may be pipe: commands
             os.environ[PIPE_ENV] = "1"
         self.device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

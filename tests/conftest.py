@@ -36,7 +36,7 @@ SMALL_TEXT = {"context_length": 20, "vocab_size": 49408, "width": 128, "heads": 
 
 
 def small_config(pool_type: str = "tok", quick_gelu: bool = False):
-    from clipper.config import from_open_clip_config
+    from clipper.presets import from_open_clip_config
 
     return from_open_clip_config("small", {"embed_dim": 48, "quick_gelu": quick_gelu,
                                            "vision_cfg": SMALL_VISION | {"pool_type": pool_type},

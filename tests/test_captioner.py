@@ -196,7 +196,7 @@ def test_caption_metrics_and_class_naming():
 
 
 def test_captioner_resume_equals_a_straight_run(tmp_path):
-    from clipper.config import TrainConfig
+    from clipper.train_config import TrainConfig
     from clipper.train import Trainer
 
     rng = np.random.default_rng(2)

@@ -11,7 +11,8 @@ from PIL import Image
 
 import clipper
 from clipper.cli import build_parser, main
-from clipper.config import TrainConfig, merge_train_config
+from clipper.run_config import merge_train_config
+from clipper.train_config import TrainConfig
 from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
 from clipper.embed import embed_folder
@@ -48,7 +49,7 @@ def test_train_settings_merge_in_order(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"lr": 5e-4, "augment": {"hflip": 0.5}, "steps": 7}))
     cfg = merge_train_config("emoji-small", tmp_path / "run.json", {"steps": 9},
                              ["augment.crop_scale=[0.5,1.0]", "eval_task=none"])
-    preset = clipper.config.train_preset("emoji-small")
+    preset = clipper.train_config.train_preset("emoji-small")
     assert cfg.lr == 5e-4 and cfg.steps == 9 and cfg.weight_decay == preset.weight_decay  # file over preset
     assert cfg.augment.hflip == 0.5 and cfg.augment.crop_scale == (0.5, 1.0)
     assert cfg.augment.crop_ratio == preset.augment.crop_ratio  # a nested field the file left alone
@@ -191,10 +192,10 @@ def test_index_refuses_ids_that_do_not_match_the_vectors(artifacts, capsys):
 
 def test_version_and_presets_with_sizes(capsys, monkeypatch):
     import clipper
-    from clipper import config
+    from clipper import presets
 
     # three presets stand for all (listing every open_clip config takes ~10 s: not what is tested here)
-    monkeypatch.setattr(config, "list_presets", lambda: ["fmnist-tiny", "coca_ViT-B-32", "RN50"])
+    monkeypatch.setattr(presets, "list_presets", lambda: ["fmnist-tiny", "coca_ViT-B-32", "RN50"])
 
     with pytest.raises(SystemExit):
         main(["--version"])

@@ -157,7 +157,8 @@ def test_tiny_coca_matches_open_clip_and_fine_tunes_jointly(tmp_path):
     from open_clip.coca_model import CoCa
     from open_clip.loss import CoCaLoss
 
-    from clipper.config import TrainConfig, from_open_clip_config
+    from clipper.presets import from_open_clip_config
+    from clipper.train_config import TrainConfig
     from clipper.data.samples import Sample
     from clipper.data.shards import write_shards
     from clipper.objectives import Caption
@@ -214,7 +215,7 @@ def test_tiny_coca_captions_through_the_server():
     from PIL import Image
 
     pytest.importorskip("fastapi")
-    from clipper.config import from_open_clip_config
+    from clipper.presets import from_open_clip_config
     from clipper.serve import Limits, Service, serve_in_thread
 
     torch.manual_seed(1)

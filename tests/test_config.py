@@ -4,7 +4,7 @@ import open_clip
 import pytest
 
 from clipper import ConfigError, ModelConfig, list_presets, preset
-from clipper.config import from_open_clip_config
+from clipper.presets import from_open_clip_config
 
 
 def test_json_round_trip(tmp_path):

@@ -117,7 +117,8 @@ def _drawing() -> Image.Image:
 
 
 def test_style_views_do_what_they_say_and_are_seeded():
-    from clipper.config import AugmentConfig, VisionConfig
+    from clipper.config import VisionConfig
+    from clipper.train_config import AugmentConfig
     from clipper.data.transforms import TrainTransform
 
     vision = VisionConfig(image_size=64, patch_size=8)
@@ -147,7 +148,7 @@ def test_style_views_do_what_they_say_and_are_seeded():
 
 
 def test_style_options_are_validated():
-    from clipper.config import AugmentConfig
+    from clipper.train_config import AugmentConfig
     from clipper.errors import ConfigError
 
     for bad in ({"outline": 1.5}, {"hue": 0.7}, {"rotate": -1}, {"shade": 2}):

@@ -139,7 +139,7 @@ def test_hf_text_tower_matches_open_clips_adapter(tmp_path, hf_folder, model_typ
     config in a folder (offline, the hub's would be in the local HF cache), same embeddings, export exact."""
     import open_clip
 
-    from clipper.config import from_open_clip_config
+    from clipper.presets import from_open_clip_config
     from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict
 
     config = transformers.AutoConfig.for_model(model_type, vocab_size=16, hidden_size=32, num_hidden_layers=2,
@@ -164,9 +164,9 @@ def test_hf_text_tower_matches_open_clips_adapter(tmp_path, hf_folder, model_typ
 
 
 def test_hf_text_tower_offline_without_its_config_says_what_to_download(monkeypatch, tmp_path):
-    from clipper import config as config_module, hub
+    from clipper import hub, presets
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hub, "reachable", lambda host, timeout=3.0: False)
     with pytest.raises(ConfigError, match=r"roberta-base.*not in the local Hugging Face cache.*hf download"):
-        clipper.CLIP(config_module.preset("roberta-ViT-B-32"))
+        clipper.CLIP(presets.preset("roberta-ViT-B-32"))

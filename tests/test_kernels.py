@@ -184,7 +184,7 @@ def test_cross_step_equals_cross_block_forward(width, per_image, monkeypatch):
 
 
 def test_cpu_inference_runs_in_row_chunks_with_the_same_embeddings(monkeypatch):
-    from clipper.config import preset
+    from clipper.presets import preset
     from clipper.model import CLIP, chunks
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import clipper
 from clipper.cli import main
-from clipper.config import from_open_clip_config
+from clipper.presets import from_open_clip_config
 from clipper.errors import ClipperError
 from conftest import SMALL_TEXT, SMALL_VISION, small_open_clip
 

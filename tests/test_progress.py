@@ -36,7 +36,7 @@ def test_training_log_has_no_carriage_returns(tmp_path, capfd, monkeypatch):
     torch = pytest.importorskip("torch")
     import numpy as np
 
-    from clipper.config import TrainConfig
+    from clipper.train_config import TrainConfig
     from clipper.data.samples import Sample
     from clipper.data.shards import write_shards
     from clipper.train import Trainer

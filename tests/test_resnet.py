@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import clipper
-from clipper.config import DecoderConfig, from_open_clip_config, preset
+from clipper.config import DecoderConfig
+from clipper.presets import from_open_clip_config, preset
 from clipper.generate import GenerationConfig, generate
 from clipper.interop import config_from_open_clip_state_dict, from_open_clip_state_dict, to_open_clip_state_dict
 

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import clipper
-from clipper.config import TrainConfig
+from clipper.train_config import TrainConfig
 from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
 from clipper.losses import LOSSES, infonce_loss, sigmoid_loss
@@ -150,9 +150,9 @@ def _cfg(shards, **kw):
 @pytest.fixture
 def tiny_preset(monkeypatch):
     """Point the fmnist-tiny preset at a 16 px model so training tests stay fast."""
-    from clipper import config
+    from clipper import presets
 
-    monkeypatch.setitem(config._PRESETS, "fmnist-tiny", TINY)
+    monkeypatch.setitem(presets._PRESETS, "fmnist-tiny", TINY)
 
 
 def _params(model):
@@ -249,9 +249,9 @@ def test_resume_refuses_another_architecture_or_batch(shards, tmp_path, tiny_pre
     Trainer(_cfg(shards, stop_after=10), tmp_path / "run").fit()
     with pytest.raises(clipper.ConfigError, match="batch_size 16, this run has 8"):
         Trainer(_cfg(shards, batch_size=8), tmp_path / "run", resume=True)
-    from clipper import config
+    from clipper import presets
 
-    monkeypatch.setitem(config._PRESETS, "fmnist-tiny", TINY | {"embed_dim": 24})
+    monkeypatch.setitem(presets._PRESETS, "fmnist-tiny", TINY | {"embed_dim": 24})
     with pytest.raises(clipper.ConfigError, match="another architecture.*embed_dim: 32 there, 24 here"):
         Trainer(_cfg(shards), tmp_path / "run", resume=True)
 

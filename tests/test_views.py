@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipper.config import ModelConfig, TrainConfig
+from clipper.config import ModelConfig
+from clipper.train_config import TrainConfig
 from clipper.data.pipeline import MAX_VIEWS, ShardDataset, view_units
 from clipper.data.reader import Skip
 from clipper.data.samples import Sample
@@ -131,9 +132,9 @@ def test_view_loss_pulls_each_image_to_its_other_views():
 
 
 def test_training_with_views_lowers_the_view_loss(two_style_shards, tmp_path, monkeypatch):
-    from clipper import config
+    from clipper import presets
 
-    monkeypatch.setitem(config._PRESETS, "rgb-tiny", TINY_RGB)
+    monkeypatch.setitem(presets._PRESETS, "rgb-tiny", TINY_RGB)
     cfg = TrainConfig(model="rgb-tiny", train_data=str(two_style_shards), batch_size=16, lr=3e-3, warmup_steps=2,
                       steps=24, workers=0, log_every=4, seed=3, shuffle_buffer=50, view_key="source_id",
                       view_weight=1.0, same_caption_positive=True)

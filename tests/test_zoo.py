@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 import clipper
-from clipper.config import from_open_clip_config, preset
+from clipper.presets import from_open_clip_config, preset
 from clipper.data.transforms import eval_transform
 from clipper.errors import CheckpointError, ConfigError
 from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict

@@ -32,7 +32,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import AugmentConfig, ModelConfig, TrainConfig
+from ..config import ModelConfig
+from ..train_config import AugmentConfig, TrainConfig
 from ..distributed import rank_and_world
 from ..errors import ConfigError, DataError, ImageError
 from ..images import MAX_PIXELS, decode_image

@@ -13,7 +13,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from ..config import AugmentConfig, VisionConfig
+from ..config import VisionConfig
+from ..train_config import AugmentConfig
 
 
 def _mode(cfg: VisionConfig) -> str:

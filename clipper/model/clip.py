@@ -14,15 +14,13 @@ from torch import nn
 from ..checkpoint import load_weights, save_model
 from ..config import ModelConfig
 from .chunks import chunked
-from .coca import CoCaDecoder
-from .decoder import CaptionDecoder
+from .decoders import build_decoder
 from .meta import SkipMetaInit
 from .hf_text import HFTextTower
 from .text import TextTransformer
 from .vision import VISION_TOWERS
 
 MAX_LOGIT_SCALE = 100.0
-DECODERS = {"prefix": CaptionDecoder, "coca": CoCaDecoder}  # DecoderConfig.kind -> the module
 TEXT_TOWERS = {"clipper": TextTransformer, "hf": HFTextTower}  # TextConfig.kind -> the tower
 
 
@@ -78,7 +76,7 @@ class CLIP(nn.Module):
         """Attach a (freshly initialised) captioner on the image tower's tokens."""
         self.config.decoder = cfg
         self.config.validate()
-        self.decoder = DECODERS[cfg.kind].for_model(cfg, self.config)
+        self.decoder = build_decoder(self.config)
 
     def captioner(self):
         """What the generation engine drives (`clipper.generate`): prefill, decode, vocabulary."""

@@ -16,23 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecoderConfig, ModelConfig
-from ..errors import ConfigError
-from .linear import bound_linear
-from .text import TextTransformer
-from .transformer import Block, CrossBlock, CrossStep, DecodeStep, bind_cross_step, bind_decode_step, init_blocks
+from ...config import DecoderConfig, ModelConfig
+from ...errors import ConfigError
+from ..linear import bound_linear
+from ..text import TextTransformer
+from ..transformer import Block, CrossBlock, CrossStep, DecodeStep, bind_cross_step, bind_decode_step, init_blocks
+from .base import Decoder, PaddedKVCache, attention_mask
+from .bpe import BPECodec
 
 PAD_ID = 0
-EOT_ID = 49407
 
 
-class CoCaDecoder(nn.Module):
+class CoCaDecoder(Decoder):
     reads_text_states = True  # its input is the text tower's states, not tokens
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int, quick_gelu: bool = False):
@@ -47,6 +48,17 @@ class CoCaDecoder(nn.Module):
         init_blocks(self.blocks)
         init_blocks(self.cross)
         nn.init.normal_(self.proj, std=w ** -0.5)
+
+    @classmethod
+    def check(cls, d: DecoderConfig, model: ModelConfig) -> None:
+        if model.vision.pool != "attn" or model.text.pool != "cls":
+            raise ConfigError("decoder.kind coca: needs vision.pool attn (caption tokens) and text.pool cls")
+        if d.width != model.text.width or d.width != model.embed_dim:
+            raise ConfigError(f"decoder.kind coca: decoder.width {d.width} must equal text.width {model.text.width} "
+                              f"and embed_dim {model.embed_dim} (it reads both without a projection)")
+        if d.vocab or d.context_length > model.text.context_length:
+            raise ConfigError("decoder.kind coca: the vocabulary is the text tower's (decoder.vocab empty) and "
+                              "decoder.context_length at most text.context_length")
 
     @classmethod
     def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "CoCaDecoder":
@@ -96,33 +108,28 @@ class CoCaSteps(NamedTuple):
     head: Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class CoCaCache:
+@dataclass(kw_only=True)
+class CoCaCache(PaddedKVCache):
     """Keys and values of the text tower's and the decoder's layers [layers, 2, R, H, S, C/H], the
     decoder's cross-attention keys and values per image (per layer [2, B, H, N, C/H]; R = B x rows
-    per image), and which cached positions each stack may attend to."""
+    per image), and which cached positions each stack may attend to (`valid`: the decoder's keys)."""
     text_kv: torch.Tensor
     kv: torch.Tensor
     context: tuple[torch.Tensor, ...]
-    valid: torch.Tensor  # [R, S] real tokens (not left padding): the decoder's keys
     text_valid: torch.Tensor  # [R, S] the text tower's keys: real, and not after a padding token
-    positions: torch.Tensor  # [R] position id of each row's next token
     last: torch.Tensor  # [R] each row's last token
-    length: int = 0
-    padded: bool = True  # some row has a hidden decoder key (else a decode step needs no mask)
     text_padded: bool = True  # some row has a hidden text-tower key
     steps: CoCaSteps | None = None
 
-    def select(self, rows: torch.Tensor) -> "CoCaCache":
-        """The cache of rows `rows`, which must keep each image's rows together (beams, samples)."""
+    def select_own(self, rows: torch.Tensor) -> dict[str, Any]:
+        """Rows must keep each image's rows together (beams, samples): the context is per image."""
         B = self.context[0].shape[1]
         per = len(rows) // B
         old = self.kv.shape[2] // B
         if len(rows) != B * per or not bool((rows // old == torch.arange(len(rows), device=rows.device) // per).all()):
             raise ValueError("CoCaCache.select: rows must stay with their image (same number per image, in order)")
-        return CoCaCache(self.text_kv[:, :, rows], self.kv[:, :, rows], self.context, self.valid[rows],
-                         self.text_valid[rows], self.positions[rows], self.last[rows], self.length, self.padded,
-                         self.text_padded, self.steps)
+        return {"text_kv": self.text_kv[:, :, rows], "kv": self.kv[:, :, rows], "text_valid": self.text_valid[rows],
+                "last": self.last[rows]}
 
 
 class CoCaCaptioner:
@@ -131,33 +138,22 @@ class CoCaCaptioner:
 
     def __init__(self, text: TextTransformer, decoder: CoCaDecoder):
         self.text, self.decoder = text, decoder
-        self.vocab_size = text.cfg.vocab_size
         self.context_length = decoder.cfg.context_length
-        self.stop_ids = (EOT_ID, PAD_ID)
-
-    def to_vocab(self, bpe: torch.Tensor, what: str = "tokens") -> torch.Tensor:
-        if bpe.numel() and int(bpe.max()) >= self.vocab_size:
-            raise ConfigError(f"{what}: token id {int(bpe.max())} is outside the vocabulary ({self.vocab_size})")
-        return bpe
-
-    def to_bpe(self, index: torch.Tensor) -> torch.Tensor:
-        return index
+        self.codec = BPECodec(self.context_length, vocab_size=text.cfg.vocab_size, extra_stops=(PAD_ID,))
 
     def _run(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
              room: int | None) -> tuple[torch.Tensor, CoCaCache | None]:
         """Left-padded BPE rows [B, T] (`valid`: real tokens) through both stacks; the last position's
         logits, and caches with room for `room` more tokens (None: none)."""
         B, T = tokens.shape
-        text, dev = self.text, tokens.device
+        text = self.text
         positions = valid.long().cumsum(1) - 1
         first = valid & (positions == 0)
         after_pad = torch.cat([tokens.new_zeros(B, 1), tokens[:, :-1]], 1) == PAD_ID
         text_valid = valid & (first | ~after_pad)
         x = text.token_embedding(tokens) + text.positional_embedding[positions.clamp(min=0)]
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        # a padding row attends to itself (no empty softmax); a real row may not see its own hidden key
-        pad_self = torch.eye(T, dtype=torch.bool, device=dev)[None] & ~valid[:, :, None]
-        masks = [((causal[None] & k[:, None, :]) | pad_self)[:, None] for k in (text_valid, valid)]
+        # a real row may not see its own hidden key (text_valid False after a padding token)
+        masks = [attention_mask(keys, valid) for keys in (text_valid, valid)]
         cache = None
         if room is not None:
             S = T + room
@@ -166,11 +162,12 @@ class CoCaCaptioner:
                 return x.new_zeros(layers, 2, B, heads, S, width // heads)
 
             grow = valid.new_ones(B, room)
-            cache = CoCaCache(stack(len(text.transformer.blocks), text.cfg.heads, text.cfg.width),
-                              stack(len(self.decoder.blocks), self.decoder.cfg.heads, self.decoder.cfg.width),
-                              self.decoder.context(image_tokens), torch.cat([valid, grow], 1),
-                              torch.cat([text_valid, grow], 1), positions[:, -1] + 1, tokens[:, -1], T,
-                              padded=not bool(valid.all()), text_padded=not bool(text_valid.all()))
+            cache = CoCaCache(text_kv=stack(len(text.transformer.blocks), text.cfg.heads, text.cfg.width),
+                              kv=stack(len(self.decoder.blocks), self.decoder.cfg.heads, self.decoder.cfg.width),
+                              context=self.decoder.context(image_tokens), valid=torch.cat([valid, grow], 1),
+                              text_valid=torch.cat([text_valid, grow], 1), positions=positions[:, -1] + 1,
+                              last=tokens[:, -1], length=T, padded=not bool(valid.all()),
+                              text_padded=not bool(text_valid.all()))
         for i, block in enumerate(text.transformer.blocks):
             x = block(x, mask=masks[0], kv=None if cache is None else (cache.text_kv[i], 0))
         context = self.decoder.context(image_tokens) if cache is None else cache.context
@@ -188,8 +185,7 @@ class CoCaCaptioner:
     def decode(self, token: torch.Tensor, cache: CoCaCache) -> torch.Tensor:
         """Feed one token per row [B]; return the next-token logits [B, V]."""
         n = cache.length
-        if n >= cache.kv.shape[4]:
-            raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
+        cache.check_room(cache.kv.shape[4])
         text = self.text
         if cache.steps is None:
             decoder = self.decoder

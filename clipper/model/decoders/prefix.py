@@ -12,41 +12,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecoderConfig, ModelConfig
-from ..errors import ConfigError
-from .linear import Linear, bound_layer
-from .transformer import Block, DecodeStep, bind_decode_step
-from .vision import VISION_TOWERS
-
-BPE_VOCAB_SIZE = 49408
-EOT_ID = 49407
+from ...config import DecoderConfig, ModelConfig
+from ..linear import Linear, bound_layer
+from ..transformer import Block, DecodeStep, bind_decode_step
+from ..vision import VISION_TOWERS
+from .base import Decoder, PaddedKVCache, attention_mask, bpe_end_positions
+from .bpe import BPE_VOCAB_SIZE, BPECodec
 
 
-@dataclass
-class KVCache:
+@dataclass(kw_only=True)
+class KVCache(PaddedKVCache):
     """Keys and values of every layer [layers, 2, B, heads, max_len, head_dim] (one tensor: a
-    step writes both with one copy); `length` positions filled."""
+    step writes both with one copy)."""
     kv: torch.Tensor
-    valid: torch.Tensor  # [B, max_len] bool: which cached positions are real tokens (not padding)
-    positions: torch.Tensor  # [B]: the position id of each row's next token
-    length: int = 0
-    padded: bool = True  # some row has padding among its keys (else decode needs no mask)
     steps: list[DecodeStep] | None = None  # each block's bound decode step, made at the first decode
     head: Callable[[torch.Tensor], torch.Tensor] | None = None  # the bound vocabulary head, likewise
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """The cache of rows `rows` (beam reordering, several samples per image)."""
-        return KVCache(self.kv[:, :, rows], self.valid[rows], self.positions[rows], self.length, self.padded,
-                       self.steps, self.head)
+    def select_own(self, rows: torch.Tensor) -> dict[str, Any]:
+        return {"kv": self.kv[:, :, rows]}
 
 
-class CaptionDecoder(nn.Module):
-    reads_text_states = False  # its input is tokens (the text tower is not involved)
+class PrefixDecoder(Decoder):
+    """Its input is tokens (the text tower is not involved); it is its own `Captioner`."""
 
     def __init__(self, cfg: DecoderConfig, image_width: int, prefix_length: int, quick_gelu: bool = False):
         super().__init__()
@@ -73,7 +66,7 @@ class CaptionDecoder(nn.Module):
             nn.init.normal_(block.mlp.proj.weight, std=out_std)
 
     @classmethod
-    def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "CaptionDecoder":
+    def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "PrefixDecoder":
         """A decoder on `model`'s image tokens (`VisionTransformer.tokens`)."""
         count, width = VISION_TOWERS[model.vision.kind].token_shape(model.vision, model.embed_dim)
         return cls(cfg, width, count, model.quick_gelu)
@@ -88,26 +81,13 @@ class CaptionDecoder(nn.Module):
         return self.cfg.context_length
 
     @property
-    def stop_ids(self) -> tuple[int]:
-        return (int(self.index[EOT_ID]),)
+    def codec(self) -> BPECodec:
+        """Its ids are indices into its vocabulary, a subset of CLIP's BPE."""
+        return BPECodec(self.cfg.context_length, self.ids, self.index)
 
-    def captioner(self, text: nn.Module) -> "CaptionDecoder":
+    def captioner(self, text: nn.Module) -> "PrefixDecoder":
         """The decoder drives generation itself (it does not read the text tower)."""
         return self
-
-    def to_bpe(self, index: torch.Tensor) -> torch.Tensor:
-        return self.ids[index]
-
-    def to_vocab(self, bpe: torch.Tensor, what: str = "tokens") -> torch.Tensor:
-        """BPE ids -> vocabulary indices; ids outside the decoder's vocabulary are an error."""
-        if bpe.numel() and int(bpe.max()) >= self.index.numel():
-            raise ConfigError(f"{what}: token id {int(bpe.max())} is not a CLIP BPE id")
-        out = self.index[bpe]
-        if (out < 0).any():
-            missing = sorted(set(bpe[out < 0].tolist()))[:5]
-            raise ConfigError(f"{what}: token id(s) {missing} are not in the captioner's vocabulary "
-                             f"({self.vocab_size} tokens, from its training captions)")
-        return out
 
     # --- the network -----------------------------------------------------------------------------
     def _embed(self, prefix: torch.Tensor | None, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -124,13 +104,13 @@ class CaptionDecoder(nn.Module):
     def loss(self, image_tokens: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None = None) -> dict:
         """Teacher-forced caption loss of BPE rows [B, L] ([start, caption..., end, 0...]) on the
         caption and end tokens (`states` is not read)."""
-        eot = tokens.argmax(dim=-1)  # the end token has the largest id
+        eot = bpe_end_positions(tokens)
         length = int(eot.max()) + 1
         tokens = tokens[:, :length]
         positions = torch.arange(length, device=tokens.device)
         valid = positions[None] <= eot[:, None]
         index = torch.zeros_like(tokens)
-        index[valid] = self.to_vocab(tokens[valid], "caption")
+        index[valid] = self.codec.to_vocab(tokens[valid], "caption")
         return self(image_tokens, index, valid & (positions[None] > 0))
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> dict:
@@ -161,13 +141,10 @@ class CaptionDecoder(nn.Module):
         cache = None
         if cache_room is not None:
             shape = (len(self.blocks), 2, B, self.cfg.heads, L + cache_room, self.cfg.width // self.cfg.heads)
-            cache = KVCache(x.new_zeros(shape),
-                            torch.cat([key_valid, key_valid.new_ones(B, cache_room)], 1), positions[:, -1] + 1,
-                            padded=not bool(valid.all()))
-        # causal among real tokens; a pad row attends to itself only (no empty softmax)
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        mask = (causal[None] & key_valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=x.device)[None]
-        h = self._run(x, mask[:, None], cache)
+            cache = KVCache(kv=x.new_zeros(shape),
+                            valid=torch.cat([key_valid, key_valid.new_ones(B, cache_room)], 1),
+                            positions=positions[:, -1] + 1, padded=not bool(valid.all()))
+        h = self._run(x, attention_mask(key_valid), cache)
         if cache is not None:
             cache.length = L
         return self.head(h[:, -1]), cache
@@ -180,8 +157,7 @@ class CaptionDecoder(nn.Module):
 
     def decode(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed one token per row [B] (vocabulary indices); return the next-token logits [B, V]."""
-        if cache.length >= cache.kv.shape[4]:
-            raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
+        cache.check_room(cache.kv.shape[4])
         # .forward, not __call__, on this per-token path: hook dispatch is ~2 us a call (see bind_decode_step)
         x = self.token_embedding.forward(token) + self.positional_embedding[cache.positions]
         # one query over the cache: without padding it may see every cached key, so no mask at all

@@ -1,0 +1,118 @@
+"""What every caption decoder is to the rest of clipper, whatever its network and tokenizer.
+
+A decoder kind is a `Decoder` module (trained by the caption objective: `loss`, `target_counts`)
+that hands the generation engine (`clipper.generate`) a `Captioner`: `prefill` a batch of
+left-padded prompts after the image into a cache, then `decode` one token per row, or
+`full_logits` (recompute: the reference the cache is checked against); and a `Codec`, the
+decoder's own token ids: prompts in, texts out, the end and stop tokens, the vocabulary size.
+The engine knows no tokenizer. Caches are `PaddedKVCache`s: the rows' real-token masks and
+positions, and `select(rows)` for beams and samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Codec(ABC):
+    """A decoder's token ids. `end_id` ends a caption (a beam that picks it is finished; before
+    min_new_tokens it is forbidden); a greedy or sampled caption ends at any of `stop_ids`."""
+    vocab_size: int
+    end_id: int
+    stop_ids: tuple[int, ...]
+
+    @abstractmethod
+    def prompt(self, text: str) -> list[int]:
+        """The ids a caption of `text` continues from (the start token included)."""
+
+    @abstractmethod
+    def texts(self, prompts: Sequence[str], per_image: list[list[list[int]]]) -> list[list[str]]:
+        """Each image's prompt followed by each of its generated id sequences, as text."""
+
+
+class Captioner(Protocol):
+    """What the generation engine drives."""
+    codec: Codec
+    context_length: int  # prompt and caption tokens together
+
+    def prefill(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                room: int) -> tuple[torch.Tensor, "PaddedKVCache"]: ...
+
+    def decode(self, token: torch.Tensor, cache: "PaddedKVCache") -> torch.Tensor: ...
+
+    def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass(kw_only=True)
+class PaddedKVCache:
+    """The part of a decode cache every decoder has: which cached positions are real tokens (not
+    left padding), each row's next position id, how many positions are filled, and whether any
+    row has a hidden key (else a decode step needs no mask). Subclasses add their key/value
+    tensors and say how their rows are taken in `select`."""
+    valid: torch.Tensor  # [R, S] bool
+    positions: torch.Tensor  # [R]
+    length: int = 0
+    padded: bool = True
+
+    def select(self, rows: torch.Tensor) -> "PaddedKVCache":
+        """The cache of rows `rows` (beam reordering, several samples per image)."""
+        return dataclasses.replace(self, valid=self.valid[rows], positions=self.positions[rows],
+                                   **self.select_own(rows))
+
+    def select_own(self, rows: torch.Tensor) -> dict[str, Any]:
+        """The subclass's own row-indexed fields, taken at `rows`."""
+        return {}
+
+    def check_room(self, capacity: int) -> None:
+        if self.length >= capacity:
+            raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
+
+
+def attention_mask(key_valid: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 1, T, T] for a prefill over left-padded rows: causal among the keys that are real
+    (`key_valid` [B, T]); a padding query (`query_valid` False; default: key_valid) attends to
+    itself only, so that no softmax is empty."""
+    B, T = key_valid.shape
+    query_valid = key_valid if query_valid is None else query_valid
+    causal = torch.ones(T, T, dtype=torch.bool, device=key_valid.device).tril()
+    pad_self = torch.eye(T, dtype=torch.bool, device=key_valid.device)[None] & ~query_valid[:, :, None]
+    return ((causal[None] & key_valid[:, None, :]) | pad_self)[:, None]
+
+
+def bpe_end_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """Where each CLIP BPE row [start, caption..., end, 0...] has its end token: the largest id."""
+    return tokens.argmax(dim=-1)
+
+
+class Decoder(nn.Module):
+    """A caption decoder module. `reads_text_states`: its input is the text tower's states (else
+    the caption's token ids). The decoders here train on CLIP BPE rows; one with its own tokenizer
+    overrides `target_counts`."""
+    reads_text_states = False
+
+    @classmethod
+    def check(cls, cfg: Any, model: Any) -> None:
+        """Refuse a model config (`ModelConfig`) this decoder cannot sit on (ConfigError)."""
+
+    @classmethod
+    @abstractmethod
+    def for_model(cls, cfg: Any, model: Any) -> "Decoder":
+        """A freshly initialised decoder of `cfg` (`DecoderConfig`) for a model of config `model`."""
+
+    @abstractmethod
+    def loss(self, image_tokens: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> dict:
+        """Teacher-forced caption loss: {"loss", "tokens" (how many were predicted)}."""
+
+    def target_counts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens `loss` predicts in each training row [B]: the caption and its end."""
+        return bpe_end_positions(tokens)
+
+    @abstractmethod
+    def captioner(self, text: nn.Module) -> Captioner:
+        """What generation drives; `text`: the model's text tower (CoCa's decoder reads it)."""

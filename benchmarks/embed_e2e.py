@@ -11,7 +11,7 @@ against fp32, for a trained model (default: the run recorded by train_fmnist.py)
     python benchmarks/embed_e2e.py --scale-out 2 [--precision bf16]  # only: 1 process x 2 threads vs torchrun 2 x 1
 
 --scale-out N: the same folder and weights through `clipper embed` in one process (2 threads) and
-through `torchrun --nproc_per_node N -m clipper.embed` (one thread per rank, one shared output
+through `torchrun --nproc_per_node N -m clipper embed` (one thread per rank, one shared output
 folder), each timed from start to joined output, the outputs compared row by row, at the first
 precision named (fp32 by default).
 """
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from clipper.presets import preset  # noqa: E402
-from clipper.embed import embed_folder  # noqa: E402
+from clipper.embed_dir import embed_folder  # noqa: E402
 from clipper.interop import from_open_clip_state_dict  # noqa: E402
 from clipper.precision import native_bf16, with_precision  # noqa: E402
 
@@ -110,7 +110,7 @@ def scale_out(model, folder: Path, processes: int, batch: int, precision: str) -
                                         {"OMP_NUM_THREADS": "2"}),
                 f"torchrun_{processes}_processes_1_thread": (
                     [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                     "-m", "clipper.embed", *common, "--workers", "0"], {"OMP_NUM_THREADS": "1"})}
+                     "-m", "clipper", "embed", *common, "--workers", "0"], {"OMP_NUM_THREADS": "1"})}
         out, seconds = {}, {}
         for name, (cmd, env) in runs.items():
             t0 = time.perf_counter()

@@ -36,8 +36,8 @@ TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 
 
 
 def _run(args: list[str], kill_after: float | None) -> int:
-    """Run `python -m clipper.cli ARGS`; SIGKILL it after `kill_after` seconds if still running."""
-    proc = subprocess.Popen([sys.executable, "-m", "clipper.cli", *args], stdout=subprocess.DEVNULL,
+    """Run `python -m clipper ARGS`; SIGKILL it after `kill_after` seconds if still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "clipper", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         proc.wait(timeout=kill_after)
@@ -129,7 +129,7 @@ def shared_embed_faults(tmp: Path, args: list[str], kills: int, rng: random.Rand
     """Two processes share one output folder (--part 0/2 and 1/2, as two SLURM tasks would): the
     first runs undisturbed, the second is killed and restarted; whichever finishes last joins."""
     out = tmp / "shared-emb"
-    first = subprocess.Popen([sys.executable, "-m", "clipper.cli", *args, "--out", str(out), "--part", "0/2"],
+    first = subprocess.Popen([sys.executable, "-m", "clipper", *args, "--out", str(out), "--part", "0/2"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed, wall = _kill_repeatedly(lambda: [*args, "--out", str(out), "--part", "1/2"],
                                     lambda: (out / "embed.json").is_file(), kills, (3.0, 4.5), rng)

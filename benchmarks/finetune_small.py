@@ -2,7 +2,7 @@
 
 A base emoji model trains on the emoji training split without its held-out part (recipe.py's
 `holdout_split`) for --base-minutes; 51 pairs of the held-out part are "the user's folder". Then
-`python -m clipper.train --init BASE --train-data FOLDER --minutes 1 --out RUN` with no other flag,
+`python -m clipper train --init BASE --train-data FOLDER --minutes 1 --out RUN` with no other flag,
 and retrieval on those 51 pairs before and after, and on the rest of the held-out part (pairs
 neither run trained on: what the fine-tune did to everything else).
 

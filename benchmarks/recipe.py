@@ -80,7 +80,7 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
     shards = ensure_shards(data)
     train, evaluation = (holdout_split(shards / "train") if holdout else (str(shards / "train"), str(shards / "test")))
     out = ROOT / "runs" / f"bench-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "-m", "clipper.train", "--preset", preset, "--train-data", train,
+    cmd = [sys.executable, "-m", "clipper", "train", "--preset", preset, "--train-data", train,
            "--eval-task", "none", "--minutes", str(minutes), "--out", str(out),
            "--set", f"checkpoint_every={checkpoint_every}", "--set", "keep_checkpoints=1000", *extra]
     print(" ".join(cmd), flush=True)

@@ -1,4 +1,4 @@
-"""The row-chunk budget of CPU inference (clipper.model.chunks): ViT-B-32, batch 64, 2 threads,
+"""The row-chunk budget of CPU inference (clipper.chunks): ViT-B-32, batch 64, 2 threads,
 images and full-context texts per second and page faults per batch, at each budget in MiB, for
 fp32, int8 and bf16 (bf16 where native), all in the same interleaved rounds. A budget of 0 runs
 the batch whole (no chunks).

@@ -293,7 +293,7 @@ def main() -> None:
                                         vocab=caption_vocabulary(["a red square", "a blue square"], 10)))
         model.save(Path(tmp) / "model")
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "clipper.cli", "serve", "--model", str(Path(tmp) / "model"),
+        server = subprocess.Popen([sys.executable, "-m", "clipper", "serve", "--model", str(Path(tmp) / "model"),
                                    "--port", str(port), "--max-body-bytes", str(1 << 20), "--read-timeout-s", "5"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

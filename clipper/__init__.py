@@ -7,7 +7,7 @@ from .errors import CheckpointError, ClipperError, ConfigError
 from .factory import load, load_model
 from .model import CLIP
 from .tokenizer import Tokenizer
+from .version import __version__
 
 __all__ = ["CLIP", "CheckpointError", "ClipperError", "ConfigError", "ModelConfig", "TextConfig", "Tokenizer", "VisionConfig",
-           "list_presets", "load", "load_model", "preset", "save_model"]
-__version__ = "0.1.0"
+           "list_presets", "load", "load_model", "preset", "save_model", "__version__"]

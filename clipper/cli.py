@@ -11,7 +11,6 @@ import sys
 import typing
 from pathlib import Path
 
-from . import __version__
 from .data.remote import PIPE_ENV
 from .errors import ClipperError, ConfigError, DataError
 from .evaluate import EVAL_TASKS
@@ -19,6 +18,7 @@ from .generate import GenerationConfig
 from .io import read_lines
 from .onnx_model import OnnxCLIP
 from .precision import PRECISIONS
+from .version import __version__
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True, inference: bool = False,
@@ -108,7 +108,7 @@ def _device(device: str | None, precision: str, spec: dict) -> str:
 
     if precision == "int8" or spec.get("runtime") == "onnx" or not torch.cuda.is_available():
         return "cpu"
-    from .onnx_export import is_onnx_export
+    from .onnx_model import is_onnx_export
 
     return "cpu" if is_onnx_export(spec["model"]) else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
@@ -328,7 +328,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from .embed import embed_folder, embed_text_file
+    from .embed_dir import embed_folder, embed_text_file
 
     if args.input is None and args.texts is None:
         raise ConfigError("give INPUT (images) and/or --texts FILE")
@@ -425,7 +425,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from .embed import read_ids
+    from .embed_dir import read_ids
     from .index import Index, load_vectors
 
     folder = Path(args.emb_dir)
@@ -438,7 +438,8 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .embed import check_same_model, embed_images, embed_texts, open_index
+    from .embed import embed_images, embed_texts
+    from .embed_dir import check_same_model, open_index
 
     if (args.query is None) == (args.image is None):
         raise ConfigError("give a text QUERY or --image PATH (one of them)")

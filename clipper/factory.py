@@ -16,7 +16,7 @@ from .hf import hf_kind, load_hf_dir
 from .io import reachable
 from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
 from .model import CLIP
-from .onnx_export import is_onnx_export
+from .onnx_model import is_onnx_export
 from .open_clip_dir import is_open_clip_dir, load_open_clip_dir
 from .precision import resolve_precision, with_precision
 

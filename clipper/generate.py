@@ -14,15 +14,20 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
+from .chunks import chunked
 from .config import setting
+from .data.transforms import eval_transform
 from .errors import ConfigError
-from .model import CLIP
-from .model.chunks import chunked
-from .model.decoders import Codec
+from .images import open_image
+
+if TYPE_CHECKING:  # the model offers `caption` as a verb: it imports this module
+    from .model import CLIP
+    from .model.decoders import Codec
 
 
 @dataclass
@@ -305,9 +310,6 @@ def caption(model: CLIP, images, prompt: str | Sequence[str] | None = None, batc
     """Captions of PIL images or image paths (the model's own preprocessing). `prompt`: one for
     all images or one per image. `options`: GenerationConfig fields. One caption per image, or
     a list per image when num_return_sequences > 1."""
-    from .data.transforms import eval_transform
-    from .images import open_image
-
     cfg = GenerationConfig(**options).validate()
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]

@@ -32,10 +32,9 @@ from torch import nn
 from .errors import ConfigError
 from .io import write_json
 from .model import CLIP
+from .onnx_model import FORMAT, MANIFEST, OnnxCLIP, require_onnx, session
 from .tokenizer import Tokenizer
 
-MANIFEST = "onnx_export.json"
-FORMAT = "clipper-onnx"
 OPSET = 18
 MAX_BATCH = 1 << 16
 # fp32 graphs must match clipper within this cosine distance (issue #19); int8 ones are reported only
@@ -51,13 +50,6 @@ class _Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.tower(x), dim=-1)
-
-
-def _require_onnx() -> None:
-    import importlib.util
-
-    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
-        raise ConfigError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'clipper[onnx]'")
 
 
 def fixed_text_length(model) -> bool:
@@ -90,14 +82,6 @@ def _export(graph: nn.Module, example: torch.Tensor, name: str, dims: dict, path
                           external_data=False)
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers are not the user's business
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -106,7 +90,7 @@ def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def export_onnx(model: CLIP, out: str | os.PathLike, quantize: str | None = None, seed: int = 0) -> dict:
     """Write `model`'s ONNX folder into `out` (replaced whole, atomically) and return its manifest."""
-    _require_onnx()
+    require_onnx()
     if getattr(model, "precision", "fp32") != "fp32":
         raise ConfigError(f"export: the model runs in {model.precision}; export the fp32 model "
                           "(quantize the graphs with --quantize int8)")
@@ -149,9 +133,8 @@ def _replaced_whole(out: Path) -> Iterator[Path]:
 def quantize_onnx_export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
     """int8 graphs (ONNX Runtime's dynamic quantiser) from an fp32 export folder, without the
     model: checked against the fp32 graphs, written to `out` atomically; returns the manifest."""
-    from .onnx_model import OnnxCLIP
 
-    _require_onnx()
+    require_onnx()
     fp32 = OnnxCLIP(source)
     if fp32.precision != "fp32":
         raise ConfigError(f"{source}: already {fp32.precision}; quantise an fp32 export")
@@ -188,7 +171,7 @@ def _verify(model, folder: Path, pixels: torch.Tensor, ids: torch.Tensor, quanti
     """Each graph against `model` (clipper, or the fp32 graphs for quantised ones) on the trace
     inputs and on other batch sizes and lengths: the largest cosine distance; fp32 graphs over
     FP32_TOLERANCE are an error (a bad export)."""
-    image, text = _session(folder / "image.onnx"), _session(folder / "text.onnx")
+    image, text = session(folder / "image.onnx"), session(folder / "text.onnx")
     checks = {"image": [], "text": []}
     for rows in (pixels, pixels[:1], torch.cat([pixels, pixels.flip(0)])):
         ours = model.encode_image(rows, normalize=True).numpy()
@@ -249,26 +232,9 @@ def _manifest(model: CLIP, quantize: str | None, verified: dict) -> dict:
 
 
 def _version() -> str:
-    from . import __version__  # the package imports this module: read at call time
+    from .version import __version__
 
     return __version__
-
-
-def read_export_manifest(folder: str | os.PathLike) -> dict:
-    """onnx_export.json of an export folder, checked for the fields the runtime reads."""
-    from .io import read_json_object
-
-    path = Path(folder) / MANIFEST
-    manifest = read_json_object(path, "ONNX export manifest", {"format": str, "graphs": dict, "config": dict,
-                                                                "logit_scale": (int, float),
-                                                                "model_fingerprint": str})
-    if manifest["format"] != FORMAT:
-        raise ConfigError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
-    return manifest
-
-
-def is_onnx_export(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
 
 
 def describe(manifest: dict, out: str | os.PathLike) -> str:

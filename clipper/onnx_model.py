@@ -1,6 +1,7 @@
 """`--runtime onnx`: an export folder (`clipper.onnx_export`) run by ONNX Runtime behind the part
 of CLIP's interface that the inference verbs use (encode_image, encode_text, scale, config,
-fingerprint), so embed, classify, search, eval and serve work on it unchanged."""
+fingerprint), so embed, classify, search, eval and serve work on it unchanged; and the runtime's
+helpers the export checks its graphs with (sessions, the folder's manifest)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import torch
 from .config import ModelConfig
 from .errors import ConfigError
 from .model.clip import MAX_LOGIT_SCALE
-from .onnx_export import _require_onnx, _session, read_export_manifest
+from .io import read_json_object
+
+MANIFEST = "onnx_export.json"
+FORMAT = "clipper-onnx"
 
 
 class OnnxCLIP:
@@ -24,15 +28,15 @@ class OnnxCLIP:
     training = False
 
     def __init__(self, folder: str | os.PathLike):
-        _require_onnx()
+        require_onnx()
         folder = Path(folder)
         self.manifest = read_export_manifest(folder)
         self.config = ModelConfig.from_dict(self.manifest["config"])
         self.config.decoder = None
         self.precision = self.manifest.get("quantize") or "fp32"
         graphs = self.manifest["graphs"]
-        self._image = _session(folder / graphs["image"]["file"])
-        self._text = _session(folder / graphs["text"]["file"])
+        self._image = session(folder / graphs["image"]["file"])
+        self._text = session(folder / graphs["text"]["file"])
         self._fixed_length = not isinstance(graphs["text"]["shape"][1], str)
         bias = self.manifest.get("logit_bias")
         self.logit_bias = None if bias is None else torch.tensor(float(bias))
@@ -81,3 +85,33 @@ def load_onnx(folder: str | os.PathLike, precision: str = "fp32") -> OnnxCLIP:
         raise ConfigError(f"{folder}: ONNX graphs run as exported ({model.precision}), not {precision}; export "
                           "again with --quantize int8 for int8")
     return model
+
+
+def require_onnx() -> None:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        raise ConfigError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'clipper[onnx]'")
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are not the user's business
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def read_export_manifest(folder: str | os.PathLike) -> dict:
+    """onnx_export.json of an export folder, checked for the fields the runtime reads."""
+    path = Path(folder) / MANIFEST
+    manifest = read_json_object(path, "ONNX export manifest", {"format": str, "graphs": dict, "config": dict,
+                                                                "logit_scale": (int, float),
+                                                                "model_fingerprint": str})
+    if manifest["format"] != FORMAT:
+        raise ConfigError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+    return manifest
+
+
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()

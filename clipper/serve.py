@@ -30,7 +30,8 @@ from PIL import Image
 from .data.inputs import ImageItem
 from .data.transforms import Normalize, ResizeCrop
 from .config import from_dict
-from .embed import classify_embeddings, embed_texts, open_index
+from .embed import classify_embeddings, embed_texts
+from .embed_dir import open_index
 from .errors import ClipperError, ImageError
 from .images import decode_image, image_size
 from .model import CLIP
@@ -405,7 +406,7 @@ def create_app(service: Service):
     from fastapi.openapi.utils import get_openapi
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-    from . import __version__
+    from .version import __version__
     from .serve_schema import components, request_body
 
     app = FastAPI(title="clipper", version=__version__, docs_url="/docs", redoc_url=None)

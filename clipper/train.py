@@ -3,7 +3,7 @@ and how its loss is computed is the objective's (clipper.objectives); the traine
 
     clipper train --preset fmnist-tiny --train-data data/shards/fmnist/train \
         --eval-data data/shards/fmnist/test --minutes 10 --out runs/fmnist
-    torchrun --nproc_per_node 2 -m clipper.train --preset fmnist-tiny ...   (same arguments)
+    torchrun --nproc_per_node 2 -m clipper train --preset fmnist-tiny ...   (`clipper train`'s arguments)
 
 Only rank 0 logs, evaluates and writes checkpoints; `--resume` continues from the run folder's
 latest complete checkpoint (model, optimizer, step, RNG, data position).
@@ -366,13 +366,3 @@ def _first_difference(a: dict, b: dict, where: str = "") -> str:
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m clipper.train` (e.g. under torchrun) takes the arguments of `clipper train`."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

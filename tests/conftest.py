@@ -135,7 +135,7 @@ def indexed_captioner(tmp, images: int):
 
     import clipper
     from clipper.config import DecoderConfig
-    from clipper.embed import embed_folder
+    from clipper.embed_dir import embed_folder
     from clipper.index import Index
     from clipper.tokenizer import caption_vocabulary
 

@@ -15,7 +15,7 @@ from clipper.run_config import merge_train_config
 from clipper.train_config import TrainConfig
 from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
-from clipper.embed import embed_folder
+from clipper.embed_dir import embed_folder
 from clipper.errors import ConfigError
 from conftest import RGB_TINY, rgb_tiny
 

@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 
 import clipper
-from clipper import embed as embed_mod
+from clipper import embed_dir as embed_mod
 from clipper.cli import main
 from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
-from clipper.embed import classify, embed_folder, embed_images, embed_texts
+from clipper.embed import classify, embed_images, embed_texts
+from clipper.embed_dir import embed_folder
 from clipper.errors import ConfigError
 from clipper.evaluate import evaluate_task
 from clipper.index import Index

@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 from clipper.cli import main
 from clipper.data.samples import Rejected, Sample
 from clipper.data.shards import write_shards
-from clipper.embed import embed_folder
+from clipper.embed_dir import embed_folder
 from clipper.errors import DataError, ImageError
 from clipper.images import decode_image
 from clipper.io import read_jsonl

@@ -185,7 +185,8 @@ def test_cross_step_equals_cross_block_forward(width, per_image, monkeypatch):
 
 def test_cpu_inference_runs_in_row_chunks_with_the_same_embeddings(monkeypatch):
     from clipper.presets import preset
-    from clipper.model import CLIP, chunks
+    from clipper import chunks
+    from clipper.model import CLIP
 
     torch.manual_seed(0)
     model = CLIP(preset("fmnist-tiny")).eval()

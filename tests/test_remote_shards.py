@@ -96,7 +96,7 @@ def test_names_found_in_data_never_run_or_fetch(shards, tmp_path, monkeypatch):
     """Files named like commands and URLs, in a folder, a glob and a list file, with pipe: allowed
     for what is typed: each is read as the file it is, and nothing runs."""
     import clipper
-    from clipper.embed import embed_folder
+    from clipper.embed_dir import embed_folder
     from conftest import RGB_TINY
 
     folder = tmp_path / "d"

@@ -19,7 +19,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import clipper  # noqa: E402
-from clipper.embed import embed_folder, embed_images, embed_texts  # noqa: E402
+from clipper.embed import embed_images, embed_texts  # noqa: E402
+from clipper.embed_dir import embed_folder  # noqa: E402
 from clipper.index import Index  # noqa: E402
 from clipper.serve import Limits, Service, serve_in_thread  # noqa: E402
 from conftest import RGB_TINY, chromium_path, indexed_captioner, noise_png  # noqa: E402

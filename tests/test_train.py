@@ -286,7 +286,7 @@ def test_locked_image_tower_stays_fixed(shards, tmp_path, tiny_preset):
 
 
 def _run_cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "clipper.train", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "clipper", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -374,7 +374,7 @@ def test_torchrun_two_processes(shards, tmp_path):
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "ddp"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "clipper.train",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "clipper", "train",
            "--preset", "fmnist-tiny", "--train-data", str(shards), "--eval-task", "none", "--steps", "4",
            "--batch-size", "8", "--workers", "0", "--out", str(out), "--set", "log_every=2",
            "--set", "warmup_steps=1"]

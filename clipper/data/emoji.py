@@ -14,9 +14,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageChops, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from .debian import package_file
+from .framing import square_on_white
+from .npm import StyleImages
 from ..errors import ConfigError, DataError, MissingFileError
 from .samples import Sample
 
@@ -117,19 +119,6 @@ class EmojiFont:
         return square_on_white(canvas, size, repr(text))
 
 
-def square_on_white(canvas: Image.Image, size: int, what: str) -> Image.Image:
-    """An RGB drawing on white cropped to its content, padded square with white, resized (LANCZOS):
-    the protocol's framing of every emoji rendering."""
-    box = ImageChops.difference(canvas, Image.new("RGB", canvas.size, "white")).getbbox()
-    if box is None:
-        raise DataError(f"{what} renders as nothing")
-    glyph = canvas.crop(box)
-    side = max(glyph.size)
-    square = Image.new("RGB", (side, side), "white")
-    square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-    return square.resize((size, size), Image.Resampling.LANCZOS)
-
-
 def find_files(font: str | os.PathLike | None = None, cldr_root: str | os.PathLike | None = None,
                cache: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
     """(font file, [en.xml, derived en.xml]): given paths, else Debian's packages (fetched if needed)."""
@@ -183,8 +172,6 @@ def plan(split: str, font: str | os.PathLike | None = None, cldr_root: str | os.
         raise ConfigError(f"styles: {', '.join(unknown) or 'none given'}: not among {', '.join(STYLES)}")
     font_path, cldr = find_files(font, cldr_root, cache)
     emoji_font = EmojiFont(font_path)
-    from .npm import StyleImages
-
     drawn = {style: StyleImages(style, cache) for style in styles if style != "noto"}
     rows = [(pair, style, style_split(pair.split, style)) for pair in pairs(emoji_font, cldr) for style in styles
             if style == "noto" or drawn[style].has(pair.cp)]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..errors import DataError, PackageError
 from .debian import DEFAULT_CACHE
+from .framing import square_on_white
 
 PACKAGES = {"twemoji": "emoji-datasource-twitter", "apple": "emoji-datasource-apple",
             "facebook": "emoji-datasource-facebook"}
@@ -55,7 +56,7 @@ def _code(cp: str) -> str:
 
 class StyleImages:
     """One package's images by CLDR string, framed like the Noto renderings (on white, cropped to
-    content, padded square, resized: `emoji.square_on_white`). The package
+    content, padded square, resized: `framing.square_on_white`). The package
     is read in one pass (a .tgz cannot be read by offset): emoji.json and the 64 px PNGs, ~20 MB."""
 
     def __init__(self, style: str, cache: str | os.PathLike | None = None):
@@ -98,7 +99,5 @@ class StyleImages:
             rgba = im.convert("RGBA")
         except (OSError, TypeError) as e:
             raise DataError(f"{self.path}: the {self.style} image of {cp!r} is unreadable ({e})") from None
-        from .emoji import square_on_white
-
         on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
         return square_on_white(on_white, size, f"the {self.style} image of {cp!r}")

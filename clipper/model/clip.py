@@ -11,9 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from PIL import Image
+
+from .. import embed, generate
 from ..checkpoint import load_weights, save_model
+from ..chunks import chunked
 from ..config import ModelConfig
-from .chunks import chunked
+from ..data.transforms import Normalize, ResizeCrop
+from ..images import open_image
+from ..tokenizer import HFTokenizer, Tokenizer, tokenizer_for
 from .decoders import build_decoder
 from .meta import SkipMetaInit
 from .hf_text import HFTextTower
@@ -124,48 +130,38 @@ class CLIP(nn.Module):
         }
 
     # What encode_image / encode_text take, made as the verbs make it.
+    @property
+    def tokenizer(self) -> Tokenizer | HFTokenizer:
+        """The text tower's tokenizer (CLIP's BPE, or the Hugging Face one its config names)."""
+        return tokenizer_for(self.config.text)
+
     def preprocess(self, images) -> torch.Tensor:
         """[N, C, S, S] float pixels for `encode_image` from PIL images or image paths: the model's
         resize, crop, mode and mean/std (open_clip's `preprocess`, on a list)."""
-        from PIL import Image
-
-        from ..data.transforms import Normalize, ResizeCrop
-        from ..images import open_image
-
         resize = ResizeCrop(self.config.vision)
         images = [im if isinstance(im, Image.Image) else open_image(im) for im in images]
         return Normalize(self.config.vision)(torch.stack([resize(im) for im in images])).to(self.device)
 
     def tokenize(self, texts) -> torch.Tensor:
         """[N, context_length] token ids for `encode_text`, with the model's tokenizer."""
-        from ..tokenizer import tokenizer_for
+        return self.tokenizer(list(texts)).to(self.device)
 
-        return tokenizer_for(self.config.text)(list(texts)).to(self.device)
-
-    # The user-facing verbs; `clipper.embed` does the work (imported late: it builds on this module).
+    # The user-facing verbs: `clipper.embed` and `clipper.generate` do the work, on any model.
     def embed_images(self, images, batch_size: int = 64, **kwargs):
         """Normalised float32 embeddings of PIL images or paths: see `clipper.embed.embed_images`."""
-        from ..embed import embed_images
-
-        return embed_images(self, images, batch_size=batch_size, **kwargs)
+        return embed.embed_images(self, images, batch_size=batch_size, **kwargs)
 
     def embed_texts(self, texts, batch_size: int = 256, **kwargs):
         """Normalised float32 embeddings of texts: see `clipper.embed.embed_texts`."""
-        from ..embed import embed_texts
-
-        return embed_texts(self, texts, batch_size=batch_size, **kwargs)
+        return embed.embed_texts(self, texts, batch_size=batch_size, **kwargs)
 
     def classify(self, images, labels, templates=None, k: int = 5, **kwargs):
         """Zero-shot probabilities over `labels` and the top k: see `clipper.embed.classify`."""
-        from ..embed import classify
-
-        return classify(self, images, labels, templates, k, **kwargs)
+        return embed.classify(self, images, labels, templates, k, **kwargs)
 
     def caption(self, images, prompt=None, **kwargs):
         """Captions of PIL images or paths: see `clipper.generate.caption`."""
-        from ..generate import caption
-
-        return caption(self, images, prompt, **kwargs)
+        return generate.caption(self, images, prompt, **kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a model directory (config.json + model.safetensors), atomically."""

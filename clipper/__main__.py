@@ -1,0 +1,7 @@
+"""`python -m clipper VERB ...` is `clipper VERB ...` (under torchrun too: `torchrun ... -m clipper train ...`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from clipper.serve import free_port, wait_until_up  # noqa: E402
+from clipper.serve.testing import free_port, wait_until_up  # noqa: E402
 
 
 def post(url: str, body: dict) -> float:

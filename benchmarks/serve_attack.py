@@ -37,7 +37,7 @@ from common import write_results  # noqa: E402
 
 import clipper  # noqa: E402
 from clipper.config import DecoderConfig  # noqa: E402
-from clipper.serve import free_port, wait_until_up  # noqa: E402
+from clipper.serve.testing import free_port, wait_until_up  # noqa: E402
 from clipper.tokenizer import caption_vocabulary  # noqa: E402
 
 TINY = {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},

@@ -408,8 +408,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
         raise ConfigError("clipper serve needs FastAPI and uvicorn: pip install 'clipper[serve]'")
-    from .serve import Service, serve
-    from .serve_config import Access, Limits
+    from .serve.app import serve
+    from .serve.service import Service
+    from .serve.config import Access, Limits
 
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else ["127.0.0.1", "localhost", "::1", args.host]
     access = Access(api_key=args.api_key or os.environ.get("CLIPPER_API_KEY") or None,
@@ -650,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media-root", action="append", default=[], metavar="DIR",
                    help="folder /thumbnail may read images from (repeatable; default: the --index folder and "
                         "the folder it was embedded from)")
-    from .serve_config import Limits
+    from .serve.config import Limits
 
     p.set_defaults(fn=cmd_serve, config_fields=add_config_flags(p, Limits))
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 import clipper
-from clipper.serve import Service, serve_in_thread
+from clipper.serve.service import Service
+from clipper.serve.testing import serve_in_thread
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -216,7 +216,9 @@ def test_tiny_coca_captions_through_the_server():
 
     pytest.importorskip("fastapi")
     from clipper.presets import from_open_clip_config
-    from clipper.serve import Limits, Service, serve_in_thread
+    from clipper.serve.config import Limits
+    from clipper.serve.service import Service
+    from clipper.serve.testing import serve_in_thread
 
     torch.manual_seed(1)
     model = clipper.CLIP(from_open_clip_config("tiny-coca", TINY_COCA)).eval()

@@ -272,7 +272,8 @@ def test_search_and_serve_refuse_an_index_of_another_model(tmp_path, capsys):
     assert main(["search", str(tmp_path / "e"), "a bag", "--model", str(tmp_path / "m0")]) == 0
     pytest.importorskip("fastapi")
     from clipper.errors import DataError
-    from clipper.serve import Limits, Service
+    from clipper.serve.config import Limits
+    from clipper.serve.service import Service
 
     with pytest.raises(DataError, match="another model"):
         Service(clipper.load(tmp_path / "m1"), "m1", str(tmp_path / "e"), Limits())

@@ -125,7 +125,8 @@ def test_int8_graphs_and_serving_them(exported, tmp_path, capsys):
     assert _cos_dist(embed_texts(onnx, TEXTS), embed_texts(exported["model"], TEXTS)) < 0.05
 
     pytest.importorskip("fastapi")
-    from clipper.serve import Service, serve_in_thread
+    from clipper.serve.service import Service
+    from clipper.serve.testing import serve_in_thread
 
     url, stop = serve_in_thread(Service(onnx, "int8"))
     try:

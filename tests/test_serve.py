@@ -22,7 +22,9 @@ import clipper  # noqa: E402
 from clipper.embed import embed_images, embed_texts  # noqa: E402
 from clipper.embed_dir import embed_folder  # noqa: E402
 from clipper.index import Index  # noqa: E402
-from clipper.serve import Limits, Service, serve_in_thread  # noqa: E402
+from clipper.serve.config import Limits  # noqa: E402
+from clipper.serve.service import Service  # noqa: E402
+from clipper.serve.testing import serve_in_thread  # noqa: E402
 from conftest import RGB_TINY, chromium_path, indexed_captioner, noise_png  # noqa: E402
 
 
@@ -316,7 +318,7 @@ class _Upload:
 def test_bodies_wait_for_the_buffer_budget():
     import asyncio
 
-    from clipper.serve_body import BadRequest, BodyBudget, read_body
+    from clipper.serve.body import BadRequest, BodyBudget, read_body
 
     async def run() -> None:
         budget = BodyBudget(Limits(max_body_bytes=100, max_buffered_bytes=100), free_bytes=10)
@@ -351,7 +353,7 @@ def test_bodies_wait_for_the_buffer_budget():
 def test_a_cancelled_request_does_not_stop_its_batcher():
     import threading
 
-    from clipper.serve import Batcher
+    from clipper.serve.service import Batcher
 
     gate = threading.Event()
     batcher = Batcher(lambda items: (gate.wait(5), items)[1], max_batch=1)

@@ -22,7 +22,9 @@ pytest.importorskip("uvicorn")
 
 from clipper.errors import DataError  # noqa: E402
 from clipper.index import Index  # noqa: E402
-from clipper.serve import Limits, Service, serve_in_thread  # noqa: E402
+from clipper.serve.config import Limits  # noqa: E402
+from clipper.serve.service import Service  # noqa: E402
+from clipper.serve.testing import serve_in_thread  # noqa: E402
 from conftest import chromium_path, indexed_captioner, noise_png  # noqa: E402
 
 
@@ -289,7 +291,7 @@ def test_prompt_twice_in_a_form(server):
 def test_every_json_field_with_hostile_values_gets_no_500(server):
     """Each field of each endpoint (and each generation option) set to values of every type,
     huge and tiny numbers and surrogates included, the rest of the body valid: never a 5xx."""
-    from clipper.serve_schema import REQUESTS, GenerationOptions
+    from clipper.serve.schema import REQUESTS, GenerationOptions
 
     values = [None, True, False, -1, 0, 1, 2 ** 70, -(2 ** 70), 1e308, -1e308, 1e-308, 0.5, "x", "", "\ud800",
               "a" * 3000, [], {}, [1], ["\ud800"], [None], {"a": 1}, [[[]]]]

@@ -9,7 +9,7 @@ import tracemalloc
 
 import pytest
 
-from clipper.serve_multipart import FormError, parse_form
+from clipper.serve.multipart import FormError, parse_form
 
 CT = "multipart/form-data; boundary=B"
 

@@ -9,9 +9,9 @@ import json
 import re
 from typing import Any
 
-from .serve_config import Limits
-from .serve_multipart import FormError, parse_form
-from .serve_schema import FORM_JSON_FIELDS
+from .config import Limits
+from .multipart import FormError, parse_form
+from .schema import FORM_JSON_FIELDS
 
 
 class BadRequest(Exception):

@@ -1,19 +1,13 @@
-"""`clipper serve`: an HTTP service (FastAPI + uvicorn, extra `serve`) for embeddings in the
-OpenAI shape, zero-shot labels, captions and search, plus a demo page at `/`, Prometheus metrics
-at `/metrics` and the OpenAPI document at `/openapi.json` (browsable at `/docs`). Bodies are JSON,
-or multipart/form-data where images are uploaded as files.
+"""The service behind `clipper serve`: the model, its batchers, each endpoint's checks and work, the
+index and its thumbnails, the metrics."""
 
-Requests from concurrent clients are batched: each kind of model call (text embedding, image
-embedding) has one worker thread that takes whatever is queued, up to `max_batch` items, and runs
-it as one forward pass. Inputs are checked against `Limits` before they reach the model; a bad
-request gets a 4xx with a one-line reason and the server goes on serving.
-"""
+from __future__ import annotations
+
 
 
 import asyncio
 import base64
 import binascii
-import gc
 import io
 import os
 import queue
@@ -21,29 +15,24 @@ import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from PIL import Image
 
-from .data.inputs import ImageItem
-from .data.transforms import Normalize, ResizeCrop
-from .config import from_dict
-from .embed import classify_embeddings, embed_texts
-from .embed_dir import open_index
-from .errors import ClipperError, ImageError
-from .images import decode_image, image_size
-from .model import CLIP
-from .prompts import check_templates
-from .serve_config import Access, Limits
-from .serve_guard import Admission, header_guard
-from .serve_body import BadRequest, BodyBudget, parse_body, read_body
-from .serve_schema import fields
-from .tokenizer import tokenizer_for
-
-DEMO_PAGE = Path(__file__).with_name("demo.html")
-
+from ..data.inputs import ImageItem
+from ..data.transforms import Normalize, ResizeCrop
+from ..config import from_dict
+from ..embed import classify_embeddings, embed_texts
+from ..embed_dir import open_index
+from ..errors import ImageError
+from ..images import decode_image, image_size
+from ..model import CLIP
+from ..prompts import check_templates
+from .config import Access, Limits
+from .body import BadRequest
+from .schema import fields
+from ..tokenizer import tokenizer_for
 
 class Batcher:
     """One worker thread running `fn` on the items of all queued requests at once."""
@@ -246,7 +235,7 @@ class Service:
 
     def generation_of(self, options: Any):
         """Generation settings, their types checked (no string for a number, no NaN) and bounded."""
-        from .generate import GenerationConfig
+        from ..generate import GenerationConfig
 
         if not isinstance(options, dict):
             raise BadRequest("options: an object of generation settings")
@@ -262,7 +251,7 @@ class Service:
     async def caption(self, body: dict) -> dict:
         if self.model.decoder is None:
             raise BadRequest("this model has no caption decoder", 404)
-        from .generate import generate
+        from ..generate import generate
 
         _fields(body, "caption")
         cfg = self.generation_of(body.get("options") or {})
@@ -400,163 +389,3 @@ def _public(row: dict, source: str | None) -> dict:
     return {"id": ident, **({"caption": row["caption"]} if row.get("caption") is not None else {})}
 
 
-def create_app(service: Service):
-    """The FastAPI application around `service`."""
-    from fastapi import FastAPI, Request
-    from fastapi.openapi.utils import get_openapi
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-
-    from .version import __version__
-    from .serve_schema import components, request_body
-
-    app = FastAPI(title="clipper", version=__version__, docs_url="/docs", redoc_url=None)
-    budget = BodyBudget(service.limits)
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:  # the request schemas are ours, not derived from the handlers
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                                 description=(__doc__ or "").split("\n\n")[0])
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(components())
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
-
-    def refusal(e: BadRequest) -> Response:
-        return JSONResponse({"error": {"message": str(e), "status": e.status}}, status_code=e.status,
-                            headers=e.headers)
-
-    async def handle(request: Request, name: str, op) -> Response:
-        t0 = time.perf_counter()
-        service.counts[name] += 1
-        working = False
-        try:
-            content_type = request.headers.get("content-type", "")
-            media = content_type.split(";")[0].strip().lower()
-            if media not in ("application/json", "multipart/form-data"):
-                raise BadRequest("Content-Type: send the body as application/json or multipart/form-data", 415)
-            raw = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s, budget)
-            # the limit is on requests doing work (reading a body costs little, and a body left
-            # unread would reset the connection before the 503 arrived)
-            if service.inflight >= service.limits.max_inflight:
-                raise BadRequest("busy: too many requests at once", 503, {"Retry-After": "1"})
-            service.inflight, working = service.inflight + 1, True
-            limits = service.limits
-            # parsed off the event loop: a 16 MB body takes a while, and /health must not wait for it
-            body = await asyncio.to_thread(parse_body, raw, content_type,
-                                           limits.max_images + limits.max_texts + limits.max_templates + 8)
-            return JSONResponse(await op(body))
-        except ClipperError as e:  # an option or input the library refused
-            service.errors[name] += 1
-            return refusal(BadRequest(str(e)))
-        except BadRequest as e:
-            service.errors[name] += 1
-            return refusal(e)
-        except (RecursionError, OverflowError, MemoryError) as e:  # an input past what the model code can take
-            service.errors[name] += 1
-            status = 413 if isinstance(e, MemoryError) else 400
-            return refusal(BadRequest(f"{name}: the request is too large or extreme to process ({type(e).__name__})",
-                                      status))
-        finally:
-            service.inflight -= working
-            elapsed = time.perf_counter() - t0
-            service.latency[name].append(elapsed)
-            service.latency_sum[name] += elapsed
-            service.latency_count[name] += 1
-
-    def endpoint(name: str, op):
-        async def run(request: Request):
-            return await handle(request, name, op)
-        return run
-
-    for path, name, op in (("/v1/embeddings", "embeddings", service.embeddings), ("/classify", "classify", service.classify),
-                           ("/caption", "caption", service.caption), ("/search", "search", service.search)):
-        app.post(path, name=name, openapi_extra=request_body(name))(endpoint(name, op))
-
-    @app.get("/thumbnail/{i}")
-    async def thumbnail(i: int):
-        try:
-            return Response(await asyncio.to_thread(service.thumbnail, i), media_type="image/png")
-        except BadRequest as e:
-            return refusal(e)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": service.model_name, "caption": service.model.decoder is not None,
-                "index": None if service.index is None else len(service.index)}
-
-    @app.get("/v1/models")
-    async def models():
-        return service.models()
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        try:
-            if model_id != service.model_name:
-                raise BadRequest(f"model {model_id[:100]!r} is not served here", 404)
-            return service.models()["data"][0]
-        except BadRequest as e:
-            return refusal(e)
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(service.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return DEMO_PAGE.read_text(encoding="utf-8")
-
-    return Admission(app, service.limits, service.access)
-
-
-def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
-    import uvicorn
-
-    # The model, torch and the framework are ~400,000 objects that live as long as the server; left to
-    # the cyclic collector, each full collection walks them all (~140 ms) on the event loop, and a
-    # flood of connections triggers them. Frozen, a collection walks only what requests allocated.
-    gc.freeze()
-    # SIGTERM: stop taking requests, give running ones 5 s; idle keep-alive connections close after 5 s
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                timeout_keep_alive=5, http=header_guard(service.limits))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, seconds: float = 120) -> None:
-    """Poll `url`/health until the server answers (or raise after `seconds`)."""
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url.rstrip("/") + "/health", timeout=1)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url}: no answer after {seconds} s") from None
-            time.sleep(0.1)
-
-
-def serve_in_thread(service: Service) -> tuple[str, Callable[[], None]]:
-    """Start the service on a free loopback port in a thread: (base URL, stop function)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=free_port(),
-                                           log_level="warning", http=header_guard(service.limits)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.config.port}"
-    wait_until_up(url)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return url, stop

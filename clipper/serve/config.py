@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .config import setting
-from .errors import ConfigError
+from ..config import setting
+from ..errors import ConfigError
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .generate import GenerationConfig
+from ..generate import GenerationConfig
 
 _IMAGE = "an image: base64, or a data: URI (multipart/form-data: the file)"
 

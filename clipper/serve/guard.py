@@ -11,7 +11,7 @@ import json
 import resource
 from collections import OrderedDict
 
-from .serve_config import Access, Limits
+from .config import Access, Limits
 
 OPEN_PATHS = ("/health", "/")  # no API key: the monitor, and the page (it asks for the key)
 UNCOUNTED_PATHS = ("/health", "/metrics")

@@ -115,7 +115,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "clipper.cli", "convert", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "clipper", "convert", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--out" in out.stdout
 
 

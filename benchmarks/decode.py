@@ -33,7 +33,7 @@ import clipper  # noqa: E402
 from clipper.config import DecoderConfig  # noqa: E402
 from clipper.data.reader import shard_captions  # noqa: E402
 from clipper.generate import GenerationConfig, generate  # noqa: E402
-from clipper.interop import to_open_clip_state_dict  # noqa: E402
+from clipper.interop.open_clip import to_open_clip_state_dict  # noqa: E402
 from clipper.tokenizer import Tokenizer, caption_vocabulary  # noqa: E402
 from recipe import ensure_shards  # noqa: E402
 

@@ -37,7 +37,7 @@ from common import write_results  # noqa: E402
 
 from clipper.presets import preset  # noqa: E402
 from clipper.embed_dir import embed_folder  # noqa: E402
-from clipper.interop import from_open_clip_state_dict  # noqa: E402
+from clipper.interop.open_clip import from_open_clip_state_dict  # noqa: E402
 from clipper.precision import native_bf16, with_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

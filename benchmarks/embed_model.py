@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_rates, write_results  # noqa: E402
 
-from clipper.interop import from_open_clip_state_dict  # noqa: E402
+from clipper.interop.open_clip import from_open_clip_state_dict  # noqa: E402
 from clipper.presets import preset  # noqa: E402
 
 LABELS = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -141,7 +141,7 @@ class _HF:
 def _transformers(ours, tmp: Path, results: dict):
     import transformers
 
-    from clipper.hf import hf_config, save_hf_dir
+    from clipper.interop.hf import hf_config, save_hf_dir
 
     save_hf_dir(ours, tmp / "hf")
     cls = getattr(transformers, hf_config(ours)["architectures"][0])
@@ -152,7 +152,7 @@ def _transformers(ours, tmp: Path, results: dict):
 def _runtimes(ours, tmp: Path, args, results: dict) -> dict:
     """clipper int8 and bf16, and its ONNX export (fp32, int8) on ONNX Runtime, for `ours`."""
     from clipper.factory import load
-    from clipper.onnx_export import export_onnx
+    from clipper.interop.onnx_export import export_onnx
     from clipper.precision import native_bf16, with_precision
 
     ours.save(tmp / "model")

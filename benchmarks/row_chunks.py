@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from clipper.presets import preset  # noqa: E402
-from clipper.interop import from_open_clip_state_dict  # noqa: E402
+from clipper.interop.open_clip import from_open_clip_state_dict  # noqa: E402
 from clipper.model import chunks  # noqa: E402
 from clipper.precision import native_bf16, with_precision  # noqa: E402
 

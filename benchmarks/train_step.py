@@ -37,7 +37,7 @@ def build(batch: int, only: str | None = None, device: str = "cpu", bf16: bool =
 
     from clipper.presets import from_open_clip_config
     from clipper.data.fashion_mnist import CLASSES, TRAIN_TEMPLATES
-    from clipper.interop import from_open_clip_state_dict
+    from clipper.interop.open_clip import from_open_clip_state_dict
     from clipper.losses import infonce_loss
     from clipper.tokenizer import Tokenizer
 

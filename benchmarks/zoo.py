@@ -33,7 +33,7 @@ import open_clip  # noqa: E402
 
 from clipper.presets import preset  # noqa: E402
 from clipper.errors import ConfigError  # noqa: E402
-from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict  # noqa: E402
+from clipper.interop.open_clip import from_open_clip_state_dict, to_open_clip_state_dict  # noqa: E402
 from clipper.model import CLIP  # noqa: E402
 
 TEXTS = ["a photo of a cat.", "", "a very small dog on a red mat!!"]
@@ -79,7 +79,7 @@ def _as_dict(value) -> dict:
 
 
 def onnx_check(name: str) -> dict:
-    from clipper.onnx_export import export_onnx
+    from clipper.interop.onnx_export import export_onnx
 
     torch.manual_seed(0)
     oc = open_clip.create_model(name, pretrained=None).eval()

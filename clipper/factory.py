@@ -12,12 +12,12 @@ from .checkpoint import is_model_dir, read_model_dir, read_state_dict
 from .config import ModelConfig
 from .presets import apply_open_clip_preprocessing, preset
 from .errors import CheckpointError, ConfigError
-from .hf import hf_kind, load_hf_dir
+from .interop.hf import hf_kind, load_hf_dir
 from .io import reachable
-from .interop import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
+from .interop.open_clip import from_open_clip_state_dict, is_open_clip_state_dict, load_open_clip_checkpoint
 from .model import CLIP
-from .onnx_model import is_onnx_export
-from .open_clip_dir import is_open_clip_dir, load_open_clip_dir
+from .interop.onnx_model import is_onnx_export
+from .interop.open_clip_dir import is_open_clip_dir, load_open_clip_dir
 from .precision import resolve_precision, with_precision
 
 
@@ -52,7 +52,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
         raise ConfigError(f"{path}: an ONNX export folder runs with --runtime onnx only" if runtime == "torch" else
                           f"{path}: --runtime onnx needs a folder from `clipper export --format onnx`")
     if is_onnx_export(path):
-        from .onnx_model import load_onnx
+        from .interop.onnx_model import load_onnx
 
         if torch.device(device).type != "cpu":
             raise ConfigError(f"{path}: the ONNX runtime here runs on the CPU only, not {device}")

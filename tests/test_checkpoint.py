@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import clipper
 from clipper import CheckpointError
 from clipper.checkpoint import read_state_dict
-from clipper.interop import load_open_clip_checkpoint, save_open_clip_checkpoint, to_open_clip_state_dict
+from clipper.interop.open_clip import load_open_clip_checkpoint, save_open_clip_checkpoint, to_open_clip_state_dict
 
 from clipper.io import atomic_path
 from conftest import small_open_clip

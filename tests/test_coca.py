@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import clipper
 from clipper.generate import GenerationConfig, generate
-from clipper.interop import config_from_open_clip_state_dict, from_open_clip_state_dict, to_open_clip_state_dict
+from clipper.interop.open_clip import config_from_open_clip_state_dict, from_open_clip_state_dict, to_open_clip_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from peer import run_open_clip_generate  # noqa: E402

@@ -14,7 +14,7 @@ transformers.logging.set_verbosity_error()
 import clipper  # noqa: E402
 from clipper.cli import main  # noqa: E402
 from clipper.errors import CheckpointError, ConfigError  # noqa: E402
-from clipper.hf import save_hf_dir  # noqa: E402
+from clipper.interop.hf import save_hf_dir  # noqa: E402
 
 TEXT = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": 99}
@@ -140,7 +140,7 @@ def test_hf_text_tower_matches_open_clips_adapter(tmp_path, hf_folder, model_typ
     import open_clip
 
     from clipper.presets import from_open_clip_config
-    from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict
+    from clipper.interop.open_clip import from_open_clip_state_dict, to_open_clip_state_dict
 
     config = transformers.AutoConfig.for_model(model_type, vocab_size=16, hidden_size=32, num_hidden_layers=2,
                                                num_attention_heads=2, intermediate_size=64, pad_token_id=0,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clipper import preset
-from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict
+from clipper.interop.open_clip import from_open_clip_state_dict, to_open_clip_state_dict
 
 from conftest import small_config, small_open_clip
 
@@ -61,7 +61,7 @@ def test_round_trip_into_open_clip_strict():
 
 
 def test_inferred_config_matches_named(open_clip_models):
-    from clipper.interop import config_from_open_clip_state_dict
+    from clipper.interop.open_clip import config_from_open_clip_state_dict
 
     for name in ["ViT-B-32", "ViT-S-32"]:
         inferred = config_from_open_clip_state_dict(open_clip_models(name).state_dict())
@@ -109,7 +109,7 @@ def test_gradients_match_open_clip():
     loss_ours.backward()
     assert abs(loss_oc.item() - loss_ours.item()) < 1e-5
     oc_grads = {k: p.grad for k, p in oc.named_parameters()}
-    from clipper.interop import open_clip_name
+    from clipper.interop.open_clip import open_clip_name
     for name, p in ours.named_parameters():
         g = oc_grads[open_clip_name(name)]
         assert torch.allclose(p.grad, g.reshape(p.grad.shape), atol=1e-5), name

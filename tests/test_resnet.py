@@ -10,7 +10,7 @@ import clipper
 from clipper.config import DecoderConfig
 from clipper.presets import from_open_clip_config, preset
 from clipper.generate import GenerationConfig, generate
-from clipper.interop import config_from_open_clip_state_dict, from_open_clip_state_dict, to_open_clip_state_dict
+from clipper.interop.open_clip import config_from_open_clip_state_dict, from_open_clip_state_dict, to_open_clip_state_dict
 
 
 def _with_statistics(model):

@@ -354,7 +354,7 @@ def test_identical_captions_count_as_positives():
 
 def test_fine_tune_from_open_clip_file_with_lit(shards, tmp_path, tiny_preset):
     """--init takes an open_clip checkpoint (architecture from the preset); LiT locks the image tower."""
-    from clipper.interop import save_open_clip_checkpoint
+    from clipper.interop.open_clip import save_open_clip_checkpoint
 
     torch.manual_seed(11)
     start = tiny_model()
@@ -402,7 +402,7 @@ def test_model_from_a_config_file(tmp_path):
 
 
 def test_wise_ft_mixes_the_final_model_and_keeps_the_checkpoint(shards, tmp_path, tiny_preset):
-    from clipper.interop import save_open_clip_checkpoint
+    from clipper.interop.open_clip import save_open_clip_checkpoint
 
     torch.manual_seed(12)
     start = tiny_model()

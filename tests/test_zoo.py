@@ -16,8 +16,8 @@ import clipper
 from clipper.presets import from_open_clip_config, preset
 from clipper.data.transforms import eval_transform
 from clipper.errors import CheckpointError, ConfigError
-from clipper.interop import from_open_clip_state_dict, to_open_clip_state_dict
-from clipper.open_clip_dir import save_open_clip_dir
+from clipper.interop.open_clip import from_open_clip_state_dict, to_open_clip_state_dict
+from clipper.interop.open_clip_dir import save_open_clip_dir
 
 def _register_tiny_timm_vits() -> None:
     """Two tiny ViTs in timm's registry (the suite's budget): one SigLIP-shaped (no class token, MAP
@@ -196,7 +196,7 @@ def test_fused_inference_trunk_follows_the_weights():
 @pytest.mark.slow  # ~10 s; benchmarks/zoo.py --onnx exports real timm towers the same way
 def test_timm_tower_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
-    from clipper.onnx_export import export_onnx, fixed_text_length
+    from clipper.interop.onnx_export import export_onnx, fixed_text_length
 
     _, ours, _ = _pair("timm-vit")
     manifest = export_onnx(ours, tmp_path / "onnx")

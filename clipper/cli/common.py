@@ -102,7 +102,7 @@ def device_for(device: str | None, precision: str, spec: dict) -> str:
 
     if precision == "int8" or spec.get("runtime") == "onnx" or not torch.cuda.is_available():
         return "cpu"
-    from ..onnx_model import is_onnx_export
+    from ..interop.onnx_model import is_onnx_export
 
     return "cpu" if is_onnx_export(spec["model"]) else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..onnx_model import OnnxCLIP
+from ..interop.onnx_model import OnnxCLIP
 from .common import add_model_args, load_model_from_args
 
 
@@ -61,8 +61,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Any model clipper loads -> a clipper directory, an open_clip local-dir folder or file, or a
     transformers folder."""
     from ..checkpoint import save_model
-    from ..interop import save_open_clip_checkpoint
-    from ..open_clip_dir import save_open_clip_dir
+    from ..interop.open_clip import save_open_clip_checkpoint
+    from ..interop.open_clip_dir import save_open_clip_dir
 
     model = load_model_from_args(args)
     if isinstance(model, OnnxCLIP):
@@ -80,7 +80,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         save_open_clip_dir(model, out)
         print(f"wrote open_clip model folder {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
     elif to == "hf":
-        from ..hf import hf_config, save_hf_dir
+        from ..interop.hf import hf_config, save_hf_dir
 
         save_hf_dir(model, out)
         print(f"wrote transformers folder {out} ({hf_config(model)['architectures'][0]}.from_pretrained('{out}'))")
@@ -90,7 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ..onnx_export import describe, export_onnx, quantize_onnx_export
+    from ..interop.onnx_export import describe, export_onnx, quantize_onnx_export
 
     model = load_model_from_args(args)
     if isinstance(model, OnnxCLIP):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import ConfigError
-from .model.clip import MAX_LOGIT_SCALE
-from .io import read_json_object
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..model.clip import MAX_LOGIT_SCALE
+from ..io import read_json_object
 
 MANIFEST = "onnx_export.json"
 FORMAT = "clipper-onnx"

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import read_state_dict
-from .config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
-from .errors import CheckpointError
-from .io import atomic_path
-from .model import CLIP
-from .errors import ConfigError
+from ..checkpoint import read_state_dict
+from ..config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
+from ..errors import CheckpointError
+from ..io import atomic_path
+from ..model import CLIP
+from ..errors import ConfigError
 
 # (clipper pattern, open_clip pattern); block indices carry over as \1. Text rules come in two
 # layouts: open_clip's CLIP keeps the text tower at the top level, CoCa and CustomTextCLIP under "text.".

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import io
-from .checkpoint import read_state_dict
-from .config import ModelConfig
-from .presets import apply_open_clip_preprocessing, from_open_clip_config
-from .errors import CheckpointError, ConfigError
-from .interop import from_open_clip_state_dict, to_open_clip_state_dict
-from .model import CLIP
+from .. import io
+from ..checkpoint import read_state_dict
+from ..config import ModelConfig
+from ..presets import apply_open_clip_preprocessing, from_open_clip_config
+from ..errors import CheckpointError, ConfigError
+from .open_clip import from_open_clip_state_dict, to_open_clip_state_dict
+from ..model import CLIP
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"

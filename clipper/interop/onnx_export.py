@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .io import write_json
-from .model import CLIP
+from ..errors import ConfigError
+from ..io import write_json
+from ..model import CLIP
 from .onnx_model import FORMAT, MANIFEST, OnnxCLIP, require_onnx, session
-from .tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
 
 OPSET = 18
 MAX_BATCH = 1 << 16
@@ -232,7 +232,7 @@ def _manifest(model: CLIP, quantize: str | None, verified: dict) -> dict:
 
 
 def _version() -> str:
-    from .version import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import io
-from .checkpoint import read_state_dict
-from .config import ModelConfig, TextConfig, VisionConfig, mlp_ratio_of
-from .errors import CheckpointError, ConfigError
-from .model import CLIP
+from .. import io
+from ..checkpoint import read_state_dict
+from ..config import ModelConfig, TextConfig, VisionConfig, mlp_ratio_of
+from ..errors import CheckpointError, ConfigError
+from ..model import CLIP
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -11,6 +11,7 @@ not be the bottleneck: the ratio pipeline/step should stay well above 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import sys
 import time
@@ -29,7 +30,7 @@ from clipper.data.pipeline import ShardDataset, make_loader, training_dataset  #
 from clipper.losses import infonce_loss  # noqa: E402
 from clipper.model import CLIP  # noqa: E402
 from clipper.objectives import contrastive_forward_backward  # noqa: E402
-from clipper.train import autocast_for  # noqa: E402
+from clipper.precision import autocast as autocast_rule  # noqa: E402
 
 
 def pipeline_rate(shards: Path, model_preset: str, batch: int, workers: int, batches: int, cache: bool,
@@ -60,7 +61,7 @@ def step_rate(shards: Path, model_preset: str, batch: int, steps: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ds = ShardDataset(shards, model.config, batch, train=True, rank=0, world=1)
     b = next(iter(make_loader(ds, 0)))
-    autocast = autocast_for(cfg.precision, torch.device("cpu"))
+    autocast = functools.partial(autocast_rule, cfg.precision, torch.device("cpu"))
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()

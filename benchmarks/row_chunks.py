@@ -25,7 +25,8 @@ from common import write_results  # noqa: E402
 from clipper.presets import preset  # noqa: E402
 from clipper.interop.open_clip import from_open_clip_state_dict  # noqa: E402
 from clipper.model import chunks  # noqa: E402
-from clipper.precision import native_bf16, with_precision  # noqa: E402
+from clipper.precision import native_bf16  # noqa: E402
+from clipper.quantize import with_precision  # noqa: E402
 
 
 def main() -> None:

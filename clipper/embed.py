@@ -18,12 +18,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data.inputs import ImageItem
-from .data.transforms import Normalize, ResizeCrop
 from .errors import ConfigError, ImageError
 from .images import MAX_PIXELS, decode_image
 from .progress import Progress
 from .prompts import DEFAULT_TEMPLATES, check_templates
-from .tokenizer import tokenizer_for
 
 if TYPE_CHECKING:  # the model calls these as its verbs: it imports this module
     from .model import CLIP
@@ -35,7 +33,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, items: Sequence[ImageItem | Image.Image], model: CLIP, exact_decode: bool = False,
                  max_pixels: int = MAX_PIXELS):
-        self.items, self.resize = items, ResizeCrop(model.config.vision)
+        self.items, self.resize = items, model.preprocessing.resize
         self.draft_size = None if exact_decode else model.config.vision.image_size
         self.max_pixels = max_pixels
 
@@ -90,7 +88,7 @@ def embed_items(model: CLIP, items: Sequence[ImageItem | Image.Image], batch_siz
     order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     loader = DataLoader(dataset, batch_sampler=order, num_workers=min(workers, len(order)), collate_fn=_collate,
                         prefetch_factor=4 if workers and order else None)
-    normalize, device = Normalize(model.config.vision), model.device
+    normalize, device = model.preprocessing.normalize, model.device
     parts, kept, failed = [], [], []
     with Progress(len(items), "embed", "img", disable=not progress) as bar:
         for index, pixels, bad in loader:
@@ -124,7 +122,7 @@ def embed_texts(model: CLIP, texts: str | Sequence[str], batch_size: int = 256,
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
-    tokenizer, device = tokenizer_for(model.config.text), model.device
+    tokenizer, device = model.tokenizer, model.device
     parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
              for i in range(0, len(texts), batch_size)]
     out = torch.cat(parts) if parts else torch.empty(0, model.config.embed_dim)

@@ -18,7 +18,8 @@ from .interop.open_clip import from_open_clip_state_dict, is_open_clip_state_dic
 from .model import CLIP
 from .interop.onnx_model import is_onnx_export
 from .interop.open_clip_dir import is_open_clip_dir, load_open_clip_dir
-from .precision import resolve_precision, with_precision
+from .precision import resolve_precision
+from .quantize import with_precision
 
 
 def load_model(path: str | os.PathLike) -> CLIP:

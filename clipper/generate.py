@@ -21,7 +21,6 @@ from PIL import Image
 
 from .chunks import chunked
 from .config import setting
-from .data.transforms import eval_transform
 from .errors import ConfigError
 from .images import open_image
 
@@ -315,7 +314,7 @@ def caption(model: CLIP, images, prompt: str | Sequence[str] | None = None, batc
         images = [images]
     images = [im if isinstance(im, Image.Image) else open_image(im) for im in images]
     prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
-    transform = eval_transform(model.config.vision)
+    transform = model.preprocessing
     out: list[list[str]] = []
     for i in range(0, len(images), batch_size):
         pixels = torch.stack([transform(im) for im in images[i:i + batch_size]])

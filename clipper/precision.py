@@ -8,6 +8,7 @@ and a ViT-B-32 image batch ran 2.8x slower than fp32 on an AVX-512 Xeon without 
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
@@ -15,6 +16,7 @@ from .cpu import cpu_flags
 from .errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
+CPU_ONLY = ("int8",)  # fbgemm's int8 kernels
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -39,17 +41,26 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         where = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"
         raise ConfigError(f"precision bf16: {where} has no native bf16, and emulated bf16 runs slower than "
                           "fp32; use fp32, int8 (CPU) or auto")
-    if precision == "int8" and device.type != "cpu":
-        raise ConfigError(f"precision int8: CPU only (fbgemm kernels), not {device.type}; use bf16 or fp32")
+    if precision in CPU_ONLY and device.type != "cpu":
+        raise ConfigError(f"precision {precision}: CPU only (fbgemm kernels), not {device.type}; use bf16 or fp32")
     return precision
 
 
-def with_precision(model, precision: str):
-    """`model` set up for a resolved `precision`: int8 gives a quantised copy, bf16 makes its
-    encoders and captioner run under bf16 autocast (outputs float32), fp32 leaves it as is."""
-    if precision == "int8":
-        from .quantize import quantize_int8
+def inference_device(requested: str | None, precision: str, onnx: bool = False, local_rank: int = 0) -> str:
+    """--device: auto (or None) is this process's GPU (LOCAL_RANK under torchrun) when there is one
+    and the model can use it (not a CPU-only precision, not ONNX graphs), else the CPU."""
+    if requested not in (None, "auto"):
+        return requested
+    if precision in CPU_ONLY or onnx or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank}"
 
-        return quantize_int8(model)
-    model.precision = precision
-    return model
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The one autocast rule, for training and inference: bf16 autocast on `device` when
+    `precision` is bf16 and the device computes bf16 natively, else nothing."""
+    if precision == "bf16" and native_bf16(device):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+

@@ -53,3 +53,12 @@ def quantize_int8(model: CLIP) -> CLIP:
                 setattr(module, name, Int8Linear(child))
     quantized.precision = "int8"
     return quantized.requires_grad_(False)
+
+
+def with_precision(model, precision: str):
+    """`model` set up for a resolved `precision`: int8 gives a quantised copy, bf16 makes its
+    encoders and captioner run under bf16 autocast (outputs float32), fp32 leaves it as is."""
+    if precision == "int8":
+        return quantize_int8(model)
+    model.precision = precision
+    return model

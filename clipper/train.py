@@ -11,15 +11,14 @@ latest complete checkpoint (model, optimizer, step, RNG, data position).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from .io import write_json
 from .model.clip import MAX_LOGIT_SCALE
 from .objectives import OBJECTIVES
 from .optim import learning_rate, make_optimizer, set_learning_rate
-from .precision import native_bf16
+from .precision import autocast, native_bf16
 from .progress import Progress
 from .run_config import check_train_config
 from .runs import RunDir
@@ -52,13 +51,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context factory: bf16 autocast where `precision` asks for it and it pays off, else none."""
-    if precision == "bf16" and native_bf16(device):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 SHORT_EPOCH = 64  # batches: a shorter epoch is stretched to this many when loader workers read it
@@ -87,7 +79,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
         self.run = RunDir(out)
-        self._autocast = autocast_for(cfg.precision, self.device)
+        self._autocast = functools.partial(autocast, cfg.precision, self.device)
         if cfg.precision == "bf16" and not native_bf16(self.device) and self.is_main:
             print("precision bf16: this CPU has no native bf16 matmul (AVX512-BF16/AMX), training in fp32",
                   file=sys.stderr)

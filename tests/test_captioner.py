@@ -13,7 +13,7 @@ from clipper.cli import main
 from clipper.config import DecoderConfig
 from clipper.data.samples import Sample
 from clipper.data.shards import write_shards
-from clipper.data.transforms import eval_transform
+from clipper.data.transforms import Preprocess
 from clipper.evaluate import caption_metrics, named_class
 from clipper.generate import GenerationConfig, generate
 from clipper.objectives import CaptionModel
@@ -115,7 +115,7 @@ def test_beam_width_one_is_greedy_and_limits_hold():
 def test_tiny_captioner_learns_two_captions(tmp_path):
     rng = np.random.default_rng(0)
     model = captioner(caption_vocabulary(CAPTIONS, 16)).train()
-    transform, tok = eval_transform(model.config.vision), Tokenizer(16)
+    transform, tok = Preprocess(model.config.vision), Tokenizer(16)
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if n.startswith(("decoder.", "visual."))], lr=3e-3)
     losses = []
     for _ in range(60):

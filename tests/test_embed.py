@@ -176,12 +176,12 @@ def test_embed_shards_and_list_files(tmp_path):
 
 
 def test_classify_a_model_trained_on_two_classes(tmp_path, capsys):
-    from clipper.data.transforms import eval_transform
+    from clipper.data.transforms import Preprocess
     from clipper.losses import infonce_loss
 
     rng = np.random.default_rng(3)
     model = rgb_tiny().train()
-    tokenizer, transform = clipper.Tokenizer(12), eval_transform(model.config.vision)
+    tokenizer, transform = clipper.Tokenizer(12), Preprocess(model.config.vision)
     captions = ["a photo of a red square.", "a photo of a blue square."]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for _ in range(40):

@@ -17,7 +17,8 @@ from clipper.cli import main  # noqa: E402
 from clipper.embed import embed_images, embed_texts  # noqa: E402
 from clipper.errors import ConfigError  # noqa: E402
 from clipper.interop.onnx_model import OnnxCLIP  # noqa: E402
-from clipper.precision import native_bf16, resolve_precision, with_precision  # noqa: E402
+from clipper.precision import native_bf16, resolve_precision  # noqa: E402
+from clipper.quantize import with_precision  # noqa: E402
 
 TEXTS = ["a", "a red square on a white ground", "two blue circles and a green triangle next to a tree"]
 

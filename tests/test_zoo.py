@@ -14,7 +14,7 @@ from torch import nn
 
 import clipper
 from clipper.presets import from_open_clip_config, preset
-from clipper.data.transforms import eval_transform
+from clipper.data.transforms import Preprocess
 from clipper.errors import CheckpointError, ConfigError
 from clipper.interop.open_clip import from_open_clip_state_dict, to_open_clip_state_dict
 from clipper.interop.open_clip_dir import save_open_clip_dir
@@ -140,7 +140,7 @@ def test_siglip_preprocessing_is_its_pretrained_configs():
         theirs = open_clip.image_transform(vision.image_size, is_train=False, mean=vision.image_mean,
                                            std=vision.image_std, resize_mode=vision.resize,
                                            interpolation=vision.interpolation)
-        assert torch.equal(eval_transform(vision)(image), theirs(image))
+        assert torch.equal(Preprocess(vision)(image), theirs(image))
 
 
 def test_weights_of_another_family_are_refused_in_one_line():

@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
-from pathlib import Path
 
 from ..io import read_lines
 from ..precision import PRECISIONS
+from ..spec import ModelSpec
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True, inference: bool = False,
@@ -69,49 +68,17 @@ def flag_values(args: argparse.Namespace, names: list[str]) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def model_spec(args: argparse.Namespace) -> dict:
-    """What `clipper.load` needs to load this model again (saved beside embeddings, for search)."""
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    pretrained = args.pretrained
-    if pretrained and Path(pretrained).exists():
-        pretrained = str(Path(pretrained).resolve())
-    tokenizer = getattr(args, "tokenizer", None)
-    if tokenizer and Path(tokenizer).exists():
-        tokenizer = str(Path(tokenizer).resolve())
-    return {"model": model, "pretrained": pretrained, "quick_gelu": args.quick_gelu,
-            "precision": getattr(args, "precision", None) or "fp32", "runtime": getattr(args, "runtime", None),
-            "tokenizer": tokenizer}
-
-
-def load_spec(spec: dict, device: str | None = None):
-    from ..factory import load
-
-    # folders embedded before --precision recorded "quantize": "int8"
-    precision = spec.get("precision") or ("int8" if spec.get("quantize") == "int8" else "fp32")
-    return load(spec["model"], pretrained=spec.get("pretrained"), quick_gelu=spec.get("quick_gelu"),
-                precision=precision, runtime=spec.get("runtime"), device=device_for(device, precision, spec),
-                tokenizer=spec.get("tokenizer"))
-
-
-def device_for(device: str | None, precision: str, spec: dict) -> str:
-    """--device: auto is this process's GPU (LOCAL_RANK under torchrun) when there is one and the
-    model can use it (not int8, not ONNX graphs), else the CPU."""
-    if device not in (None, "auto"):
-        return device
-    import torch
-
-    if precision == "int8" or spec.get("runtime") == "onnx" or not torch.cuda.is_available():
-        return "cpu"
-    from ..interop.onnx_model import is_onnx_export
-
-    return "cpu" if is_onnx_export(spec["model"]) else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The model the flags name, its paths made absolute (saved beside embeddings, for search)."""
+    return ModelSpec(args.model, args.pretrained, args.quick_gelu, getattr(args, "precision", None) or "fp32",
+                     getattr(args, "runtime", None), getattr(args, "tokenizer", None)).resolved()
 
 
 def load_model_from_args(args: argparse.Namespace):
     spec = model_spec(args)
-    model = load_spec(spec, getattr(args, "device", None))
-    if not Path(spec["model"]).exists() and not spec.get("pretrained"):
-        print(f"clipper: {spec['model']} without --pretrained has random weights: its results mean nothing "
+    model = spec.load(getattr(args, "device", None))
+    if spec.random_weights:
+        print(f"clipper: {spec.model} without --pretrained has random weights: its results mean nothing "
               "(pass --pretrained TAG_OR_FILE, or a trained model)", file=sys.stderr)
     return model
 

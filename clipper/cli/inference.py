@@ -53,7 +53,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     share = _share(args.part)
     model, spec = load_model_from_args(args), model_spec(args)
     if args.input is not None:
-        m = embed_folder(model, spec, args.input, args.out, dtype=args.dtype, batch_size=args.batch_size,
+        m = embed_folder(model, spec.to_dict(), args.input, args.out, dtype=args.dtype, batch_size=args.batch_size,
                          workers=args.workers, exact_decode=args.exact_decode, part_size=args.part_size,
                          share=share)
         if not m.get("images") and m.get("joined") is False:
@@ -64,7 +64,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
         print(f"{m['images']} image(s) -> {Path(args.out) / 'img_emb.npy'} ({m['dim']}-d {m['dtype']})"
               + (f"; {m['skipped']} skipped, listed in {Path(args.out) / 'skipped.jsonl'}" if m["skipped"] else ""))
     if args.texts is not None:
-        m = embed_text_file(model, spec, args.texts, args.out, dtype=args.dtype)
+        m = embed_text_file(model, spec.to_dict(), args.texts, args.out, dtype=args.dtype)
         print(f"{m['texts']} text(s) -> {Path(args.out) / 'text_emb.npy'}")
 
 

@@ -7,13 +7,8 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from .common import add_config_flags, add_model_args, flag_values, load_model_from_args, load_spec, model_spec
-
-
-def served_name(model: str) -> str:
-    """The id clients name the model by: its folder's name (a run's, for RUN/model), or the preset."""
-    path = Path(model)
-    return path.parent.name if path.name == "model" and path.parent.name else path.name
+from ..spec import ModelSpec
+from .common import add_config_flags, add_model_args, flag_values, load_model_from_args, model_spec
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -31,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     allowed_hosts=() if "*" in hosts else tuple(h.strip() for h in hosts if h.strip()),
                     cors_origins=tuple(o.rstrip("/") for o in args.cors_origin))
     model = load_model_from_args(args)
-    service = Service(model, args.served_model_name or served_name(args.model), args.index,
+    service = Service(model, args.served_model_name or model_spec(args).served_name(), args.index,
                       Limits(**flag_values(args, args.config_fields)),
                       max_batch=args.max_batch, access=access, media_roots=args.media_root or None)
     print(f"clipper serve: http://{args.host}:{args.port}/ (model {args.model}"
@@ -63,13 +58,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.model:
         spec = model_spec(args)
     else:
-        spec = manifest["model"]
-        if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
-            raise DataError(f"{folder}/embed.json: 'model' does not say how to load the model; pass --model")
-        if not Path(spec["model"]).exists() and not spec.get("pretrained"):
-            raise DataError(f"{folder} was embedded with a randomly initialised {spec['model']}: "
+        spec = ModelSpec.from_dict(manifest["model"], f"{folder}/embed.json")
+        if spec.random_weights:
+            raise DataError(f"{folder} was embedded with a randomly initialised {spec.model}: "
                             "its queries cannot be embedded again; pass --model")
-    model = load_spec(spec, args.device)
+    model = spec.load(args.device)
     check_same_model(folder, manifest, index.dim, model)
     query = embed_texts(model, [args.query]) if args.query is not None else embed_images(model, [args.image])
     result = index.search(query, args.k)

@@ -41,7 +41,7 @@ from ..tokenizer import Tokenizer, tokenizer_for
 from .reader import IMAGE_EXTS, Skip, list_shards, read_tar, shard_sizes
 from .shards import reason_kind
 from .sources import read_caption
-from .transforms import Normalize, ResizeCrop, TrainTransform
+from .transforms import Preprocess, TrainTransform
 
 
 class DecodedCache:
@@ -77,9 +77,9 @@ class SampleDecoder:
                  cache_mb: float = 0.0, keyword_single: float = 0.0, view_key: str = ""):
         self.image_size = config.vision.image_size
         # uint8 per sample (a quarter of the bytes through the worker queue); `normalize` per batch
-        self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train \
-            else ResizeCrop(config.vision)
-        self.normalize = Normalize(config.vision)
+        preprocessing = Preprocess(config.vision)
+        self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train else preprocessing.resize
+        self.normalize = preprocessing.normalize
         # the captioner's context: CLIP BPE (its vocabulary); else the text tower's own tokenizer
         self.tokenizer = Tokenizer(context_length) if context_length else tokenizer_for(config.text)
         self.max_pixels = max_pixels

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
 
 import numpy as np
 import torch
@@ -59,9 +58,16 @@ class Normalize:
         return pixels.float().div_(255).sub_(self.mean).div_(self.std)
 
 
-def eval_transform(cfg: VisionConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """The model's own preprocessing (open_clip's): the same tensors as its `preprocess`."""
-    return T.Compose([ResizeCrop(cfg), Normalize(cfg)])
+class Preprocess:
+    """A model's own preprocessing (open_clip's `preprocess`), in its two halves: `resize` (PIL ->
+    uint8 [C, S, S], where images are decoded: workers hand over a quarter of the bytes) and
+    `normalize` (uint8 batch -> float, standardised, on whole batches). Called on one image: both."""
+
+    def __init__(self, cfg: VisionConfig):
+        self.resize, self.normalize = ResizeCrop(cfg), Normalize(cfg)
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize(im))
 
 
 class TrainTransform:

@@ -14,13 +14,14 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model.clip import MAX_LOGIT_SCALE
+from ..model.inputs import ModelInputs
 from ..io import read_json_object
 
 MANIFEST = "onnx_export.json"
 FORMAT = "clipper-onnx"
 
 
-class OnnxCLIP:
+class OnnxCLIP(ModelInputs):
     """The two towers of an export folder on ONNX Runtime (CPU). No caption decoder."""
 
     decoder = None

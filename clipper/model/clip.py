@@ -11,18 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from PIL import Image
-
 from .. import embed, generate
 from ..checkpoint import load_weights, save_model
 from ..chunks import chunked
 from ..config import ModelConfig
-from ..data.transforms import Normalize, ResizeCrop
-from ..images import open_image
-from ..tokenizer import HFTokenizer, Tokenizer, tokenizer_for
+from ..precision import autocast
 from .decoders import build_decoder
 from .meta import SkipMetaInit
 from .hf_text import HFTextTower
+from .inputs import ModelInputs
 from .text import TextTransformer
 from .vision import VISION_TOWERS
 
@@ -30,7 +27,7 @@ MAX_LOGIT_SCALE = 100.0
 TEXT_TOWERS = {"clipper": TextTransformer, "hf": HFTextTower}  # TextConfig.kind -> the tower
 
 
-class CLIP(nn.Module):
+class CLIP(ModelInputs, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config.validate()
@@ -97,10 +94,8 @@ class CLIP(nn.Module):
         self.text.init_blocks()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on the model's device when its inference precision is bf16, else nothing."""
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """Autocast for the model's inference precision (`precision.autocast`: bf16 where native)."""
+        return autocast(self.precision, self.device)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         with self.autocast():
@@ -128,23 +123,6 @@ class CLIP(nn.Module):
             "logit_scale": self.scale(),
             "logit_bias": self.logit_bias,
         }
-
-    # What encode_image / encode_text take, made as the verbs make it.
-    @property
-    def tokenizer(self) -> Tokenizer | HFTokenizer:
-        """The text tower's tokenizer (CLIP's BPE, or the Hugging Face one its config names)."""
-        return tokenizer_for(self.config.text)
-
-    def preprocess(self, images) -> torch.Tensor:
-        """[N, C, S, S] float pixels for `encode_image` from PIL images or image paths: the model's
-        resize, crop, mode and mean/std (open_clip's `preprocess`, on a list)."""
-        resize = ResizeCrop(self.config.vision)
-        images = [im if isinstance(im, Image.Image) else open_image(im) for im in images]
-        return Normalize(self.config.vision)(torch.stack([resize(im) for im in images])).to(self.device)
-
-    def tokenize(self, texts) -> torch.Tensor:
-        """[N, context_length] token ids for `encode_text`, with the model's tokenizer."""
-        return self.tokenizer(list(texts)).to(self.device)
 
     # The user-facing verbs: `clipper.embed` and `clipper.generate` do the work, on any model.
     def embed_images(self, images, batch_size: int = 64, **kwargs):

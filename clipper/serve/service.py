@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from ..data.inputs import ImageItem
-from ..data.transforms import Normalize, ResizeCrop
 from ..config import from_dict
 from ..embed import classify_embeddings, embed_texts
 from ..embed_dir import open_index
@@ -32,7 +31,6 @@ from ..prompts import check_templates
 from .config import Access, Limits
 from .body import BadRequest
 from .schema import fields
-from ..tokenizer import tokenizer_for
 
 class Batcher:
     """One worker thread running `fn` on the items of all queued requests at once."""
@@ -82,8 +80,8 @@ class Service:
                  max_batch: int = 32, access: Access | None = None, media_roots: list[str] | None = None):
         self.model, self.model_name, self.limits = model.eval(), model_name, limits or Limits()
         self.access = access or Access()
-        self.resize, self.normalize = ResizeCrop(model.config.vision), Normalize(model.config.vision)
-        self.tokenizer = tokenizer_for(model.config.text)  # usage counts
+        self.resize, self.normalize = model.preprocessing.resize, model.preprocessing.normalize
+        self.tokenizer = model.tokenizer  # usage counts
         self.texts = Batcher(self._embed_texts, max_batch)
         self.images = Batcher(self._embed_images, max_batch)
         self.index = self.ids = None

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .data.inputs import ImageItem
+from .data.items import ImageItem
 from .errors import ConfigError, ImageError
 from .images import MAX_PIXELS, decode_image
 from .progress import Progress

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.inputs import ImageItem, InputSkip, list_images
+from .data.inputs import list_images
+from .data.items import ImageItem, InputSkip
 from .embed import embed_items, embed_texts
 from .errors import ConfigError, DataError
 from .index import Index

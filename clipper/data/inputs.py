@@ -4,51 +4,20 @@ one ordered list of items that any process can read by position (the order is de
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, MissingFileError
 from ..io import read_text
 from .reader import IMAGE_EXTS as SHARD_IMAGE_EXTS
 from .reader import list_shards
-from .remote import is_url, local_shard, looks_like_url
+from .items import ImageItem, InputSkip
+from .remote import local_shard, looks_like_url
 from .tar import TarDamage, tar_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 # Files a folder of images commonly holds beside them: not reported as skipped.
 SIDECAR_SUFFIXES = {".txt", ".json"}
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """Where one image's bytes live: a whole file, or `size` bytes at `offset` in a shard."""
-    id: str
-    path: str
-    offset: int = 0
-    size: int = -1
-    caption: str | None = None
-
-    def read(self) -> bytes:
-        with open(local_shard(self.path), "rb") as f:
-            if self.size < 0:
-                return f.read()
-            f.seek(self.offset)
-            return f.read(self.size)
-
-    def record(self) -> dict:
-        """The row of ids.jsonl: id, caption, and where the bytes are (absolute path; for a shard
-        member its offset and size), so that a server started anywhere can show the image."""
-        row = {"id": self.id, "path": self.path if is_url(self.path) else str(Path(self.path).resolve())}
-        if self.size >= 0:
-            row |= {"offset": self.offset, "size": self.size}
-        return row | {"caption": self.caption} if self.caption is not None else row
-
-
-@dataclass(frozen=True)
-class InputSkip:
-    id: str
-    reason: str
 
 
 def list_images(spec: str | os.PathLike, allow_pipe: bool | None = None) -> tuple[list[ImageItem], list[InputSkip]]:

@@ -4,12 +4,16 @@ through its `tokenizer`."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from PIL import Image
 
-from ..data.transforms import Preprocess
 from ..images import open_image
 from ..tokenizer import HFTokenizer, Tokenizer, tokenizer_for
+
+if TYPE_CHECKING:
+    from ..data.transforms import Preprocess
 
 
 class ModelInputs:
@@ -21,8 +25,10 @@ class ModelInputs:
         return tokenizer_for(self.config.text)
 
     @property
-    def preprocessing(self) -> Preprocess:
+    def preprocessing(self) -> "Preprocess":
         """The image tower's resize and normalisation."""
+        from ..data.transforms import Preprocess  # torchvision: ~1 s to import, which `clipper --help` need not pay
+
         return Preprocess(self.config.vision)
 
     def preprocess(self, images) -> torch.Tensor:

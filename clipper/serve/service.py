@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from ..data.inputs import ImageItem
+from ..data.items import ImageItem
 from ..config import from_dict
 from ..embed import classify_embeddings, embed_texts
 from ..embed_dir import open_index

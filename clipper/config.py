@@ -151,6 +151,9 @@ class TextConfig:
     hf_model: str = ""
     hf_pooler: str = ""
     hf_proj: str = ""
+    # hf: the encoder starts from the weights in the folder `hf_model` (a transformers or
+    # sentence-transformers folder) instead of a random init; a saved clipper model holds them itself
+    hf_pretrained: bool = False
 
     def validate(self, where: str = "text") -> None:
         _positive(self, where, ("context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio", "norm_eps"))
@@ -165,6 +168,9 @@ class TextConfig:
                 raise ConfigError(f"{where}.kind hf: needs hf_model and its tokenizer")
             _one_of(self, where, "hf_pooler", ("", "mean_pooler", "cls_pooler", "cls_last_hidden_state_pooler"))
             _one_of(self, where, "hf_proj", ("", "linear", "mlp"))
+        if self.hf_pretrained and (self.kind != "hf" or not Path(self.hf_model).is_dir()):
+            raise ConfigError(f"{where}.hf_pretrained: needs kind hf and hf_model a local folder, got "
+                              f"{self.kind} {self.hf_model!r}")
         if self.bidirectional and self.pool in ("mean", "cls"):
             raise ConfigError(f"{where}.bidirectional: for pool eot, eos or last (mean is bidirectional already)")
         if self.context_length < 2:

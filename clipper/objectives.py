@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import is_model_dir
 from .config import ModelConfig
+from .model.hf_text import pretrained_text_config
 from .presets import preset
 from .train_config import TrainConfig
 from .data.reader import shard_captions
@@ -96,6 +97,11 @@ class Contrastive(Objective):
     """Both towers against each other with InfoNCE or the sigmoid loss; a decoder is left alone."""
     name = "contrastive"
 
+    @staticmethod
+    def validate(cfg: TrainConfig) -> None:
+        if cfg.init_text and cfg.init:
+            raise ConfigError("train.init_text: starts a new model's text tower; --init names a whole model already")
+
     def build_model(self) -> CLIP:
         cfg = self.cfg
         if cfg.init:
@@ -104,6 +110,9 @@ class Contrastive(Objective):
                 raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
         else:  # a preset name, or a ModelConfig JSON file (a custom architecture without code)
             config = ModelConfig.from_json(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
+            if cfg.init_text:  # a pretrained encoder (all-MiniLM-L6-v2, ...) as the text tower
+                config.text = pretrained_text_config(cfg.init_text, config.text.context_length)
+                config.validate()
             if cfg.loss == "sigmoid" and config.init_logit_bias is None:
                 config.init_logit_bias, config.init_logit_scale = -10.0, math.log(10.0)  # SigLIP's init
             model = CLIP(config)
@@ -222,6 +231,8 @@ class Caption(Objective):
     def validate(cfg: TrainConfig) -> None:
         if not cfg.init:
             raise ConfigError("train.init: the caption objective trains on a model's image tower; name the model")
+        if cfg.init_text:
+            raise ConfigError("train.init_text: for the contrastive objective (a captioner keeps --init's towers)")
         if cfg.contrastive_weight > 0 and cfg.accum_freq > 1:
             raise ConfigError("train: contrastive_weight > 0 (the joint objective) needs accum_freq 1")
 

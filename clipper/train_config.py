@@ -53,6 +53,10 @@ class TrainConfig:
                                         "the architecture of an open_clip weights file")
     init: str | None = setting(None, "start from these weights (clipper model dir or open_clip file) "
                                      "instead of random")
+    init_text: str | None = setting(None, "contrastive: the text tower is the pretrained encoder in this folder (a "
+                                          "transformers or sentence-transformers one: all-MiniLM-L6-v2), with its "
+                                          "tokenizer and pooling, projected to the embedding; the image tower as "
+                                          "--model says")
     # 0.5, WiSE-FT's own choice: 51 own pairs for a minute kept 18% R@1 on pairs the fine-tune never
     # saw instead of 4%, for 92% instead of 98% on its own (benchmarks/README.md)
     wise_ft: float = setting(0.5, "with --init: the final model is this mix of the fine-tuned weights and the "

@@ -14,10 +14,17 @@ import importlib.util
 import torch
 from torch import nn
 
+import json
+from pathlib import Path
+
+from ..checkpoint import read_state_dict
 from ..config import TextConfig
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..hub import from_hub
 from .meta import build
+
+# sentence-transformers' pooling modes (1_Pooling/config.json) -> the poolers of open_clip's adapter
+ST_POOLING = {"pooling_mode_mean_tokens": "mean_pooler", "pooling_mode_cls_token": "cls_last_hidden_state_pooler"}
 
 def _hf_config(name: str):
     if importlib.util.find_spec("transformers") is None:
@@ -60,7 +67,11 @@ class HFTextTower(nn.Module):
                               "needs linear or mlp")
 
     def init_weights(self) -> None:
-        """transformers initialises its model when it builds it; the projection keeps PyTorch's init (as open_clip)."""
+        """transformers initialises its model when it builds it; the projection keeps PyTorch's init (as
+        open_clip). With `hf_pretrained`, the encoder then takes the folder's weights."""
+        # built on the meta device, the weights are loaded next (a saved model holds them): nothing to read
+        if self.cfg.hf_pretrained and not next(self.transformer.parameters()).is_meta:
+            load_encoder_weights(self.transformer, self.cfg.hf_model)
 
     def init_blocks(self) -> None:
         """Nothing: see init_weights."""
@@ -80,3 +91,45 @@ class HFTextTower(nn.Module):
         else:  # cls_pooler without a pooler output, cls_last_hidden_state_pooler
             pooled = h[:, 0]
         return self.proj(pooled)
+
+
+def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
+    """The weights of a transformers or sentence-transformers folder (model.safetensors, else
+    pytorch_model.bin, read weights-only) into `encoder`, whatever prefix the file gives its names
+    ("bert.", ...); every parameter must be there (a pooler the encoder has no use for may be extra)."""
+    files = [Path(folder) / name for name in ("model.safetensors", "pytorch_model.bin")]
+    path = next((f for f in files if f.is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin to start the text tower from")
+    sd = read_state_dict(path)
+    wanted = encoder.state_dict()
+    for prefix in ("", *sorted({k.split(".", 1)[0] + "." for k in sd if "." in k})):
+        found = {name: sd[prefix + name] for name in wanted if prefix + name in sd}
+        if len(found) == len(wanted) or all(n in found for n, _ in encoder.named_parameters()):
+            break
+    else:
+        missing = [n for n, _ in encoder.named_parameters() if n not in sd][:3]
+        raise CheckpointError(f"{path}: not the weights of this encoder (missing e.g. {', '.join(missing)})")
+    shapes = [n for n, t in found.items() if t.shape != wanted[n].shape][:3]
+    if shapes:
+        raise CheckpointError(f"{path}: shapes differ from the encoder's config for {', '.join(shapes)}")
+    encoder.load_state_dict(found, strict=False)
+
+
+def pretrained_text_config(folder: str, context_length: int = 77, proj: str = "linear") -> TextConfig:
+    """A text tower that starts from the encoder in `folder` (transformers or sentence-transformers:
+    all-MiniLM-L6-v2, ...), with its own tokenizer and the pooling its sentence-transformers config
+    names (1_Pooling/config.json; else the architecture's), projected to the embedding."""
+    pooling = Path(folder) / "1_Pooling" / "config.json"
+    pooler = ""
+    if pooling.is_file():
+        try:
+            modes = json.loads(pooling.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ConfigError(f"{pooling}: not valid JSON") from None
+        chosen = [mode for key, mode in ST_POOLING.items() if isinstance(modes, dict) and modes.get(key)]
+        if len(chosen) != 1:
+            raise ConfigError(f"{pooling}: one of {', '.join(ST_POOLING)} must be on (clipper pools one way)")
+        pooler = chosen[0]
+    return TextConfig(kind="hf", hf_model=str(Path(folder).resolve()), tokenizer=str(Path(folder).resolve()),
+                      hf_pooler=pooler, hf_proj=proj, hf_pretrained=True, context_length=context_length)

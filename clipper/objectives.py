@@ -74,8 +74,9 @@ class Objective(abc.ABC):
         """The model to train, its trainable parts set (in train mode)."""
 
     @abc.abstractmethod
-    def context_length(self, model: CLIP) -> int:
-        """Captions are tokenized to this length."""
+    def context_length(self, model: CLIP) -> int | None:
+        """Captions are tokenized with CLIP BPE to this length (a decoder's), or None: with the text
+        tower's own tokenizer (BPE, or the Hugging Face one its config names)."""
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """The weights of --init, as the run started from them (for WiSE-FT's mix at the end)."""
@@ -122,8 +123,8 @@ class Contrastive(Objective):
             add_feature_style(model.visual, cfg.feature_style)
         return model.train()
 
-    def context_length(self, model: CLIP) -> int:
-        return model.config.text.context_length
+    def context_length(self, model: CLIP) -> None:
+        return None  # the text tower's tokenizer (an HF tower reads its own ids, not BPE)
 
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
                          autocast: Autocast = contextlib.nullcontext,

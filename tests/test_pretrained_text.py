@@ -125,3 +125,27 @@ def test_all_minilm_l6_v2():
     with torch.no_grad():
         ours = model.text(model.tokenize(TEXTS))
     assert (ours - _sentence_transformers_recipe(folder, TEXTS)).abs().max() < 1e-5
+
+
+def test_training_batches_carry_the_towers_own_token_ids(tmp_path):
+    """Contrastive training tokenizes captions with the text tower's tokenizer (WordPiece here), not
+    CLIP's BPE, whose ids would run past the encoder's vocabulary."""
+    import numpy as np
+
+    from clipper.data.pipeline import make_loader, training_dataset
+    from clipper.data.samples import Sample
+    from clipper.data.shards import write_shards
+
+    _sentence_encoder(tmp_path / "enc")
+    rng = np.random.default_rng(0)
+    write_shards([Sample(key=f"k{i}", image=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), text=text)
+                  for i, text in enumerate(TEXTS)], tmp_path / "shards", samples_per_shard=4)
+    (tmp_path / "arch.json").write_text(json.dumps({"embed_dim": 16, "vision": {
+        "image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}}))
+    cfg = check_train_config(TrainConfig(model=str(tmp_path / "arch.json"), init_text=str(tmp_path / "enc"),
+                                         train_data=str(tmp_path / "shards"), batch_size=4, steps=1, workers=0))
+    objective = Contrastive(cfg)
+    model = objective.build_model()
+    batch = next(iter(make_loader(training_dataset(cfg, model.config, 0, 1, objective.context_length(model)), 0)))
+    rows = {tuple(row.tolist()) for row in batch["text"]}
+    assert rows == {tuple(row.tolist()) for row in model.tokenize(TEXTS)}

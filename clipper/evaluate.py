@@ -213,7 +213,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
 
 def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, workers: int = 0,
                   classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None,
-                  style: str | None = None) -> dict[str, float]:
+                  style: str | None = None, allow_pipe: bool | None = None) -> dict[str, float]:
     """Run one evaluation of EVAL_TASKS on eval-split shards (the same code as `clipper eval`)."""
     if task not in EVAL_TASKS:
         raise ConfigError(f"unknown evaluation task {task!r} (one of {', '.join(EVAL_TASKS)})")
@@ -239,7 +239,8 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
     context = model.config.decoder.context_length if spec.captions else None
     from .data.pipeline import ShardDataset, SkipLog, make_loader  # torchvision: ~1.5 s to import
 
-    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, context_length=context)
+    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, context_length=context,
+                           allow_pipe=allow_pipe)
     skips = SkipLog()
 
     def batches() -> Iterator[dict]:

@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import write_config
 from .data.pipeline import SkipLog, make_loader, training_dataset
-from .data.remote import PIPE_ENV
 from .distributed import peak_rss_mib, rank_and_world
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_task
@@ -70,8 +69,6 @@ def trained_classnames(cfg: TrainConfig) -> list[str] | None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
         self.cfg = check_train_config(cfg)
-        if cfg.allow_pipe:  # this run's own shard specs (and its loader workers') may be pipe: commands
-            os.environ[PIPE_ENV] = "1"
         self.device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = init_distributed(self.device)
         if self.device.type == "cuda":
@@ -259,7 +256,8 @@ class Trainer:
         """The configured evaluation on rank 0 (None elsewhere or when there is none)."""
         if not self.is_main or self.cfg.eval_task == "none":
             return None
-        return evaluate_task(self.model, self.cfg.eval_task, self.cfg.eval_data, batch_size=512)
+        return evaluate_task(self.model, self.cfg.eval_task, self.cfg.eval_data, batch_size=512,
+                             allow_pipe=self.cfg.allow_pipe or None)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -218,11 +218,11 @@ class ShardDataset(IterableDataset):
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
                  min_epoch_batches: int = 0, cache_mb: float = 0.0, keyword_single: float = 0.0,
-                 view_key: str = ""):
+                 view_key: str = "", allow_pipe: bool | None = None):
         super().__init__()
         if batch_size <= 0:
             raise ConfigError(f"batch_size: must be positive, got {batch_size}")
-        self.shards = list_shards(shards)
+        self.shards = list_shards(shards, allow_pipe)
         self.sizes = shard_sizes(self.shards)
         if train and not self.num_samples:
             raise DataError(f"{shards}: the shards hold no readable sample")
@@ -305,7 +305,8 @@ def training_dataset(cfg: TrainConfig, config: ModelConfig, rank: int | None = N
                         resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world,
                         keywords_prob=cfg.keywords_prob, context_length=context_length,
                         min_epoch_batches=cfg.min_epoch_batches, cache_mb=cfg.decoded_cache_mb,
-                        keyword_single=cfg.keyword_single, view_key=cfg.view_key)
+                        keyword_single=cfg.keyword_single, view_key=cfg.view_key,
+                        allow_pipe=cfg.allow_pipe or None)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import braceexpand
 from ..errors import DataError, MissingFileError
 from .shards import SIZES_FILE
 from .sources import read_caption
-from .remote import as_url, is_url, looks_like_url
+from .remote import is_url, looks_like_url, typed
 from .tar import TarDamage, tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -36,7 +36,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], allow_pip
     if isinstance(spec, (str, os.PathLike)):
         text = str(spec)
         if looks_like_url(text):
-            return [as_url(url, allow_pipe) for url in braceexpand.braceexpand(text)]
+            return [typed(url, allow_pipe) for url in braceexpand.braceexpand(text)]
         if Path(text).is_dir():
             paths = sorted(str(p) for p in Path(text).glob("*.tar"))
             if not paths:
@@ -46,7 +46,7 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], allow_pip
         for part in braceexpand.braceexpand(text):
             paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
     else:
-        paths = [p if is_url(p) else as_url(str(p), allow_pipe) if looks_like_url(str(p)) else str(p) for p in spec]
+        paths = [p if is_url(p) else typed(str(p), allow_pipe) for p in spec]
     if not paths:
         raise DataError(f"{spec}: no shards")
     for p in paths:

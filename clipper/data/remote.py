@@ -58,6 +58,11 @@ def as_url(text: str, allow_pipe: bool | None = None) -> Url:
     return Url(text)
 
 
+def typed(text: str, allow_pipe: bool | None = None) -> str:
+    """Typed text as what it names: a `Url` where it looks like one (see `as_url`), else a file name."""
+    return as_url(text, allow_pipe) if looks_like_url(text) else text
+
+
 def is_url(name: str) -> bool:
     """Whether `name` is a URL the user gave; any plain string is a file name."""
     return isinstance(name, Url)

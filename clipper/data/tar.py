@@ -125,12 +125,18 @@ class _Inflating:
 
     def __getitem__(self, span: slice) -> bytes:
         """Bytes [start, stop); the scan asks for each range once, in order, so what lies before
-        `stop` is dropped after (the read-ahead kept in a fresh buffer: the old one is freed)."""
+        `stop` is dropped after: in place for a small range (bytearray drops a prefix without
+        copying), and after a large one by keeping the read-ahead in a fresh buffer, which frees
+        the member's memory (a copy per header would cost more than the decompression)."""
         self._fill(span.stop)
+        used = min(span.stop - self.base, len(self.buffer))
         with memoryview(self.buffer) as view:
-            out = bytes(view[span.start - self.base:span.stop - self.base])
-            rest = bytearray(view[span.stop - self.base:]) if span.stop - self.base < len(self.buffer) else bytearray()
-        self.buffer, self.base = rest, max(self.base, span.stop)
+            out = bytes(view[span.start - self.base:used])
+            if used >= 1 << 20:
+                self.buffer = bytearray(view[used:])
+        if used < 1 << 20:
+            del self.buffer[:used]
+        self.base += used
         return out
 
 

@@ -13,10 +13,11 @@ from collections import OrderedDict
 
 from .config import Access, Limits
 
-OPEN_PATHS = ("/health", "/")  # no API key: the monitor, and the page (it asks for the key)
-UNCOUNTED_PATHS = ("/health", "/metrics")
-EVICT_AFTER_S = 1.0  # past max_connections unfinished headers, those waiting this long are closed first  # not counted in max_connections: a full server answers its monitor
-SAME_SITE_ONLY_EXEMPT = ("/health", "/")  # a link from another site may open the page
+# no API key and no cross-site refusal: the monitor, and the page (it asks for the key; a link from
+# another site may open it)
+OPEN_PATHS = ("/health", "/")
+UNCOUNTED_PATHS = ("/health", "/metrics")  # not counted in max_connections: a full server answers its monitor
+EVICT_AFTER_S = 1.0  # past max_connections unfinished headers, those waiting this long are closed first
 
 
 class Admission:
@@ -73,7 +74,7 @@ class Admission:
             return 421, f"Host {host[:100]!r} is not one this server answers to"
         origin = _one(headers, b"origin")
         origin_text = None if origin is None else origin.decode("latin-1")
-        if path not in SAME_SITE_ONLY_EXEMPT and origin_text not in access.cors_origins:
+        if path not in OPEN_PATHS and origin_text not in access.cors_origins:
             own = f"{scope.get('scheme', 'http')}://{host}"
             if (origin_text is not None and origin_text != own) or _one(headers, b"sec-fetch-site") == b"cross-site":
                 return 403, (f"cross-site request refused (Origin {str(origin_text)[:100]!r}); a server that other "

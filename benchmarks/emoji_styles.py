@@ -89,18 +89,23 @@ def train(recipe: str, budget: list[str], extra: list[str]) -> Path:
     return out
 
 
-def measure(model_dir: Path) -> dict:
+def measure(model_dir: Path, test: bool = True) -> dict:
+    """Every style's test split (unless not `test`: recipe work) and the never-trained styles' val."""
     model = load_model(model_dir)
+
+    def scores(split: str, style: str, task: str = "retrieval-emoji",
+               keys: tuple[str, ...] = ("t2i_R@1", "t2i_R@5", "i2t_R@1")) -> dict:
+        m = evaluate_task(model, task, str(STYLED / split), batch_size=500, style=style)
+        return {k: round(m[k], 2) for k in keys} | {"n": m["n"]}
+
     row = {}
     for style in STYLES:
-        m = evaluate_task(model, "retrieval-emoji", str(STYLED / "test"), batch_size=500, style=style)
-        row[f"test_{style}"] = {k: round(m[k], 2) for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1")} | {"n": m["n"]}
-        if style != "noto":
-            c = evaluate_task(model, "cross-style-emoji", str(STYLED / "test"), batch_size=500, style=style)
-            row[f"cross_noto_to_{style}"] = {k: round(c[k], 2) for k in ("i2i_R@1", "i2i_R@5")} | {"n": c["n"]}
+        if test:
+            row[f"test_{style}"] = scores("test", style)
+            if style != "noto":
+                row[f"cross_noto_to_{style}"] = scores("test", style, "cross-style-emoji", ("i2i_R@1", "i2i_R@5"))
         if style not in TRAIN_STYLES:
-            v = evaluate_task(model, "retrieval-emoji", str(STYLED / "val"), batch_size=500, style=style)
-            row[f"val_{style}"] = {k: round(v[k], 2) for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1")} | {"n": v["n"]}
+            row[f"val_{style}"] = scores("val", style)
         print(json.dumps({style: {k: v for k, v in row.items() if k.endswith(style)}}), flush=True)
     return row
 

@@ -100,6 +100,7 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     train = [r for r in run.read_metrics() if "samples_per_s" in r]
     return {"preset": preset, "data": data, "style": style, "run": str(out.relative_to(ROOT)), "minutes": minutes,
+            "train_data": train, "eval_data": evaluation,
             "evaluated_on": "validation (1 in 6 training pairs, held out)" if holdout else "test split", "wall_s_incl_startup": round(wall, 1),
             "train_config": json.loads((out / "config.json").read_text()),
             "samples_seen": curve[-1]["samples"], "train_seconds": curve[-1]["elapsed_s"],
@@ -113,6 +114,7 @@ def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--preset", default=preset, help=f"training preset (default {preset})")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
     ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides, as for clipper train")
@@ -120,7 +122,7 @@ def main(doc: str, preset: str, data: str, eval_task: str, checkpoint_every: int
                     help="recipe work: train without a random sixth of the training pairs and score on it, "
                          "not on the test split")
     args = ap.parse_args()
-    return run_recipe(preset, data, eval_task, args.minutes, args.checkpoint_every,
+    return run_recipe(args.preset, data, eval_task, args.minutes, args.checkpoint_every,
                       [x for s in args.set for x in ("--set", s)], args.holdout, style)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import is_model_dir
 from .config import ModelConfig
-from .model.hf_text import pretrained_text_config
+from .model.hf_text import FeatureCache, pretrained_text_config
 from .presets import preset
 from .train_config import TrainConfig
 from .data.reader import shard_captions
@@ -53,6 +53,15 @@ def _set_trainable(parts: dict[nn.Module | nn.Parameter | None, bool]) -> None:
             part.requires_grad_(trainable)
 
 
+def _projection(tower: nn.Module) -> nn.Module | nn.Parameter | None:
+    """The map from a tower's features to the shared embedding (ViT/text `proj`, timm `head`)."""
+    for name in ("proj", "head"):
+        part = getattr(tower, name, None)
+        if isinstance(part, (nn.Module, nn.Parameter)):
+            return part
+    return None
+
+
 def _init_model(cfg: TrainConfig) -> CLIP:
     """The weights of `init` (a clipper model directory, or an open_clip file of `cfg.model`)."""
     return load(cfg.init) if is_model_dir(cfg.init) else load(cfg.model, pretrained=cfg.init)
@@ -81,6 +90,11 @@ class Objective(abc.ABC):
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """The weights of --init, as the run started from them (for WiSE-FT's mix at the end)."""
         return _init_model(self.cfg).state_dict()
+
+    def deferred(self, model: CLIP) -> list[nn.Module]:
+        """The locked parts that start training at `unlock_step` (the optimizer holds them from the
+        start, so that unlocking changes no parameter group)."""
+        return []
 
     def module(self, model: CLIP) -> nn.Module:
         """What the trainer runs (and DDP wraps): forward(images, tokens) -> what `forward_backward` needs."""
@@ -119,9 +133,24 @@ class Contrastive(Objective):
             model = CLIP(config)
         _set_trainable({model.visual: not cfg.lock_image, model.text: not cfg.lock_text, model.decoder: False,
                         model.logit_scale: True, model.logit_bias: True})
+        if cfg.train_locked_proj:
+            for tower in self._locked(model):
+                if (proj := _projection(tower)) is None:
+                    raise ConfigError(f"train.train_locked_proj: the locked {type(tower).__name__} has no separate "
+                                      "projection to the embedding")
+                proj.requires_grad_(True)
+        if cfg.lock_text and cfg.unlock_step is None and hasattr(model.text, "feature_cache"):
+            model.text.feature_cache = FeatureCache()  # a locked pretrained encoder runs once per caption
         if cfg.feature_style:
             add_feature_style(model.visual, cfg.feature_style)
         return model.train()
+
+    def _locked(self, model: CLIP) -> list[nn.Module]:
+        return [tower for tower, locked in ((model.visual, self.cfg.lock_image), (model.text, self.cfg.lock_text))
+                if locked]
+
+    def deferred(self, model: CLIP) -> list[nn.Module]:
+        return self._locked(model) if self.cfg.unlock_step is not None else []
 
     def context_length(self, model: CLIP) -> None:
         return None  # the text tower's tokenizer (an HF tower reads its own ids, not BPE)
@@ -234,6 +263,8 @@ class Caption(Objective):
             raise ConfigError("train.init: the caption objective trains on a model's image tower; name the model")
         if cfg.init_text:
             raise ConfigError("train.init_text: for the contrastive objective (a captioner keeps --init's towers)")
+        if cfg.unlock_step is not None or cfg.train_locked_proj:
+            raise ConfigError("train: unlock_step and train_locked_proj are for the contrastive objective")
         if cfg.contrastive_weight > 0 and cfg.accum_freq > 1:
             raise ConfigError("train: contrastive_weight > 0 (the joint objective) needs accum_freq 1")
 

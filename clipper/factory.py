@@ -20,6 +20,7 @@ from .interop.onnx_model import is_onnx_export
 from .interop.open_clip_dir import is_open_clip_dir, load_open_clip_dir
 from .precision import resolve_precision
 from .quantize import with_precision
+from .vlm import VLM, load_vlm, vlm_kind
 
 
 def load_model(path: str | os.PathLike) -> CLIP:
@@ -31,7 +32,7 @@ def load_model(path: str | os.PathLike) -> CLIP:
 def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None,
          quick_gelu: bool | None = None, device: str | torch.device = "cpu",
          cache_dir: str | None = None, precision: str = "fp32", runtime: str | None = None,
-         tokenizer: str | os.PathLike | None = None) -> CLIP:
+         tokenizer: str | os.PathLike | None = None) -> CLIP | VLM:
     """A CLIP model in eval mode, from
     - a clipper model directory (config.json + model.safetensors);
     - an open_clip local-dir folder (open_clip_config.json + open_clip_model.safetensors);
@@ -40,7 +41,8 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
       open_clip pretrained tag (downloaded by open_clip's own code, needs a network) or a file.
     `quick_gelu` overrides the activation (OpenAI-trained weights need it; open_clip's tags say so).
     - an ONNX export folder (`clipper export --format onnx`): run by ONNX Runtime (`runtime="onnx"`);
-    - a Hugging Face transformers CLIPModel or SiglipModel folder (config.json + model.safetensors).
+    - a Hugging Face transformers CLIPModel or SiglipModel folder (config.json + model.safetensors);
+    - a transformers vision-language model folder (LLaVA): a `clipper.vlm.VLM`, which chats.
     `precision`: fp32, bf16 (where native: refused elsewhere), int8 (CPU) or auto (`clipper.precision`).
     `runtime`: torch or onnx, checked against what the path holds (default: whichever it is).
     `tokenizer`: a Hugging Face tokenizer folder (or hub name) in place of the one the config names.
@@ -58,6 +60,8 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
         if torch.device(device).type != "cpu":
             raise ConfigError(f"{path}: the ONNX runtime here runs on the CPU only, not {device}")
         return load_onnx(path, precision)
+    if vlm_kind(path):
+        return with_precision(load_vlm(path).to(device), precision)
     if hf_kind(path):
         model = load_hf_dir(path)
     elif is_model_dir(path):

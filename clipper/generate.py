@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from .images import open_image
 
 if TYPE_CHECKING:  # the model offers `caption` as a verb: it imports this module
     from .model import CLIP
-    from .model.decoders import Codec
+    from .model.decoders import Captioner, Codec
 
 
 @dataclass
@@ -84,14 +84,16 @@ def _left_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Ten
     return tokens.to(device), valid.to(device)
 
 
-def _process(logits: torch.Tensor, seen: torch.Tensor, step: int, cfg: GenerationConfig, eot: int) -> torch.Tensor:
-    """Penalties and limits on next-token logits [R, V]; `seen` [R, V] marks tokens already present."""
+def _process(logits: torch.Tensor, seen: torch.Tensor, step: int, cfg: GenerationConfig,
+             ends: Sequence[int]) -> torch.Tensor:
+    """Penalties and limits on next-token logits [R, V]; `seen` [R, V] marks tokens already
+    present; before min_new_tokens, the token(s) `ends` are forbidden."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if step < cfg.min_new_tokens:
-        logits[:, eot] = -float("inf")
+        logits[:, list(ends)] = -float("inf")
     return logits
 
 
@@ -142,7 +144,8 @@ def _seen(tokens: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor
     return seen.scatter_(1, tokens, valid)
 
 
-def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg: GenerationConfig) -> list[list[int]]:
+def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg: GenerationConfig,
+                      stream: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
     R, device = seen.shape[0], seen.device
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = torch.arange(R, device=device)
@@ -152,8 +155,10 @@ def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg
     steps = []
     stops = torch.tensor(codec.stop_ids, device=device)
     for step in range(cfg.max_new_tokens):
-        token = _sample(_process(state.logits, seen, step, cfg, codec.end_id), cfg, generator)
+        token = _sample(_process(state.logits, seen, step, cfg, codec.end_ids), cfg, generator)
         steps.append(token)
+        if stream is not None:
+            stream(token)
         done |= torch.isin(token, stops)
         if step == cfg.max_new_tokens - 1 or bool(done.all()):
             break
@@ -211,9 +216,10 @@ def _beam_search(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg: Gen
     scores[:, 1:] = -1e9  # all beams start as copies: only the first may expand at first
     seqs: list[list[int]] = [[] for _ in range(B * k)]
     hyps = [_Hypotheses(k, cfg.length_penalty) for _ in range(B)]
+    ends = set(codec.end_ids)
     done = [False] * B
     for step in range(cfg.max_new_tokens):
-        processed = _process(state.logits, seen, step, cfg, codec.end_id)
+        processed = _process(state.logits, seen, step, cfg, codec.end_ids)
         step_scores = processed.log_softmax(dim=-1) if cfg.beam_score == "logprob" else processed
         V = step_scores.shape[1]
         cand = (scores.view(-1, 1) + step_scores.cpu()).view(B, k * V)
@@ -225,7 +231,7 @@ def _beam_search(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg: Gen
             if not done[b]:
                 for rank, (s, i) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
                     origin, token = b * k + i // V, i % V
-                    if token == codec.end_id:
+                    if token in ends:
                         if rank < k:
                             hyps[b].add(s, seqs[origin], length)
                         continue
@@ -273,35 +279,42 @@ def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
         raise ConfigError("this model has no caption decoder (train one with `clipper train-captioner`)")
     cfg = (cfg or GenerationConfig()).validate()
     captioner = model.captioner()
-    codec, context = captioner.codec, captioner.context_length
+    codec = captioner.codec
     B = pixels.shape[0]
     prompts = list(prompts) if prompts is not None else [""] * B
     if len(prompts) != B:
         raise ConfigError(f"prompts: {len(prompts)} for {B} image(s)")
-    device = model.device
-    tokens, valid = _left_padded([codec.prompt(p) for p in prompts], device)
+    image_tokens = chunked(model.visual, pixels.to(model.device), "tokens")
+    per_image = generate_ids(captioner, image_tokens, [codec.prompt(p) for p in prompts], cfg)
+    return codec.texts(prompts, per_image)
+
+
+def generate_ids(captioner: Captioner, image_tokens: torch.Tensor, rows: list[list[int]], cfg: GenerationConfig,
+                 stream: Callable[[torch.Tensor], None] | None = None) -> list[list[list[int]]]:
+    """The engine: the new ids [row][sequence] after each prompt row (the decoder's ids) over its
+    image's tokens [B, ...]. `stream`: called with each step's tokens [B] (greedy and sampling)."""
+    codec, context = captioner.codec, captioner.context_length
+    B, device = len(rows), image_tokens.device
+    tokens, valid = _left_padded(rows, device)
     lengths = valid.sum(1).tolist()
     room = context - max(lengths)
     if cfg.max_new_tokens is None:
         cfg = dataclasses.replace(cfg, max_new_tokens=room)
     if not cfg.min_new_tokens <= cfg.max_new_tokens <= room:
         raise ConfigError(f"max_new_tokens {cfg.max_new_tokens}: the longest prompt leaves room for {room} "
-                         f"(decoder context {context}), and min_new_tokens "
-                         f"{cfg.min_new_tokens} must fit")
-    image_tokens = chunked(model.visual, pixels.to(device), "tokens")
+                          f"(decoder context {context}), and min_new_tokens "
+                          f"{cfg.min_new_tokens} must fit")
     state = _DecodeState(captioner, image_tokens, tokens, valid, cfg)
     seen = _seen(tokens, valid, codec.vocab_size)
     if cfg.num_beams > 1:
-        per_image = _beam_search(state, seen, codec, cfg, lengths)
-    else:
-        n = cfg.num_return_sequences
-        if n > 1:  # several samples per image: copy the prefilled cache rows, not the image
-            rows = torch.arange(B, device=device).repeat_interleave(n)
-            state.select(rows)
-            seen = seen[rows]
-        flat = _greedy_or_sample(state, seen, codec, cfg)
-        per_image = [flat[i * n:(i + 1) * n] for i in range(B)]
-    return codec.texts(prompts, per_image)
+        return _beam_search(state, seen, codec, cfg, lengths)
+    n = cfg.num_return_sequences
+    if n > 1:  # several samples per image: copy the prefilled cache rows, not the image
+        index = torch.arange(B, device=device).repeat_interleave(n)
+        state.select(index)
+        seen = seen[index]
+    flat = _greedy_or_sample(state, seen, codec, cfg, stream)
+    return [flat[i * n:(i + 1) * n] for i in range(B)]
 
 
 def caption(model: CLIP, images, prompt: str | Sequence[str] | None = None, batch_size: int = 32,

@@ -126,7 +126,7 @@ class Contrastive(Objective):
         else:  # a preset name, or a ModelConfig JSON file (a custom architecture without code)
             config = ModelConfig.from_json(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
             if cfg.init_text:  # a pretrained encoder (all-MiniLM-L6-v2, ...) as the text tower
-                config.text = pretrained_text_config(cfg.init_text, config.text.context_length)
+                config.text = pretrained_text_config(cfg.init_text, config.text.context_length, cfg.init_text_proj)
                 config.validate()
             if cfg.loss == "sigmoid" and config.init_logit_bias is None:
                 config.init_logit_bias, config.init_logit_scale = -10.0, math.log(10.0)  # SigLIP's init

@@ -43,7 +43,8 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: CLIP) -> CLIP:
-    """A copy of `model` for CPU inference with int8 linear layers (the original is untouched)."""
+    """A copy of `model` (a CLIP or a VLM) for CPU inference with int8 linear layers (the original
+    is untouched)."""
     if not hasattr(torch.ops.quantized, "linear_dynamic"):
         raise ConfigError("this torch build has no fbgemm int8 kernels (torch.ops.quantized.linear_dynamic)")
     quantized = copy.deepcopy(model).cpu().eval()

@@ -174,9 +174,10 @@ class Trainer:
                     print(f"resume: passing over {path.name}: {e}", file=sys.stderr)
         else:
             raise CheckpointError(f"{self.run.checkpoints}: no checkpoint verifies ({len(found)} tried)")
-        if model.config != self.model.config:
+        theirs, ours = _architecture(model.config), _architecture(self.model.config)
+        if theirs != ours:
             raise ConfigError(f"{path}: holds a model of another architecture than this run's config "
-                              f"({_first_difference(model.config.to_dict(), self.model.config.to_dict())}); "
+                              f"({_first_difference(theirs, ours)}); "
                               "resume with the settings it was trained with, or start a new --out")
         for name, now in (("batch_size", self.cfg.batch_size), ("world", self.world)):
             if state.get(name, now) != now:
@@ -360,6 +361,15 @@ class Trainer:
                 ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
             print(line, file=sys.stderr, flush=True)
         return metrics
+
+
+def _architecture(config) -> dict:
+    """The config less where a transformers text tower's files are read from (a checkpoint names
+    its own copy of them) and whether its weights came from there (they are in the checkpoint)."""
+    out = config.to_dict()
+    if config.text.kind == "hf":
+        out["text"] = {k: v for k, v in out["text"].items() if k not in ("hf_model", "tokenizer", "hf_pretrained")}
+    return out
 
 
 def _first_difference(a: dict, b: dict, where: str = "") -> str:

@@ -58,6 +58,8 @@ class TrainConfig:
                                           "'clipper[minilm]'), with its "
                                           "tokenizer and pooling, projected to the embedding; the image tower as "
                                           "--model says")
+    init_text_proj: str = setting("linear", "the projection of an --init-text tower to the embedding: linear, or mlp "
+                                            "(width -> (width + embed_dim) / 2 -> embed_dim, GELU between)")
     # 0.5, WiSE-FT's own choice: 51 own pairs for a minute kept 18% R@1 on pairs the fine-tune never
     # saw instead of 4%, for 92% instead of 98% on its own (benchmarks/README.md)
     wise_ft: float = setting(0.5, "with --init: the final model is this mix of the fine-tuned weights and the "
@@ -155,6 +157,8 @@ class TrainConfig:
             raise ConfigError(f"train: batch_size {self.batch_size} is not divisible by accum_freq {self.accum_freq}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: {self.precision!r} is not one of fp32, bf16")
+        if self.init_text_proj not in ("linear", "mlp"):
+            raise ConfigError(f"train.init_text_proj: linear or mlp, got {self.init_text_proj!r}")
         if self.lock_image and self.lock_text and not self.train_locked_proj and self.unlock_step is None:
             raise ConfigError("train: lock_image and lock_text together leave nothing to train")
         if self.unlock_step is not None and not (self.lock_image or self.lock_text):

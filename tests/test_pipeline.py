@@ -209,6 +209,8 @@ def test_missing_or_empty_shard_lists_fail_at_once(tmp_path):
         ShardDataset(tmp_path / "emptydir", CFG, batch_size=2)
     with pytest.raises(ValueError, match="no shards"):
         list_shards([])
+    with pytest.raises(ValueError, match="not a shard spec"):  # a name the file system refuses: one line
+        list_shards("x" * 5000)
 
 
 def test_too_few_shards_for_the_readers(tmp_path):

@@ -81,10 +81,15 @@ def test_saved_and_loaded_exactly(tmp_path):
     _sentence_encoder(tmp_path / "enc")
     model = _model(tmp_path / "enc", proj="linear")
     model.save(tmp_path / "m")
+    ours = model.embed_texts(TEXTS, to_numpy=False)
+    (tmp_path / "enc").rename(tmp_path / "gone")  # the model folder carries the encoder's config and tokenizer
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["text"]
+    assert (saved["hf_model"], saved["tokenizer"], saved["hf_pretrained"]) == ("text_encoder", "text_encoder", False)
+    assert not list((tmp_path / "m" / "text_encoder").glob("*.safetensors"))
     back = clipper.load(tmp_path / "m")
-    assert back.config.text.hf_pretrained and back.config.text.hf_pooler == "mean_pooler"
+    assert back.config.text.hf_pooler == "mean_pooler"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
-    assert torch.equal(model.embed_texts(TEXTS, to_numpy=False), back.embed_texts(TEXTS, to_numpy=False))
+    assert torch.equal(ours, back.embed_texts(TEXTS, to_numpy=False))
 
 
 def test_init_text_builds_the_training_model(tmp_path):
@@ -261,3 +266,36 @@ def test_a_locked_encoder_runs_once_per_caption(tmp_path):
     assert (model.text(tokens) - first).abs().max() < 1e-6 and len(small.rows) == 2
     assert Contrastive(check_train_config(_run_cfg(tmp_path, lock_text=True, unlock_step=2))).build_model() \
         .text.feature_cache is None  # its encoder will train: nothing to keep
+
+
+def test_exported_for_open_clip_exactly(tmp_path):
+    """The open_clip folder carries the encoder's config and tokenizer; open_clip's HF text tower
+    loads it and embeds as clipper does; clipper reads it back bit for bit."""
+    import open_clip
+
+    from clipper.interop.open_clip_dir import save_open_clip_dir
+
+    _sentence_encoder(tmp_path / "enc")
+    model = _model(tmp_path / "enc", proj="linear")
+    save_open_clip_dir(model, tmp_path / "oc")
+    ours = model.embed_texts(TEXTS, to_numpy=False)
+    (tmp_path / "enc").rename(tmp_path / "gone")
+    oc = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")
+    with torch.no_grad():
+        theirs = oc.encode_text(tokenizer(TEXTS), normalize=True)
+    assert (theirs - ours).abs().max() < 1e-5
+    back = clipper.load(tmp_path / "oc")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_padding_after_the_longest_row_is_cut_without_changing_anything(tmp_path):
+    _sentence_encoder(tmp_path / "enc")
+    model = _model(tmp_path / "enc")
+    tokens = model.tokenize(TEXTS)
+    assert tokens.shape[1] == 16 and int((tokens != 0).sum(1).max()) < 10
+    with torch.no_grad():
+        cut = model.text.features(tokens)
+        h = model.text.transformer(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state
+    mask = (tokens != 0).unsqueeze(-1).float()
+    assert (cut - (h * mask).sum(1) / mask.sum(1)).abs().max() < 1e-6

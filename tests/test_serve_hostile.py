@@ -298,7 +298,7 @@ def test_every_json_field_with_hostile_values_gets_no_500(server):
     base = {"embeddings": {"input": "a"}, "classify": {"image": B64, "labels": ["a", "b"]},
             "caption": {"image": B64}, "search": {"text": "a"}}
     paths = {"embeddings": "/v1/embeddings", "classify": "/classify", "caption": "/caption", "search": "/search"}
-    cases = [(name, {**base[name], field: v}) for name, model in REQUESTS.items()
+    cases = [(name, {**base[name], field: v}) for name, model in REQUESTS.items() if name in paths
              for field in model.model_fields for v in values]
     cases += [("caption", {**base["caption"], "options": {option: v}})
               for option in GenerationOptions.model_fields for v in values]

@@ -1,6 +1,6 @@
 """The `clipper` command. Thin: parse arguments, call the library, print; one clear line on bad
 input. Its verbs, a module per group: `models` (presets, info, convert, export), `data`, `training`
-(train, train-captioner), `inference` (caption, eval, embed, classify, similarity), `search`
+(train, train-captioner), `inference` (caption, eval, embed, classify, similarity), `chat`, `search`
 (serve, index, search); `common` holds the model flags they share."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from ..data.remote import PIPE_ENV
 from ..errors import ClipperError
 from ..version import __version__
-from . import data, inference, models, search, training
+from . import chat, data, inference, models, search, training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "one); several are averaged")
 
     inference.add_parsers(sub, labels)
+    chat.add_parsers(sub)
     search.add_parsers(sub)
     return ap
 

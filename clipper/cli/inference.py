@@ -100,12 +100,11 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def cmd_caption(args: argparse.Namespace) -> None:
     from ..data.inputs import list_images
-    from ..generate import caption
 
     items = [item for spec in args.images for item in list_images(spec)[0]]
     options = flag_values(args, args.config_fields)
-    model = load_model_from_args(args)
-    captions = caption(model, [item.path for item in items], args.prompt, do_sample=args.sample, **options)
+    model = load_model_from_args(args)  # a captioner (the prompt starts its captions) or a VLM (it answers it)
+    captions = model.caption([item.path for item in items], args.prompt, do_sample=args.sample, **options)
     for item, text in zip(items, captions):
         texts = text if isinstance(text, list) else [text]
         if args.json:
@@ -130,10 +129,11 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
 
 def add_parsers(sub, labels: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("caption", help="caption images with a model that has a decoder")
+    p = sub.add_parser("caption", help="caption images with a model that has a decoder, or a vision-language model")
     p.add_argument("images", nargs="+", help="image files, folders or list files")
     add_model_args(p)
-    p.add_argument("--prompt", help="text the captions start with (default: none)")
+    p.add_argument("--prompt", help="text the captions start with (default: none); a vision-language model's "
+                                    "question (default: 'Describe this image.')")
     p.add_argument("--sample", action="store_true", help="sample (temperature, top-k, top-p) instead of greedy/beam")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.set_defaults(fn=cmd_caption, config_fields=add_config_flags(p, GenerationConfig, skip=("do_sample",)))

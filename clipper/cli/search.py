@@ -18,7 +18,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
         raise ConfigError("clipper serve needs FastAPI and uvicorn: pip install 'clipper[serve]'")
     from ..serve.app import serve
+    from ..serve.chat import ChatService
     from ..serve.service import Service
+    from ..vlm import VLM
     from ..serve.config import Access, Limits
 
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else ["127.0.0.1", "localhost", "::1", args.host]
@@ -26,9 +28,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     allowed_hosts=() if "*" in hosts else tuple(h.strip() for h in hosts if h.strip()),
                     cors_origins=tuple(o.rstrip("/") for o in args.cors_origin))
     model = load_model_from_args(args)
-    service = Service(model, args.served_model_name or model_spec(args).served_name(), args.index,
-                      Limits(**flag_values(args, args.config_fields)),
-                      max_batch=args.max_batch, access=access, media_roots=args.media_root or None)
+    name, limits = args.served_model_name or model_spec(args).served_name(), Limits(**flag_values(args, args.config_fields))
+    if isinstance(model, VLM):  # a vision-language model serves /v1/chat/completions
+        if args.index:
+            raise ConfigError("--index: a vision-language model serves chat, not search")
+        service = ChatService(model, name, limits, access)
+    else:
+        service = Service(model, name, args.index, limits, max_batch=args.max_batch, access=access,
+                          media_roots=args.media_root or None)
     print(f"clipper serve: http://{args.host}:{args.port}/ (model {args.model}"
           + (f", index {args.index})" if args.index else ")"), flush=True)
     serve(service, args.host, args.port)

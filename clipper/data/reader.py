@@ -12,7 +12,7 @@ from pathlib import Path
 
 import braceexpand
 
-from ..errors import DataError, MissingFileError
+from ..errors import ClipperError, DataError, MissingFileError
 from .shards import SIZES_FILE
 from .sources import read_caption
 from .remote import is_url, looks_like_url, typed
@@ -33,6 +33,15 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], allow_pip
     list; or shard URLs (`pipe:`, `http(s)://`, fsspec's: see `remote`), brace patterns too, fetched
     when read. `spec` is what the user typed: only it may be a URL (`pipe:` with `allow_pipe`, None:
     CLIPPER_ALLOW_PIPE); the names a folder or glob yields are files, whatever they look like."""
+    try:
+        return _list_shards(spec, allow_pipe)
+    except ClipperError:
+        raise
+    except OSError as e:  # a name the file system refuses (too long, ...): the spec's error, not a traceback
+        raise DataError(f"{str(spec)[:120]}: not a shard spec ({e.strerror})") from None
+
+
+def _list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], allow_pipe: bool | None) -> list[str]:
     if isinstance(spec, (str, os.PathLike)):
         text = str(spec)
         if looks_like_url(text):

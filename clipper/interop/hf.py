@@ -69,36 +69,44 @@ def config_from_hf(hf: dict, folder: Path) -> ModelConfig:
     """The clipper config of a transformers CLIPConfig / SiglipConfig (as a dict)."""
     kind, where = hf.get("model_type"), str(folder / CONFIG)
     tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
-    text, vision = _tower(tc, kind, f"{where}: text_config"), _tower(vc, kind, f"{where}: vision_config")
-    if int(vc.get("num_channels", 3)) != 3:
-        raise ConfigError(f"{where}: vision_config.num_channels {vc['num_channels']}: 3 channels only")
+    text = _tower(tc, kind, f"{where}: text_config")
+    v = vision_config_from_hf(vc, kind, f"{where}: vision_config")
     vocab, context = int(tc.get("vocab_size", 49408)), int(tc.get("max_position_embeddings", 77))
-    size, patch = int(vc.get("image_size", 224)), int(vc.get("patch_size", 32))
     if kind == "clip":
         eos = tc.get("eos_token_id", 2)
         pool = {"pool": "eot"} if eos == 2 else {"pool": "eos", "eos_id": int(eos)}  # transformers' legacy rule
         # CLIP BPE is OpenAI's tokenizer; another vocabulary is the folder's own tokenizer
         t = TextConfig(context_length=context, vocab_size=vocab, **text, **pool,
                        tokenizer="" if vocab == 49408 else str(folder))
-        v = VisionConfig(image_size=size, patch_size=patch, **vision)
         dim = int(hf.get("projection_dim", 512))
     else:
         if vc.get("vision_use_head", True) is False:
             raise ConfigError(f"{where}: vision_use_head false (no pooling head): not supported")
-        dim = vision["width"]
+        dim = v.width
         if int(tc.get("projection_size", text["width"])) != dim:
             raise ConfigError(f"{where}: text_config.projection_size must equal the vision hidden_size {dim}")
         t = TextConfig(context_length=context, vocab_size=vocab, **text, pool="last", bidirectional=True,
                        proj_bias=True, tokenizer=str(folder), tokenizer_clean="canonicalize")
-        v = VisionConfig(image_size=size, patch_size=patch, **vision, pool="map", attn_pool_heads=vision["heads"],
-                         class_token=False, patch_bias=True, projection=False, ln_pre=False,
-                         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resize="squash")
     quick = t.act == v.act == "quick_gelu"  # open_clip's switch for both towers
     if quick:
         t.act = v.act = "gelu"
     _preprocessing(v, folder)
     return ModelConfig(embed_dim=dim, vision=v, text=t, quick_gelu=quick, custom_text=kind == "siglip",
                        init_logit_bias=0.0 if kind == "siglip" else None).validate()
+
+
+def vision_config_from_hf(vc: dict, kind: str, where: str) -> VisionConfig:
+    """The clipper ViT of a transformers CLIPVisionConfig / SiglipVisionConfig (as a dict): CLIP's
+    class token, pre-norm and projection; SigLIP's attention-pooling head."""
+    vision = _tower(vc, kind, where)
+    if int(vc.get("num_channels", 3)) != 3:
+        raise ConfigError(f"{where}: num_channels {vc['num_channels']}: 3 channels only")
+    size, patch = int(vc.get("image_size", 224)), int(vc.get("patch_size", 32))
+    if kind == "clip":
+        return VisionConfig(image_size=size, patch_size=patch, **vision)
+    return VisionConfig(image_size=size, patch_size=patch, **vision, pool="map", attn_pool_heads=vision["heads"],
+                        class_token=False, patch_bias=True, projection=False, ln_pre=False,
+                        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resize="squash")
 
 
 def _preprocessing(v: VisionConfig, folder: Path) -> None:

@@ -13,13 +13,14 @@ clipper config is kept beside open_clip's, under "clipper").
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .. import io
-from ..checkpoint import read_state_dict
+from ..checkpoint import ENCODER_DIR, bundle_text_encoder, read_state_dict, resolve_text_encoder
 from ..config import ModelConfig
 from ..presets import apply_open_clip_preprocessing, from_open_clip_config
 from ..errors import CheckpointError, ConfigError
@@ -106,6 +107,10 @@ def _spread(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([r, g, weight - (r + g)], dim=1)
 
 
+# the files of a transformers tokenizer (never config.json: that names a clipper model folder)
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece", "sentencepiece")
+
+
 def save_open_clip_dir(model: CLIP, path: str | os.PathLike) -> Path:
     """Write `model` as an open_clip local-dir folder (its caption decoder, if clipper's own, is not
     part of open_clip's model and is left out)."""
@@ -117,15 +122,23 @@ def save_open_clip_dir(model: CLIP, path: str | os.PathLike) -> Path:
     if config.vision.in_channels == 1:
         sd[_FIRST_CONV] = _spread(sd[_FIRST_CONV]).contiguous()
         mean, std = mean * 3, std * 3
-    saved = config.to_dict()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    bundled = bundle_text_encoder(config, path)  # a transformers text tower's config and tokenizer, copied in
+    if bundled.text.tokenizer == ENCODER_DIR:  # open_clip reads a local-dir model's tokenizer from the folder itself
+        for file in sorted((path / ENCODER_DIR).iterdir()):
+            if file.name.startswith(_TOKENIZER_FILES):
+                with io.atomic_path(path / file.name) as tmp:
+                    shutil.copyfile(file, tmp)
+    saved = bundled.to_dict()
     saved["decoder"] = None if config.decoder is None or config.decoder.kind != "coca" else saved["decoder"]
-    meta = {"model_cfg": to_open_clip_config(config),
+    # open_clip reads the text tower's folder relative to its working directory: named absolutely
+    model_cfg = to_open_clip_config(resolve_text_encoder(bundled, path))
+    meta = {"model_cfg": model_cfg,
             "preprocess_cfg": {"size": config.vision.image_size, "mode": "RGB", "mean": mean, "std": std,
                                "interpolation": config.vision.interpolation,
                                "resize_mode": config.vision.resize},
             "clipper": {"model": saved}}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(path / WEIGHTS) as tmp:
         save_file(sd, str(tmp))
     io.write_json(path / CONFIG, meta)
@@ -148,7 +161,7 @@ def load_open_clip_dir(path: str | os.PathLike) -> CLIP:
     sd = read_state_dict(weights)
     saved = meta.get("clipper", {}).get("model") if isinstance(meta.get("clipper"), dict) else None
     if saved is not None:
-        config = ModelConfig.from_dict(saved)
+        config = resolve_text_encoder(ModelConfig.from_dict(saved), path)
     else:
         try:
             config = from_open_clip_config(path.name, meta["model_cfg"])

@@ -91,8 +91,13 @@ class HFTextTower(nn.Module):
         return self.proj(self.features(tokens))
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The pooled encoder output, before the projection: [B, width]."""
+        """The pooled encoder output, before the projection: [B, width]. The padding columns after
+        the longest row are cut first: they change nothing (masked) and cost as much as words
+        (emoji names fill 8 of the 32 positions)."""
         mask = (tokens != self.pad_id).long()
+        width = int(mask.sum(1).max()) if mask.numel() else 0
+        if 0 < width < tokens.shape[1] and bool(mask[:, width:].eq(0).all()):
+            tokens, mask = tokens[:, :width], mask[:, :width]
         out = self.transformer(input_ids=tokens, attention_mask=mask)
         h = out.last_hidden_state
         if self.pooler == "mean_pooler":

@@ -120,6 +120,22 @@ class VisionTransformer(nn.Module):
         x = self.ln_post(x)
         return (x[:, 0] if self.cfg.pool == "tok" else x[:, first:].mean(dim=1)), x
 
+    def hidden_states(self, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """transformers' `hidden_states[i]` for each i of `layers` (0: the embedded patches after
+        ln_pre, i: after block i; negative from the end), [B, tokens, width], unnormalised: what
+        a VLM's projector reads. The blocks past the deepest one asked for are not run."""
+        n = len(self.transformer.blocks)
+        wanted = [i + n + 1 if i < 0 else i for i in layers]
+        if not all(0 <= i <= n for i in wanted):
+            raise ValueError(f"vision feature layers {layers}: the tower has {n} layers")
+        x, states = self._embed(images), {}
+        for i in range(max(wanted) + 1):
+            if i:
+                x = self.transformer.blocks[i - 1](x)
+            if i in wanted:
+                states[i] = x
+        return [states[i] for i in wanted]
+
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """What a caption decoder reads: every output token, normalised [B, 1 + grid^2, width]
         (class token first), or with the attentional pooler its caption queries [B, n - 1, embed_dim]."""

@@ -10,12 +10,12 @@ from pathlib import Path
 from ..errors import ClipperError
 from .body import BadRequest, BodyBudget, parse_body, read_body
 from .guard import Admission, header_guard
-from .service import Service
+from .service import BaseService
 
 DEMO_PAGE = Path(__file__).with_name("demo.html")
 
 
-def create_app(service: Service):
+def create_app(service: BaseService):
     """The FastAPI application around `service`."""
     from fastapi import FastAPI, Request
     from fastapi.openapi.utils import get_openapi
@@ -60,7 +60,8 @@ def create_app(service: Service):
             # parsed off the event loop: a 16 MB body takes a while, and /health must not wait for it
             body = await asyncio.to_thread(parse_body, raw, content_type,
                                            limits.max_images + limits.max_texts + limits.max_templates + 8)
-            return JSONResponse(await op(body))
+            result = await op(body)
+            return result if isinstance(result, Response) else JSONResponse(result)
         except ClipperError as e:  # an option or input the library refused
             service.errors[name] += 1
             return refusal(BadRequest(str(e)))
@@ -84,21 +85,20 @@ def create_app(service: Service):
             return await handle(request, name, op)
         return run
 
-    for path, name, op in (("/v1/embeddings", "embeddings", service.embeddings), ("/classify", "classify", service.classify),
-                           ("/caption", "caption", service.caption), ("/search", "search", service.search)):
+    for path, name, op in service.endpoints():
         app.post(path, name=name, openapi_extra=request_body(name))(endpoint(name, op))
 
-    @app.get("/thumbnail/{i}")
-    async def thumbnail(i: int):
-        try:
-            return Response(await asyncio.to_thread(service.thumbnail, i), media_type="image/png")
-        except BadRequest as e:
-            return refusal(e)
+    if hasattr(service, "thumbnail"):
+        @app.get("/thumbnail/{i}")
+        async def thumbnail(i: int):
+            try:
+                return Response(await asyncio.to_thread(service.thumbnail, i), media_type="image/png")
+            except BadRequest as e:
+                return refusal(e)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_name, "caption": service.model.decoder is not None,
-                "index": None if service.index is None else len(service.index)}
+        return service.health()
 
     @app.get("/v1/models")
     async def models():
@@ -124,7 +124,7 @@ def create_app(service: Service):
     return Admission(app, service.limits, service.access)
 
 
-def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(service: BaseService, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     # The model, torch and the framework are ~400,000 objects that live as long as the server; left to

@@ -37,6 +37,10 @@ class Limits:
     max_label_chars: int = setting(200, "characters per label, template or caption prompt")
     max_beams: int = setting(8, "num_beams and num_return_sequences of /caption")
     max_k: int = setting(100, "results per /search request")
+    max_new_tokens: int = setting(1024, "tokens one /v1/chat/completions answer may ask for (max_tokens)")
+    max_turns: int = setting(64, "messages per /v1/chat/completions request")
+    max_chat_queue: int = setting(16, "chat requests waiting for the model (one generates at a time); more get "
+                                      "503 with Retry-After")
 
     def __post_init__(self) -> None:
         for f in fields(self):  # a zero would refuse (or, for the upload slots, stall) every request

@@ -64,11 +64,30 @@ class SearchRequest(_Body):
     k: int = Field(10, description="how many nearest indexed images to return")
 
 
+class ChatRequest(_Body):
+    """OpenAI's chat completion request, as far as a local VLM answers it."""
+    messages: list[dict[str, Any]] = Field(description="{role: system|user|assistant, content: a string, or parts "
+                                                       "{type: text, text} and (user) {type: image_url, image_url: "
+                                                       "{url: a data: URL}}}; one image per chat")
+    model: str | None = Field(None, description="the served model's id (GET /v1/models)")
+    max_tokens: int | None = Field(None, description="most new tokens (default 256)")
+    max_completion_tokens: int | None = Field(None, description="the same as max_tokens (OpenAI's newer name)")
+    temperature: float | None = Field(None, description="sampling temperature (0 or none: greedy)")
+    top_p: float | None = Field(None, description="nucleus sampling")
+    seed: int | None = Field(None, description="sampling seed")
+    repetition_penalty: float | None = Field(None, description="> 1 discourages repeated tokens")
+    stream: bool = Field(False, description="server-sent events, a chunk per piece of text, then [DONE]")
+    n: int = Field(1, description="1 only")
+    frequency_penalty: float | None = Field(None, description="accepted at 0 only")
+    presence_penalty: float | None = Field(None, description="accepted at 0 only")
+    user: str | None = Field(None, description="accepted for OpenAI compatibility, not used")
+
+
 REQUESTS: dict[str, type[BaseModel]] = {"embeddings": EmbeddingsRequest, "classify": ClassifyRequest,
-                                        "caption": CaptionRequest, "search": SearchRequest}
+                                        "caption": CaptionRequest, "search": SearchRequest, "chat": ChatRequest}
 FORM_JSON_FIELDS = ("k", "options", "dimensions")  # multipart fields that are not text: read as JSON
 IMAGE_FIELDS = {"embeddings": ("input",), "classify": ("image",), "caption": ("image", "images"),
-                "search": ("image",)}
+                "search": ("image",), "chat": ()}
 
 
 def fields(name: str) -> tuple[str, ...]:

@@ -73,24 +73,12 @@ class Batcher:
                     future.set_exception(e)
 
 
-class Service:
-    """The model, the optional index, the batchers and the request metrics."""
+class BaseService:
+    """What every service has: the model's name, the limits and access rules, the request
+    metrics; a subclass names its endpoints and its model calls."""
 
-    def __init__(self, model: CLIP, model_name: str, index_dir: str | None = None, limits: Limits | None = None,
-                 max_batch: int = 32, access: Access | None = None, media_roots: list[str] | None = None):
-        self.model, self.model_name, self.limits = model.eval(), model_name, limits or Limits()
-        self.access = access or Access()
-        self.resize, self.normalize = model.preprocessing.resize, model.preprocessing.normalize
-        self.tokenizer = model.tokenizer  # usage counts
-        self.texts = Batcher(self._embed_texts, max_batch)
-        self.images = Batcher(self._embed_images, max_batch)
-        self.index = self.ids = None
-        if index_dir is not None:
-            self.index, self.locations, manifest = open_index(index_dir, model)
-            # clients see ids relative to the embedded folder; where the bytes are is for thumbnails only
-            self.ids = [_public(row, manifest.get("source")) for row in self.locations]
-            # thumbnails are read from files under these folders only, whatever ids.jsonl says
-            self.media_roots = [os.path.realpath(r) for r in media_roots or _embedded_folders(index_dir, manifest)]
+    def __init__(self, model_name: str, limits: Limits | None = None, access: Access | None = None):
+        self.model_name, self.limits, self.access = model_name, limits or Limits(), access or Access()
         self.counts: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))  # the quantiles' window
@@ -99,16 +87,58 @@ class Service:
         self.inflight = 0
         self.created = int(time.time())
 
-    # --- model calls (worker threads) -------------------------------------------------------
-    def _embed_texts(self, texts: list[str]) -> list[torch.Tensor]:
-        return list(embed_texts(self.model, texts, to_numpy=False))
+    def endpoints(self) -> list[tuple[str, str, Callable]]:
+        """(path, name, op) of each POST endpoint; op(body) -> a JSON-able dict or a Response."""
+        raise NotImplementedError
 
-    @torch.inference_mode()
-    def _embed_images(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        emb = self.model.encode_image(self.normalize(torch.stack(pixels)), normalize=True).float()
-        return list(emb)
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name}
 
-    # --- input checks ------------------------------------------------------------------------
+    def model_card(self) -> dict:
+        """The served model's fields beyond OpenAI's in GET /v1/models."""
+        return {}
+
+    def batch_counts(self) -> dict[str, int]:
+        """Model forward passes so far, by kind (for /metrics)."""
+        return {}
+
+    def models(self) -> dict:
+        """GET /v1/models, in OpenAI's shape."""
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "clipper", **self.model_card()}]}
+
+    def metrics(self) -> str:
+        """Prometheus' text format: requests, errors and latency (quantiles over the last 1,000
+        requests) per endpoint, model batches per kind, requests at work."""
+        lines = []
+
+        def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP clipper_{name} {help}", f"# TYPE clipper_{name} {kind}"])
+            lines.extend(f"clipper_{name}{labels} {value:.9g}" for labels, value in samples)
+
+        endpoints = sorted(self.counts)
+        family("requests_total", "counter", "Requests received, by endpoint.",
+               [(f'{{endpoint="{e}"}}', self.counts[e]) for e in endpoints])
+        family("request_errors_total", "counter", "Requests answered with an error, by endpoint.",
+               [(f'{{endpoint="{e}"}}', self.errors[e]) for e in endpoints])
+        latency = []
+        for e in endpoints:
+            window = sorted(self.latency[e])
+            for q in (0.5, 0.95, 0.99):
+                if window:
+                    latency.append((f'{{endpoint="{e}",quantile="{q}"}}', window[min(len(window) - 1, int(q * len(window)))]))
+        lines.extend(["# HELP clipper_request_duration_seconds Request latency, by endpoint.",
+                      "# TYPE clipper_request_duration_seconds summary"])
+        lines.extend(f"clipper_request_duration_seconds{labels} {value:.9g}" for labels, value in latency)
+        for e in endpoints:
+            lines.append(f'clipper_request_duration_seconds_sum{{endpoint="{e}"}} {self.latency_sum[e]:.9g}')
+            lines.append(f'clipper_request_duration_seconds_count{{endpoint="{e}"}} {self.latency_count[e]}')
+        family("batches_total", "counter", "Model forward passes of the batchers, by kind.",
+               [(f'{{kind="{k}"}}', v) for k, v in self.batch_counts().items()])
+        family("inflight_requests", "gauge", "Requests doing model work now.", [("", self.inflight)])
+        return "\n".join(lines) + "\n"
+
+    # --- input checks every endpoint shares ---------------------------------------------------
     @staticmethod
     def image_bytes(value: Any, where: str) -> bytes:
         if isinstance(value, bytes):  # a multipart file
@@ -128,6 +158,66 @@ class Service:
         except ImageError as e:
             raise BadRequest(str(e), 413 if "pixel limit" in str(e) else 400) from None
 
+    async def images_of(self, blobs: list[bytes], names: list[str], where: str, convert: Callable = lambda im: im) -> list:
+        """Decoded images (each through `convert`), off the event loop: a large image takes a while;
+        the whole request's pixels are counted from the headers before any is decoded."""
+        def decode() -> list:
+            try:
+                total = sum(w * h for w, h in (image_size(b, name) for b, name in zip(blobs, names)))
+            except ImageError as e:
+                raise BadRequest(str(e)) from None
+            if total > self.limits.max_request_pixels:
+                raise BadRequest(f"{where}: {total} pixels in all, at most {self.limits.max_request_pixels} per "
+                                 "request", 413)
+            return [convert(self.image(b, name)) for b, name in zip(blobs, names)]
+
+        return await asyncio.to_thread(decode)
+
+
+class Service(BaseService):
+    """A CLIP's endpoints: the model, the optional index, the batchers."""
+
+    def __init__(self, model: CLIP, model_name: str, index_dir: str | None = None, limits: Limits | None = None,
+                 max_batch: int = 32, access: Access | None = None, media_roots: list[str] | None = None):
+        super().__init__(model_name, limits, access)
+        self.model = model.eval()
+        self.resize, self.normalize = model.preprocessing.resize, model.preprocessing.normalize
+        self.tokenizer = model.tokenizer  # usage counts
+        self.texts = Batcher(self._embed_texts, max_batch)
+        self.images = Batcher(self._embed_images, max_batch)
+        self.index = self.ids = None
+        if index_dir is not None:
+            self.index, self.locations, manifest = open_index(index_dir, model)
+            # clients see ids relative to the embedded folder; where the bytes are is for thumbnails only
+            self.ids = [_public(row, manifest.get("source")) for row in self.locations]
+            # thumbnails are read from files under these folders only, whatever ids.jsonl says
+            self.media_roots = [os.path.realpath(r) for r in media_roots or _embedded_folders(index_dir, manifest)]
+
+    def endpoints(self) -> list[tuple[str, str, Callable]]:
+        return [("/v1/embeddings", "embeddings", self.embeddings), ("/classify", "classify", self.classify),
+                ("/caption", "caption", self.caption), ("/search", "search", self.search)]
+
+    def health(self) -> dict:
+        return {**super().health(), "caption": self.model.decoder is not None,
+                "index": None if self.index is None else len(self.index)}
+
+    def model_card(self) -> dict:
+        """`classnames`: the labels the model was trained on, if any."""
+        return {"embedding_dim": self.model.config.embed_dim, "classnames": self.model.config.classnames or []}
+
+    def batch_counts(self) -> dict[str, int]:
+        return {"text": self.texts.batches, "image": self.images.batches}
+
+    # --- model calls (worker threads) -------------------------------------------------------
+    def _embed_texts(self, texts: list[str]) -> list[torch.Tensor]:
+        return list(embed_texts(self.model, texts, to_numpy=False))
+
+    @torch.inference_mode()
+    def _embed_images(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        emb = self.model.encode_image(self.normalize(torch.stack(pixels)), normalize=True).float()
+        return list(emb)
+
+    # --- input checks ------------------------------------------------------------------------
     async def pixels_of(self, values: Any, where: str, many: bool = True) -> list[torch.Tensor]:
         """Decoded and resized images (uint8), off the event loop: a large image takes a while.
         `many`: a list of images is taken (else one image only: a list is refused, never cut)."""
@@ -140,18 +230,7 @@ class Service:
             raise BadRequest(f"{where}: {len(values)} images, at most {self.limits.max_images} per request", 413)
         names = [f"{where}[{i}]" if len(values) > 1 else where for i in range(len(values))]
         blobs = [self.image_bytes(v, name) for v, name in zip(values, names)]
-
-        def decode() -> list[torch.Tensor]:
-            try:  # the whole request's pixels are counted from the headers before any is decoded
-                total = sum(w * h for w, h in (image_size(b, name) for b, name in zip(blobs, names)))
-            except ImageError as e:
-                raise BadRequest(str(e)) from None
-            if total > self.limits.max_request_pixels:
-                raise BadRequest(f"{where}: {total} pixels in all, at most {self.limits.max_request_pixels} per "
-                                 "request", 413)
-            return [self.resize(self.image(b, name)) for b, name in zip(blobs, names)]
-
-        return await asyncio.to_thread(decode)
+        return await self.images_of(blobs, names, where, self.resize)
 
     def texts_of(self, values: Any, where: str, max_chars: int | None = None, max_count: int | None = None) -> list[str]:
         values = values if isinstance(values, list) else [values]
@@ -311,43 +390,6 @@ class Service:
         if size < 0 and os.path.getsize(real) > self.limits.max_body_bytes:
             raise BadRequest(f"image {i} is larger than --max-body-bytes", 404)
         return ImageItem(row["id"], real, offset, size)
-
-    def models(self) -> dict:
-        """GET /v1/models, in OpenAI's shape; `classnames`: the labels the model was trained on, if any."""
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "clipper", "embedding_dim": self.model.config.embed_dim,
-                                            "classnames": self.model.config.classnames or []}]}
-
-    def metrics(self) -> str:
-        """Prometheus' text format: requests, errors and latency (quantiles over the last 1,000
-        requests) per endpoint, model batches per kind, requests at work."""
-        lines = []
-
-        def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
-            lines.extend([f"# HELP clipper_{name} {help}", f"# TYPE clipper_{name} {kind}"])
-            lines.extend(f"clipper_{name}{labels} {value:.9g}" for labels, value in samples)
-
-        endpoints = sorted(self.counts)
-        family("requests_total", "counter", "Requests received, by endpoint.",
-               [(f'{{endpoint="{e}"}}', self.counts[e]) for e in endpoints])
-        family("request_errors_total", "counter", "Requests answered with an error, by endpoint.",
-               [(f'{{endpoint="{e}"}}', self.errors[e]) for e in endpoints])
-        latency = []
-        for e in endpoints:
-            window = sorted(self.latency[e])
-            for q in (0.5, 0.95, 0.99):
-                if window:
-                    latency.append((f'{{endpoint="{e}",quantile="{q}"}}', window[min(len(window) - 1, int(q * len(window)))]))
-        lines.extend(["# HELP clipper_request_duration_seconds Request latency, by endpoint.",
-                      "# TYPE clipper_request_duration_seconds summary"])
-        lines.extend(f"clipper_request_duration_seconds{labels} {value:.9g}" for labels, value in latency)
-        for e in endpoints:
-            lines.append(f'clipper_request_duration_seconds_sum{{endpoint="{e}"}} {self.latency_sum[e]:.9g}')
-            lines.append(f'clipper_request_duration_seconds_count{{endpoint="{e}"}} {self.latency_count[e]}')
-        family("batches_total", "counter", "Model forward passes of the batchers, by kind.",
-               [('{kind="text"}', self.texts.batches), ('{kind="image"}', self.images.batches)])
-        family("inflight_requests", "gauge", "Requests doing model work now.", [("", self.inflight)])
-        return "\n".join(lines) + "\n"
 
 
 def _fields(body: dict, endpoint: str) -> None:

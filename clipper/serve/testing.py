@@ -9,7 +9,7 @@ from typing import Callable
 
 from .app import create_app
 from .guard import header_guard
-from .service import Service
+from .service import BaseService
 
 
 def free_port() -> int:
@@ -35,7 +35,7 @@ def wait_until_up(url: str, seconds: float = 120) -> None:
             time.sleep(0.1)
 
 
-def serve_in_thread(service: Service) -> tuple[str, Callable[[], None]]:
+def serve_in_thread(service: BaseService) -> tuple[str, Callable[[], None]]:
     """Start the service on a free loopback port in a thread: (base URL, stop function)."""
     import uvicorn
 

@@ -21,11 +21,16 @@ from torch import nn
 
 
 class Codec(ABC):
-    """A decoder's token ids. `end_id` ends a caption (a beam that picks it is finished; before
-    min_new_tokens it is forbidden); a greedy or sampled caption ends at any of `stop_ids`."""
+    """A decoder's token ids. `end_id` ends a caption (a beam that picks it, or another of
+    `end_ids`, is finished; before min_new_tokens they are forbidden); a greedy or sampled caption
+    ends at any of `stop_ids`."""
     vocab_size: int
     end_id: int
     stop_ids: tuple[int, ...]
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        return (self.end_id,)
 
     @abstractmethod
     def prompt(self, text: str) -> list[int]:

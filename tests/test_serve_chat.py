@@ -142,3 +142,44 @@ def test_every_field_with_hostile_values_gets_no_500(server):
         statuses.append(status)
     assert 200 in statuses and 400 in statuses and len(cases) > 300
     assert urllib.request.urlopen(server["url"] + "/health", timeout=5).status == 200
+
+
+def test_chat_panel_in_headless_chromium(tmp_path):
+    """The demo page of a VLM server is a chat: an image, a question, the answer streamed in as
+    text; a second question continues the chat. What the model writes is never run as HTML."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from conftest import chromium_path
+
+    chromium = chromium_path()
+    if chromium is None:
+        pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
+    payload = "<svg/onload=window.__pwned=1><img src=x onerror=window.__pwned=2>"
+    _write_llava(tmp_path / "m", "clip", "llama", "default", -2)
+    vlm = clipper.load(tmp_path / "m")
+    decode = vlm.processor.decode
+    vlm.processor.decode = lambda ids: payload + decode(ids) if ids else ""  # a model that writes markup
+    _image().save(tmp_path / "a.png")
+    url, stop = serve_in_thread(ChatService(vlm, "tiny-llava", Limits(max_new_tokens=16)))  # answers fit its context
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('chat')")
+            assert page.locator("#chat-panel").is_visible() and not page.locator("#search").is_visible()
+            page.set_input_files("#chat-file", str(tmp_path / "a.png"))
+            page.wait_for_function("document.getElementById('chat-preview').style.display === 'block'")
+            page.fill("#chat-input", "describe the photo")
+            page.click("#chat-form button")
+            page.wait_for_function("document.querySelectorAll('.turn.assistant').length === 1 && "
+                                   "document.querySelector('.turn.assistant').textContent.length > 0", timeout=20000)
+            page.wait_for_timeout(500)  # the rest of the stream; an injected element would have fired by now
+            answer = page.locator(".turn.assistant").first.inner_text()
+            assert answer.startswith(payload) and page.evaluate("window.__pwned") is None
+            page.fill("#chat-input", "what is red")
+            page.click("#chat-form button")
+            page.wait_for_function("document.querySelectorAll('.turn.assistant').length === 2", timeout=20000)
+            assert page.locator(".turn.user").count() == 2 and page.locator("#chat-error").inner_text() == ""
+            browser.close()
+    finally:
+        stop()

@@ -35,8 +35,8 @@ _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorc
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers' image processors store them
 
 
-def hf_kind(path: str | os.PathLike) -> str | None:
-    """"clip" or "siglip" for a transformers folder of those models, else None (any other folder)."""
+def model_type(path: str | os.PathLike) -> str | None:
+    """The `model_type` of a transformers folder's config.json (None: no such file, or not one)."""
     config = Path(path) / CONFIG
     if not config.is_file():
         return None
@@ -44,6 +44,12 @@ def hf_kind(path: str | os.PathLike) -> str | None:
         kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
+    return kind if isinstance(kind, str) else None
+
+
+def hf_kind(path: str | os.PathLike) -> str | None:
+    """"clip" or "siglip" for a transformers folder of those models, else None (any other folder)."""
+    kind = model_type(path)
     if kind == "siglip2":
         raise ConfigError(f"{path}: a Siglip2Model folder (variable-resolution patch embedding) is not supported; "
                           "the open_clip SigLIP2 configs (ViT-*-SigLIP2-*) load with their weights")

@@ -7,6 +7,7 @@ it (more are a 503), and none of them holds a thread the rest of the server need
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -96,7 +97,7 @@ class ChatService(BaseService):
     def _generation(self, body: dict) -> GenerationConfig:
         limit = self.limits.max_new_tokens
         tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        tokens = min(256, limit) if tokens is None else tokens
+        tokens = min(256, limit) if tokens is None else tokens  # unasked: cut to the room the prompt leaves
         if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= limit:
             raise BadRequest(f"max_tokens: an integer from 1 to {limit}", 413 if isinstance(tokens, int) else 400)
         n = body.get("n", 1)
@@ -139,6 +140,9 @@ class ChatService(BaseService):
             row = processor.encode(processor.render(messages), len(images))
         except ClipperError as e:
             raise BadRequest(str(e)) from None
+        room = self.model.context_length - len(row)
+        if body.get("max_completion_tokens", body.get("max_tokens")) is None and 0 < room < cfg.max_new_tokens:
+            cfg = dataclasses.replace(cfg, max_new_tokens=room)
         if len(row) + cfg.max_new_tokens > self.model.context_length:
             raise BadRequest(f"messages: {len(row)} prompt tokens and max_tokens {cfg.max_new_tokens} pass the "
                              f"model's context of {self.model.context_length}", 413)

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
+from ..interop.hf import model_type
 from .model import VLM, VLMConfig
 
 VLM_KINDS = ("llava",)  # config.json model_type of the folders clipper runs as VLMs
@@ -14,13 +13,7 @@ VLM_KINDS = ("llava",)  # config.json model_type of the folders clipper runs as 
 
 def vlm_kind(path: str | os.PathLike) -> str | None:
     """The model_type of a transformers VLM folder clipper runs, else None."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
-        return None
+    kind = model_type(path)
     return kind if kind in VLM_KINDS else None
 
 

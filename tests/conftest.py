@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import os
 import shutil
@@ -113,6 +114,25 @@ def chromium_path() -> str | None:
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         return shutil.which("chromium")
     return None
+
+
+@contextlib.contextmanager
+def demo_page(url: str, status: str):
+    """The demo page of the server at `url` in headless Chromium, once its status line shows
+    `status` (the test is skipped where Playwright or Chromium cannot be had)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = chromium_path()
+    if chromium is None:
+        pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function(f"document.getElementById('status').textContent.includes({status!r})")
+            yield page
+        finally:
+            browser.close()
 
 
 def noise_png(seed: int = 0, size=(20, 20)) -> bytes:

@@ -92,7 +92,8 @@ def test_runtime_and_precision_mismatches_are_one_line(exported, capsys):
               str(tmp / "x")], "runs with --runtime onnx only"),
             (["embed", str(tmp / "imgs"), "--model", str(exported["exp"]), "--precision", "int8", "--out",
               str(tmp / "x")], "run as exported"),
-            (["convert", "--model", str(exported["exp"]), "--out", str(tmp / "y")], "holds graphs")):
+            (["convert", "--model", str(exported["exp"]), "--out", str(tmp / "y")], "holds graphs"),
+            (["caption", str(tmp / "imgs"), "--model", str(exported["exp"])], "holds the two towers only")):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

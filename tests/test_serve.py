@@ -25,7 +25,7 @@ from clipper.index import Index  # noqa: E402
 from clipper.serve.config import Limits  # noqa: E402
 from clipper.serve.service import Service  # noqa: E402
 from clipper.serve.testing import serve_in_thread  # noqa: E402
-from conftest import RGB_TINY, chromium_path, indexed_captioner, noise_png  # noqa: E402
+from conftest import RGB_TINY, demo_page, indexed_captioner, noise_png  # noqa: E402
 
 
 
@@ -378,16 +378,8 @@ def test_fifty_concurrent_requests_match_single_ones(server):
 
 
 def test_demo_page_in_headless_chromium(server):
-    playwright = pytest.importorskip("playwright.sync_api")
-    chromium = chromium_path()
-    if chromium is None:
-        pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
     image = server["tmp"] / "imgs" / "2.png"
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.goto(server["url"] + "/")
-        page.wait_for_function("document.getElementById('status').textContent.includes('indexed')")
+    with demo_page(server["url"], "indexed") as page:
         # the label box holds the model's class names
         page.wait_for_function("document.getElementById('labels').value === 'red, blue, green'")
         page.set_input_files("#file", str(image))
@@ -403,15 +395,10 @@ def test_demo_page_in_headless_chromium(server):
         page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
         if os.environ.get("CLIPPER_SCREENSHOT"):  # docs/demo.png is made this way
             page.screenshot(path=os.environ["CLIPPER_SCREENSHOT"], full_page=True)
-        browser.close()
 
 
 def test_demo_page_shows_hostile_captions_and_labels_as_text(tmp_path):
     """Stored XSS: captions and file names of the indexed images, and labels, are shown as text."""
-    playwright = pytest.importorskip("playwright.sync_api")
-    chromium = chromium_path()
-    if chromium is None:
-        pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
     payload = "<img src=x onerror=window.__pwned=1>"
     (tmp_path / "imgs").mkdir()
     for i in range(3):
@@ -423,11 +410,7 @@ def test_demo_page_shows_hostile_captions_and_labels_as_text(tmp_path):
     Index.build(np.load(tmp_path / "emb" / "img_emb.npy")).save(tmp_path / "emb")
     url, stop = serve_in_thread(Service(model, "tiny", str(tmp_path / "emb")))
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(url + "/")
-            page.wait_for_function("document.getElementById('status').textContent.includes('indexed')")
+        with demo_page(url, "indexed") as page:
             page.fill("#labels", payload.replace(",", " "))
             page.set_input_files("#file", str(tmp_path / "imgs" / "1.png"))
             page.wait_for_selector("#top .bar", timeout=15000)
@@ -438,6 +421,5 @@ def test_demo_page_shows_hostile_captions_and_labels_as_text(tmp_path):
             assert page.evaluate("window.__pwned") is None
             assert payload in page.locator("#results .hit").first.inner_text()
             assert payload in page.locator("#top .bar").first.inner_text()
-            browser.close()
     finally:
         stop()

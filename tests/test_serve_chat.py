@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("transformers")
@@ -19,6 +18,7 @@ import clipper  # noqa: E402
 from clipper.serve.chat import ChatService  # noqa: E402
 from clipper.serve.config import Limits  # noqa: E402
 from clipper.serve.testing import serve_in_thread  # noqa: E402
+from conftest import demo_page  # noqa: E402
 from test_vlm_llava import _image, _write_llava  # noqa: E402
 
 
@@ -147,12 +147,6 @@ def test_every_field_with_hostile_values_gets_no_500(server):
 def test_chat_panel_in_headless_chromium(tmp_path):
     """The demo page of a VLM server is a chat: an image, a question, the answer streamed in as
     text; a second question continues the chat. What the model writes is never run as HTML."""
-    playwright = pytest.importorskip("playwright.sync_api")
-    from conftest import chromium_path
-
-    chromium = chromium_path()
-    if chromium is None:
-        pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
     payload = "<svg/onload=window.__pwned=1><img src=x onerror=window.__pwned=2>"
     _write_llava(tmp_path / "m", "clip", "llama", "default", -2)
     vlm = clipper.load(tmp_path / "m")
@@ -161,11 +155,7 @@ def test_chat_panel_in_headless_chromium(tmp_path):
     _image().save(tmp_path / "a.png")
     url, stop = serve_in_thread(ChatService(vlm, "tiny-llava", Limits(max_new_tokens=16)))  # answers fit its context
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(url + "/")
-            page.wait_for_function("document.getElementById('status').textContent.includes('chat')")
+        with demo_page(url, "chat") as page:
             assert page.locator("#chat-panel").is_visible() and not page.locator("#search").is_visible()
             page.set_input_files("#chat-file", str(tmp_path / "a.png"))
             page.wait_for_function("document.getElementById('chat-preview').style.display === 'block'")
@@ -180,6 +170,5 @@ def test_chat_panel_in_headless_chromium(tmp_path):
             page.click("#chat-form button")
             page.wait_for_function("document.querySelectorAll('.turn.assistant').length === 2", timeout=20000)
             assert page.locator(".turn.user").count() == 2 and page.locator("#chat-error").inner_text() == ""
-            browser.close()
     finally:
         stop()

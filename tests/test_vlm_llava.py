@@ -307,3 +307,40 @@ def test_precisions_agree_with_fp32(tmp_path):
             ours = fp32.full_logits(fp32.image_features(pixels), *row)
         assert (theirs - ours).abs().max() < 0.1 * ours.abs().max()
         assert other.chat(_image(), "a cat", max_new_tokens=3)
+
+
+def test_two_images_in_one_prompt_equal_transformers(llava):
+    """Two images in one user turn: both expanded, their features in order, the logits equal."""
+    folder, reference, processor = llava
+    vlm = clipper.load(folder)
+    images = [_image(4), _image(5, (30, 50))]
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is red"}]}], add_generation_prompt=True)
+    theirs = processor(images=images, text=text, return_tensors="pt")
+    ours = vlm.processor.encode(vlm.processor.render([{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is red"}]}]), 2)
+    assert ours == theirs["input_ids"][0].tolist()
+    with torch.no_grad():
+        expected = reference(**theirs).logits[:, -1]
+        features = vlm.image_features(vlm.processor.pixels(images))
+        got = vlm.full_logits(features.reshape(1, -1, features.shape[-1]), *_row(ours))
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_the_folders_generation_config_applies_unless_asked_otherwise(tmp_path):
+    """As transformers' generate: generation_config.json's settings (here a repetition penalty)
+    apply to a chat that does not set them; a setting the call gives wins."""
+    _write_llava(tmp_path, "clip", "llama", "default", -2)
+    config = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.5}))
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    vlm = clipper.load(tmp_path)
+    assert vlm.config.generation == {"repetition_penalty": 1.5}
+    inputs = _inputs(processor, "describe the photo", _image())
+    for ours, theirs in ((vlm.conversation(_image()).ask("describe the photo", max_new_tokens=10), {}),
+                         (vlm.conversation(_image()).ask("describe the photo", max_new_tokens=10,
+                                                         repetition_penalty=1.0), {"repetition_penalty": 1.0})):
+        with torch.no_grad():
+            out = reference.generate(**inputs, max_new_tokens=10, **theirs)[0, inputs["input_ids"].shape[1]:].tolist()
+        assert ours["tokens"] == (out[:out.index(2)] if 2 in out else out)

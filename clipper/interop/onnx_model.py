@@ -49,6 +49,9 @@ class OnnxCLIP(ModelInputs):
     def train(self, mode: bool = True) -> "OnnxCLIP":  # graphs have no training mode
         return self
 
+    def caption(self, images, prompt=None, **options):
+        raise ConfigError("an ONNX export holds the two towers only: caption with the clipper model it came from")
+
     def fingerprint(self) -> str:
         """The exported model's (fp32 graphs match it within the export's tolerance)."""
         return self.manifest["model_fingerprint"]

@@ -112,13 +112,13 @@ class ChatService(BaseService):
                 options[ours] = body[theirs]
         if body.get("repetition_penalty") is not None:
             options["repetition_penalty"] = body["repetition_penalty"]
-        temperature = options.get("temperature", 1.0)
-        options["do_sample"] = isinstance(temperature, (int, float)) and temperature > 0 and \
-            body.get("temperature") is not None
-        if options.get("temperature") == 0:
-            options.pop("temperature")  # 0: greedy, as OpenAI's
+        if "temperature" in options:  # given: sampling at it; 0: greedy, as OpenAI's (absent: the folder's default)
+            options["do_sample"] = isinstance(options["temperature"], (int, float)) and options["temperature"] > 0
+            if options["temperature"] == 0:
+                options.pop("temperature")
         try:
-            cfg = from_dict(GenerationConfig, options, "options").validate()
+            from_dict(GenerationConfig, options, "options")  # the types, one line each
+            cfg = self.model.config.options(options)
         except ClipperError as e:
             raise BadRequest(str(e)) from None
         if cfg.seed is not None and not 0 <= cfg.seed < 2 ** 63:

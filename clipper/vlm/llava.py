@@ -7,6 +7,7 @@ generation_config.json's list of end tokens are read."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from .. import io
 from ..checkpoint import read_state_dict
 from ..errors import CheckpointError, ConfigError
+from ..generate import GenerationConfig
 from ..interop.hf import from_hf_state_dict, vision_config_from_hf
 from ..model.vision import VisionTransformer
 from .language import LanguageModel
@@ -133,6 +135,7 @@ def load_llava(path: str | os.PathLike) -> VLM:
     end_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
     if not end_ids or not all(isinstance(i, int) for i in end_ids):
         raise ConfigError(f"{folder}: no end token (generation_config.json or text_config eos_token_id)")
+    settings = {f.name for f in dataclasses.fields(GenerationConfig)} - {"max_new_tokens", "use_cache", "seed"}
     config = VLMConfig(kind="llava", feature_layers=layers, select=select, image_token_id=image_token_id,
-                       end_ids=end_ids, pad_id=generation.get("pad_token_id"), generation=generation)
+                       end_ids=end_ids, generation={k: v for k, v in generation.items() if k in settings and v is not None})
     return VLM(config, vision, projector, language, processor).eval()

@@ -36,9 +36,13 @@ class VLMConfig:
     select: str  # default: the class token dropped; full: every token
     image_token_id: int
     end_ids: tuple[int, ...]  # generation_config's eos_token_id(s)
-    pad_id: int | None = None
     default_prompt: str = "Describe this image."
-    generation: dict = field(default_factory=dict)  # generation_config.json's sampling defaults
+    # generation_config.json's settings that GenerationConfig has (as transformers' generate, they
+    # apply where the call does not say otherwise)
+    generation: dict = field(default_factory=dict)
+
+    def options(self, asked: dict) -> GenerationConfig:
+        return GenerationConfig(**{"max_new_tokens": 256, **self.generation, **asked}).validate()
 
 
 class ChatCodec(Codec):
@@ -220,7 +224,7 @@ class Conversation:
 
     def ask(self, prompt: str, stream: Callable[[str], None] | None = None, **options) -> dict:
         """The answer {"text", "tokens", "seconds"} to the next user turn."""
-        cfg = GenerationConfig(**{"max_new_tokens": 256, **options}).validate()
+        cfg = self.vlm.config.options(options)
         processor = self.vlm.processor
         t0 = time.perf_counter()
         messages = [*self.messages, user_message(prompt, images=0 if self.messages else 1)]

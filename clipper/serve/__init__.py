@@ -1,5 +1,6 @@
 """`clipper serve`: an HTTP service (FastAPI + uvicorn, extra `serve`) for embeddings in the
-OpenAI shape, zero-shot labels, captions and search, plus a demo page at `/`, Prometheus metrics
+OpenAI shape, zero-shot labels, captions and search (or, for a vision-language model, chat
+completions in OpenAI's shape: `chat`), plus a demo page at `/`, Prometheus metrics
 at `/metrics` and the OpenAPI document at `/openapi.json` (browsable at `/docs`). Bodies are JSON,
 or multipart/form-data where images are uploaded as files.
 

@@ -23,7 +23,6 @@ from ..generate import GenerationConfig, generate_ids
 from ..images import open_image
 from ..model.decoders.base import Captioner, Codec, PaddedKVCache
 from ..model.vision import VisionTransformer
-from ..precision import autocast
 from .language import LanguageModel
 from .processor import ChatProcessor, user_message
 
@@ -78,10 +77,20 @@ class VLM(nn.Module):
         self.processor = processor
         self.codec = ChatCodec(language.vocab_size, config.end_ids, processor)
         self.context_length = language.context_length
-        self.precision = "fp32"  # bf16: autocast where native; int8: a quantised copy (clipper.quantize)
+        self.precision = "fp32"  # int8: a quantised copy (clipper.quantize.with_precision)
 
-    def autocast(self):
-        return autocast(self.precision, self.device)
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        # bf16 is the weights themselves (`resolve_precision` allows it where the CPU has it natively):
+        # autocast would cast every weight again at every decode step, measured 2x slower
+        # (benchmarks/README.md, "Vision-language models")
+        self._precision = value
+        if value == "bf16":
+            self.to(torch.bfloat16)
 
     @property
     def device(self) -> torch.device:
@@ -136,9 +145,8 @@ class VLM(nn.Module):
         if len(images) != len(prompts):
             raise ConfigError(f"prompts: {len(prompts)} for {len(images)} image(s)")
         rows = [self.processor.encode(self.processor.render([user_message(p)]), 1) for p in prompts]
-        with self.autocast():
-            features = self.image_features(self.processor.pixels(images))
-            return generate_ids(self, features, rows, cfg, stream)
+        features = self.image_features(self.processor.pixels(images))
+        return generate_ids(self, features, rows, cfg, stream)
 
     @torch.inference_mode()
     def respond(self, images: Sequence[Image.Image], row: list[int], cfg: GenerationConfig,
@@ -147,13 +155,12 @@ class VLM(nn.Module):
         """The new ids after one prompt `row` (rendered and encoded, its image tokens expanded) about
         `images` (0 or more, in order; or their `features`, computed before). `stream`: called
         with each new piece of text; `captioner`: what the engine drives in place of the VLM itself."""
-        with self.autocast():
-            if features is None:
-                features = self.image_features(self.processor.pixels(images)) if images else \
-                    torch.zeros(1, 0, self.language.config.hidden_size, device=self.device)
-            pieces = _TextStream(self.processor, stream) if stream is not None else None
-            return generate_ids(captioner or self, features.reshape(1, -1, features.shape[-1]), [row], cfg,
-                                pieces)[0][0]
+        if features is None:
+            features = self.image_features(self.processor.pixels(images)) if images else \
+                torch.zeros(1, 0, self.language.config.hidden_size, device=self.device)
+        pieces = _TextStream(self.processor, stream) if stream is not None else None
+        return generate_ids(captioner or self, features.reshape(1, -1, features.shape[-1]), [row], cfg,
+                            pieces)[0][0]
 
     def conversation(self, image: Image.Image | str | os.PathLike) -> "Conversation":
         """A chat about `image`: its features are computed once, for every turn."""
@@ -216,7 +223,7 @@ class Conversation:
 
     def __init__(self, vlm: VLM, image: Image.Image):
         self.vlm, self.messages = vlm, []
-        with torch.inference_mode(), vlm.autocast():
+        with torch.inference_mode():
             self.features = vlm.image_features(vlm.processor.pixels([image]))
         self.kept: LMCache | None = None
         self.kept_ids: list[int] = []

@@ -172,3 +172,45 @@ def test_chat_panel_in_headless_chromium(tmp_path):
             assert page.locator(".turn.user").count() == 2 and page.locator("#chat-error").inner_text() == ""
     finally:
         stop()
+
+
+def test_a_stream_whose_client_goes_away_stops_generating(tmp_path):
+    """The client closes the connection after the first event: the generation stops at its next
+    piece instead of running to max_tokens, and the server goes on answering."""
+    import socket
+
+    from clipper.serve.chat import ClientGone
+
+    _write_llava(tmp_path, "clip", "llama", "default", -2)
+    vlm = clipper.load(tmp_path)
+    vlm.codec.stop_ids = (10 ** 6,)  # an end it never writes: unstopped, it would run all 200 tokens
+    outcome = []
+    respond = vlm.respond
+
+    def counted(*args, **kwargs):
+        try:
+            ids = respond(*args, **kwargs)
+        except ClientGone:
+            outcome.append("gone")
+            raise
+        outcome.append(len(ids))
+        return ids
+    vlm.respond = counted
+    service = ChatService(vlm, "tiny-llava", Limits(max_new_tokens=200))
+    url, stop = serve_in_thread(service)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"messages": [{"role": "user", "content": "a cat"}], "max_tokens": 200,
+                           "stream": True}).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert b"data: " in s.recv(4096)
+        deadline = time.monotonic() + 20
+        while service.queued and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcome == ["gone"]  # stopped, not run to its 200 tokens
+        status, out = _post({"url": url}, {"messages": [{"role": "user", "content": "a cat"}], "max_tokens": 3})
+        assert status == 200 and out["usage"]["completion_tokens"] == 3 and outcome == ["gone", 3]
+    finally:
+        stop()

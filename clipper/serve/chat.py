@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,10 @@ from ..vlm import VLM
 from .body import BadRequest
 from .config import Access, Limits
 from .service import BaseService, _fields
+
+class ClientGone(Exception):
+    """Raised in the generation's thread when the client of a streamed answer has gone away."""
+
 
 # OpenAI's sampling fields -> GenerationConfig's (the others OpenAI has are refused when set)
 _OPENAI_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed"}
@@ -179,12 +184,19 @@ class ChatService(BaseService):
 
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()  # the client went away: the generation stops at its next piece
+
+        def emit(text: str) -> None:
+            if gone.is_set():
+                raise ClientGone
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         async def run() -> None:
             try:
-                ids = await self._submit(images, row, cfg,
-                                         lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+                ids = await self._submit(images, row, cfg, emit)
                 pieces.put_nowait(("end", self._finish(ids, cfg)))
+            except ClientGone:
+                pass
             except Exception as e:  # the client learns the generation failed, in the stream
                 pieces.put_nowait(("error", str(e).splitlines()[0][:200]))
 
@@ -195,17 +207,20 @@ class ChatService(BaseService):
 
         async def events():
             worker = asyncio.ensure_future(run())
-            yield event({"role": "assistant", "content": ""})
-            while True:
-                item = await pieces.get()
-                if isinstance(item, tuple):
-                    if item[0] == "error":
-                        yield f"data: {json.dumps({'error': {'message': item[1]}})}\n\n"
-                    else:
-                        yield event({}, item[1])
-                    break
-                yield event({"content": item})
-            yield "data: [DONE]\n\n"
+            try:
+                yield event({"role": "assistant", "content": ""})
+                while True:
+                    item = await pieces.get()
+                    if isinstance(item, tuple):
+                        if item[0] == "error":
+                            yield f"data: {json.dumps({'error': {'message': item[1]}})}\n\n"
+                        else:
+                            yield event({}, item[1])
+                        break
+                    yield event({"content": item})
+                yield "data: [DONE]\n\n"
+            finally:  # ended, or cancelled because the client went away
+                gone.set()
             await worker
 
         return StreamingResponse(events(), media_type="text/event-stream")

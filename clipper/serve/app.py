@@ -88,13 +88,12 @@ def create_app(service: BaseService):
     for path, name, op in service.endpoints():
         app.post(path, name=name, openapi_extra=request_body(name))(endpoint(name, op))
 
-    if hasattr(service, "thumbnail"):
-        @app.get("/thumbnail/{i}")
-        async def thumbnail(i: int):
-            try:
-                return Response(await asyncio.to_thread(service.thumbnail, i), media_type="image/png")
-            except BadRequest as e:
-                return refusal(e)
+    @app.get("/thumbnail/{i}")
+    async def thumbnail(i: int):
+        try:
+            return Response(await asyncio.to_thread(service.thumbnail, i), media_type="image/png")
+        except BadRequest as e:
+            return refusal(e)
 
     @app.get("/health")
     async def health():

@@ -27,8 +27,13 @@ class ClientGone(Exception):
     """Raised in the generation's thread when the client of a streamed answer has gone away."""
 
 
-# OpenAI's sampling fields -> GenerationConfig's (the others OpenAI has are refused when set)
-_OPENAI_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+# the request's sampling fields that GenerationConfig has under the same names (OpenAI's, and
+# repetition_penalty); OpenAI's others are refused when set
+_OPTIONS = ("temperature", "top_p", "seed", "repetition_penalty")
+
+
+def _requested_tokens(body: dict):
+    return body.get("max_completion_tokens", body.get("max_tokens"))
 
 
 class ChatService(BaseService):
@@ -101,7 +106,7 @@ class ChatService(BaseService):
 
     def _generation(self, body: dict) -> GenerationConfig:
         limit = self.limits.max_new_tokens
-        tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        tokens = _requested_tokens(body)
         tokens = min(256, limit) if tokens is None else tokens  # unasked: cut to the room the prompt leaves
         if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= limit:
             raise BadRequest(f"max_tokens: an integer from 1 to {limit}", 413 if isinstance(tokens, int) else 400)
@@ -111,12 +116,8 @@ class ChatService(BaseService):
         for name in ("frequency_penalty", "presence_penalty"):
             if body.get(name) not in (None, 0, 0.0):
                 raise BadRequest(f"{name}: not supported (repetition_penalty is)")
-        options: dict[str, Any] = {"max_new_tokens": tokens}
-        for theirs, ours in _OPENAI_OPTIONS.items():
-            if body.get(theirs) is not None:
-                options[ours] = body[theirs]
-        if body.get("repetition_penalty") is not None:
-            options["repetition_penalty"] = body["repetition_penalty"]
+        options: dict[str, Any] = {"max_new_tokens": tokens,
+                                   **{name: body[name] for name in _OPTIONS if body.get(name) is not None}}
         if "temperature" in options:  # given: sampling at it; 0: greedy, as OpenAI's (absent: the folder's default)
             options["do_sample"] = isinstance(options["temperature"], (int, float)) and options["temperature"] > 0
             if options["temperature"] == 0:
@@ -146,7 +147,7 @@ class ChatService(BaseService):
         except ClipperError as e:
             raise BadRequest(str(e)) from None
         room = self.model.context_length - len(row)
-        if body.get("max_completion_tokens", body.get("max_tokens")) is None and 0 < room < cfg.max_new_tokens:
+        if _requested_tokens(body) is None and 0 < room < cfg.max_new_tokens:
             cfg = dataclasses.replace(cfg, max_new_tokens=room)
         if len(row) + cfg.max_new_tokens > self.model.context_length:
             raise BadRequest(f"messages: {len(row)} prompt tokens and max_tokens {cfg.max_new_tokens} pass the "
@@ -191,9 +192,11 @@ class ChatService(BaseService):
                 raise ClientGone
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
+        generation = self._submit(images, row, cfg, emit)  # queued now, before the first event goes out
+
         async def run() -> None:
             try:
-                ids = await self._submit(images, row, cfg, emit)
+                ids = await generation
                 pieces.put_nowait(("end", self._finish(ids, cfg)))
             except ClientGone:
                 pass

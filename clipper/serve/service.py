@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 
+import abc
 import asyncio
 import base64
 import binascii
@@ -73,7 +74,7 @@ class Batcher:
                     future.set_exception(e)
 
 
-class BaseService:
+class BaseService(abc.ABC):
     """What every service has: the model's name, the limits and access rules, the request
     metrics; a subclass names its endpoints and its model calls."""
 
@@ -87,9 +88,13 @@ class BaseService:
         self.inflight = 0
         self.created = int(time.time())
 
+    @abc.abstractmethod
     def endpoints(self) -> list[tuple[str, str, Callable]]:
         """(path, name, op) of each POST endpoint; op(body) -> a JSON-able dict or a Response."""
-        raise NotImplementedError
+
+    def thumbnail(self, i: int) -> bytes:
+        """GET /thumbnail/{i}: PNG of an indexed image (a service without an index has none)."""
+        raise BadRequest(f"no indexed image {i}", 404)
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_name}

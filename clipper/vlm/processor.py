@@ -16,11 +16,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .. import io
+from ..config import OPENAI_MEAN, OPENAI_STD
 from ..errors import ConfigError
 from ..data.transforms import uint8_tensor
 
 _RESAMPLE = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -30,8 +30,8 @@ class ImageProcessor:
     crop_size: dict | None = None
     resample: int = 3
     rescale_factor: float = 1 / 255
-    image_mean: tuple[float, ...] = CLIP_MEAN
-    image_std: tuple[float, ...] = CLIP_STD
+    image_mean: tuple[float, ...] = OPENAI_MEAN
+    image_std: tuple[float, ...] = OPENAI_STD
     do_resize: bool = True
     do_center_crop: bool = False
     do_rescale: bool = True

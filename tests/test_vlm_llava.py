@@ -26,16 +26,18 @@ TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}USER
             "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def _tokenizer():
+def _tokenizer(specials: tuple[str, ...] = ()):
+    """A word-level tokenizer of WORDS; `specials`: more special tokens, after the image token."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", *WORDS])}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<image>", *specials, "USER:", "ASSISTANT:",
+                                         "User:", "Assistant:", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 unk_token="<unk>", pad_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", *specials]})
     return fast, len(vocab)
 
 
@@ -102,7 +104,7 @@ def test_processor_ids_and_pixels_equal_transformers(llava):
         image = _image(seed, size)
         theirs = _inputs(processor, "describe this image", image)
         ours = vlm.processor.encode(vlm.processor.render([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": "describe this image"}]}]), 1)
+            {"type": "image"}, {"type": "text", "text": "describe this image"}]}]), vlm.processor.image_texts([image]))
         assert ours == theirs["input_ids"][0].tolist()
         assert torch.equal(vlm.processor.pixels([image]), theirs["pixel_values"])
 
@@ -159,7 +161,7 @@ def test_chat_stream_and_no_cache(llava):
     calls = []
     tower = vlm.vision.hidden_states
     vlm.vision.hidden_states = lambda *a: calls.append(1) or tower(*a)
-    first_prompt = len(vlm.processor.encode(vlm.processor.render(talk.messages[:1]), 1))
+    first_prompt = len(vlm.processor.encode(vlm.processor.render(talk.messages[:1]), talk.image_texts))
     second = talk.ask("what is red", max_new_tokens=4)  # the second turn: the first one's text in the prompt
     assert not calls  # the image was not run again
     # nor the first turn's prompt (its image tokens included): the cache was kept (the answer's ids
@@ -168,7 +170,7 @@ def test_chat_stream_and_no_cache(llava):
     rendered = vlm.processor.render(talk.messages[:-1])
     assert rendered.count("<image>") == 1 and out["text"] in rendered
     with torch.inference_mode():
-        again = generate_ids(vlm, talk.features, [vlm.processor.encode(rendered, 1)], GenerationConfig(max_new_tokens=4))
+        again = generate_ids(vlm, talk.features, [vlm.processor.encode(rendered, talk.image_texts)], GenerationConfig(max_new_tokens=4))
     assert second["tokens"] == again[0][0]
 
 
@@ -199,7 +201,7 @@ def load_vlm_logits(folder):
     with torch.no_grad():
         return vlm.full_logits(vlm.image_features(vlm.processor.pixels([_image()])),
                                *_row(vlm.processor.encode(vlm.processor.render([{"role": "user", "content": [
-                                   {"type": "image"}, {"type": "text", "text": "a cat"}]}]), 1)))
+                                   {"type": "image"}, {"type": "text", "text": "a cat"}]}]), vlm.processor.image_texts([_image()]))))
 
 
 def _row(ids):
@@ -211,7 +213,7 @@ def test_bad_folders_and_prompts_fail_in_one_line(tmp_path):
     _write_llava(tmp_path, "clip", "llama", "default", -2)
     vlm = clipper.load(tmp_path)
     with pytest.raises(ClipperError, match="2 image token"):
-        vlm.processor.encode("USER: <image>\n<image>\nhi ASSISTANT:", 1)
+        vlm.processor.encode("USER: <image>\n<image>\nhi ASSISTANT:", vlm.processor.image_texts([_image()]))
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "vision_feature_select_strategy": "some"}))
     with pytest.raises(ClipperError, match="vision_feature_select_strategy"):
@@ -301,7 +303,7 @@ def test_precisions_agree_with_fp32(tmp_path):
         assert other.precision == precision
         pixels = fp32.processor.pixels([_image()])
         row = _row(fp32.processor.encode(fp32.processor.render([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": "a cat"}]}]), 1))
+            {"type": "image"}, {"type": "text", "text": "a cat"}]}]), fp32.processor.image_texts([_image()])))
         with torch.no_grad():
             theirs = other.full_logits(other.image_features(pixels), *row).float()
         with torch.no_grad():
@@ -319,7 +321,7 @@ def test_two_images_in_one_prompt_equal_transformers(llava):
         {"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is red"}]}], add_generation_prompt=True)
     theirs = processor(images=images, text=text, return_tensors="pt")
     ours = vlm.processor.encode(vlm.processor.render([{"role": "user", "content": [
-        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is red"}]}]), 2)
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is red"}]}]), vlm.processor.image_texts(images))
     assert ours == theirs["input_ids"][0].tolist()
     with torch.no_grad():
         expected = reference(**theirs).logits[:, -1]

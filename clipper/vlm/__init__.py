@@ -1,14 +1,19 @@
 """Vision-language models: an image tower, a projector and a pretrained causal language model
-(LLaVA), run by clipper's generation engine. `clipper.load(DIR)` returns a `VLM` for such a folder."""
+(LLaVA; Idefics3 / SmolVLM), run by clipper's generation engine. `clipper.load(DIR)` returns a
+`VLM` for such a folder."""
 
 from __future__ import annotations
 
 import os
 
+from ..errors import ConfigError
 from ..interop.hf import model_type
 from .model import VLM, VLMConfig
 
-VLM_KINDS = ("llava",)  # config.json model_type of the folders clipper runs as VLMs
+# config.json model_type of the folders clipper runs as VLMs -> the loader's module and function
+_LOADERS = {"llava": ("llava", "load_llava"), "idefics3": ("idefics3", "load_idefics3"),
+            "smolvlm": ("idefics3", "load_idefics3")}
+VLM_KINDS = tuple(_LOADERS)
 
 
 def vlm_kind(path: str | os.PathLike) -> str | None:
@@ -18,9 +23,13 @@ def vlm_kind(path: str | os.PathLike) -> str | None:
 
 
 def load_vlm(path: str | os.PathLike) -> VLM:
-    from .llava import load_llava
+    import importlib
 
-    return load_llava(path)
+    kind = vlm_kind(path)
+    if kind is None:
+        raise ConfigError(f"{path}: not a vision-language model folder clipper runs ({', '.join(VLM_KINDS)})")
+    module, name = _LOADERS[kind]
+    return getattr(importlib.import_module(f".{module}", __name__), name)(path)
 
 
 __all__ = ["VLM", "VLMConfig", "VLM_KINDS", "load_vlm", "vlm_kind"]

@@ -7,48 +7,22 @@ generation_config.json's list of end tokens are read."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
 from .. import io
-from ..checkpoint import read_state_dict
 from ..errors import CheckpointError, ConfigError
-from ..generate import GenerationConfig
-from ..interop.hf import from_hf_state_dict, vision_config_from_hf
-from ..model.vision import VisionTransformer
-from .language import LanguageModel
+from .folder import CONFIG, folder_weights, generation_settings, image_tower, language_model
 from .model import VLM, VLMConfig
 from .processor import ChatProcessor
 from .projector import MLPProjector
 
-CONFIG = "config.json"
 # the older layout's prefixes -> transformers 5's
 _RENAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
             ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
 _VISION_KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
-
-
-def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors (one file or the shards model.safetensors.index.json
-    lists), read weights-only."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = io.read_json_object(index, "safetensors index", {"weight_map": dict})["weight_map"]
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if Path(name).name != name or not (folder / name).is_file():
-                raise CheckpointError(f"{index}: names a shard {name!r} that is not a file in the folder")
-    else:
-        files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-        if not files:
-            raise CheckpointError(f"{folder}: no .safetensors weights")
-    sd: dict[str, torch.Tensor] = {}
-    for name in files:
-        sd.update(read_state_dict(folder / name))
-    return sd
 
 
 def _renamed(key: str) -> str:
@@ -97,45 +71,23 @@ def load_llava(path: str | os.PathLike) -> VLM:
         else:
             raise CheckpointError(f"{folder}: tensor {key} has no place in a LLaVA model")
 
-    vision_cfg = vision_config_from_hf(vc, kind, f"{where}: vision_config")
-    visual = {k[len("visual."):]: v for k, v in from_hf_state_dict(parts["vision"], kind, str(folder)).items()}
-    if kind == "siglip" and not any(k.startswith("map_pool.") for k in visual):
-        vision_cfg.pool = "avg"  # a tower saved without its pooling head (vision_use_head false)
-    vision_cfg.projection = False  # a CLIPVisionModel has no projection
-    with torch.device("meta"):
-        vision = VisionTransformer(vision_cfg, vision_cfg.width)
-    missing = sorted(set(vision.state_dict()) - set(visual))
-    if missing:
-        raise CheckpointError(f"{folder}: the image tower lacks {len(missing)} tensors, e.g. {missing[:2]}")
-    vision.load_state_dict({k: v for k, v in visual.items() if k in vision.state_dict()}, strict=True, assign=True)
-
-    width_in = vision_cfg.width * len(layers)
-    lm_width = int(tc.get("hidden_size", 0))
-    projector = MLPProjector(width_in, lm_width, hf.get("projector_hidden_act", "gelu"),
-                             bool(hf.get("multimodal_projector_bias", True)))
+    vision = image_tower(vc, kind, parts["vision"], folder, f"{where}: vision_config")
+    projector = MLPProjector(vision.cfg.width * len(layers), int(tc.get("hidden_size", 0)),
+                             hf.get("projector_hidden_act", "gelu"), bool(hf.get("multimodal_projector_bias", True)))
     try:
         projector.load_state_dict(parts["projector"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: the projector's weights do not fit ({str(e).splitlines()[0]})") from None
-
-    with torch.device("meta"):
-        language = LanguageModel(tc, f"{where}: text_config")
-    language.load_weights(parts["language"], str(folder), tied=bool(hf.get("tie_word_embeddings")))
+    language = language_model(tc, parts["language"], folder, where, bool(hf.get("tie_word_embeddings")))
 
     # transformers' count: every token of the tower, less the first with the default strategy
     # (dropped as a class token even where the tower, SigLIP, has none)
-    tokens = vision_cfg.grid ** 2 + int(vision_cfg.class_token) - int(select == "default")
+    tokens = vision.cfg.grid ** 2 + int(vision.cfg.class_token) - int(select == "default")
     processor = ChatProcessor.from_folder(folder, tokens)
     if processor.image_token_id != image_token_id:
         raise ConfigError(f"{folder}: the tokenizer's image token {processor.image_token!r} is id "
                           f"{processor.image_token_id}, the config says {image_token_id}")
-    generation = io.read_json_object(folder / "generation_config.json", "generation config", {}) \
-        if (folder / "generation_config.json").is_file() else {}
-    eos = generation.get("eos_token_id", tc.get("eos_token_id"))
-    end_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
-    if not end_ids or not all(isinstance(i, int) for i in end_ids):
-        raise ConfigError(f"{folder}: no end token (generation_config.json or text_config eos_token_id)")
-    settings = {f.name for f in dataclasses.fields(GenerationConfig)} - {"max_new_tokens", "use_cache", "seed"}
+    end_ids, generation = generation_settings(folder, tc)
     config = VLMConfig(kind="llava", feature_layers=layers, select=select, image_token_id=image_token_id,
-                       end_ids=end_ids, generation={k: v for k, v in generation.items() if k in settings and v is not None})
+                       end_ids=end_ids, generation=generation)
     return VLM(config, vision, projector, language, processor).eval()

@@ -1,5 +1,6 @@
-"""A vision-language model (LLaVA's shape): an image tower whose chosen layers' tokens a projector
-maps into a pretrained language model's embedding, in place of the prompt's image tokens.
+"""A vision-language model (LLaVA's and Idefics3's shape): an image tower whose chosen layers'
+tokens (normalised, pixel-shuffled where the folder says) a projector maps into a pretrained
+language model's embedding, in place of the prompt's image tokens.
 
 `VLM` is the `Captioner` clipper's generation engine drives (clipper.generate: greedy, beams,
 sampling, penalties, streaming): `prefill` runs the prompt with its images once into the language
@@ -25,6 +26,7 @@ from ..model.decoders.base import Captioner, Codec, PaddedKVCache
 from ..model.vision import VisionTransformer
 from .language import LanguageModel
 from .processor import ChatProcessor, user_message
+from .projector import pixel_shuffle
 
 
 @dataclass
@@ -35,6 +37,8 @@ class VLMConfig:
     select: str  # default: the class token dropped; full: every token
     image_token_id: int
     end_ids: tuple[int, ...]  # generation_config's eos_token_id(s)
+    post_norm: bool = False  # the tower's final LayerNorm on the features (Idefics3)
+    shuffle: int = 1  # pixel shuffle: each shuffle x shuffle block of tokens in one (Idefics3's scale_factor)
     default_prompt: str = "Describe this image."
     # generation_config.json's settings that GenerationConfig has (as transformers' generate, they
     # apply where the call does not say otherwise)
@@ -45,19 +49,14 @@ class VLMConfig:
 
 
 class ChatCodec(Codec):
-    def __init__(self, vocab_size: int, end_ids: Sequence[int], processor: ChatProcessor):
-        self.vocab_size, self.processor = vocab_size, processor
-        self.end_id, self.stop_ids = end_ids[0], tuple(end_ids)
+    """The language model's ids the engine reads: its vocabulary and the folder's end tokens."""
+
+    def __init__(self, vocab_size: int, end_ids: Sequence[int]):
+        self.vocab_size, self.end_id, self.stop_ids = vocab_size, end_ids[0], tuple(end_ids)
 
     @property
     def end_ids(self) -> tuple[int, ...]:
         return self.stop_ids
-
-    def prompt(self, text: str) -> list[int]:
-        return self.processor.encode(self.processor.render([user_message(text)]), 1)
-
-    def texts(self, prompts: Sequence[str], per_image: list[list[list[int]]]) -> list[list[str]]:
-        return [[self.processor.decode(seq) for seq in seqs] for seqs in per_image]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -75,7 +74,7 @@ class VLM(nn.Module):
         super().__init__()
         self.config, self.vision, self.projector, self.language = config, vision, projector, language
         self.processor = processor
-        self.codec = ChatCodec(language.vocab_size, config.end_ids, processor)
+        self.codec = ChatCodec(language.vocab_size, config.end_ids)
         self.context_length = language.context_length
         self.precision = "fp32"  # int8: a quantised copy (clipper.quantize.with_precision)
 
@@ -98,22 +97,32 @@ class VLM(nn.Module):
 
     # --- the image -----------------------------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images [N, 3, H, W] -> the language model's inputs for them [N, tokens, D]."""
+        """Preprocessed frames [N, 3, H, W] -> the language model's inputs for them [N, tokens, D]."""
         states = self.vision.hidden_states(pixels.to(self.device), self.config.feature_layers)
         if self.config.select == "default":  # the class token dropped
             states = [s[:, 1:] for s in states]
-        return self.projector(torch.cat(states, dim=-1))
+        if self.config.post_norm:
+            states = [self.vision.ln_post(s) for s in states]
+        return self.projector(pixel_shuffle(torch.cat(states, dim=-1), self.config.shuffle))
+
+    def features_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """One row per image of its frames' features in order [N, tokens, D], zero-padded after a
+        row whose image has fewer frames (Idefics3's tiles vary with the aspect ratio)."""
+        rows = [self.image_features(self.processor.pixels([im])).flatten(0, 1) for im in images]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
     # --- the Captioner the engine drives ---------------------------------------------------------
     def _inputs(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The prompt's embeddings with each row's image tokens replaced by its images' features
-        (`image_tokens` [B, n * tokens, D], in order)."""
+        (`image_tokens` [B, n, D], in order; a row with fewer image tokens takes the first ones:
+        rows are zero-padded to the longest)."""
         embeds = self.language.embed(tokens)
         where = tokens == self.config.image_token_id
-        if int(where.sum()) != image_tokens.shape[0] * image_tokens.shape[1]:
-            raise ConfigError(f"prompt: {int(where.sum())} image token positions for "
-                              f"{image_tokens.shape[0] * image_tokens.shape[1]} image features")
-        return embeds.masked_scatter(where[..., None], image_tokens.to(embeds.dtype))
+        counts, n = where.sum(1), image_tokens.shape[1]
+        if int(counts.max()) != n or (len(tokens) == 1 and int(counts[0]) != n):
+            raise ConfigError(f"prompt: {counts.tolist()} image token positions for {n} image features")
+        taken = image_tokens[torch.arange(n, device=tokens.device)[None] < counts[:, None]]
+        return embeds.masked_scatter(where[..., None], taken.to(embeds.dtype))
 
     @staticmethod
     def _positions(valid: torch.Tensor) -> torch.Tensor:
@@ -144,9 +153,10 @@ class VLM(nn.Module):
         """New ids [row][sequence] for one user turn per row: prompts[i] about images[i]."""
         if len(images) != len(prompts):
             raise ConfigError(f"prompts: {len(prompts)} for {len(images)} image(s)")
-        rows = [self.processor.encode(self.processor.render([user_message(p)]), 1) for p in prompts]
-        features = self.image_features(self.processor.pixels(images))
-        return generate_ids(self, features, rows, cfg, stream)
+        processor = self.processor
+        rows = [processor.encode(processor.render([user_message(p)]), processor.image_texts([im]))
+                for im, p in zip(images, prompts)]
+        return generate_ids(self, self.features_of(images), rows, cfg, stream)
 
     @torch.inference_mode()
     def respond(self, images: Sequence[Image.Image], row: list[int], cfg: GenerationConfig,
@@ -223,6 +233,7 @@ class Conversation:
 
     def __init__(self, vlm: VLM, image: Image.Image):
         self.vlm, self.messages = vlm, []
+        self.image_texts = vlm.processor.image_texts([image])
         with torch.inference_mode():
             self.features = vlm.image_features(vlm.processor.pixels([image]))
         self.kept: LMCache | None = None
@@ -235,7 +246,7 @@ class Conversation:
         processor = self.vlm.processor
         t0 = time.perf_counter()
         messages = [*self.messages, user_message(prompt, images=0 if self.messages else 1)]
-        row = processor.encode(processor.render(messages), 1)
+        row = processor.encode(processor.render(messages), self.image_texts)
         # a kept cache is one row that greedy or sampled decoding grew (beams reorder and drop rows)
         reusable = cfg.use_cache and cfg.num_beams == 1 and cfg.num_return_sequences == 1
         captioner = _Continuing(self.vlm, self.kept if reusable else None, self.kept_ids)

@@ -1,13 +1,17 @@
 """A VLM's inputs as its transformers processor makes them: the folder's chat template rendered by
-its tokenizer, each image token expanded to the image's feature count, and the pixels of the
-folder's image processor (transformers' default torchvision path: uint8 resize with antialias, a
-centre crop that rounds down, rescale and normalise fused), so that ids and pixels are identical."""
+its tokenizer, each image token expanded to the text of the image's features, and the pixels of
+the folder's image processor (transformers' default torchvision path: uint8 resizes with
+antialias, a centre crop that rounds down, rescale and normalise fused), so that ids and pixels
+are identical. LLaVA's images are one fixed-size frame (`ImageProcessor`); Idefics3's and
+SmolVLM's are tiles plus the global image (`TiledImageProcessor`), each frame's tokens behind its
+row/column tag."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +24,45 @@ from ..config import OPENAI_MEAN, OPENAI_STD
 from ..errors import ConfigError
 from ..data.transforms import uint8_tensor
 
-_RESAMPLE = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+# PIL's resample codes, as transformers maps them (LANCZOS runs in torchvision >= 0.27 on the CPU)
+_RESAMPLE = {0: InterpolationMode.NEAREST, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
+             3: InterpolationMode.BICUBIC}
+MAX_SIDE = 4096  # transformers' bound on a resized image's side (Idefics3)
+
+
+def _settings(folder: Path) -> tuple[dict, Path]:
+    """The folder's image processor settings: preprocessor_config.json, else (transformers 5)
+    processor_config.json's image_processor."""
+    path = folder / "preprocessor_config.json"
+    if path.is_file():
+        return io.read_json_object(path, "image processor config", {}), path
+    path = folder / "processor_config.json"
+    p = io.read_json_object(path, "processor config", {}).get("image_processor") if path.is_file() else None
+    if not isinstance(p, dict):
+        raise ConfigError(f"{folder}: no image processor settings (preprocessor_config.json, or "
+                          "processor_config.json's image_processor)")
+    return p, path
+
+
+def _normalized(x: torch.Tensor, p: "ImageProcessor | TiledImageProcessor") -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32, rescaled and normalised as transformers does (fused:
+    mean and std in 0-255 units)."""
+    x = x.to(torch.float32)
+    if p.do_rescale and p.do_normalize:
+        mean = torch.tensor(p.image_mean) * (1.0 / p.rescale_factor)
+        std = torch.tensor(p.image_std) * (1.0 / p.rescale_factor)
+        return TVF.normalize(x, mean.tolist(), std.tolist())
+    if p.do_rescale:
+        x = x * p.rescale_factor
+    return TVF.normalize(x, list(p.image_mean), list(p.image_std)) if p.do_normalize else x
+
+
+def _fields(p: dict, names: Sequence[str]) -> dict:
+    fields = {k: p[k] for k in names if p.get(k) is not None}
+    for k in ("image_mean", "image_std"):
+        if p.get(k) is not None:
+            fields[k] = tuple(float(x) for x in (p[k] if isinstance(p[k], list) else [p[k]] * 3))
+    return fields
 
 
 @dataclass
@@ -39,37 +81,17 @@ class ImageProcessor:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ImageProcessor":
-        path = folder / "preprocessor_config.json"
-        if path.is_file():
-            p = io.read_json_object(path, "image processor config", {})
-        else:  # transformers 5 keeps it in the processor's config
-            path = folder / "processor_config.json"
-            p = io.read_json_object(path, "processor config", {}).get("image_processor") if path.is_file() else None
-            if not isinstance(p, dict):
-                raise ConfigError(f"{folder}: no image processor settings (preprocessor_config.json, or "
-                                  "processor_config.json's image_processor)")
-        fields = {k: p[k] for k in ("size", "crop_size", "resample", "rescale_factor", "do_resize", "do_center_crop",
-                                    "do_rescale", "do_normalize") if p.get(k) is not None}
-        for k in ("image_mean", "image_std"):
-            if p.get(k) is not None:
-                fields[k] = tuple(float(x) for x in (p[k] if isinstance(p[k], list) else [p[k]] * 3))
-        out = cls(**fields)
+        p, path = _settings(folder)
+        out = cls(**_fields(p, ("size", "crop_size", "resample", "rescale_factor", "do_resize", "do_center_crop",
+                                     "do_rescale", "do_normalize")))
         if out.resample not in _RESAMPLE or not isinstance(out.size, dict) or not (
                 "shortest_edge" in out.size or {"height", "width"} <= set(out.size)):
             raise ConfigError(f"{path}: size must be {{shortest_edge}} or {{height, width}} and resample one of "
                               f"{sorted(_RESAMPLE)}, got {out.size} and {out.resample}")
         return out
 
-    def output_size(self) -> tuple[int, int]:
-        if self.do_center_crop and self.crop_size:
-            return int(self.crop_size["height"]), int(self.crop_size["width"])
-        if "height" in self.size:
-            return int(self.size["height"]), int(self.size["width"])
-        raise ConfigError("image processor: a shortest-edge resize without a centre crop gives images of "
-                          "varying shape, which this VLM cannot take")
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> float32 [3, H, W]."""
+    def frames(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> float32 [1, 3, H, W]."""
         x = uint8_tensor(image, "RGB")
         if self.do_resize:
             if "shortest_edge" in self.size:
@@ -86,14 +108,102 @@ class ImageProcessor:
             if ch > h or cw > w:
                 raise ConfigError(f"image processor: a {h}x{w} image is smaller than the {ch}x{cw} crop")
             x = x[..., int((h - ch) / 2.0):int((h - ch) / 2.0) + ch, int((w - cw) / 2.0):int((w - cw) / 2.0) + cw]
-        x = x.to(torch.float32)
-        if self.do_rescale and self.do_normalize:  # fused as transformers does: mean and std in 0-255 units
-            mean = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)
-            std = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)
-            return TVF.normalize(x, mean.tolist(), std.tolist())
-        if self.do_rescale:
-            x = x * self.rescale_factor
-        return TVF.normalize(x, list(self.image_mean), list(self.image_std)) if self.do_normalize else x
+        return _normalized(x, self)[None]
+
+    def layout(self, image: Image.Image) -> tuple[int, int]:
+        """(rows, columns) of tiles: none, one frame per image."""
+        return 0, 0
+
+
+@dataclass
+class TiledImageProcessor:
+    """Idefics3's / SmolVLM's image processor: the longest side resized to `size`, then to multiples
+    of the tile side (`max_image_size`), cut into tiles row by row, and the whole image resized to
+    one tile last (the global image); without splitting the image is squashed to one tile."""
+    size: dict = field(default_factory=lambda: {"longest_edge": 4 * 364})
+    max_image_size: dict = field(default_factory=lambda: {"longest_edge": 364})
+    resample: int = 1
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_image_splitting: bool = True
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "TiledImageProcessor":
+        p, path = _settings(folder)
+        out = cls(**_fields(p, ("size", "max_image_size", "resample", "rescale_factor", "do_resize",
+                                     "do_rescale", "do_normalize", "do_image_splitting")))
+        sides = (out.size.get("longest_edge"), out.max_image_size.get("longest_edge")) \
+            if isinstance(out.size, dict) and isinstance(out.max_image_size, dict) else (None, None)
+        if out.resample not in _RESAMPLE or not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in sides):
+            raise ConfigError(f"{path}: size and max_image_size must be {{longest_edge}} of 1 to {MAX_SIDE} and "
+                              f"resample one of {sorted(_RESAMPLE)}, got {out.size}, {out.max_image_size} and "
+                              f"{out.resample}")
+        return out
+
+    @property
+    def tile(self) -> int:
+        return int(self.max_image_size["longest_edge"])
+
+    def _resized(self, h: int, w: int) -> tuple[int, int]:
+        """The size after the first resize: the longest side to size's longest_edge (the other
+        side rounded up to even), both kept within MAX_SIDE."""
+        if not self.do_resize:
+            return h, w
+        side, aspect = int(self.size["longest_edge"]), w / h
+        if w >= h:
+            w, h = side, int(side / aspect)
+            h += h % 2
+        else:
+            h, w = side, int(side * aspect)
+            w += w % 2
+        h, w = max(h, 1), max(w, 1)
+        aspect = w / h
+        if w >= h and w > MAX_SIDE:
+            w, h = MAX_SIDE, int(MAX_SIDE / aspect)
+        elif h > w and h > MAX_SIDE:
+            h, w = MAX_SIDE, int(MAX_SIDE * aspect)
+        return max(h, 1), max(w, 1)
+
+    def _tiled(self, h: int, w: int) -> tuple[int, int]:
+        """The size the tiles are cut from: each side rounded up to whole tiles (the longer one
+        first, the shorter from it by the aspect ratio)."""
+        t, aspect = self.tile, w / h
+        if w >= h:
+            w = math.ceil(w / t) * t
+            h = math.ceil(int(w / aspect) / t) * t
+        else:
+            h = math.ceil(h / t) * t
+            w = math.ceil(int(h * aspect) / t) * t
+        return h, w
+
+    def layout(self, image: Image.Image) -> tuple[int, int]:
+        """(rows, columns) of tiles; (0, 0) for the global image alone."""
+        if not self.do_image_splitting:
+            return 0, 0
+        h, w = self._tiled(*self._resized(image.height, image.width))
+        return (h // self.tile, w // self.tile) if h > self.tile or w > self.tile else (0, 0)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return TVF.resize(x, list(size), interpolation=_RESAMPLE[self.resample], antialias=True)
+
+    def frames(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> float32 [tiles + 1 or 1, 3, tile, tile]: the tiles row by row, then the global image."""
+        x = uint8_tensor(image, "RGB")
+        if self.do_resize:
+            x = self._resize(x, self._resized(*x.shape[-2:]))
+        t = self.tile
+        if not self.do_image_splitting:
+            return _normalized(self._resize(x, (t, t)), self)[None]
+        x = self._resize(x, self._tiled(*x.shape[-2:]))
+        h, w = x.shape[-2:]
+        if h <= t and w <= t:
+            return _normalized(x, self)[None]
+        tiles = x.unfold(1, t, t).unfold(2, t, t).permute(1, 2, 0, 3, 4).reshape(-1, 3, t, t)
+        return _normalized(torch.cat([tiles, self._resize(x, (t, t))[None]]), self)
 
 
 def chat_template(folder: Path, tokenizer) -> str:
@@ -109,20 +219,43 @@ def chat_template(folder: Path, tokenizer) -> str:
     raise ConfigError(f"{folder}: no chat template (chat_template.jinja, chat_template.json or the tokenizer's)")
 
 
-class ChatProcessor:
-    """Messages -> the prompt ids the language model reads; ids -> text."""
+@dataclass
+class ImageText:
+    """What each image token of a rendered prompt becomes: `tokens` image tokens per frame; with
+    `around` set (Idefics3, SmolVLM), each tile's tokens behind `around` and its <row_r_col_c> tag,
+    a line per row of tiles, then the global image's behind `around` and `global_tag`."""
+    image_token: str
+    tokens: int
+    around: str | None = None
+    global_tag: str = "<global-img>"
 
-    def __init__(self, folder: Path, tokenizer, template: str, image_token: str, tokens_per_image: int,
-                 images: ImageProcessor):
-        self.folder, self.tokenizer, self.template = folder, tokenizer, template
-        self.image_token, self.tokens_per_image, self.images = image_token, tokens_per_image, images
-        ids = tokenizer.encode(image_token, add_special_tokens=False)
+    def __call__(self, rows: int, cols: int) -> str:
+        image = self.image_token * self.tokens
+        if self.around is None:
+            return image
+        whole = f"{self.around}{self.global_tag}{image}{self.around}"
+        if rows == 0 and cols == 0:
+            return whole
+        tiles = "".join("".join(f"{self.around}<row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
+                        for r in range(rows))
+        return f"{tiles}\n{whole}"
+
+
+class ChatProcessor:
+    """Messages -> the prompt ids the language model reads; images -> their frames; ids -> text."""
+
+    def __init__(self, folder: Path, tokenizer, template: str, text: ImageText,
+                 images: ImageProcessor | TiledImageProcessor):
+        self.folder, self.tokenizer, self.template, self.text, self.images = folder, tokenizer, template, text, images
+        self.image_token = text.image_token
+        ids = tokenizer.encode(self.image_token, add_special_tokens=False)
         if len(ids) != 1:
-            raise ConfigError(f"{folder}: the tokenizer does not hold the image token {image_token!r} as one token")
+            raise ConfigError(f"{folder}: the tokenizer does not hold the image token {self.image_token!r} as one token")
         self.image_token_id = ids[0]
 
     @classmethod
-    def from_folder(cls, folder: Path, tokens_per_image: int, image_token: str = "<image>") -> "ChatProcessor":
+    def from_folder(cls, folder: Path, tokens_per_frame: int, tiled: bool = False) -> "ChatProcessor":
+        """The folder's tokenizer, chat template and image processor (`tiled`: Idefics3's)."""
         from .language import _transformers
 
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -136,25 +269,38 @@ class ChatProcessor:
             raise ConfigError(f"{folder}: the tokenizer does not load ({str(e).splitlines()[0]})") from None
         settings = io.read_json_object(folder / "processor_config.json", "processor config", {}) \
             if (folder / "processor_config.json").is_file() else {}
-        token = settings.get("image_token") or getattr(tokenizer, "image_token", None) or image_token
-        return cls(folder, tokenizer, chat_template(folder, tokenizer), token, tokens_per_image,
-                   ImageProcessor.from_folder(folder))
+        token = settings.get("image_token") or getattr(tokenizer, "image_token", None) or "<image>"
+        if tiled:  # the tokenizer's names where it has them, as SmolVLM's processor
+            text = ImageText(token, tokens_per_frame, getattr(tokenizer, "fake_image_token", None) or
+                             "<fake_token_around_image>",
+                             getattr(tokenizer, "global_image_token", None) or "<global-img>")
+            images = TiledImageProcessor.from_folder(folder)
+        else:
+            text, images = ImageText(token, tokens_per_frame), ImageProcessor.from_folder(folder)
+        return cls(folder, tokenizer, chat_template(folder, tokenizer), text, images)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def encode(self, text: str, images: int) -> list[int]:
-        """The ids of a rendered prompt holding `images` image tokens, each expanded to the image's
-        feature count (as the processor's __call__: the tokenizer's special tokens added)."""
-        found = text.count(self.image_token)
-        if found != images:
-            raise ConfigError(f"prompt: {found} image token(s) {self.image_token!r} for {images} image(s)")
-        expanded = text.replace(self.image_token, self.image_token * self.tokens_per_image)
+    def image_texts(self, images: Sequence[Image.Image]) -> list[str]:
+        """What each image's token becomes in the prompt (from the images' sizes alone)."""
+        return [self.text(*self.images.layout(im)) for im in images]
+
+    def encode(self, text: str, image_texts: Sequence[str]) -> list[int]:
+        """The ids of a rendered prompt holding one image token per entry of `image_texts`
+        (`image_texts(images)`), each replaced by its text (as the processor's __call__: the
+        tokenizer's special tokens added)."""
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(image_texts):
+            raise ConfigError(f"prompt: {len(pieces) - 1} image token(s) {self.image_token!r} for "
+                              f"{len(image_texts)} image(s)")
+        expanded = pieces[0] + "".join(t + piece for t, piece in zip(image_texts, pieces[1:]))
         return self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.images(im) for im in images])
+        """Every image's frames, in order [frames, 3, H, W]."""
+        return torch.cat([self.images.frames(im) for im in images])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

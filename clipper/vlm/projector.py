@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,3 +32,27 @@ class MLPProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LinearProjector(nn.Module):
+    """Idefics3's connector: one linear map, no bias (modality_projection.proj)."""
+
+    def __init__(self, in_width: int, width: int, bias: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(in_width, width, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, g*g, D] tokens of a g x g grid -> [B, (g/f)^2, f*f*D]: each f x f block of neighbours
+    in one token, its rows in order, each row's tokens in order (Idefics3's pixel shuffle)."""
+    if factor == 1:
+        return x
+    b, n, d = x.shape
+    g = math.isqrt(n)
+    if g * g != n or g % factor:
+        raise ConfigError(f"pixel shuffle: {n} tokens are not a square grid divisible by {factor}")
+    s = g // factor
+    return x.reshape(b, s, factor, s, factor, d).permute(0, 1, 3, 2, 4, 5).reshape(b, s * s, factor * factor * d)

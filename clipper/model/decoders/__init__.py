@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...config import ModelConfig
 from ...errors import ConfigError
-from .base import Captioner, Codec, Decoder, PaddedKVCache
+from .base import Captioner, Codec, Decoder, PaddedKVCache, TextCodec
 from .coca import CoCaDecoder
 from .prefix import PrefixDecoder
 
@@ -29,4 +29,5 @@ def build_decoder(model: ModelConfig) -> Decoder:
     return check_decoder(model).for_model(model.decoder, model)
 
 
-__all__ = ["DECODERS", "Captioner", "Codec", "Decoder", "PaddedKVCache", "build_decoder", "check_decoder"]
+__all__ = ["DECODERS", "Captioner", "Codec", "Decoder", "PaddedKVCache", "TextCodec", "build_decoder",
+           "check_decoder"]

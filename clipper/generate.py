@@ -145,7 +145,7 @@ def _seen(tokens: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor
 
 
 def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg: GenerationConfig,
-                      stream: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+                      stream: Callable[[torch.Tensor], bool | None] | None = None) -> list[list[int]]:
     R, device = seen.shape[0], seen.device
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = torch.arange(R, device=device)
@@ -157,8 +157,8 @@ def _greedy_or_sample(state: _DecodeState, seen: torch.Tensor, codec: Codec, cfg
     for step in range(cfg.max_new_tokens):
         token = _sample(_process(state.logits, seen, step, cfg, codec.end_ids), cfg, generator)
         steps.append(token)
-        if stream is not None:
-            stream(token)
+        if stream is not None and stream(token):  # the caller ends every row here (a stop string)
+            break
         done |= torch.isin(token, stops)
         if step == cfg.max_new_tokens - 1 or bool(done.all()):
             break
@@ -290,9 +290,10 @@ def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
 
 
 def generate_ids(captioner: Captioner, image_tokens: torch.Tensor, rows: list[list[int]], cfg: GenerationConfig,
-                 stream: Callable[[torch.Tensor], None] | None = None) -> list[list[list[int]]]:
+                 stream: Callable[[torch.Tensor], bool | None] | None = None) -> list[list[list[int]]]:
     """The engine: the new ids [row][sequence] after each prompt row (the decoder's ids) over its
-    image's tokens [B, ...]. `stream`: called with each step's tokens [B] (greedy and sampling)."""
+    image's tokens [B, ...]. `stream`: called with each step's tokens [B] (greedy and sampling);
+    when it returns True the generation ends after that step's tokens."""
     codec, context = captioner.codec, captioner.context_length
     B, device = len(rows), image_tokens.device
     tokens, valid = _left_padded(rows, device)

@@ -74,6 +74,16 @@ def test_openai_client_whole_and_streamed(server):
     sampled = [client.chat.completions.create(model="tiny-llava", messages=_user("a cat", _image()), max_tokens=6,
                                               temperature=0.9, seed=3).choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed gives the same answer
+    stop = " " + expected.split()[1]
+    for streamed in (False, True):  # OpenAI's stop: the answer ends before it
+        out = client.chat.completions.create(model="tiny-llava", messages=_user("describe the photo", _image()),
+                                             max_tokens=8, stop=stop, stream=streamed)
+        if streamed:
+            chunks = list(out)
+            text, finish = "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, finish = out.choices[0].message.content, out.choices[0].finish_reason
+        assert text == expected[:expected.find(stop)] and finish == "stop"
 
 
 @pytest.mark.parametrize("body,status,match", [
@@ -92,6 +102,8 @@ def test_openai_client_whole_and_streamed(server):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e9}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "not served here"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "unknown field"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 9}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [3]}, 400, "stop"),
 ])
 def test_bad_requests_get_4xx_fast(server, body, status, match):
     t0 = time.perf_counter()

@@ -347,3 +347,23 @@ def test_the_folders_generation_config_applies_unless_asked_otherwise(tmp_path):
         with torch.no_grad():
             out = reference.generate(**inputs, max_new_tokens=10, **theirs)[0, inputs["input_ids"].shape[1]:].tolist()
         assert ours["tokens"] == (out[:out.index(2)] if 2 in out else out)
+
+
+def test_stop_strings_end_the_answer_before_them(tmp_path):
+    """A stop string ends generation where the text first holds it; the answer (and what was
+    streamed) ends before it, as OpenAI's `stop`; a stop string never seen changes nothing."""
+    _write_llava(tmp_path, "clip", "llama", "default", -2)
+    vlm = clipper.load(tmp_path)
+    full = vlm.conversation(_image()).ask("describe the photo", max_new_tokens=12)
+    words = full["text"].split()
+    assert len(words) >= 4
+    stop = " " + words[2]
+    expected = full["text"][:full["text"].find(stop)]
+    pieces = []
+    out = vlm.conversation(_image()).ask("describe the photo", stream=pieces.append, max_new_tokens=12,
+                                         stop_strings=[stop, "never written"])
+    assert out["text"] == expected and "".join(pieces) == expected
+    assert len(out["tokens"]) < len(full["tokens"])  # generation stopped at the stop string
+    assert vlm.chat(_image(), "describe the photo", max_new_tokens=12, stop_strings="never written") == full["text"]
+    with pytest.raises(ClipperError, match="stop"):
+        vlm.chat(_image(), "describe the photo", stop_strings=[""])

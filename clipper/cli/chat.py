@@ -1,4 +1,4 @@
-"""`clipper chat`: questions about an image to a vision-language model (a LLaVA folder, ...)."""
+"""`clipper chat`: questions about an image to a vision-language model (LLaVA, Idefics3, SmolVLM folders)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     model = load_model_from_args(args)
     if not isinstance(model, VLM):
-        raise ConfigError(f"--model {args.model}: not a vision-language model (a LLaVA folder); captioners answer "
-                          "`clipper caption`")
-    options = {**flag_values(args, args.config_fields), "do_sample": args.sample}
+        raise ConfigError(f"--model {args.model}: not a vision-language model (a LLaVA, Idefics3 or SmolVLM "
+                          "folder); captioners answer `clipper caption`")
+    options = flag_values(args, args.config_fields)
+    if args.sample is not None:  # else the folder's generation_config decides
+        options["do_sample"] = args.sample
+    if args.stop:
+        options["stop_strings"] = args.stop
     talk = model.conversation(args.image)
     if args.prompt is not None:
         _answer(talk, args.prompt, args.json, options)
@@ -51,6 +55,9 @@ def add_parsers(sub) -> None:
     p.add_argument("image", help="an image file")
     p.add_argument("prompt", nargs="?", help="the question (none, on a terminal: an interactive chat)")
     add_model_args(p)
-    p.add_argument("--sample", action="store_true", help="sample (temperature, top-k, top-p) instead of greedy/beam")
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (temperature, top-k, top-p) instead of greedy/beam; --no-sample: greedy "
+                        "(default: as the folder's generation_config.json says)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before TEXT (repeatable)")
     p.add_argument("--json", action="store_true", help='print {"text", "tokens", "seconds"} per answer')
     p.set_defaults(fn=cmd_chat, config_fields=add_config_flags(p, GenerationConfig, skip=("do_sample",)))

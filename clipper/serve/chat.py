@@ -19,6 +19,7 @@ from ..config import from_dict
 from ..errors import ClipperError
 from ..generate import GenerationConfig
 from ..vlm import VLM
+from ..vlm.model import cut_at_stop, stop_strings
 from .body import BadRequest
 from .config import Access, Limits
 from .service import BaseService, _fields
@@ -140,6 +141,10 @@ class ChatService(BaseService):
             raise BadRequest("stream: true or false")
         messages, blobs = self._messages(body)
         cfg = self._generation(body)
+        try:
+            stop = stop_strings(body.get("stop"))
+        except ClipperError as e:
+            raise BadRequest(str(e)) from None
         images = await self.images_of(blobs, [f"image {i}" for i in range(len(blobs))], "messages")
         processor = self.model.processor
         try:
@@ -157,30 +162,32 @@ class ChatService(BaseService):
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": self.model_name}
         if not stream:
-            ids = await self._submit(images, row, cfg, None)
+            ids = await self._submit(images, row, cfg, stop, None)
+            text, stopped = cut_at_stop(processor.decode(ids), stop)
             return {**head, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": processor.decode(ids)},
-                                 "finish_reason": self._finish(ids, cfg)}],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": self._finish(ids, cfg, stopped)}],
                     "usage": {"prompt_tokens": len(row), "completion_tokens": len(ids),
                               "total_tokens": len(row) + len(ids)}}
-        return self._stream(head, images, row, cfg)
+        return self._stream(head, images, row, cfg, stop)
 
-    def _finish(self, ids: list[int], cfg: GenerationConfig) -> str:
-        return "length" if len(ids) >= cfg.max_new_tokens else "stop"
+    def _finish(self, ids: list[int], cfg: GenerationConfig, stopped: bool) -> str:
+        return "length" if len(ids) >= cfg.max_new_tokens and not stopped else "stop"
 
-    def _submit(self, images, row: list[int], cfg: GenerationConfig, emit: Callable[[str], None] | None):
+    def _submit(self, images, row: list[int], cfg: GenerationConfig, stop: tuple[str, ...],
+                emit: Callable[[str], None] | None):
         """The generation, queued for the model's thread: an awaitable of its ids."""
         def run() -> list[int]:
             try:
                 self.generations += 1
-                return self.model.respond(images, row, cfg, emit)
+                return self.model.respond(images, row, cfg, emit, stop=stop)
             finally:
                 self.queued -= 1
 
         self.queued += 1
         return asyncio.wrap_future(self.worker.submit(run))
 
-    def _stream(self, head: dict, images, row: list[int], cfg: GenerationConfig):
+    def _stream(self, head: dict, images, row: list[int], cfg: GenerationConfig, stop: tuple[str, ...]):
         from fastapi.responses import StreamingResponse
 
         loop = asyncio.get_running_loop()
@@ -192,12 +199,13 @@ class ChatService(BaseService):
                 raise ClientGone
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-        generation = self._submit(images, row, cfg, emit)  # queued now, before the first event goes out
+        generation = self._submit(images, row, cfg, stop, emit)  # queued now, before the first event goes out
 
         async def run() -> None:
             try:
                 ids = await generation
-                pieces.put_nowait(("end", self._finish(ids, cfg)))
+                stopped = cut_at_stop(self.model.processor.decode(ids), stop)[1]
+                pieces.put_nowait(("end", self._finish(ids, cfg, stopped)))
             except ClientGone:
                 pass
             except Exception as e:  # the client learns the generation failed, in the stream

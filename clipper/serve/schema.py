@@ -77,6 +77,7 @@ class ChatRequest(_Body):
     seed: int | None = Field(None, description="sampling seed")
     repetition_penalty: float | None = Field(None, description="> 1 discourages repeated tokens")
     stream: bool = Field(False, description="server-sent events, a chunk per piece of text, then [DONE]")
+    stop: str | list[str] | None = Field(None, description="up to 8 strings; the answer ends before the first")
     n: int = Field(1, description="1 only")
     frequency_penalty: float | None = Field(None, description="accepted at 0 only")
     presence_penalty: float | None = Field(None, description="accepted at 0 only")

@@ -161,14 +161,16 @@ class VLM(nn.Module):
     @torch.inference_mode()
     def respond(self, images: Sequence[Image.Image], row: list[int], cfg: GenerationConfig,
                 stream: Callable[[str], None] | None = None, features: torch.Tensor | None = None,
-                captioner: "Captioner | None" = None) -> list[int]:
+                captioner: "Captioner | None" = None, stop: Sequence[str] = ()) -> list[int]:
         """The new ids after one prompt `row` (rendered and encoded, its image tokens expanded) about
         `images` (0 or more, in order; or their `features`, computed before). `stream`: called
-        with each new piece of text; `captioner`: what the engine drives in place of the VLM itself."""
+        with each new piece of text; `captioner`: what the engine drives in place of the VLM itself;
+        `stop`: strings that end the answer (greedy and sampling stop generating at one; the text
+        streamed never holds one: `cut_at_stop` cuts the whole answer's text)."""
         if features is None:
             features = self.image_features(self.processor.pixels(images)) if images else \
                 torch.zeros(1, 0, self.language.config.hidden_size, device=self.device)
-        pieces = _TextStream(self.processor, stream) if stream is not None else None
+        pieces = _TextStream(self.processor, stream, stop) if stream is not None or stop else None
         return generate_ids(captioner or self, features.reshape(1, -1, features.shape[-1]), [row], cfg,
                             pieces)[0][0]
 
@@ -180,7 +182,8 @@ class VLM(nn.Module):
              **options) -> str:
         """The answer to `prompt` about `image` (options: GenerationConfig's fields, named as in
         transformers: max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_k,
-        top_p, repetition_penalty, seed). `stream`: called with each new piece of text."""
+        top_p, repetition_penalty, seed; and stop_strings, the answer ending before the first
+        one). `stream`: called with each new piece of text."""
         return self.conversation(image).ask(prompt, stream, **options)["text"]
 
     def caption(self, images, prompt: str | None = None, **options) -> list[str]:
@@ -241,7 +244,8 @@ class Conversation:
         self.reused = 0
 
     def ask(self, prompt: str, stream: Callable[[str], None] | None = None, **options) -> dict:
-        """The answer {"text", "tokens", "seconds"} to the next user turn."""
+        """The answer {"text", "tokens", "seconds"} to the next user turn (options: as `VLM.chat`)."""
+        stop = stop_strings(options.pop("stop_strings", None))
         cfg = self.vlm.config.options(options)
         processor = self.vlm.processor
         t0 = time.perf_counter()
@@ -250,26 +254,49 @@ class Conversation:
         # a kept cache is one row that greedy or sampled decoding grew (beams reorder and drop rows)
         reusable = cfg.use_cache and cfg.num_beams == 1 and cfg.num_return_sequences == 1
         captioner = _Continuing(self.vlm, self.kept if reusable else None, self.kept_ids)
-        ids = self.vlm.respond([], row, cfg, stream, self.features, captioner)
+        ids = self.vlm.respond([], row, cfg, stream, self.features, captioner, stop)
         self.reused = captioner.reused
         self.kept = captioner.cache if reusable else None
         self.kept_ids = (row + ids)[:self.kept.length] if self.kept is not None else []
-        text = processor.decode(ids)
+        text = cut_at_stop(processor.decode(ids), stop)[0]
         self.messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
         return {"text": text, "tokens": ids, "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def stop_strings(value) -> tuple[str, ...]:
+    """A stop option (a string, or a list of up to 8 non-empty strings of at most 100 characters)
+    as a tuple; none: ()."""
+    stops = [value] if isinstance(value, str) else value if value is not None else []
+    if not isinstance(stops, (list, tuple)) or len(stops) > 8 or \
+            not all(isinstance(x, str) and 0 < len(x) <= 100 for x in stops):
+        raise ConfigError("stop: a string or a list of up to 8 non-empty strings of at most 100 characters")
+    return tuple(stops)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """(`text` up to the first of `stops`, whether one was found)."""
+    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
+
+
 class _TextStream:
-    """Token ids -> the text they add, as it becomes whole (a character may span tokens)."""
+    """Token ids -> the text they add, as it becomes whole (a character may span tokens), never
+    a stop string: the text that could begin one is held back until it cannot. Returns True (the
+    engine stops) once the text holds one."""
 
-    def __init__(self, processor: ChatProcessor, emit: Callable[[str], None]):
-        self.processor, self.emit, self.ids, self.sent = processor, emit, [], ""
+    def __init__(self, processor: ChatProcessor, emit: Callable[[str], None] | None, stops: Sequence[str] = ()):
+        self.processor, self.emit, self.stops, self.ids, self.sent = processor, emit, tuple(stops), [], ""
 
-    def __call__(self, token: torch.Tensor) -> None:
+    def __call__(self, token: torch.Tensor) -> bool:
         self.ids.append(int(token[0]))
         text = self.processor.decode(self.ids)
         if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next token
-            return
-        if len(text) > len(self.sent):
+            return False
+        text, stopped = cut_at_stop(text, self.stops)
+        if not stopped:  # hold back a tail that starts a stop string
+            held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - held]
+        if self.emit is not None and len(text) > len(self.sent):
             self.emit(text[len(self.sent):])
-        self.sent = text
+        self.sent = max(self.sent, text, key=len)
+        return stopped

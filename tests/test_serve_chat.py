@@ -226,3 +226,66 @@ def test_a_stream_whose_client_goes_away_stops_generating(tmp_path):
         assert status == 200 and out["usage"]["completion_tokens"] == 3 and outcome == ["gone", 3]
     finally:
         stop()
+
+
+def test_remote_image_urls_only_from_allowed_hosts(tmp_path):
+    """--image-host: a chat's http image URL on an allowed host is fetched (the answer equals the
+    data: URL's); other hosts, redirects, missing and oversized images get 4xx in < 1 s."""
+    import http.server
+    import threading
+
+    image = io.BytesIO()
+    _image().save(image, format="PNG")
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/a.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(image.getvalue())))
+                self.end_headers()
+                self.wfile.write(image.getvalue())
+            elif self.path == "/big.png":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"\0" * (1 << 16))
+            elif self.path == "/moved.png":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    _write_llava(tmp_path, "clip", "llama", "default", -2)
+    vlm = clipper.load(tmp_path)
+    from clipper.serve.config import Access
+
+    url, stop = serve_in_thread(ChatService(vlm, "tiny-llava", Limits(max_new_tokens=16, max_body_bytes=1 << 15,
+                                                                      max_buffered_bytes=1 << 16),
+                                            Access(image_hosts=("127.0.0.1",))))
+    try:
+        server = {"url": url}
+
+        def ask(image_url: str) -> tuple[int, dict]:
+            return _post(server, {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "describe the photo"}]}],
+                "max_tokens": 6})
+
+        code, out = ask(base + "/a.png")
+        assert code == 200 and out["choices"][0]["message"]["content"] == vlm.chat(_image(), "describe the photo",
+                                                                                    max_new_tokens=6)
+        for path, status, match in ((f"http://localhost:{httpd.server_address[1]}/a.png", 403, "not a host"),
+                                    (base + "/moved.png", 400, "redirect"), (base + "/none.png", 400, "HTTP 404"),
+                                    (base + "/big.png", 413, "bytes"), ("ftp://127.0.0.1/a.png", 400, "http(s)"),
+                                    ("http://user:pw@127.0.0.1/a.png", 400, "credentials")):
+            t0 = time.perf_counter()
+            code, out = ask(path)
+            assert code == status and match in out["error"]["message"] and time.perf_counter() - t0 < 1, (path, out)
+    finally:
+        stop()
+        httpd.shutdown()

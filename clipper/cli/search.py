@@ -26,7 +26,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else ["127.0.0.1", "localhost", "::1", args.host]
     access = Access(api_key=args.api_key or os.environ.get("CLIPPER_API_KEY") or None,
                     allowed_hosts=() if "*" in hosts else tuple(h.strip() for h in hosts if h.strip()),
-                    cors_origins=tuple(o.rstrip("/") for o in args.cors_origin))
+                    cors_origins=tuple(o.rstrip("/") for o in args.cors_origin),
+                    image_hosts=tuple(h.strip().lower() for h in args.image_host if h.strip()))
     model = load_model_from_args(args)
     name, limits = args.served_model_name or model_spec(args).served_name(), Limits(**flag_values(args, args.config_fields))
     if isinstance(model, VLM):  # a vision-language model serves /v1/chat/completions
@@ -99,6 +100,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="another site whose pages may call this server (scheme://host[:port]; repeatable); "
                         "cross-site requests from others are refused (default: none)")
+    p.add_argument("--image-host", action="append", default=[], metavar="HOST",
+                   help="a host whose http(s) image URLs a chat request may name; the server fetches them "
+                        "(repeatable; '*': any; default: none, data: URLs only)")
     p.add_argument("--media-root", action="append", default=[], metavar="DIR",
                    help="folder /thumbnail may read images from (repeatable; default: the --index folder and "
                         "the folder it was embedded from)")

@@ -22,6 +22,7 @@ from ..vlm import VLM
 from ..vlm.model import cut_at_stop, stop_strings
 from .body import BadRequest
 from .config import Access, Limits
+from .fetch import checked_url, fetch
 from .service import BaseService, _fields
 
 class ClientGone(Exception):
@@ -58,8 +59,9 @@ class ChatService(BaseService):
         return {"chat": self.generations}
 
     # --- the request -----------------------------------------------------------------------------
-    def _messages(self, body: dict) -> tuple[list[dict], list[bytes]]:
-        """The messages in the processor's form, and the images' bytes in order."""
+    def _messages(self, body: dict) -> tuple[list[dict], list[bytes | str]]:
+        """The messages in the processor's form, and the images in order: their bytes (data: URLs)
+        or their http(s) URLs (on an allowed host, fetched later)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages: a non-empty list of {role, content}")
@@ -93,10 +95,8 @@ class ChatService(BaseService):
                     url = url.get("url") if isinstance(url, dict) else url
                     if not isinstance(url, str):
                         raise BadRequest(f"{at}.image_url: {{url: a data: URL}}")
-                    if not url.startswith("data:"):
-                        raise BadRequest(f"{at}.image_url: only data: URLs (base64 images in the request); "
-                                         "this server fetches nothing from elsewhere")
-                    images.append(self.image_bytes(url, f"{at}.image_url"))
+                    images.append(self.image_bytes(url, f"{at}.image_url") if url.startswith("data:") else
+                                  checked_url(url, self.access.image_hosts, f"{at}.image_url"))
                     converted.append({"type": "image"})
                 else:
                     raise BadRequest(f"{at}.type: text, or image_url in a user message")
@@ -145,6 +145,9 @@ class ChatService(BaseService):
             stop = stop_strings(body.get("stop"))
         except ClipperError as e:
             raise BadRequest(str(e)) from None
+        blobs = [b if isinstance(b, bytes) else await asyncio.to_thread(
+            fetch, b, self.limits.max_body_bytes, self.limits.read_timeout_s, f"image {i}")
+            for i, b in enumerate(blobs)]
         images = await self.images_of(blobs, [f"image {i}" for i in range(len(blobs))], "messages")
         processor = self.model.processor
         try:

@@ -56,7 +56,9 @@ class Limits:
 class Access:
     """Who may call: a bearer token (`--api-key` or CLIPPER_API_KEY), the Host names a request
     may carry (DNS rebinding: a page elsewhere cannot reach a loopback server through its name),
-    and the origins of other sites whose pages may send requests (`--cors-origin`)."""
+    the origins of other sites whose pages may send requests (`--cors-origin`), and the hosts a
+    chat's image URLs may name (`--image-host`)."""
     api_key: str | None = None
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # empty: any
     cors_origins: tuple[str, ...] = ()  # the other sites' pages that may call (scheme://host[:port])
+    image_hosts: tuple[str, ...] = ()  # hosts the server fetches http(s) image URLs from ("*": any; none: data: only)

@@ -6,8 +6,9 @@ pixel shuffle by 4, 64 tokens a frame), a 4:3 image cut into 12 tiles plus the g
 image tokens), or squashed to one frame (64). Each side runs in its own process (its peak RSS is
 its own): time to first token (image preprocessing, tower, projector, prefill, the first token),
 decode tokens/s at 32 forced new tokens (min = max = 32), and the greedy tokens, which must agree;
-clipper's int8 (and bf16 where the CPU has it natively) beside them, with the share of their
-tokens that equal fp32's.
+clipper with its own Llama module (the default) and with transformers' module in its engine (the
+choice measured); clipper's int8 (and bf16 where the CPU has it natively) beside them, with the
+share of their tokens that equal fp32's.
 
     python benchmarks/vlm.py [--folders llava smolvlm smolvlm-nosplit] [--repeats 5] [--new-tokens 32]
 """
@@ -40,11 +41,12 @@ def _image() -> Image.Image:
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8))
 
 
-def _clipper(folder: str, precision: str = "fp32"):
+def _clipper(folder: str, precision: str = "fp32", native_lm: bool = True):
     import clipper
     from clipper.generate import GenerationConfig
+    from clipper.vlm import load_vlm
 
-    vlm = clipper.load(folder, precision=precision)
+    vlm = clipper.load(folder, precision=precision) if native_lm else load_vlm(folder, native_lm=False).eval()
 
     def run(n: int) -> list[int]:
         cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n)
@@ -69,8 +71,8 @@ def _transformers(folder: str):
     return run
 
 
-SIDES = {"transformers": _transformers, "clipper": _clipper, "clipper-int8": lambda f: _clipper(f, "int8"),
-         "clipper-bf16": lambda f: _clipper(f, "bf16")}
+SIDES = {"transformers": _transformers, "clipper": _clipper,
+         "clipper-transformers-lm": lambda f: _clipper(f, native_lm=False), "clipper-int8": lambda f: _clipper(f, "int8"), "clipper-bf16": lambda f: _clipper(f, "bf16")}
 
 
 def side(name: str, folder: str, new_tokens: int, repeats: int) -> dict:
@@ -113,7 +115,10 @@ def _compare(sides: dict) -> dict:
             "decode_speedup": round(c["decode_tokens_per_s"] / t["decode_tokens_per_s"], 2),
             "rss_ratio": round(c["peak_rss_mib"] / t["peak_rss_mib"], 2),
             "token_agreement_to_fp32": {name: sum(a == b for a, b in zip(out["tokens"], c["tokens"])) / len(c["tokens"])
-                                        for name, out in sides.items() if name.startswith("clipper-")}}
+                                        for name, out in sides.items() if name.startswith("clipper-")},
+            "speedup_over_transformers": {name: {"ttft": round(t["ttft_s"] / out["ttft_s"], 2),
+                                                 "decode": round(out["decode_tokens_per_s"] / t["decode_tokens_per_s"], 2)}
+                                          for name, out in sides.items() if name.startswith("clipper")}}
 
 
 def main() -> None:
@@ -129,7 +134,8 @@ def main() -> None:
         return
     from clipper.precision import native_bf16
 
-    names = ["transformers", "clipper", "clipper-int8"] + (["clipper-bf16"] if native_bf16("cpu") else [])
+    names = ["transformers", "clipper", "clipper-transformers-lm", "clipper-int8"] + \
+        (["clipper-bf16"] if native_bf16("cpu") else [])
     result = {"prompt": PROMPT, "new_tokens": args.new_tokens, "repeats": args.repeats, "folders": {},
               "command": "python benchmarks/vlm.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:

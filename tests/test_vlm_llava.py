@@ -41,7 +41,7 @@ def _tokenizer(specials: tuple[str, ...] = ()):
     return fast, len(vocab)
 
 
-def _write_llava(folder, vision: str, lm: str, strategy: str, layer, seed: int = 0):
+def _write_llava(folder, vision: str, lm: str, strategy: str, layer, seed: int = 0, **text):
     tokenizer, vocab = _tokenizer()
     if vision == "clip":
         vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -53,7 +53,7 @@ def _write_llava(folder, vision: str, lm: str, strategy: str, layer, seed: int =
         images = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
     common = dict(vocab_size=vocab + 4, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, **text)
     tc = transformers.LlamaConfig(**common) if lm == "llama" else \
         transformers.Qwen2Config(**common, tie_word_embeddings=True)
     config = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=3,
@@ -367,3 +367,23 @@ def test_stop_strings_end_the_answer_before_them(tmp_path):
     assert vlm.chat(_image(), "describe the photo", max_new_tokens=12, stop_strings="never written") == full["text"]
     with pytest.raises(ClipperError, match="stop"):
         vlm.chat(_image(), "describe the photo", stop_strings=[""])
+
+
+def test_language_models_clipper_does_not_run_itself_run_in_transformers_module(tmp_path):
+    """The Llama family runs in clipper's own module (llama.LlamaLM); a setting it does not cover
+    (here linear RoPE scaling) runs in transformers' module, with transformers' tokens either way."""
+    from clipper.vlm.language import LanguageModel
+    from clipper.vlm.llama import LlamaLM
+
+    for folder, rope, kind in ((tmp_path / "own", None, LlamaLM),
+                               (tmp_path / "theirs", {"rope_type": "linear", "factor": 2.0}, LanguageModel)):
+        reference = _write_llava(folder, "clip", "llama", "default", -2, rope_scaling=rope)
+        vlm = clipper.load(folder)
+        assert isinstance(vlm.language, kind)
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+        inputs = _inputs(processor, "describe the photo", _image())
+        with torch.no_grad():
+            theirs = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        theirs = theirs.tolist()
+        ours = vlm.generate([_image()], ["describe the photo"], GenerationConfig(max_new_tokens=8))[0][0]
+        assert ours == (theirs[:theirs.index(2)] if 2 in theirs else theirs)

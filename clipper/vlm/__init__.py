@@ -22,14 +22,15 @@ def vlm_kind(path: str | os.PathLike) -> str | None:
     return kind if kind in VLM_KINDS else None
 
 
-def load_vlm(path: str | os.PathLike) -> VLM:
+def load_vlm(path: str | os.PathLike, native_lm: bool = True) -> VLM:
+    """The VLM of a transformers folder (`native_lm`: see llava.load_llava)."""
     import importlib
 
     kind = vlm_kind(path)
     if kind is None:
         raise ConfigError(f"{path}: not a vision-language model folder clipper runs ({', '.join(VLM_KINDS)})")
     module, name = _LOADERS[kind]
-    return getattr(importlib.import_module(f".{module}", __name__), name)(path)
+    return getattr(importlib.import_module(f".{module}", __name__), name)(path, native_lm)
 
 
 __all__ = ["VLM", "VLMConfig", "VLM_KINDS", "load_vlm", "vlm_kind"]

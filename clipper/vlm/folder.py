@@ -15,7 +15,8 @@ from ..errors import CheckpointError, ConfigError
 from ..generate import GenerationConfig
 from ..interop.hf import from_hf_state_dict, vision_config_from_hf
 from ..model.vision import VisionTransformer
-from .language import LanguageModel
+from .language import LanguageModel, text_config
+from .llama import LlamaLM, native_supported
 
 CONFIG = "config.json"
 
@@ -58,10 +59,14 @@ def image_tower(vc: dict, kind: str, sd: dict[str, torch.Tensor], folder: Path, 
     return tower
 
 
-def language_model(tc: dict, sd: dict[str, torch.Tensor], folder: Path, where: str, tied: bool) -> LanguageModel:
-    """The causal LM of `text_config` with its weights (`*ForCausalLM` names)."""
+def language_model(tc: dict, sd: dict[str, torch.Tensor], folder: Path, where: str, tied: bool,
+                   native: bool = True) -> LanguageModel | LlamaLM:
+    """The causal LM of `text_config` with its weights (`*ForCausalLM` names): clipper's own where
+    it runs the model (`native`, the Llama family), else transformers' module."""
+    config = text_config(tc, f"{where}: text_config")
     with torch.device("meta"):
-        language = LanguageModel(tc, f"{where}: text_config")
+        language = LlamaLM(config) if native and native_supported(config) else \
+            LanguageModel(config, f"{where}: text_config")
     language.load_weights(sd, str(folder), tied=tied)
     return language
 

@@ -40,7 +40,9 @@ def grid_positions(grid: int) -> torch.Tensor:
     return (buckets[:, None] * grid + buckets[None, :]).flatten()
 
 
-def load_idefics3(path: str | os.PathLike) -> VLM:
+def load_idefics3(path: str | os.PathLike, native_lm: bool = True) -> VLM:
+    """The folder as a VLM; `native_lm` False: the language model in transformers' module even
+    where clipper's own runs it (the comparison benchmarks/vlm.py makes)."""
     folder = Path(path)
     where = str(folder / CONFIG)
     hf = _full_config(folder)
@@ -75,7 +77,7 @@ def load_idefics3(path: str | os.PathLike) -> VLM:
         projector.load_state_dict(parts["projector"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: the connector's weights do not fit ({str(e).splitlines()[0]})") from None
-    language = language_model(tc, parts["language"], folder, where, bool(hf.get("tie_word_embeddings")))
+    language = language_model(tc, parts["language"], folder, where, bool(hf.get("tie_word_embeddings")), native_lm)
 
     tokens = grid * grid // (scale * scale)
     processor = ChatProcessor.from_folder(folder, tokens, tiled=True)

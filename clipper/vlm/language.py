@@ -1,9 +1,7 @@
-"""A VLM's language model: a transformers causal LM (Llama, Qwen2, SmolLM2, ... whatever
-`AutoModelForCausalLM` builds from the folder's text_config), its weights loaded into it, run by
-clipper's generation engine one call per prefill and per decode step through its KV cache.
-
-Its layers stay transformers' own: clipper's engine drives them (see benchmarks/README.md, "VLMs",
-for what that costs against transformers' `generate`)."""
+"""A VLM's language model as transformers' causal LM module (whatever `AutoModelForCausalLM` builds
+from the folder's text_config), its weights loaded into it, run by clipper's generation engine one
+call per prefill and per decode step through its KV cache. The Llama family runs in clipper's own
+module (llama.LlamaLM, measured faster); this one runs every other model transformers knows."""
 
 from __future__ import annotations
 
@@ -25,17 +23,21 @@ def _transformers():
     return transformers
 
 
+def text_config(text_config: dict, where: str):
+    """A folder's text_config as transformers' config object (its defaults filled in)."""
+    model_type = text_config.get("model_type")
+    try:
+        return _transformers().AutoConfig.for_model(model_type, **{k: v for k, v in text_config.items()
+                                                                    if k != "model_type"})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{where}: text_config of model_type {model_type!r} is not a language model "
+                          f"transformers knows ({str(e).splitlines()[0]})") from None
+
+
 class LanguageModel(nn.Module):
-    def __init__(self, text_config: dict, where: str):
+    def __init__(self, config, where: str):
         super().__init__()
-        transformers = _transformers()
-        model_type = text_config.get("model_type")
-        try:
-            config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in text_config.items()
-                                                                       if k != "model_type"})
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"{where}: text_config of model_type {model_type!r} is not a language model "
-                              f"transformers knows ({str(e).splitlines()[0]})") from None
+        transformers, model_type = _transformers(), config.model_type
         try:
             self.lm = build(lambda: transformers.AutoModelForCausalLM.from_config(config))
         except ValueError as e:
@@ -74,7 +76,8 @@ class LanguageModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)
 
-    def new_cache(self):
+    def new_cache(self, batch: int = 1, capacity: int = 0):
+        """An empty cache (transformers' grows as it goes: batch and capacity are not needed)."""
         return _transformers().DynamicCache(config=self.config)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None,

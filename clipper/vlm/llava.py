@@ -39,7 +39,9 @@ def _feature_layers(value, where: str) -> list[int]:
     return layers
 
 
-def load_llava(path: str | os.PathLike) -> VLM:
+def load_llava(path: str | os.PathLike, native_lm: bool = True) -> VLM:
+    """The folder as a VLM; `native_lm` False: the language model in transformers' module even
+    where clipper's own runs it (the comparison benchmarks/vlm.py makes)."""
     folder = Path(path)
     where = str(folder / CONFIG)
     hf = io.read_json_object(folder / CONFIG, "transformers model config", {"vision_config": dict, "text_config": dict})
@@ -78,7 +80,7 @@ def load_llava(path: str | os.PathLike) -> VLM:
         projector.load_state_dict(parts["projector"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: the projector's weights do not fit ({str(e).splitlines()[0]})") from None
-    language = language_model(tc, parts["language"], folder, where, bool(hf.get("tie_word_embeddings")))
+    language = language_model(tc, parts["language"], folder, where, bool(hf.get("tie_word_embeddings")), native_lm)
 
     # transformers' count: every token of the tower, less the first with the default strategy
     # (dropped as a class token even where the tower, SigLIP, has none)

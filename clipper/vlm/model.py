@@ -130,7 +130,7 @@ class VLM(nn.Module):
 
     def prefill(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
                 room: int) -> tuple[torch.Tensor, LMCache]:
-        kv = self.language.new_cache()
+        kv = self.language.new_cache(tokens.shape[0], tokens.shape[1] + room)
         logits = self.language(self._inputs(image_tokens, tokens), valid, self._positions(valid), kv)[:, -1]
         return logits, LMCache(valid=valid, positions=valid.long().sum(1), length=tokens.shape[1],
                                padded=not bool(valid.all()), kv=kv)

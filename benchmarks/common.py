@@ -33,6 +33,19 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would include its parent's at fork)."""
+    import resource
+
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def interleaved_rates(fns: dict[str, Callable[[], None]], items_per_call: int, repeats: int,
                       warmup: int = 1) -> dict[str, dict]:
     """Run each fn `warmup` times, then `repeats` rounds of one call each, alternating between

@@ -10,11 +10,14 @@ dict (.safetensors), or null for a seeded random init; "images": .safetensors wi
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib  # noqa: E402
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -46,15 +49,7 @@ def main(spec_path: str, out_path: str) -> None:
         results.append({"tokens": tokens.tolist(), "seconds": time.perf_counter() - start})
     with open(out_path, "w") as f:
         json.dump({"runs": results, "transformers": transformers.__version__, "open_clip": open_clip.__version__,
-                   "peak_rss_mb": _peak_rss_mb()}, f)
-
-
-def _peak_rss_mb() -> int:
-    """This process's peak RSS since exec (VmHWM; ru_maxrss would include the parent's at fork)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                   "peak_rss_mb": round(peak_rss_mib())}, f)
 
 
 if __name__ == "__main__":

@@ -216,16 +216,37 @@ def load_hf_dir(path: str | os.PathLike) -> CLIP:
 
 # --- clipper -> transformers ----------------------------------------------------------------------
 
+def _vision_kind(v) -> str | None:
+    """clip or siglip: the transformers vision model whose shape clipper's ViT `v` has, else None."""
+    if not (v.kind == "vit" and v.in_channels == 3 and v.ln_pre == (v.pool == "tok") and not v.norm_after_pool):
+        return None
+    if v.pool == "tok" and v.class_token and v.projection and not v.patch_bias:
+        return "clip"
+    if v.pool == "map" and not v.class_token and not v.projection and v.patch_bias and v.attn_pool_heads == v.heads:
+        return "siglip"
+    return None
+
+
+def hf_vision_kind(config: ModelConfig) -> str:
+    """Which transformers vision model holds `config`'s image tower (clip or siglip), or a
+    ConfigError naming what does not fit."""
+    kind = _vision_kind(config.vision)
+    if kind is None:
+        raise ConfigError("this model's image tower is neither a CLIPVisionModel (ViT with class token, pre-norm "
+                          "and projection) nor a SiglipVisionModel (ViT with attention pooling): transformers has "
+                          "no class for it")
+    return kind
+
+
 def hf_kind_of(config: ModelConfig) -> str:
     """Which transformers model holds `config` (clip or siglip), or a ConfigError naming what does not fit."""
     v, t = config.vision, config.text
-    common = v.kind == "vit" and v.in_channels == 3 and v.ln_pre == (v.pool == "tok") and not v.norm_after_pool \
-        and t.kind == "clipper" and t.projection and (config.decoder is None or config.decoder.kind != "coca")
-    if common and v.pool == "tok" and v.class_token and v.projection and not v.patch_bias and t.causal \
-            and t.pool in ("eot", "eos") and not t.proj_bias and v.norm_eps == t.norm_eps:
+    kind = _vision_kind(v)
+    text = t.kind == "clipper" and t.projection and (config.decoder is None or config.decoder.kind != "coca")
+    if text and kind == "clip" and t.causal and t.pool in ("eot", "eos") and not t.proj_bias \
+            and v.norm_eps == t.norm_eps:
         return "clip"
-    if common and v.pool == "map" and not v.class_token and not v.projection and v.patch_bias and \
-            t.pool == "last" and t.bidirectional and t.proj_bias and v.attn_pool_heads == v.heads:
+    if text and kind == "siglip" and t.pool == "last" and t.bidirectional and t.proj_bias:
         return "siglip"
     raise ConfigError("this model is neither a CLIPModel (ViT with class token and projection, causal text "
                       "pooled at its end token) nor a SiglipModel (ViT with attention pooling, bidirectional text "
@@ -238,13 +259,19 @@ def _hf_tower(cfg, width: int, quick: bool) -> dict:
             "layer_norm_eps": cfg.norm_eps, "attention_dropout": 0.0}
 
 
+def hf_vision_config(model: CLIP, kind: str) -> dict:
+    """transformers' vision_config (a dict) of the model's image tower, as a `kind` (clip, siglip) model."""
+    v = model.config.vision
+    return _hf_tower(v, v.width, model.config.quick_gelu) | {"image_size": v.image_size, "patch_size": v.patch_size,
+                                                             "num_channels": 3, "model_type": f"{kind}_vision_model"}
+
+
 def hf_config(model: CLIP) -> dict:
     c, kind = model.config, hf_kind_of(model.config)
-    t, v = c.text, c.vision
+    t = c.text
     text = _hf_tower(t, t.width, c.quick_gelu) | {"vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
                                                   "model_type": f"{kind}_text_model"}
-    vision = _hf_tower(v, v.width, c.quick_gelu) | {"image_size": v.image_size, "patch_size": v.patch_size,
-                                                    "num_channels": 3, "model_type": f"{kind}_vision_model"}
+    vision = hf_vision_config(model, kind)
     if kind == "clip":
         text |= {"eos_token_id": 2 if t.pool == "eot" else t.eos_id, "bos_token_id": 49406, "pad_token_id": 1}
         return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
@@ -255,9 +282,12 @@ def hf_config(model: CLIP) -> dict:
             "vision_config": vision | {"vision_use_head": True}}
 
 
-def to_hf_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
-    kind = hf_kind_of(model.config)
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+def to_hf_state_dict(model: CLIP, vision_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' CLIPModel / SiglipModel names; `vision_only`: the
+    image tower's alone (vision_model.*), for a tower that transformers' vision model holds."""
+    kind = hf_vision_kind(model.config) if vision_only else hf_kind_of(model.config)
+    ours = {k: v for k, v in model.state_dict().items()
+            if k.startswith("visual.") or not (vision_only or k.startswith("decoder."))}
     back = {o: h for h, o in _HF_RULES[kind].items()}
     prefixes = {o: h for h, o in _HF_PREFIXES[kind].items()}
     layer = {o: h for h, o in _LAYER.items()}
@@ -291,18 +321,23 @@ def to_hf_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def hf_image_processor(model: CLIP, kind: str) -> dict:
+    """preprocessor_config.json of a transformers image processor that prepares images as the
+    model's own preprocessing does (resize, centre crop or squash, normalisation)."""
+    v = model.config.vision
+    size = {"shortest_edge": v.image_size} if v.resize == "shortest" else {"height": v.image_size,
+                                                                           "width": v.image_size}
+    return {"image_processor_type": "CLIPImageProcessor" if kind == "clip" else "SiglipImageProcessor",
+            "do_resize": True, "size": size, "resample": {n: c for c, n in _RESAMPLE.items()}[v.interpolation],
+            "do_center_crop": v.resize == "shortest", "crop_size": {"height": v.image_size, "width": v.image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(v.image_mean), "image_std": list(v.image_std)}
+
+
 def save_hf_dir(model: CLIP, path: str | os.PathLike) -> Path:
     """Write `model` as a transformers folder (config.json, model.safetensors, preprocessor_config.json)."""
     config, sd = hf_config(model), to_hf_state_dict(model)
-    v = model.config.vision
-    kind = config["model_type"]
-    size = {"shortest_edge": v.image_size} if v.resize == "shortest" else {"height": v.image_size,
-                                                                           "width": v.image_size}
-    processor = {"image_processor_type": "CLIPImageProcessor" if kind == "clip" else "SiglipImageProcessor",
-                 "do_resize": True, "size": size, "resample": {n: c for c, n in _RESAMPLE.items()}[v.interpolation],
-                 "do_center_crop": v.resize == "shortest", "crop_size": {"height": v.image_size, "width": v.image_size},
-                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": list(v.image_mean), "image_std": list(v.image_std)}
+    processor = hf_image_processor(model, config["model_type"])
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(path / WEIGHTS) as tmp:

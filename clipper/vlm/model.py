@@ -96,14 +96,23 @@ class VLM(nn.Module):
         return next(self.parameters()).device
 
     # --- the image -----------------------------------------------------------------------------
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed frames [N, 3, H, W] -> the language model's inputs for them [N, tokens, D]."""
+    def tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed frames [N, 3, H, W] -> what the projector reads [N, tokens, width x layers]:
+        the chosen layers' tokens (normalised where the folder says), concatenated."""
         states = self.vision.hidden_states(pixels.to(self.device), self.config.feature_layers)
         if self.config.select == "default":  # the class token dropped
             states = [s[:, 1:] for s in states]
         if self.config.post_norm:
             states = [self.vision.ln_post(s) for s in states]
-        return self.projector(pixel_shuffle(torch.cat(states, dim=-1), self.config.shuffle))
+        return torch.cat(states, dim=-1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """`tower_features` -> the language model's inputs [N, tokens / shuffle^2, D]."""
+        return self.projector(pixel_shuffle(features, self.config.shuffle))
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed frames [N, 3, H, W] -> the language model's inputs for them [N, tokens, D]."""
+        return self.project(self.tower_features(pixels))
 
     def features_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """One row per image of its frames' features in order [N, tokens, D], zero-padded after a

@@ -1,0 +1,153 @@
+"""Stage 1 of LLaVA's recipe (alignment): the projector alone learns to turn a frozen image tower's
+features into inputs after which the frozen language model writes the image's caption. The
+tower's features are computed once per image and kept (`FeatureStore`, on disk where given a
+folder), so a step costs the language model's forward and backward only; the loss is on the
+assistant's tokens alone (the answer and its end of turn), in the model's own chat template."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .. import io
+from ..errors import ConfigError
+from .folder import folder_weights
+from .model import VLM
+from .processor import user_message
+
+IGNORE = -100  # labels that take no loss
+
+
+@dataclass
+class AlignConfig:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 10  # linear warmup steps, then cosine decay to 0
+    prompt: str = "Describe this image."
+    seed: int = 0
+
+
+def training_row(vlm: VLM, caption: str, prompt: str, image_texts: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one user turn (the image, `prompt`) answered by `caption`: labels are the
+    ids of the answer and its end of turn as the template renders them, IGNORE elsewhere."""
+    p = vlm.processor
+    question = [user_message(prompt)]
+    head = p.encode(p.render(question), image_texts)
+    ids = p.encode(p.render([*question, {"role": "assistant", "content": [{"type": "text", "text": caption}]}],
+                            add_generation_prompt=False), image_texts)
+    if ids[:len(head)] != head or len(ids) == len(head):
+        raise ConfigError(f"chat template: the answer {caption[:60]!r} does not follow the question's tokens")
+    return ids, [IGNORE] * len(head) + ids[len(head):]
+
+
+class FeatureStore:
+    """The frozen tower's features of each image (`VLM.tower_features`), computed once; kept in
+    memory and, with `folder`, as one safetensors file per image (named by the pixels' hash)."""
+
+    def __init__(self, vlm: VLM, folder: str | Path | None = None):
+        self.vlm, self.folder, self.kept = vlm, Path(folder) if folder else None, {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.vlm.processor.pixels([image])
+        key = hashlib.sha1(pixels.numpy().tobytes()).hexdigest()
+        if key in self.kept:
+            return self.kept[key]
+        path = self.folder / f"{key}.safetensors" if self.folder is not None else None
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            features = load_file(str(path))["features"]
+        else:
+            with torch.no_grad():
+                features = self.vlm.tower_features(pixels).flatten(0, 1).cpu()
+            if path is not None:
+                from safetensors.torch import save_file
+
+                with io.atomic_path(path) as tmp:
+                    save_file({"features": features.contiguous()}, str(tmp))
+        self.kept[key] = features
+        return features
+
+
+def batch_loss(vlm: VLM, features: Sequence[torch.Tensor], rows: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens of `rows` (right-padded) after each image's
+    projected `features`."""
+    n = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r[0] + [0] * (n - len(r[0])) for r in rows], device=vlm.device)
+    labels = torch.tensor([r[1] + [IGNORE] * (n - len(r[1])) for r in rows], device=vlm.device)
+    valid = torch.tensor([[True] * len(r[0]) + [False] * (n - len(r[0])) for r in rows], device=vlm.device)
+    image = vlm.project(torch.stack([f.to(vlm.device) for f in features]))
+    embeds = vlm._inputs(image, ids)
+    positions = torch.arange(n, device=vlm.device)[None].expand(len(rows), n)
+    logits = vlm.language(embeds, valid, positions, None, last_only=False)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def _lr(step: int, cfg: AlignConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+
+def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg: AlignConfig,
+          store: FeatureStore | None = None, log=None) -> list[float]:
+    """Stage 1 on (image, caption) pairs: the projector trains, the tower and the language model
+    stay as they are. Returns the loss of every step."""
+    if len(images) != len(captions) or not images:
+        raise ConfigError(f"align: {len(images)} images for {len(captions)} captions")
+    store = store or FeatureStore(vlm)
+    vlm.eval()  # no dropout anywhere; the frozen parts take no gradient
+    for p in vlm.parameters():
+        p.requires_grad_(False)
+    params = list(vlm.projector.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    for step in range(cfg.steps):
+        picked = torch.randint(len(images), (min(cfg.batch_size, len(images)),), generator=generator).tolist()
+        texts = [vlm.processor.image_texts([images[i]]) for i in picked]
+        rows = [training_row(vlm, captions[i], cfg.prompt, t) for i, t in zip(picked, texts)]
+        loss = batch_loss(vlm, [store(images[i]) for i in picked], rows)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if log is not None:
+            log(step, losses[-1])
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def save_projector(vlm: VLM, folder: str | Path) -> None:
+    """Write the VLM's projector into its LLaVA folder's model.safetensors (replaced atomically),
+    where transformers and `clipper.load` read it."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise ConfigError(f"{folder}: no model.safetensors to write the projector into (a sharded folder is not "
+                          "rewritten)")
+    sd = folder_weights(folder)
+    keys = {k.rsplit("multi_modal_projector.", 1)[1]: k for k in sd if "multi_modal_projector." in k}
+    own = vlm.projector.state_dict()
+    if set(keys) != set(own):
+        raise ConfigError(f"{folder}: its projector tensors {sorted(keys)} are not this VLM's {sorted(own)}")
+    for name, key in keys.items():
+        sd[key] = own[name].detach().to(sd[key].dtype).cpu().contiguous()
+    with io.atomic_path(folder / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})

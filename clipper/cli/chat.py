@@ -58,6 +58,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
                    help="sample (temperature, top-k, top-p) instead of greedy/beam; --no-sample: greedy "
                         "(default: as the folder's generation_config.json says)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before TEXT (repeatable)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before TEXT (repeatable; "
+                   "default: none)")
     p.add_argument("--json", action="store_true", help='print {"text", "tokens", "seconds"} per answer')
     p.set_defaults(fn=cmd_chat, config_fields=add_config_flags(p, GenerationConfig, skip=("do_sample",)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ IGNORE = -100  # labels that take no loss
 @dataclass
 class AlignConfig:
     steps: int = 100
+    minutes: float | None = None  # a wall-clock budget: training stops at it or at `steps`, what comes first
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 10  # linear warmup steps, then cosine decay to 0
@@ -93,16 +95,17 @@ def batch_loss(vlm: VLM, features: Sequence[torch.Tensor], rows: Sequence[tuple[
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-def _lr(step: int, cfg: AlignConfig) -> float:
+def _lr(progress: float, step: int, cfg: AlignConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine to 0 at `progress` 1 (of steps or budget)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg: AlignConfig,
           store: FeatureStore | None = None, log=None) -> list[float]:
     """Stage 1 on (image, caption) pairs: the projector trains, the tower and the language model
-    stay as they are. Returns the loss of every step."""
+    stay as they are. Returns the loss of every step; `log(step, loss)` is called after each."""
     if len(images) != len(captions) or not images:
         raise ConfigError(f"align: {len(images)} images for {len(captions)} captions")
     store = store or FeatureStore(vlm)
@@ -114,14 +117,19 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
-    losses = []
+    losses: list[float] = []
+    start = time.monotonic()
     for step in range(cfg.steps):
+        spent = (time.monotonic() - start) / 60
+        if cfg.minutes is not None and spent >= cfg.minutes:
+            break
+        progress = max(step / cfg.steps, spent / cfg.minutes if cfg.minutes else 0.0)
         picked = torch.randint(len(images), (min(cfg.batch_size, len(images)),), generator=generator).tolist()
         texts = [vlm.processor.image_texts([images[i]]) for i in picked]
         rows = [training_row(vlm, captions[i], cfg.prompt, t) for i, t in zip(picked, texts)]
         loss = batch_loss(vlm, [store(images[i]) for i in picked], rows)
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg)
+            group["lr"] = _lr(progress, step, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

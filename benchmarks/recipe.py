@@ -21,6 +21,12 @@ from clipper.evaluate import evaluate_task
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def shown(path: str | Path) -> str:
+    """`path` as a results file names it: relative to the repository where it lies inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def ensure_shards(name: str) -> Path:
     """data/shards/NAME, built first if needed: fmnist, emoji (Noto) or emoji-styles (every style;
     its train split holds the training styles only)."""

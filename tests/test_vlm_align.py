@@ -2,7 +2,8 @@
 transformers LLaVA folder that transformers and clipper both run (the same greedy tokens), and
 stage 1 of LLaVA's recipe on it: the projector alone trains (tower and language model bit-identical),
 the loss falls, the loss covers the answer's tokens only, cached tower features equal recomputed
-ones, and the trained projector is written back into the folder."""
+ones, and the trained projector is written back into the folder; stage 2 tunes the language model
+too, and the folder it writes runs the tuned model in clipper and transformers alike."""
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import clipper  # noqa: E402
 from clipper.errors import ClipperError  # noqa: E402
 from clipper.generate import GenerationConfig  # noqa: E402
-from clipper.vlm.align import IGNORE, AlignConfig, FeatureStore, align, save_projector, training_row  # noqa: E402
+from clipper.vlm.align import IGNORE, AlignConfig, FeatureStore, align, save_trained, training_row  # noqa: E402
 from clipper.vlm.build import write_llava  # noqa: E402
 from test_vlm_llava import _inputs, _tokenizer  # noqa: E402
 
@@ -113,9 +114,42 @@ def test_stage_one_trains_the_projector_alone_and_writes_it_back(composed, tmp_p
     import shutil
 
     shutil.copytree(folder, copy)
-    save_projector(vlm, copy)
+    save_trained(vlm, copy)
     again = clipper.load(copy)
     assert all(torch.equal(a, b) for a, b in zip(again.projector.state_dict().values(),
                                                   vlm.projector.state_dict().values()))
     reference = transformers.LlavaForConditionalGeneration.from_pretrained(copy).eval()
     assert torch.equal(reference.model.multi_modal_projector.linear_1.weight, vlm.projector.linear_1.weight)
+
+
+def test_stage_two_tunes_the_language_model_and_the_folder_holds_it(composed, tmp_path):
+    import shutil
+
+    _, folder = composed
+    vlm = clipper.load(folder)
+    tower = {k: v.clone() for k, v in vlm.vision.state_dict().items()}
+    language = {k: v.clone() for k, v in vlm.language.hf_state_dict().items()}
+    images = _images()
+    losses = align(vlm, images, CAPTIONS, AlignConfig(steps=30, batch_size=6, lr=3e-2, warmup=3, train_lm=True,
+                                                      lm_lr=3e-3))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert all(torch.equal(vlm.vision.state_dict()[k], v) for k, v in tower.items())
+    tuned = vlm.language.hf_state_dict()
+    assert any(not torch.equal(tuned[k], v) for k, v in language.items())
+    copy = tmp_path / "tuned"
+    shutil.copytree(folder, copy)
+    save_trained(vlm, copy)
+    again = clipper.load(copy)
+    image = images[0]
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(copy).eval()
+    inputs = _inputs(transformers.AutoProcessor.from_pretrained(copy), "describe the photo", image)
+    with torch.no_grad():
+        features = vlm.image_features(vlm.processor.pixels([image]))
+        row = vlm.processor.encode(vlm.processor.render([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "describe the photo"}]}]), vlm.processor.image_texts([image]))
+        tokens = torch.tensor([row])
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        ours = vlm.full_logits(features, tokens, valid)
+        assert (again.full_logits(again.image_features(again.processor.pixels([image])), tokens, valid) - ours
+                ).abs().max() < 1e-4
+        assert (reference(**inputs).logits[:, -1] - ours).abs().max() < 1e-4

@@ -1,8 +1,9 @@
-"""Stage 1 of LLaVA's recipe (alignment): the projector alone learns to turn a frozen image tower's
-features into inputs after which the frozen language model writes the image's caption. The
-tower's features are computed once per image and kept (`FeatureStore`, on disk where given a
-folder), so a step costs the language model's forward and backward only; the loss is on the
-assistant's tokens alone (the answer and its end of turn), in the model's own chat template."""
+"""LLaVA's recipe on (image, answer) pairs. Stage 1 (alignment): the projector alone learns to turn
+a frozen image tower's features into inputs after which the frozen language model writes the
+answer. Stage 2 (`train_lm`): the language model is tuned with it (at `lm_lr`). The tower stays
+frozen in both: its features are computed once per image and kept (`FeatureStore`, on disk where
+given a folder), so a step costs the language model's forward and backward only; the loss is on
+the assistant's tokens alone (the answer and its end of turn), in the model's own chat template."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class AlignConfig:
     warmup: int = 10  # linear warmup steps, then cosine decay to 0
     prompt: str = "Describe this image."
     seed: int = 0
+    train_lm: bool = False  # stage 2: the language model trains too
+    lm_lr: float = 2e-5  # its peak learning rate (LLaVA's stage 2)
 
 
 def training_row(vlm: VLM, caption: str, prompt: str, image_texts: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -95,27 +98,32 @@ def batch_loss(vlm: VLM, features: Sequence[torch.Tensor], rows: Sequence[tuple[
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-def _lr(progress: float, step: int, cfg: AlignConfig) -> float:
-    """Linear warmup over `warmup` steps, then cosine to 0 at `progress` 1 (of steps or budget)."""
+def _schedule(progress: float, step: int, cfg: AlignConfig) -> float:
+    """The share of the peak learning rate: linear warmup over `warmup` steps, then cosine to 0
+    at `progress` 1 (of steps or budget)."""
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return (step + 1) / cfg.warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg: AlignConfig,
           store: FeatureStore | None = None, log=None) -> list[float]:
-    """Stage 1 on (image, caption) pairs: the projector trains, the tower and the language model
-    stay as they are. Returns the loss of every step; `log(step, loss)` is called after each."""
+    """Stage 1 (or 2, `cfg.train_lm`) on (image, caption) pairs: the projector trains (and the
+    language model), the tower stays as it is. Returns the loss of every step; `log(step, loss)`
+    is called after each."""
     if len(images) != len(captions) or not images:
         raise ConfigError(f"align: {len(images)} images for {len(captions)} captions")
     store = store or FeatureStore(vlm)
     vlm.eval()  # no dropout anywhere; the frozen parts take no gradient
     for p in vlm.parameters():
         p.requires_grad_(False)
-    params = list(vlm.projector.parameters())
+    groups = [{"params": list(vlm.projector.parameters()), "peak": cfg.lr}]
+    if cfg.train_lm:
+        groups.append({"params": list(vlm.language.parameters()), "peak": cfg.lm_lr})
+    params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     start = time.monotonic()
@@ -129,7 +137,7 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
         rows = [training_row(vlm, captions[i], cfg.prompt, t) for i, t in zip(picked, texts)]
         loss = batch_loss(vlm, [store(images[i]) for i in picked], rows)
         for group in optimizer.param_groups:
-            group["lr"] = _lr(progress, step, cfg)
+            group["lr"] = group["peak"] * _schedule(progress, step, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,21 +149,34 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
     return losses
 
 
-def save_projector(vlm: VLM, folder: str | Path) -> None:
-    """Write the VLM's projector into its LLaVA folder's model.safetensors (replaced atomically),
-    where transformers and `clipper.load` read it."""
+def save_trained(vlm: VLM, folder: str | Path) -> None:
+    """Write what `align` trains (the projector, and the language model) into the VLM's LLaVA
+    folder's model.safetensors (replaced atomically), where transformers and `clipper.load` read it."""
     from safetensors.torch import save_file
+
+    from .llava import _renamed
 
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
-        raise ConfigError(f"{folder}: no model.safetensors to write the projector into (a sharded folder is not "
-                          "rewritten)")
+        raise ConfigError(f"{folder}: no model.safetensors to write into (a sharded folder is not rewritten)")
     sd = folder_weights(folder)
-    keys = {k.rsplit("multi_modal_projector.", 1)[1]: k for k in sd if "multi_modal_projector." in k}
-    own = vlm.projector.state_dict()
-    if set(keys) != set(own):
-        raise ConfigError(f"{folder}: its projector tensors {sorted(keys)} are not this VLM's {sorted(own)}")
-    for name, key in keys.items():
-        sd[key] = own[name].detach().to(sd[key].dtype).cpu().contiguous()
+    projector, language = vlm.projector.state_dict(), vlm.language.hf_state_dict()
+    found = set()
+    for key in sd:
+        name = _renamed(key)
+        if name.startswith("model.multi_modal_projector."):
+            ours = projector.get(name[len("model.multi_modal_projector."):])
+        elif name.startswith("model.language_model."):
+            ours = language.get("model." + name[len("model.language_model."):])
+        elif name == "lm_head.weight":
+            ours = language.get(name)
+        else:
+            continue
+        if ours is None or ours.shape != sd[key].shape:
+            raise ConfigError(f"{folder}: {key} is not this VLM's")
+        sd[key] = ours.detach().to(sd[key].dtype).cpu().contiguous()
+        found.add(name)
+    if not any(n.startswith("model.multi_modal_projector.") for n in found):
+        raise ConfigError(f"{folder}: no projector tensors to replace (not a LLaVA folder)")
     with io.atomic_path(folder / "model.safetensors") as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})

@@ -65,6 +65,10 @@ class LanguageModel(nn.Module):
         if tied:
             self.lm.lm_head.weight = self.lm.get_input_embeddings().weight
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers' `*ForCausalLM` names."""
+        return {k: v.detach() for k, v in self.lm.state_dict().items()}
+
     @property
     def vocab_size(self) -> int:
         return self.lm.get_output_embeddings().weight.shape[0]

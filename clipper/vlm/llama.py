@@ -150,6 +150,26 @@ class LlamaLM(nn.Module):
         if tied:
             self.head.weight = self.embed.weight
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers' `*ForCausalLM` names (the fused projections split again)."""
+        out = {"model.embed_tokens.weight": self.embed.weight, "model.norm.weight": self.norm,
+               "lm_head.weight": self.head.weight}
+        for i, block in enumerate(self.blocks):
+            p, h = f"model.layers.{i}.", block.head_dim
+            out[p + "input_layernorm.weight"], out[p + "post_attention_layernorm.weight"] = block.ln_1, block.ln_2
+            sizes = [block.heads * h, block.kv_heads * h, block.kv_heads * h]
+            for name, part in zip("qkv", block.qkv.weight.split(sizes)):
+                out[p + f"self_attn.{name}_proj.weight"] = part
+            if block.qkv.bias is not None:
+                for name, part in zip("qkv", block.qkv.bias.split(sizes)):
+                    out[p + f"self_attn.{name}_proj.bias"] = part
+            out[p + "self_attn.o_proj.weight"] = block.out.weight
+            if block.out.bias is not None:
+                out[p + "self_attn.o_proj.bias"] = block.out.bias
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = block.gate_up.weight.chunk(2)
+            out[p + "mlp.down_proj.weight"] = block.down.weight
+        return {k: v.detach() for k, v in out.items()}
+
     @property
     def vocab_size(self) -> int:
         return self.head.weight.shape[0]

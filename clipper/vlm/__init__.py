@@ -8,11 +8,12 @@ import os
 
 from ..errors import ConfigError
 from ..interop.hf import model_type
+from .idefics3 import load_idefics3
+from .llava import load_llava
 from .model import VLM, VLMConfig
 
-# config.json model_type of the folders clipper runs as VLMs -> the loader's module and function
-_LOADERS = {"llava": ("llava", "load_llava"), "idefics3": ("idefics3", "load_idefics3"),
-            "smolvlm": ("idefics3", "load_idefics3")}
+# config.json model_type of the folders clipper runs as VLMs -> its loader
+_LOADERS = {"llava": load_llava, "idefics3": load_idefics3, "smolvlm": load_idefics3}
 VLM_KINDS = tuple(_LOADERS)
 
 
@@ -24,13 +25,10 @@ def vlm_kind(path: str | os.PathLike) -> str | None:
 
 def load_vlm(path: str | os.PathLike, native_lm: bool = True) -> VLM:
     """The VLM of a transformers folder (`native_lm`: see llava.load_llava)."""
-    import importlib
-
     kind = vlm_kind(path)
     if kind is None:
         raise ConfigError(f"{path}: not a vision-language model folder clipper runs ({', '.join(VLM_KINDS)})")
-    module, name = _LOADERS[kind]
-    return getattr(importlib.import_module(f".{module}", __name__), name)(path, native_lm)
+    return _LOADERS[kind](path, native_lm)
 
 
 __all__ = ["VLM", "VLMConfig", "VLM_KINDS", "load_vlm", "vlm_kind"]

@@ -126,6 +126,7 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
+    prepared: dict[int, tuple[torch.Tensor, tuple[list[int], list[int]]]] = {}
     start = time.monotonic()
     for step in range(cfg.steps):
         spent = (time.monotonic() - start) / 60
@@ -133,9 +134,11 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
             break
         progress = max(step / cfg.steps, spent / cfg.minutes if cfg.minutes else 0.0)
         picked = torch.randint(len(images), (min(cfg.batch_size, len(images)),), generator=generator).tolist()
-        texts = [vlm.processor.image_texts([images[i]]) for i in picked]
-        rows = [training_row(vlm, captions[i], cfg.prompt, t) for i, t in zip(picked, texts)]
-        loss = batch_loss(vlm, [store(images[i]) for i in picked], rows)
+        for i in picked:  # each pair's features and rows made once, at its first draw
+            if i not in prepared:
+                texts = vlm.processor.image_texts([images[i]])
+                prepared[i] = store(images[i]), training_row(vlm, captions[i], cfg.prompt, texts)
+        loss = batch_loss(vlm, [prepared[i][0] for i in picked], [prepared[i][1] for i in picked])
         for group in optimizer.param_groups:
             group["lr"] = group["peak"] * _schedule(progress, step, cfg)
         optimizer.zero_grad(set_to_none=True)

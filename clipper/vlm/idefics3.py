@@ -81,10 +81,9 @@ def load_idefics3(path: str | os.PathLike, native_lm: bool = True) -> VLM:
 
     tokens = grid * grid // (scale * scale)
     processor = ChatProcessor.from_folder(folder, tokens, tiled=True)
-    settings = io.read_json_object(folder / "processor_config.json", "processor config", {}) \
-        if (folder / "processor_config.json").is_file() else {}
-    if settings.get("image_seq_len", tokens) != tokens:
-        raise ConfigError(f"{folder / 'processor_config.json'}: image_seq_len {settings['image_seq_len']}, the "
+    seq_len = processor.settings.get("image_seq_len", tokens)
+    if seq_len != tokens:
+        raise ConfigError(f"{folder / 'processor_config.json'}: image_seq_len {seq_len}, the "
                           f"model makes {tokens} tokens per frame")
     if processor.images.tile != vision.cfg.image_size:
         raise ConfigError(f"{folder}: the processor's tiles are {processor.images.tile} px, the image tower "

@@ -14,6 +14,7 @@ from torch import nn
 from torch.torch_version import TorchVersion
 
 from ..errors import CheckpointError
+from ..model.decoders.base import attention_mask
 
 _GQA = TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=...)
 
@@ -199,11 +200,8 @@ class LlamaLM(nn.Module):
         valid = mask[:, :end].bool()
         if T == 1 and bool(valid.all()):
             allowed = None  # one new token sees every cached one
-        else:  # causal over the cache, left padding masked; a padded query sees itself (finite outputs)
-            query = torch.arange(start, end, device=embeds.device)[:, None]
-            key = torch.arange(end, device=embeds.device)[None]
-            allowed = ((key <= query)[None] & valid[:, None, :]) | (key == query)[None]
-            allowed = allowed[:, None]
+        else:  # causal over the cache, left padding masked
+            allowed = attention_mask(valid, start=start)
         x = embeds
         for i, block in enumerate(self.blocks):
             h, kd, hq = block.head_dim, block.kv_heads, block.heads

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -44,46 +44,53 @@ def _settings(folder: Path) -> tuple[dict, Path]:
     return p, path
 
 
-def _normalized(x: torch.Tensor, p: "ImageProcessor | TiledImageProcessor") -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32, rescaled and normalised as transformers does (fused:
-    mean and std in 0-255 units)."""
-    x = x.to(torch.float32)
-    if p.do_rescale and p.do_normalize:
-        mean = torch.tensor(p.image_mean) * (1.0 / p.rescale_factor)
-        std = torch.tensor(p.image_std) * (1.0 / p.rescale_factor)
-        return TVF.normalize(x, mean.tolist(), std.tolist())
-    if p.do_rescale:
-        x = x * p.rescale_factor
-    return TVF.normalize(x, list(p.image_mean), list(p.image_std)) if p.do_normalize else x
-
-
-def _fields(p: dict, names: Sequence[str]) -> dict:
-    fields = {k: p[k] for k in names if p.get(k) is not None}
-    for k in ("image_mean", "image_std"):
-        if p.get(k) is not None:
-            fields[k] = tuple(float(x) for x in (p[k] if isinstance(p[k], list) else [p[k]] * 3))
-    return fields
-
-
-@dataclass
-class ImageProcessor:
-    """preprocessor_config.json's CLIPImageProcessor / SiglipImageProcessor settings."""
-    size: dict
-    crop_size: dict | None = None
+@dataclass(kw_only=True)
+class _Pixels:
+    """What both image processors share: resampling, and rescale and normalisation as
+    transformers does them (fused: mean and std in 0-255 units)."""
     resample: int = 3
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, ...] = OPENAI_MEAN
     image_std: tuple[float, ...] = OPENAI_STD
     do_resize: bool = True
-    do_center_crop: bool = False
     do_rescale: bool = True
     do_normalize: bool = True
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "ImageProcessor":
+    def _read(cls, folder: Path):
+        """(the folder's settings as this class, the file they came from)."""
         p, path = _settings(folder)
-        out = cls(**_fields(p, ("size", "crop_size", "resample", "rescale_factor", "do_resize", "do_center_crop",
-                                     "do_rescale", "do_normalize")))
+        values = {f.name: p[f.name] for f in fields(cls) if p.get(f.name) is not None}
+        for k in ("image_mean", "image_std"):
+            if k in values:
+                values[k] = tuple(float(x) for x in (p[k] if isinstance(p[k], list) else [p[k]] * 3))
+        try:
+            return cls(**values), path
+        except TypeError as e:  # a required setting missing
+            raise ConfigError(f"{path}: {e}") from None
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, H, W] -> float32, rescaled and normalised."""
+        x = x.to(torch.float32)
+        if self.do_rescale and self.do_normalize:
+            mean = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)
+            std = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)
+            return TVF.normalize(x, mean.tolist(), std.tolist())
+        if self.do_rescale:
+            x = x * self.rescale_factor
+        return TVF.normalize(x, list(self.image_mean), list(self.image_std)) if self.do_normalize else x
+
+
+@dataclass(kw_only=True)
+class ImageProcessor(_Pixels):
+    """preprocessor_config.json's CLIPImageProcessor / SiglipImageProcessor settings."""
+    size: dict
+    crop_size: dict | None = None
+    do_center_crop: bool = False
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "ImageProcessor":
+        out, path = cls._read(folder)
         if out.resample not in _RESAMPLE or not isinstance(out.size, dict) or not (
                 "shortest_edge" in out.size or {"height", "width"} <= set(out.size)):
             raise ConfigError(f"{path}: size must be {{shortest_edge}} or {{height, width}} and resample one of "
@@ -108,34 +115,28 @@ class ImageProcessor:
             if ch > h or cw > w:
                 raise ConfigError(f"image processor: a {h}x{w} image is smaller than the {ch}x{cw} crop")
             x = x[..., int((h - ch) / 2.0):int((h - ch) / 2.0) + ch, int((w - cw) / 2.0):int((w - cw) / 2.0) + cw]
-        return _normalized(x, self)[None]
+        return self._normalized(x)[None]
 
     def layout(self, image: Image.Image) -> tuple[int, int]:
         """(rows, columns) of tiles: none, one frame per image."""
         return 0, 0
 
 
-@dataclass
-class TiledImageProcessor:
+@dataclass(kw_only=True)
+class TiledImageProcessor(_Pixels):
     """Idefics3's / SmolVLM's image processor: the longest side resized to `size`, then to multiples
     of the tile side (`max_image_size`), cut into tiles row by row, and the whole image resized to
     one tile last (the global image); without splitting the image is squashed to one tile."""
     size: dict = field(default_factory=lambda: {"longest_edge": 4 * 364})
     max_image_size: dict = field(default_factory=lambda: {"longest_edge": 364})
     resample: int = 1
-    rescale_factor: float = 1 / 255
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
     do_image_splitting: bool = True
 
     @classmethod
     def from_folder(cls, folder: Path) -> "TiledImageProcessor":
-        p, path = _settings(folder)
-        out = cls(**_fields(p, ("size", "max_image_size", "resample", "rescale_factor", "do_resize",
-                                     "do_rescale", "do_normalize", "do_image_splitting")))
+        out, path = cls._read(folder)
         sides = (out.size.get("longest_edge"), out.max_image_size.get("longest_edge")) \
             if isinstance(out.size, dict) and isinstance(out.max_image_size, dict) else (None, None)
         if out.resample not in _RESAMPLE or not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in sides):
@@ -197,13 +198,13 @@ class TiledImageProcessor:
             x = self._resize(x, self._resized(*x.shape[-2:]))
         t = self.tile
         if not self.do_image_splitting:
-            return _normalized(self._resize(x, (t, t)), self)[None]
+            return self._normalized(self._resize(x, (t, t)))[None]
         x = self._resize(x, self._tiled(*x.shape[-2:]))
         h, w = x.shape[-2:]
         if h <= t and w <= t:
-            return _normalized(x, self)[None]
+            return self._normalized(x)[None]
         tiles = x.unfold(1, t, t).unfold(2, t, t).permute(1, 2, 0, 3, 4).reshape(-1, 3, t, t)
-        return _normalized(torch.cat([tiles, self._resize(x, (t, t))[None]]), self)
+        return self._normalized(torch.cat([tiles, self._resize(x, (t, t))[None]]))
 
 
 def chat_template(folder: Path, tokenizer) -> str:
@@ -245,8 +246,9 @@ class ChatProcessor:
     """Messages -> the prompt ids the language model reads; images -> their frames; ids -> text."""
 
     def __init__(self, folder: Path, tokenizer, template: str, text: ImageText,
-                 images: ImageProcessor | TiledImageProcessor):
+                 images: ImageProcessor | TiledImageProcessor, settings: dict | None = None):
         self.folder, self.tokenizer, self.template, self.text, self.images = folder, tokenizer, template, text, images
+        self.settings = settings or {}  # processor_config.json
         self.image_token = text.image_token
         ids = tokenizer.encode(self.image_token, add_special_tokens=False)
         if len(ids) != 1:
@@ -277,7 +279,7 @@ class ChatProcessor:
             images = TiledImageProcessor.from_folder(folder)
         else:
             text, images = ImageText(token, tokens_per_frame), ImageProcessor.from_folder(folder)
-        return cls(folder, tokenizer, chat_template(folder, tokenizer), text, images)
+        return cls(folder, tokenizer, chat_template(folder, tokenizer), text, images, settings)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,

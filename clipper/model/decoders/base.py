@@ -83,15 +83,16 @@ class PaddedKVCache:
             raise ValueError("decode: the KV cache is full (raise max_new_tokens at prefill)")
 
 
-def attention_mask(key_valid: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, 1, T, T] for a prefill over left-padded rows: causal among the keys that are real
-    (`key_valid` [B, T]); a padding query (`query_valid` False; default: key_valid) attends to
-    itself only, so that no softmax is empty."""
-    B, T = key_valid.shape
-    query_valid = key_valid if query_valid is None else query_valid
-    causal = torch.ones(T, T, dtype=torch.bool, device=key_valid.device).tril()
-    pad_self = torch.eye(T, dtype=torch.bool, device=key_valid.device)[None] & ~query_valid[:, :, None]
-    return ((causal[None] & key_valid[:, None, :]) | pad_self)[:, None]
+def attention_mask(key_valid: torch.Tensor, query_valid: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """[B, 1, T, S] for a prefill over left-padded rows: causal among the keys that are real
+    (`key_valid` [B, S]); the queries are the positions from `start` on (the keys before them are
+    a cache); a padding query (`query_valid` [B, T] False; default: its own key's validity)
+    attends to itself only, so that no softmax is empty."""
+    S, device = key_valid.shape[1], key_valid.device
+    query_valid = key_valid[:, start:] if query_valid is None else query_valid
+    query, key = torch.arange(start, S, device=device)[:, None], torch.arange(S, device=device)[None]
+    pad_self = (key == query)[None] & ~query_valid[:, :, None]
+    return (((key <= query)[None] & key_valid[:, None, :]) | pad_self)[:, None]
 
 
 def bpe_end_positions(tokens: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,11 @@ def save_model(model: CLIP, path: str | os.PathLike) -> Path:
     with atomic_path(path / WEIGHTS_NAME) as tmp:
         # one metadata key: safetensors writes them in hash order, which changes the bytes from run to run
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+    config = bundle_text_encoder(model.config, path)
+    if model.decoder is not None:  # its files beside the weights (a language model's tokenizer)
+        config = dataclasses.replace(config, decoder=model.decoder.bundle(path))
     with atomic_path(path / CONFIG_NAME) as tmp:
-        bundle_text_encoder(model.config, path).to_json(tmp)
+        config.to_json(tmp)
     return path
 
 
@@ -140,6 +143,16 @@ def resolve_text_encoder(config: ModelConfig, path: Path) -> ModelConfig:
         t, hf_model=folder, tokenizer=folder if t.tokenizer == ENCODER_DIR else t.tokenizer))
 
 
+def resolve_decoder_files(config: ModelConfig, path: Path) -> ModelConfig:
+    """A decoder's language model named by a folder of the model directory, as that folder's path."""
+    d = config.decoder
+    if d is None or not d.language_model or Path(d.language_model).is_absolute() or \
+            not (path / d.language_model).is_dir():
+        return config
+    return dataclasses.replace(config, decoder=dataclasses.replace(
+        d, language_model=str((path / d.language_model).resolve())))
+
+
 def is_model_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
@@ -149,5 +162,5 @@ def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
     path = Path(path)
     if not is_model_dir(path):
         raise CheckpointError(f"{path}: not a clipper model directory (no {CONFIG_NAME})")
-    config = resolve_text_encoder(ModelConfig.from_json(path / CONFIG_NAME), path)
+    config = resolve_decoder_files(resolve_text_encoder(ModelConfig.from_json(path / CONFIG_NAME), path), path)
     return config, read_state_dict(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME)

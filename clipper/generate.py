@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .chunks import chunked
 from .config import setting
 from .errors import ConfigError
 from .images import open_image
@@ -284,7 +283,7 @@ def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
     prompts = list(prompts) if prompts is not None else [""] * B
     if len(prompts) != B:
         raise ConfigError(f"prompts: {len(prompts)} for {B} image(s)")
-    image_tokens = chunked(model.visual, pixels.to(model.device), "tokens")
+    image_tokens = model.decoder.image_tokens(model.visual, pixels.to(model.device))
     per_image = generate_ids(captioner, image_tokens, [codec.prompt(p) for p in prompts], cfg)
     return codec.texts(prompts, per_image)
 

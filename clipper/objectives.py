@@ -30,6 +30,7 @@ from .factory import load
 from .feature_style import add_feature_style
 from .losses import LOSSES, view_loss
 from .model import CLIP
+from .model.decoders import DECODERS
 from .tokenizer import caption_vocabulary
 from .view_mix import swap_view_patches
 
@@ -83,9 +84,9 @@ class Objective(abc.ABC):
         """The model to train, its trainable parts set (in train mode)."""
 
     @abc.abstractmethod
-    def context_length(self, model: CLIP) -> int | None:
-        """Captions are tokenized with CLIP BPE to this length (a decoder's), or None: with the text
-        tower's own tokenizer (BPE, or the Hugging Face one its config names)."""
+    def caption_tokenizer(self, model: CLIP) -> Callable[[list[str]], torch.Tensor] | None:
+        """What captions are tokenized by (a decoder's rows), or None: the text tower's own
+        tokenizer (BPE, or the Hugging Face one its config names)."""
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """The weights of --init, as the run started from them (for WiSE-FT's mix at the end)."""
@@ -152,7 +153,7 @@ class Contrastive(Objective):
     def deferred(self, model: CLIP) -> list[nn.Module]:
         return self._locked(model) if self.cfg.unlock_step is not None else []
 
-    def context_length(self, model: CLIP) -> None:
+    def caption_tokenizer(self, model: CLIP) -> None:
         return None  # the text tower's tokenizer (an HF tower reads its own ids, not BPE)
 
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
@@ -228,7 +229,7 @@ class CaptionModel(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model
         with torch.set_grad_enabled(self.train_image and torch.is_grad_enabled()):
-            image_tokens = model.visual.tokens(images)
+            image_tokens = model.decoder.image_tokens(model.visual, images)
         states = model.text.states(tokens) if model.decoder.reads_text_states else None
         return model.decoder.loss(image_tokens, tokens, states)
 
@@ -267,6 +268,8 @@ class Caption(Objective):
             raise ConfigError("train: unlock_step and train_locked_proj are for the contrastive objective")
         if cfg.contrastive_weight > 0 and cfg.accum_freq > 1:
             raise ConfigError("train: contrastive_weight > 0 (the joint objective) needs accum_freq 1")
+        if cfg.contrastive_weight > 0 and cfg.decoder.kind == "llava":
+            raise ConfigError("train: contrastive_weight > 0 (CoCa's joint objective) is not for a llava decoder")
 
     @property
     def joint(self) -> bool:
@@ -275,8 +278,10 @@ class Caption(Objective):
     def build_model(self) -> CLIP:
         cfg = self.cfg
         model = _init_model(cfg)
-        if model.decoder is None:  # vocabulary: the training captions' tokens, unless configured
-            vocab = cfg.decoder.vocab or caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
+        if model.decoder is None:  # a BPE head's vocabulary: the training captions' tokens, unless configured
+            vocab = cfg.decoder.vocab
+            if not vocab and DECODERS[cfg.decoder.kind].bpe_vocabulary:
+                vocab = caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
             model.add_decoder(dataclasses.replace(cfg.decoder, vocab=vocab))
         if self.joint and model.config.decoder.context_length > model.config.text.context_length:
             raise ConfigError(f"train: the joint objective encodes the captions with the text tower too: the decoder "
@@ -285,11 +290,12 @@ class Caption(Objective):
         if self.joint and cfg.loss == "sigmoid" and model.logit_bias is None:
             raise ConfigError(f"train.init: {cfg.init} has no logit bias, which the sigmoid loss needs")
         _set_trainable({model.visual: not cfg.lock_image, model.text: self.joint and not cfg.lock_text,
-                        model.decoder: True, model.logit_scale: self.joint, model.logit_bias: self.joint})
+                        model.decoder: True, model.logit_scale: self.joint, model.logit_bias: self.joint,
+                        **{part: cfg.train_language_model for part in model.decoder.pretrained_parts()}})
         return model.train()
 
-    def context_length(self, model: CLIP) -> int:
-        return model.config.decoder.context_length
+    def caption_tokenizer(self, model: CLIP) -> Callable[[list[str]], torch.Tensor]:
+        return model.decoder.training_tokenizer()
 
     def module(self, model: CLIP) -> nn.Module:
         return (JointModel if self.joint else CaptionModel)(model, train_image=not self.cfg.lock_image)

@@ -12,7 +12,7 @@ from .model import CLIP
 
 
 def param_groups(model: CLIP, cfg: TrainConfig, later: Sequence[torch.nn.Module] = ()) -> list[dict]:
-    """Per tower (own lr scale), decayed and not: gains, biases, 1-d embeddings and the logit
+    """Per tower (own lr scale; a llava decoder's language model counts as one), decayed and not: gains, biases, 1-d embeddings and the logit
     scale/bias (all tensors of dimension < 2) get no weight decay. The trainable parameters, and
     those of `later` (parts unlocked during the run: until then they have no gradient, so AdamW
     passes them over)."""
@@ -21,9 +21,10 @@ def param_groups(model: CLIP, cfg: TrainConfig, later: Sequence[torch.nn.Module]
     for name, p in model.named_parameters():
         if not p.requires_grad and id(p) not in pending:
             continue
-        tower = name.split(".")[0] if name.startswith(("visual.", "text.")) else "other"
+        tower = name.split(".")[0] if name.startswith(("visual.", "text.")) else \
+            "language" if name.startswith("decoder.language.") else "other"
         groups.setdefault((tower, p.ndim >= 2), []).append(p)
-    scale = {"visual": cfg.image_lr_scale, "text": cfg.text_lr_scale, "other": 1.0}
+    scale = {"visual": cfg.image_lr_scale, "text": cfg.text_lr_scale, "language": cfg.language_lr_scale, "other": 1.0}
     return [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale[tower],
              "name": f"{tower}{'' if decay else '-no-decay'}"} for (tower, decay), params in sorted(groups.items())]
 

@@ -89,21 +89,21 @@ class Trainer:
         self._deferred = self.objective.deferred(self.model)  # locked until cfg.unlock_step
         self.optimizer = make_optimizer(self.model, cfg, self._deferred)
         self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
-                                     self.objective.context_length(self.model))
+                                     self.objective.caption_tokenizer(self.model))
         if self.data.num_samples < cfg.batch_size * self.world:  # else one batch holds copies of a pair
             batch = max(cfg.accum_freq, self.data.num_samples // self.world // cfg.accum_freq * cfg.accum_freq)
             self._notice(f"batch_size {cfg.batch_size}: the training set holds {self.data.num_samples} pairs; "
                          f"batches of {batch} per rank, so that no pair is its own negative")
             self.cfg = cfg = dataclasses.replace(cfg, batch_size=batch)
             self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
-                                         self.objective.context_length(self.model))
+                                         self.objective.caption_tokenizer(self.model))
         if cfg.workers and cfg.epochs is None and max(self.data.batches_per_epoch(), cfg.min_epoch_batches) < SHORT_EPOCH:
             # loader workers start again every epoch: a small set would wait for them every step or two
             self._notice(f"min_epoch_batches {SHORT_EPOCH}: an epoch of {self.data.batches_per_epoch()} batch(es) "
                          "is read several times over, so that the loader's workers do not restart every step")
             self.cfg = cfg = dataclasses.replace(cfg, min_epoch_batches=SHORT_EPOCH)
             self.data = training_dataset(cfg, self.model.config, self.rank, self.world,
-                                         self.objective.context_length(self.model))
+                                         self.objective.caption_tokenizer(self.model))
         self.loader = make_loader(self.data, cfg.workers)
         self.skips = SkipLog()
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
@@ -364,11 +364,14 @@ class Trainer:
 
 
 def _architecture(config) -> dict:
-    """The config less where a transformers text tower's files are read from (a checkpoint names
-    its own copy of them) and whether its weights came from there (they are in the checkpoint)."""
+    """The config less where a transformers text tower's or a decoder's language model's files are
+    read from (a checkpoint names its own copy of them) and whether its weights came from there
+    (they are in the checkpoint)."""
     out = config.to_dict()
     if config.text.kind == "hf":
         out["text"] = {k: v for k, v in out["text"].items() if k not in ("hf_model", "tokenizer", "hf_pretrained")}
+    if config.decoder is not None:
+        out["decoder"] = {k: v for k, v in out["decoder"].items() if k != "language_model"}
     return out
 
 

@@ -105,8 +105,11 @@ class TrainConfig:
     grad_clip: float | None = setting(1.0, "clip the gradient norm to this (null: no clipping)")
     image_lr_scale: float = setting(1.0, "learning-rate multiplier of the image tower")
     text_lr_scale: float = setting(1.0, "learning-rate multiplier of the text tower")
+    language_lr_scale: float = setting(1.0, "learning-rate multiplier of a llava decoder's language model")
     lock_image: bool = setting(False, "freeze the image tower (LiT; captioners train on a frozen tower)")
     lock_text: bool = setting(False, "freeze the text tower")
+    train_language_model: bool = setting(False, "caption, a llava decoder: its pretrained language model trains "
+                                                "with the projector (LLaVA's stage 2); else it stays frozen (stage 1)")
     train_locked_proj: bool = setting(False, "a locked tower's projection to the embedding still trains (as "
                                              "open_clip's lock of an HF text tower): the locked features are "
                                              "mapped, not only matched")

@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 import clipper  # noqa: E402
 from clipper.errors import ClipperError  # noqa: E402
 from clipper.generate import GenerationConfig  # noqa: E402
-from clipper.vlm.align import IGNORE, AlignConfig, FeatureStore, align, save_trained, training_row  # noqa: E402
+from clipper.model.decoders.spliced import IGNORE  # noqa: E402
+from clipper.vlm.align import AlignConfig, FeatureStore, align, save_trained  # noqa: E402
 from clipper.vlm.build import write_llava  # noqa: E402
 from test_vlm_llava import _inputs, _tokenizer  # noqa: E402
 
@@ -84,7 +85,7 @@ def test_training_rows_label_the_answer_only(composed):
     _, folder = composed
     vlm = clipper.load(folder)
     texts = vlm.processor.image_texts(_images()[:1])
-    ids, labels = training_row(vlm, "red cat", "describe the photo", texts)
+    ids, labels = vlm.processor.answer_row("describe the photo", "red cat", texts)
     answer = [t for t in labels if t != IGNORE]
     assert len(ids) == len(labels) and labels[0] == IGNORE
     assert vlm.processor.tokenizer.convert_ids_to_tokens(END) == "<|im_end|>"

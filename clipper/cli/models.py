@@ -70,7 +70,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
                           "convert the model it came from")
     out = Path(args.out)
     to = args.to or ("open_clip-file" if out.suffix in (".safetensors", ".pt", ".pth", ".bin") else "clipper")
-    if to != "clipper" and model.decoder is not None and model.config.decoder.kind != "coca":
+    llava = model.decoder is not None and model.config.decoder.kind == "llava"
+    if to != "clipper" and model.decoder is not None and model.config.decoder.kind != "coca" and \
+            not (llava and to == "hf"):
         print("clipper convert: the caption decoder is clipper's own (open_clip has none): not exported",
               file=sys.stderr)
     if to == "open_clip-file":
@@ -79,6 +81,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     elif to == "open_clip":
         save_open_clip_dir(model, out)
         print(f"wrote open_clip model folder {out} (open_clip.create_model_and_transforms('local-dir:{out}'))")
+    elif to == "hf" and llava:  # the image tower and the language model behind it: transformers' LLaVA
+        from ..vlm.build import write_llava_of
+
+        write_llava_of(model, out)
+        print(f"wrote transformers folder {out} (LlavaForConditionalGeneration.from_pretrained('{out}'))")
     elif to == "hf":
         from ..interop.hf import hf_config, save_hf_dir
 
@@ -120,7 +127,7 @@ def add_parsers(sub) -> None:
                        description="--to open_clip writes open_clip's local-dir folder (open_clip_config.json + "
                                    "open_clip_model.safetensors: open_clip and clip_benchmark load it as "
                                    "local-dir:OUT). --to hf writes a transformers CLIPModel or SiglipModel folder "
-                                   "(from_pretrained(OUT)). Without --to: an open_clip state dict when --out ends in "
+                                   "(from_pretrained(OUT)), or for a model with a llava decoder a LlavaForConditionalGeneration folder. Without --to: an open_clip state dict when --out ends in "
                                    ".safetensors/.pt/.pth/.bin, else a clipper model directory.")
     add_model_args(p, precision=False)
     p.add_argument("--out", required=True, help="output directory or open_clip weights file")

@@ -37,11 +37,14 @@ from ..train_config import AugmentConfig, TrainConfig
 from ..distributed import rank_and_world
 from ..errors import ConfigError, DataError, ImageError
 from ..images import MAX_PIXELS, decode_image
-from ..tokenizer import Tokenizer, tokenizer_for
+from ..tokenizer import tokenizer_for
 from .reader import IMAGE_EXTS, Skip, list_shards, read_tar, shard_sizes
 from .shards import reason_kind
 from .sources import read_caption
 from .transforms import Preprocess, TrainTransform
+
+# captions -> a tensor of rows, one per caption (stacked into the batch's "text")
+Tokenizing = Callable[[list[str]], torch.Tensor]
 
 
 class DecodedCache:
@@ -68,20 +71,20 @@ CAPTION_VIEWS = "caption"
 
 class SampleDecoder:
     """Raw sample -> (image tensor, token ids, key, metadata, caption, view) or a Skip with the
-    reason. Captions are tokenized for the text tower, or to `context_length` (the captioner's);
+    reason. Captions are tokenized for the text tower, or by `tokenizer` (a captioner's rows);
     `view` is the sample's `view_key` value as a string (a key of its own where it has none; None
     without a view_key). Training keeps decoded images in a `DecodedCache` of `cache_mb` MiB."""
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
-                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, tokenizer: Tokenizing | None = None,
                  cache_mb: float = 0.0, keyword_single: float = 0.0, view_key: str = ""):
         self.image_size = config.vision.image_size
         # uint8 per sample (a quarter of the bytes through the worker queue); `normalize` per batch
         preprocessing = Preprocess(config.vision)
         self.transform = TrainTransform(config.vision, augment or AugmentConfig()) if train else preprocessing.resize
         self.normalize = preprocessing.normalize
-        # the captioner's context: CLIP BPE (its vocabulary); else the text tower's own tokenizer
-        self.tokenizer = Tokenizer(context_length) if context_length else tokenizer_for(config.text)
+        # a captioner's rows (CLIP BPE to its context, or its language model's); else the text tower's
+        self.tokenizer = tokenizer or tokenizer_for(config.text)
         self.max_pixels = max_pixels
         self.keywords_prob = keywords_prob if train else 0.0
         self.keyword_single = keyword_single
@@ -216,7 +219,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, shards, config: ModelConfig, batch_size: int, train: bool = True,
                  augment: AugmentConfig | None = None, seed: int = 0, resampled: bool = False,
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
-                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, context_length: int | None = None,
+                 max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, tokenizer: Tokenizing | None = None,
                  min_epoch_batches: int = 0, cache_mb: float = 0.0, keyword_single: float = 0.0,
                  view_key: str = "", allow_pipe: bool | None = None):
         super().__init__()
@@ -227,7 +230,7 @@ class ShardDataset(IterableDataset):
         if train and not self.num_samples:
             raise DataError(f"{shards}: the shards hold no readable sample")
         self.decoder = SampleDecoder(config, train, augment, max_pixels=max_pixels, keywords_prob=keywords_prob,
-                                     context_length=context_length, cache_mb=cache_mb, keyword_single=keyword_single,
+                                     tokenizer=tokenizer, cache_mb=cache_mb, keyword_single=keyword_single,
                                      view_key=view_key if train else "")
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
@@ -298,12 +301,12 @@ class ShardDataset(IterableDataset):
 
 
 def training_dataset(cfg: TrainConfig, config: ModelConfig, rank: int | None = None, world: int | None = None,
-                     context_length: int | None = None) -> ShardDataset:
+                     tokenizer: Tokenizing | None = None) -> ShardDataset:
     """The training stream `cfg` describes (its shards, batch, augmentation, captions, cache) for a
-    model of `config`; captions tokenized to `context_length` where given (a captioner's)."""
+    model of `config`; captions tokenized by `tokenizer` where given (a captioner's rows)."""
     return ShardDataset(cfg.train_data, config, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
                         resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world,
-                        keywords_prob=cfg.keywords_prob, context_length=context_length,
+                        keywords_prob=cfg.keywords_prob, tokenizer=tokenizer,
                         min_epoch_batches=cfg.min_epoch_batches, cache_mb=cfg.decoded_cache_mb,
                         keyword_single=cfg.keyword_single, view_key=cfg.view_key,
                         allow_pipe=cfg.allow_pipe or None)

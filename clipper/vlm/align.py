@@ -15,16 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .. import io
 from ..errors import ConfigError
 from .folder import folder_weights
+from ..model.decoders.spliced import IGNORE
 from .model import VLM
-from .processor import user_message
-
-IGNORE = -100  # labels that take no loss
 
 
 @dataclass
@@ -38,19 +35,6 @@ class AlignConfig:
     seed: int = 0
     train_lm: bool = False  # stage 2: the language model trains too
     lm_lr: float = 2e-5  # its peak learning rate (LLaVA's stage 2)
-
-
-def training_row(vlm: VLM, caption: str, prompt: str, image_texts: Sequence[str]) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one user turn (the image, `prompt`) answered by `caption`: labels are the
-    ids of the answer and its end of turn as the template renders them, IGNORE elsewhere."""
-    p = vlm.processor
-    question = [user_message(prompt)]
-    head = p.encode(p.render(question), image_texts)
-    ids = p.encode(p.render([*question, {"role": "assistant", "content": [{"type": "text", "text": caption}]}],
-                            add_generation_prompt=False), image_texts)
-    if ids[:len(head)] != head or len(ids) == len(head):
-        raise ConfigError(f"chat template: the answer {caption[:60]!r} does not follow the question's tokens")
-    return ids, [IGNORE] * len(head) + ids[len(head):]
 
 
 class FeatureStore:
@@ -92,10 +76,7 @@ def batch_loss(vlm: VLM, features: Sequence[torch.Tensor], rows: Sequence[tuple[
     labels = torch.tensor([r[1] + [IGNORE] * (n - len(r[1])) for r in rows], device=vlm.device)
     valid = torch.tensor([[True] * len(r[0]) + [False] * (n - len(r[0])) for r in rows], device=vlm.device)
     image = vlm.project(torch.stack([f.to(vlm.device) for f in features]))
-    embeds = vlm._inputs(image, ids)
-    positions = torch.arange(n, device=vlm.device)[None].expand(len(rows), n)
-    logits = vlm.language(embeds, valid, positions, None, last_only=False)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return vlm.answer_loss(image, ids, labels, valid)
 
 
 def _schedule(progress: float, step: int, cfg: AlignConfig) -> float:
@@ -137,7 +118,7 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
         for i in picked:  # each pair's features and rows made once, at its first draw
             if i not in prepared:
                 texts = vlm.processor.image_texts([images[i]])
-                prepared[i] = store(images[i]), training_row(vlm, captions[i], cfg.prompt, texts)
+                prepared[i] = store(images[i]), vlm.processor.answer_row(cfg.prompt, captions[i], texts)
         loss = batch_loss(vlm, [prepared[i][0] for i in picked], [prepared[i][1] for i in picked])
         for group in optimizer.param_groups:
             group["lr"] = group["peak"] * _schedule(progress, step, cfg)

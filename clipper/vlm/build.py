@@ -72,20 +72,23 @@ def _lm_with_tokens(lm_source: str | os.PathLike, tokens: list[str]):
     return lm, tokenizer
 
 
-def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: dict | None = None,
+def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike | tuple, vision: dict | None = None,
                 image_size: int = 224, seed: int = 0, tower: "CLIP | None" = None, feature_layer: int = -2,
-                select: str = "default") -> Path:
+                select: str = "default", projector: dict[str, torch.Tensor] | None = None,
+                chat_template: str = CHATML_TEMPLATE) -> Path:
     """A LLaVA folder at `out`: the causal LM of `lm_source`; the image tower of a clipper model
     (`tower`: its ViT as transformers' CLIP or SigLIP vision model, its preprocessing as the image
     processor), else a random CLIP tower of `vision` (CLIPVisionConfig fields; default
-    ViT-B/16-shaped at `image_size`); `select` at `feature_layer`; a random MLP projector; the
-    image token added to the tokenizer; a ChatML template over content lists."""
+    ViT-B/16-shaped at `image_size`); `select` at `feature_layer`; a random MLP projector (or the
+    weights `projector`); the image token added to the tokenizer; a ChatML template over content
+    lists (or `chat_template`). `lm_source` may be a loaded (causal LM, tokenizer) holding the
+    image token already."""
     from ..interop.hf import hf_image_processor, hf_vision_config, hf_vision_kind, to_hf_state_dict
 
     transformers = _transformers()
     out = Path(out)
     kind = hf_vision_kind(tower.config) if tower is not None else "clip"  # refused before any work
-    lm, tokenizer = _lm_with_tokens(lm_source, [IMAGE_TOKEN])
+    lm, tokenizer = lm_source if isinstance(lm_source, tuple) else _lm_with_tokens(lm_source, [IMAGE_TOKEN])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if tower is not None:
         vision_class = transformers.CLIPVisionConfig if kind == "clip" else transformers.SiglipVisionConfig
@@ -105,6 +108,8 @@ def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: di
     llava = transformers.LlavaForConditionalGeneration(config).eval()
     llava.model.language_model.load_state_dict(lm.model.state_dict())
     llava.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if projector is not None:
+        llava.model.multi_modal_projector.load_state_dict(projector)
     if tower is not None:  # transformers' names (no projection: a VLM reads the tower's tokens), with or
         # without the vision_model. level as this transformers' tower has it
         sd = {k: v for k, v in to_hf_state_dict(tower, vision_only=True).items() if k != "visual_projection.weight"}
@@ -116,9 +121,29 @@ def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike, vision: di
     processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vc.patch_size,
                                             vision_feature_select_strategy=select,
                                             num_additional_image_tokens=int(kind == "clip"),
-                                            chat_template=CHATML_TEMPLATE)
+                                            chat_template=chat_template)
     processor.save_pretrained(out)
     return out
+
+
+def write_llava_of(model: "CLIP", out: str | os.PathLike) -> Path:
+    """The LLaVA folder of a clipper model with a llava decoder: its tower, trained projector and
+    language model, its tokenizer and chat template (over content lists), as transformers'
+    LlavaForConditionalGeneration; refused (with the reason) where transformers has no such model."""
+    from ..model.decoders.llava import CONTENT_LISTS, LlavaDecoder
+
+    decoder = model.decoder
+    if not isinstance(decoder, LlavaDecoder):
+        raise ConfigError("convert --to hf: this model's caption decoder is not a llava one (transformers has no "
+                          "class for clipper's own)")
+    if decoder.cfg.projector != "mlp2x_gelu":
+        raise ConfigError(f"convert --to hf: transformers' LLaVA projects by an MLP, this model by "
+                          f"{decoder.cfg.projector}")
+    lm = _transformers().AutoModelForCausalLM.from_config(decoder.lm_config)
+    lm.load_state_dict(decoder.language.hf_state_dict())
+    return write_llava(out, (lm.eval(), decoder.tokenizer), tower=model, feature_layer=decoder.cfg.feature_layer,
+                       select=decoder.cfg.select, projector=decoder.projector.state_dict(),
+                       chat_template=CONTENT_LISTS + decoder.tokenizer.chat_template)
 
 
 # SmolVLM's template (User:/Assistant: turns ending in <end_of_utterance>) over content lists

@@ -85,10 +85,12 @@ class LanguageModel(nn.Module):
         return _transformers().DynamicCache(config=self.config)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None,
-                last_only: bool = True) -> torch.Tensor:
+                last_only: bool | torch.Tensor = True) -> torch.Tensor:
         """Logits [B, T or 1, V] of `embeds` [B, T, D]; `mask` [B, cached + T] marks real tokens,
-        `positions` [B, T] their position ids; `cache` (from `new_cache`) grows by T."""
+        `positions` [B, T] their position ids; `cache` (from `new_cache`) grows by T. `last_only`
+        a [B, T] mask: the logits [N, V] of those positions alone."""
+        picked = isinstance(last_only, torch.Tensor)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions,
-                      use_cache=cache is not None, logits_to_keep=1 if last_only else 0,
+                      use_cache=cache is not None, logits_to_keep=1 if last_only is True else 0,
                       **{self._cache_arg: cache})
-        return out.logits
+        return out.logits[last_only] if picked else out.logits

@@ -65,6 +65,15 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
+def _drop_head(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict.pop(prefix + "head.weight", None)
+
+
+def _head_from_embedding(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    if prefix + "head.weight" not in state_dict and prefix + "embed.weight" in state_dict:
+        state_dict[prefix + "head.weight"] = state_dict[prefix + "embed.weight"]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalised in float32, scaled in the input's dtype."""
     xf = x.float()
@@ -110,6 +119,15 @@ class LlamaLM(nn.Module):
         # on the CPU even where the module is built on the meta device (the weights come later)
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (_rope_theta(config) ** exponents), persistent=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.tie()
+            # a tied head is the embedding: saved once (safetensors refuses shared tensors), tied again at load
+            self._register_state_dict_hook(_drop_head)  # the public name arrived after torch 2.4
+            self.register_load_state_dict_pre_hook(_head_from_embedding)
+            self.register_load_state_dict_post_hook(lambda module, keys: module.tie())
+
+    def tie(self) -> None:
+        self.head.weight = self.embed.weight
 
     def load_weights(self, sd: dict[str, torch.Tensor], source: str, tied: bool = False) -> None:
         """transformers' `*ForCausalLM` names (model.*, lm_head.weight), fused as this module holds them."""
@@ -146,10 +164,13 @@ class LlamaLM(nn.Module):
             if value.shape != expected[key].shape:
                 raise CheckpointError(f"{source}: {key} has shape {list(value.shape)}, the config wants "
                                       f"{list(expected[key].shape)}")
-        own["head.weight"] = own["embed.weight"] if tied else head
-        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in own.items()}, strict=True, assign=True)
         if tied:
-            self.head.weight = self.embed.weight
+            self.tie()  # a folder may tie where its text config does not say so
+        else:
+            own["head.weight"] = head
+        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in own.items()}, strict=not tied, assign=True)
+        if tied:
+            self.tie()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers' `*ForCausalLM` names (the fused projections split again)."""
@@ -185,10 +206,11 @@ class LlamaLM(nn.Module):
                        self.embed.weight.device)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = True) -> torch.Tensor:
+                last_only: bool | torch.Tensor = True) -> torch.Tensor:
         """Logits [B, T or 1, V] of `embeds` [B, T, D]; `mask` [B, cached + T] marks real tokens,
         `positions` [B, T] their position ids; `cache` grows by T (none: nothing is kept, as in
-        training and the recompute reference)."""
+        training and the recompute reference). `last_only` a [B, T] mask: the logits [N, V] of
+        those positions alone (training's predicting positions)."""
         B, T, _ = embeds.shape
         start = cache.length if cache is not None else 0
         end = start + T
@@ -222,4 +244,8 @@ class LlamaLM(nn.Module):
             x = x + block.down(F.silu(gate) * up)
         if cache is not None:
             cache.length = end
-        return self.head(rms_norm(x[:, -1:] if last_only else x, self.norm, self.eps))
+        if isinstance(last_only, torch.Tensor):
+            x = x[last_only]
+        elif last_only:
+            x = x[:, -1:]
+        return self.head(rms_norm(x, self.norm, self.eps))

@@ -9,7 +9,6 @@ model's KV cache, `decode` feeds one token per row, `full_logits` recomputes (th
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +21,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..generate import GenerationConfig, generate_ids
 from ..images import open_image
-from ..model.decoders.base import Captioner, Codec, PaddedKVCache
+from ..model.decoders.base import Captioner, Codec
+from ..model.decoders.spliced import LMCache, SplicedCaptioner
 from ..model.vision import VisionTransformer
 from .language import LanguageModel
 from .processor import ChatProcessor, user_message
@@ -59,21 +59,13 @@ class ChatCodec(Codec):
         return self.stop_ids
 
 
-@dataclasses.dataclass(kw_only=True)
-class LMCache(PaddedKVCache):
-    kv: object  # the language model's transformers Cache
-
-    def select_own(self, rows: torch.Tensor) -> dict:
-        self.kv.batch_select_indices(rows)  # in place: the engine keeps only the selected cache
-        return {"kv": self.kv}
-
-
-class VLM(nn.Module):
+class VLM(SplicedCaptioner, nn.Module):
     def __init__(self, config: VLMConfig, vision: VisionTransformer, projector: nn.Module, language: LanguageModel,
                  processor: ChatProcessor):
         super().__init__()
         self.config, self.vision, self.projector, self.language = config, vision, projector, language
         self.processor = processor
+        self.image_token_id = config.image_token_id
         self.codec = ChatCodec(language.vocab_size, config.end_ids)
         self.context_length = language.context_length
         self.precision = "fp32"  # int8: a quantised copy (clipper.quantize.with_precision)
@@ -119,41 +111,6 @@ class VLM(nn.Module):
         row whose image has fewer frames (Idefics3's tiles vary with the aspect ratio)."""
         rows = [self.image_features(self.processor.pixels([im])).flatten(0, 1) for im in images]
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-
-    # --- the Captioner the engine drives ---------------------------------------------------------
-    def _inputs(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The prompt's embeddings with each row's image tokens replaced by its images' features
-        (`image_tokens` [B, n, D], in order; a row with fewer image tokens takes the first ones:
-        rows are zero-padded to the longest)."""
-        embeds = self.language.embed(tokens)
-        where = tokens == self.config.image_token_id
-        counts, n = where.sum(1), image_tokens.shape[1]
-        if int(counts.max()) != n or (len(tokens) == 1 and int(counts[0]) != n):
-            raise ConfigError(f"prompt: {counts.tolist()} image token positions for {n} image features")
-        taken = image_tokens[torch.arange(n, device=tokens.device)[None] < counts[:, None]]
-        return embeds.masked_scatter(where[..., None], taken.to(embeds.dtype))
-
-    @staticmethod
-    def _positions(valid: torch.Tensor) -> torch.Tensor:
-        return (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)  # as transformers' generate
-
-    def prefill(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
-                room: int) -> tuple[torch.Tensor, LMCache]:
-        kv = self.language.new_cache(tokens.shape[0], tokens.shape[1] + room)
-        logits = self.language(self._inputs(image_tokens, tokens), valid, self._positions(valid), kv)[:, -1]
-        return logits, LMCache(valid=valid, positions=valid.long().sum(1), length=tokens.shape[1],
-                               padded=not bool(valid.all()), kv=kv)
-
-    def decode(self, token: torch.Tensor, cache: LMCache) -> torch.Tensor:
-        cache.check_room(self.context_length)
-        cache.valid = torch.cat([cache.valid, cache.valid.new_ones(len(token), 1)], 1)
-        logits = self.language(self.language.embed(token[:, None]), cache.valid, cache.positions[:, None], cache.kv)
-        cache.positions = cache.positions + 1
-        cache.length += 1
-        return logits[:, -1]
-
-    def full_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.language(self._inputs(image_tokens, tokens), valid, self._positions(valid))[:, -1]
 
     # --- the verbs -------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -23,6 +23,7 @@ from .. import io
 from ..config import OPENAI_MEAN, OPENAI_STD
 from ..errors import ConfigError
 from ..data.transforms import uint8_tensor
+from ..model.decoders.spliced import IGNORE
 
 # PIL's resample codes, as transformers maps them (LANCZOS runs in torchvision >= 0.27 on the CPU)
 _RESAMPLE = {0: InterpolationMode.NEAREST, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
@@ -299,6 +300,17 @@ class ChatProcessor:
                               f"{len(image_texts)} image(s)")
         expanded = pieces[0] + "".join(t + piece for t, piece in zip(image_texts, pieces[1:]))
         return self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+
+    def answer_row(self, prompt: str, answer: str, image_texts: Sequence[str]) -> tuple[list[int], list[int]]:
+        """(ids, labels) of one user turn (its images, `prompt`) answered by `answer`: labels are the
+        ids of the answer and its end of turn as the template renders them, IGNORE elsewhere."""
+        question = [user_message(prompt, images=len(image_texts))]
+        head = self.encode(self.render(question), image_texts)
+        ids = self.encode(self.render([*question, {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                                      add_generation_prompt=False), image_texts)
+        if ids[:len(head)] != head or len(ids) == len(head):
+            raise ConfigError(f"chat template: the answer {answer[:60]!r} does not follow the question's tokens")
+        return ids, [IGNORE] * len(head) + ids[len(head):]
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Every image's frames, in order [frames, 3, H, W]."""

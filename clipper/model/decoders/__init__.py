@@ -6,10 +6,11 @@ from ...config import ModelConfig
 from ...errors import ConfigError
 from .base import Captioner, Codec, Decoder, PaddedKVCache, TextCodec
 from .coca import CoCaDecoder
+from .llava import LlavaDecoder
 from .prefix import PrefixDecoder
 
 # DecoderConfig.kind -> the module
-DECODERS: dict[str, type[Decoder]] = {"prefix": PrefixDecoder, "coca": CoCaDecoder}
+DECODERS: dict[str, type[Decoder]] = {"prefix": PrefixDecoder, "coca": CoCaDecoder, "llava": LlavaDecoder}
 
 
 def check_decoder(model: ModelConfig) -> type[Decoder] | None:

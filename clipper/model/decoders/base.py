@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from ...chunks import chunked
+from ...tokenizer import Tokenizer
 
 
 class Codec:
@@ -103,8 +107,28 @@ def bpe_end_positions(tokens: torch.Tensor) -> torch.Tensor:
 class Decoder(nn.Module):
     """A caption decoder module. `reads_text_states`: its input is the text tower's states (else
     the caption's token ids). The decoders here train on CLIP BPE rows; one with its own tokenizer
-    overrides `target_counts`."""
+    overrides `training_tokenizer` and `target_counts`; one that reads other image tokens than the
+    tower's outputs, `image_tokens`; one with files beside its weights, `bundle`."""
     reads_text_states = False
+    bpe_vocabulary = True  # its head covers CLIP BPE ids (the training captions' unless configured)
+    cfg: Any
+
+    def image_tokens(self, visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads of preprocessed images: the tower's output tokens."""
+        return chunked(visual, images, "tokens")
+
+    def training_tokenizer(self) -> Callable[[Sequence[str]], torch.Tensor]:
+        """Captions -> the rows `loss` reads: CLIP BPE to the decoder's context."""
+        return Tokenizer(self.cfg.context_length)
+
+    def pretrained_parts(self) -> list[nn.Module]:
+        """Its parts that come pretrained (a language model): frozen unless the run trains them."""
+        return []
+
+    def bundle(self, path: Path) -> Any:
+        """Write what the decoder needs beside its weights into the model folder `path`; return the
+        config to save (naming those files)."""
+        return self.cfg
 
     @classmethod
     def check(cls, cfg: Any, model: Any) -> None:

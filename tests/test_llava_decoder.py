@@ -1,0 +1,198 @@
+"""The llava decoder kind (issue #36): a pretrained language model behind a projector on a clipper
+image tower, trained by the caption objective's trainer. Stage 1 changes the projector alone and
+lowers the loss; a resumed run is bit-identical to a straight one; stage 2 tunes the language model;
+rows label the answer and its end only; the saved model generates what the trained one did (its
+cache equal to recomputing), and its transformers LLaVA export generates the same greedy tokens
+in transformers and in clipper."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import clipper  # noqa: E402
+from clipper.config import DecoderConfig  # noqa: E402
+from clipper.data.samples import Sample  # noqa: E402
+from clipper.data.shards import write_shards  # noqa: E402
+from clipper.errors import ClipperError  # noqa: E402
+from clipper.generate import GenerationConfig, generate  # noqa: E402
+from clipper.model.decoders.llava import ANSWER, PAD, PROMPT  # noqa: E402
+from clipper.train import Trainer  # noqa: E402
+from clipper.train_config import TrainConfig  # noqa: E402
+from test_vlm_llava import _tokenizer  # noqa: E402
+
+# a chat template over string contents, as language models' own are
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}"
+            "ASSISTANT: {{ m['content'] }}</s> {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 160, 30), "yellow": (220, 220, 30)}
+THINGS = ["cat", "dog", "tree", "car"]
+PROMPT_TEXT = "describe the photo"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny random Llama folder (tied embeddings, word-level tokenizer, chat template), a tiny
+    3-channel contrastive model (its init folder) and shards of coloured squares named by colour."""
+    root = tmp_path_factory.mktemp("llava-decoder")
+    tokenizer, vocab = _tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    config = transformers.LlamaConfig(vocab_size=vocab + 4, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+                                      initializer_range=0.3)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    torch.manual_seed(0)
+    model = clipper.CLIP(clipper.ModelConfig.from_dict(
+        {"embed_dim": 32, "vision": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 2},
+         "text": {"context_length": 12, "width": 32, "layers": 2, "heads": 2}}))
+    model.save(root / "clip")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(64):
+        colour, thing = list(COLOURS)[i % 4], THINGS[(i // 4) % 4]
+        image = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
+        samples.append(Sample(key=f"s{i:04d}", image=image, text=f"{colour} {thing}"))
+    write_shards(samples, root / "shards", samples_per_shard=32)
+    return root
+
+
+def _cfg(root, **kw):
+    base = dict(objective="caption", init=str(root / "clip"), train_data=str(root / "shards"), lock_image=True,
+                decoder=DecoderConfig(kind="llava", language_model=str(root / "lm"), context_length=40,
+                                      prompt=PROMPT_TEXT),
+                batch_size=8, lr=3e-3, weight_decay=0.0, warmup_steps=2, steps=12, workers=0, log_every=1,
+                checkpoint_every=6, seed=3, shuffle_buffer=20, eval_task="none")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def stage1(parts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    trainer = Trainer(_cfg(parts), out)
+    trainer.fit()
+    return trainer, out
+
+
+def test_stage1_trains_the_projector_alone_and_lowers_the_loss(parts, stage1):
+    trainer, out = stage1
+    init = clipper.load(parts / "clip")
+    fresh = clipper.load(parts / "clip")
+    fresh.add_decoder(trainer.model.config.decoder)  # the language model as its folder holds it
+    trained = trainer.model.state_dict()
+    for key, value in {**init.state_dict(), **{"decoder." + k: v for k, v in fresh.decoder.state_dict().items()
+                                                if not k.startswith("projector.")}}.items():
+        assert torch.equal(trained[key], value), key
+    assert not torch.equal(trained["decoder.projector.linear_1.weight"], fresh.decoder.projector.linear_1.weight)
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_a_resumed_run_is_bit_identical(parts, stage1, tmp_path):
+    straight, _ = stage1
+    Trainer(_cfg(parts, stop_after=6), tmp_path / "b").fit()
+    resumed = Trainer(_cfg(parts), tmp_path / "b", resume=True)
+    assert resumed.step == 6
+    resumed.fit()
+    a, b = _state(straight.model), _state(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_tunes_the_language_model_from_the_stage1_model(parts, stage1, tmp_path):
+    _, out = stage1
+    trainer = Trainer(_cfg(parts, init=str(out / "model"), train_language_model=True, lr=1e-3, steps=4,
+                           language_lr_scale=0.5), tmp_path / "s2")
+    before = _state(trainer.model)
+    names = {g["name"]: g["lr_scale"] for g in trainer.optimizer.param_groups}
+    assert names["language"] == 0.5 and not any(n.startswith(("visual", "text")) for n in names)
+    trainer.fit()
+    after = trainer.model.state_dict()
+    assert not torch.equal(after["decoder.language.blocks.0.qkv.weight"], before["decoder.language.blocks.0.qkv.weight"])
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("visual.", "text.")))
+
+
+def test_rows_label_the_answer_and_its_end_only(parts, stage1):
+    decoder = stage1[0].model.decoder
+    rows = decoder.training_tokenizer()(["red cat", "a big blue dog"])
+    assert rows.shape == (2, 2, 40)
+    tokenizer = decoder.tokenizer
+    for row, answer in zip(rows, ["red cat", "a big blue dog"]):
+        ids, role = row[0], row[1]
+        assert tokenizer.decode(ids[role == ANSWER]) == answer + " </s>"  # word-level: spaced
+        assert (ids[role == PROMPT] == decoder.image_token_id).sum() == 16  # the 4x4 grid, class token dropped
+        assert set(role[(role == PAD).nonzero()[0, 0]:].tolist()) == {PAD}  # right padding only
+    assert decoder.target_counts(rows).tolist() == [3, 5]
+
+
+def test_the_saved_model_generates_what_the_trained_one_did(stage1):
+    trainer, out = stage1
+    loaded = clipper.load(out / "model")
+    assert (out / "model" / "language_model" / "tokenizer.json").is_file()
+    assert loaded.decoder.language.head.weight is loaded.decoder.language.embed.weight  # tied again
+    pixels = torch.rand(3, 3, 16, 16)
+    trained = trainer.model.eval()
+    options = GenerationConfig(max_new_tokens=6)
+    assert generate(loaded, pixels, None, options) == generate(trained, pixels, None, options)
+    assert generate(loaded, pixels, ["describe the photo", "what is this", "describe the image"], options)
+    decoder = loaded.decoder
+    with torch.no_grad():
+        tokens = decoder.image_tokens(loaded.visual, pixels[:1])
+        row = torch.tensor([decoder.codec.prompt("")])
+        valid = torch.ones_like(row, dtype=torch.bool)
+        cached, cache = decoder.prefill(tokens, row, valid, 4)
+        step = decoder.decode(cached.argmax(-1), cache)
+        full = decoder.full_logits(tokens, torch.cat([row, cached.argmax(-1)[:, None]], 1),
+                                   torch.ones(1, row.shape[1] + 1, dtype=torch.bool))
+    assert torch.allclose(cached, decoder.full_logits(tokens, row, valid), atol=1e-5)
+    assert torch.allclose(step, full, atol=1e-5)
+
+
+def test_the_transformers_export_generates_the_same_tokens(stage1, tmp_path):
+    from clipper.cli import main
+
+    _, out = stage1
+    main(["convert", "--model", str(out / "model"), "--to", "hf", "--out", str(tmp_path / "hf")])
+    model = clipper.load(out / "model")
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    rng = np.random.default_rng(1)
+    from PIL import Image
+
+    image = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                      {"type": "text", "text": PROMPT_TEXT}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == model.decoder.codec.prompt(PROMPT_TEXT)  # the same chat, rendered
+    with torch.no_grad():
+        expected = reference.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        got = generate(model, inputs["pixel_values"], [PROMPT_TEXT], GenerationConfig(max_new_tokens=6))[0][0]
+    expected = expected.tolist()
+    assert got == model.decoder.processor.decode(expected[:expected.index(2)] if 2 in expected else expected)
+    # clipper runs the export as a VLM too, with the same answer
+    assert clipper.load(tmp_path / "hf").chat(image, PROMPT_TEXT, max_new_tokens=6) == got
+
+
+def test_bad_settings_are_refused(parts):
+    with pytest.raises(ClipperError, match="joint objective"):
+        Trainer(_cfg(parts, contrastive_weight=1.0), "/nonexistent/never-written")
+    model = clipper.load(parts / "clip")
+    with pytest.raises(ClipperError, match="feature_layer"):
+        model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), feature_layer=5))
+    with pytest.raises(ClipperError, match="context_length"):
+        model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), context_length=16))
+    with pytest.raises(ClipperError, match="projects by an MLP"):
+        from clipper.vlm.build import write_llava_of
+
+        model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), projector="linear",
+                                        context_length=40))
+        write_llava_of(model, parts / "never")

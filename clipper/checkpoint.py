@@ -144,13 +144,14 @@ def resolve_text_encoder(config: ModelConfig, path: Path) -> ModelConfig:
 
 
 def resolve_decoder_files(config: ModelConfig, path: Path) -> ModelConfig:
-    """A decoder's language model named by a folder of the model directory, as that folder's path."""
+    """A decoder's language model and datastore named by folders of the model directory, as those
+    folders' paths."""
     d = config.decoder
-    if d is None or not d.language_model or Path(d.language_model).is_absolute() or \
-            not (path / d.language_model).is_dir():
+    if d is None:
         return config
-    return dataclasses.replace(config, decoder=dataclasses.replace(
-        d, language_model=str((path / d.language_model).resolve())))
+    found = {name: str((path / getattr(d, name)).resolve()) for name in ("language_model", "datastore")
+             if getattr(d, name) and not Path(getattr(d, name)).is_absolute() and (path / getattr(d, name)).is_dir()}
+    return dataclasses.replace(config, decoder=dataclasses.replace(d, **found)) if found else config
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:

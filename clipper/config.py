@@ -209,6 +209,10 @@ class DecoderConfig:
     feature_layer: int = -2  # llava: transformers' hidden_states index of the image tower
     select: str = "default"  # llava: default drops the class token, full keeps every token
     prompt: str = "What is this?"  # llava: the user's question a caption answers (training, default prompt)
+    # llava: the k captions nearest to the image (a datastore of captions embedded by the model's text
+    # tower: `datastore`, a folder; empty: built from the training captions) go into the prompt
+    retrieve: int = 0
+    datastore: str = ""
 
     def validate(self, where: str = "decoder") -> None:
         # the kind is checked where the kinds are listed (clipper.model.decoders), with what it needs
@@ -221,6 +225,8 @@ class DecoderConfig:
             raise ConfigError(f"{where}.vocab: expected distinct token ids (non-negative integers)")
         _one_of(self, where, "projector", ("mlp2x_gelu", "linear"))
         _one_of(self, where, "select", ("default", "full"))
+        if not 0 <= self.retrieve <= 64:
+            raise ConfigError(f"{where}.retrieve: 0 to 64 captions, got {self.retrieve}")
 
 
 @dataclass

@@ -284,7 +284,7 @@ def _generate(model: CLIP, pixels: torch.Tensor, prompts: Sequence[str] | None,
     if len(prompts) != B:
         raise ConfigError(f"prompts: {len(prompts)} for {B} image(s)")
     image_tokens = model.decoder.image_tokens(model.visual, pixels.to(model.device))
-    per_image = generate_ids(captioner, image_tokens, [codec.prompt(p) for p in prompts], cfg)
+    per_image = generate_ids(captioner, image_tokens, model.decoder.prompt_rows(model, pixels, prompts, codec), cfg)
     return codec.texts(prompts, per_image)
 
 

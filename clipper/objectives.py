@@ -283,6 +283,7 @@ class Caption(Objective):
             if not vocab and DECODERS[cfg.decoder.kind].bpe_vocabulary:
                 vocab = caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
             model.add_decoder(dataclasses.replace(cfg.decoder, vocab=vocab))
+        model.decoder.prepare_training(model, cfg.train_data)
         if self.joint and model.config.decoder.context_length > model.config.text.context_length:
             raise ConfigError(f"train: the joint objective encodes the captions with the text tower too: the decoder "
                               f"context ({model.config.decoder.context_length}) must fit the text tower's "

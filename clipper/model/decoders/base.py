@@ -108,7 +108,8 @@ class Decoder(nn.Module):
     """A caption decoder module. `reads_text_states`: its input is the text tower's states (else
     the caption's token ids). The decoders here train on CLIP BPE rows; one with its own tokenizer
     overrides `training_tokenizer` and `target_counts`; one that reads other image tokens than the
-    tower's outputs, `image_tokens`; one with files beside its weights, `bundle`."""
+    tower's outputs, `image_tokens`; one with files beside its weights, `bundle`; one whose prompts
+    depend on the image, `prompt_rows` (and `prepare_training`)."""
     reads_text_states = False
     bpe_vocabulary = True  # its head covers CLIP BPE ids (the training captions' unless configured)
     cfg: Any
@@ -120,6 +121,15 @@ class Decoder(nn.Module):
     def training_tokenizer(self) -> Callable[[Sequence[str]], torch.Tensor]:
         """Captions -> the rows `loss` reads: CLIP BPE to the decoder's context."""
         return Tokenizer(self.cfg.context_length)
+
+    def prompt_rows(self, model: nn.Module, pixels: torch.Tensor, prompts: Sequence[str],
+                    codec: TextCodec) -> list[list[int]]:
+        """The prompt ids each image's caption continues from (`model`: the CLIP it sits on, for a
+        decoder whose prompt depends on the image; `codec`: its captioner's)."""
+        return [codec.prompt(p) for p in prompts]
+
+    def prepare_training(self, model: nn.Module, train_data: str) -> None:
+        """Whatever its training rows need from the model and the training shards, before training."""
 
     def pretrained_parts(self) -> list[nn.Module]:
         """Its parts that come pretrained (a language model): frozen unless the run trains them."""

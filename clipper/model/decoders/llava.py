@@ -9,7 +9,11 @@ Training rows are the language model's ids, not CLIP BPE: `training_tokenizer` r
 caption as that chat and returns [2, context_length] per caption (ids; 0 padding, 1 prompt,
 2 answer), so the trainer's resume, DDP, budgets and evaluations run it as any decoder. A saved
 model holds the language model's config and tokenizer in its folder (`language_model/`), its
-weights in model.safetensors; `clipper convert --to hf` writes transformers' LLaVA folder of it."""
+weights in model.safetensors; `clipper convert --to hf` writes transformers' LLaVA folder of it.
+
+With `retrieve` k (SmallCap's recipe), the question follows the k captions of a datastore nearest
+to the image by the model's own embeddings: built from the training captions unless given, never a
+training caption's own, saved in the model's `datastore/`, and swappable at inference."""
 
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ from torch import nn
 from ...config import DecoderConfig, ModelConfig
 from ...errors import ConfigError
 from .base import Decoder, TextCodec
+from .datastore import Datastore, retrieval_prompt
 from .spliced import IGNORE, SplicedCaptioner
 
 LANGUAGE_DIR = "language_model"  # in a saved model's folder: the language model's config and tokenizer
+DATASTORE_DIR = "datastore"  # and the retrieval datastore, where the decoder retrieves
 IMAGE_TOKEN = "<image>"
 PAD, PROMPT, ANSWER = 0, 1, 2  # the second row of a training row: what each position holds
 
@@ -77,16 +83,20 @@ class AnswerCodec(TextCodec):
 
 class ChatRows:
     """Captions -> training rows [N, 2, length]: each caption as the answer to `prompt` about the
-    image (ids, right-padded; and per position PAD, PROMPT or ANSWER); cut at `length`."""
+    image (ids, right-padded; and per position PAD, PROMPT or ANSWER); cut at `length`. With
+    `neighbours`, a caption's retrieved captions go into its prompt."""
 
-    def __init__(self, processor, prompt: str, image_text: str, length: int):
+    def __init__(self, processor, prompt: str, image_text: str, length: int,
+                 neighbours: dict[str, list[str]] | None = None):
         self.processor, self.prompt, self.image_text, self.length = processor, prompt, image_text, length
+        self.neighbours = neighbours or {}
 
     def __call__(self, captions: str | Sequence[str]) -> torch.Tensor:
         captions = [captions] if isinstance(captions, str) else captions
         out = torch.zeros(len(captions), 2, self.length, dtype=torch.long)
         for i, caption in enumerate(captions):
-            ids, labels = self.processor.answer_row(self.prompt, caption, [self.image_text])
+            prompt = retrieval_prompt(self.prompt, self.neighbours.get(caption, ()))
+            ids, labels = self.processor.answer_row(prompt, caption, [self.image_text])
             n = min(len(ids), self.length)
             out[i, 0, :n] = torch.tensor(ids[:n])
             out[i, 1, :n] = torch.tensor([PROMPT if x == IGNORE else ANSWER for x in labels[:n]])
@@ -125,6 +135,8 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         self.codec = AnswerCodec(self.processor, self.image_text, cfg.prompt, int(lm_config.vocab_size),
                                list(dict.fromkeys(i for i in ends if isinstance(i, int))))
         self.context_length = cfg.context_length
+        self.datastore = Datastore.load(cfg.datastore) if cfg.retrieve and cfg.datastore else None
+        self.neighbours: dict[str, list[str]] = {}  # training captions' retrieved ones (prepare_training)
 
     @classmethod
     def check(cls, cfg: DecoderConfig, model: ModelConfig) -> None:
@@ -172,7 +184,30 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         return self.projector(image_tokens)
 
     def training_tokenizer(self) -> ChatRows:
-        return ChatRows(self.processor, self.cfg.prompt, self.image_text, self.cfg.context_length)
+        return ChatRows(self.processor, self.cfg.prompt, self.image_text, self.cfg.context_length, self.neighbours)
+
+    def prepare_training(self, model: nn.Module, train_data: str) -> None:
+        """With `retrieve`: a datastore of the training captions unless the decoder has one, and each
+        training caption's neighbours by its image (never itself)."""
+        if self.cfg.retrieve:
+            from ...data.reader import shard_captions
+            from ...retrieval import build_datastore, caption_neighbours
+
+            if self.datastore is None:
+                self.datastore = build_datastore(model, shard_captions(train_data))
+            self.neighbours = caption_neighbours(model, train_data, self.datastore, self.cfg.retrieve)
+
+    def prompt_rows(self, model: nn.Module, pixels: torch.Tensor, prompts: Sequence[str],
+                    codec: TextCodec) -> list[list[int]]:
+        """Each prompt (empty: `prompt`), after the `retrieve` captions nearest to its image."""
+        prompts = [p or self.cfg.prompt for p in prompts]
+        if self.cfg.retrieve:
+            if self.datastore is None:
+                raise ConfigError(f"decoder.retrieve {self.cfg.retrieve}: the model has no datastore (give one)")
+            found = self.datastore.nearest(model.encode_image(pixels.to(model.device), normalize=True),
+                                           self.cfg.retrieve)
+            prompts = [retrieval_prompt(p, near) for p, near in zip(prompts, found)]
+        return [codec.prompt(p) for p in prompts]
 
     def target_counts(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, 1] == ANSWER).sum(1)
@@ -193,7 +228,8 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         return {"loss": loss, "tokens": torch.tensor(float((role == ANSWER).sum()))}
 
     def bundle(self, path: Path) -> DecoderConfig:
-        """The language model's config and tokenizer in `path`/language_model (replaced whole)."""
+        """The language model's config and tokenizer in `path`/language_model (replaced whole), and
+        the datastore in `path`/datastore."""
         target, tmp = path / LANGUAGE_DIR, path / f".tmp-{LANGUAGE_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.lm_config.save_pretrained(tmp)
@@ -201,4 +237,7 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         if target.exists():  # (even the folder it was read from: the tokenizer is in memory)
             shutil.rmtree(target)
         tmp.rename(target)
-        return dataclasses.replace(self.cfg, language_model=LANGUAGE_DIR)
+        if self.datastore is None:
+            return dataclasses.replace(self.cfg, language_model=LANGUAGE_DIR, datastore="")
+        self.datastore.save(path / DATASTORE_DIR)
+        return dataclasses.replace(self.cfg, language_model=LANGUAGE_DIR, datastore=DATASTORE_DIR)

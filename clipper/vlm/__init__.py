@@ -9,7 +9,7 @@ import os
 from ..errors import ConfigError
 from ..interop.hf import model_type
 from .idefics3 import load_idefics3
-from .llava import load_llava
+from .llava import llava_of_model, load_llava
 from .model import VLM, VLMConfig
 
 # config.json model_type of the folders clipper runs as VLMs -> its loader
@@ -23,6 +23,14 @@ def vlm_kind(path: str | os.PathLike) -> str | None:
     return kind if kind in VLM_KINDS else None
 
 
+def as_vlm(model) -> VLM | None:
+    """`model` if it is a VLM; a clipper model with a llava decoder as one; else None."""
+    if isinstance(model, VLM):
+        return model
+    decoder = getattr(model, "decoder", None)
+    return llava_of_model(model) if decoder is not None and model.config.decoder.kind == "llava" else None
+
+
 def load_vlm(path: str | os.PathLike, native_lm: bool = True) -> VLM:
     """The VLM of a transformers folder (`native_lm`: see llava.load_llava)."""
     kind = vlm_kind(path)
@@ -31,4 +39,4 @@ def load_vlm(path: str | os.PathLike, native_lm: bool = True) -> VLM:
     return _LOADERS[kind](path, native_lm)
 
 
-__all__ = ["VLM", "VLMConfig", "VLM_KINDS", "load_vlm", "vlm_kind"]
+__all__ = ["VLM", "VLMConfig", "VLM_KINDS", "as_vlm", "load_vlm", "vlm_kind"]

@@ -16,7 +16,7 @@ from .. import io
 from ..errors import CheckpointError, ConfigError
 from .folder import CONFIG, folder_weights, generation_settings, image_tower, language_model
 from .model import VLM, VLMConfig
-from .processor import ChatProcessor
+from .processor import ChatProcessor, ModelImages
 from .projector import MLPProjector
 
 # the older layout's prefixes -> transformers 5's
@@ -93,3 +93,18 @@ def load_llava(path: str | os.PathLike, native_lm: bool = True) -> VLM:
     config = VLMConfig(kind="llava", feature_layers=layers, select=select, image_token_id=image_token_id,
                        end_ids=end_ids, generation=generation)
     return VLM(config, vision, projector, language, processor).eval()
+
+
+def llava_of_model(model) -> VLM:
+    """A clipper model with a llava decoder as a VLM (chat, conversations), sharing its modules: its
+    ViT, projector and language model, the model's own preprocessing. Its prompts do not retrieve:
+    a retrieving decoder's chats lack the captions it was trained to read."""
+    decoder = model.decoder
+    cfg = decoder.cfg
+    config = VLMConfig(kind="llava", feature_layers=[cfg.feature_layer], select=cfg.select,
+                       image_token_id=decoder.image_token_id, end_ids=decoder.codec.end_ids,
+                       default_prompt=cfg.prompt)
+    p = decoder.processor
+    processor = ChatProcessor(p.folder, p.tokenizer, p.template, p.text, ModelImages(model.preprocessing))
+    vlm = VLM(config, model.visual, decoder.projector, decoder.language, processor)
+    return vlm.eval()

@@ -221,6 +221,19 @@ def chat_template(folder: Path, tokenizer) -> str:
     raise ConfigError(f"{folder}: no chat template (chat_template.jinja, chat_template.json or the tokenizer's)")
 
 
+class ModelImages:
+    """A clipper model's own preprocessing as a VLM's image processor: one frame per image."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    def frames(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess(image)[None]
+
+    def layout(self, image: Image.Image) -> tuple[int, int]:
+        return 0, 0
+
+
 @dataclass
 class ImageText:
     """What each image token of a rendered prompt becomes: `tokens` image tokens per frame; with

@@ -112,6 +112,7 @@ class Decoder(nn.Module):
     depend on the image, `prompt_rows` (and `prepare_training`)."""
     reads_text_states = False
     bpe_vocabulary = True  # its head covers CLIP BPE ids (the training captions' unless configured)
+    reads_instructions = False  # its training tokenizer takes (question, answer, caption) turns too
     cfg: Any
 
     def image_tokens(self, visual: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -83,20 +83,22 @@ class AnswerCodec(TextCodec):
 
 class ChatRows:
     """Captions -> training rows [N, 2, length]: each caption as the answer to `prompt` about the
-    image (ids, right-padded; and per position PAD, PROMPT or ANSWER); cut at `length`. With
-    `neighbours`, a caption's retrieved captions go into its prompt."""
+    image (ids, right-padded; and per position PAD, PROMPT or ANSWER); cut at `length`. An item may
+    be a (question, answer, caption) instruction turn instead. With `neighbours`, a caption's
+    retrieved captions go into its prompt."""
 
     def __init__(self, processor, prompt: str, image_text: str, length: int,
                  neighbours: dict[str, list[str]] | None = None):
         self.processor, self.prompt, self.image_text, self.length = processor, prompt, image_text, length
         self.neighbours = neighbours or {}
 
-    def __call__(self, captions: str | Sequence[str]) -> torch.Tensor:
-        captions = [captions] if isinstance(captions, str) else captions
-        out = torch.zeros(len(captions), 2, self.length, dtype=torch.long)
-        for i, caption in enumerate(captions):
-            prompt = retrieval_prompt(self.prompt, self.neighbours.get(caption, ()))
-            ids, labels = self.processor.answer_row(prompt, caption, [self.image_text])
+    def __call__(self, items: str | Sequence[str | tuple[str, str, str]]) -> torch.Tensor:
+        items = [items] if isinstance(items, str) else items
+        out = torch.zeros(len(items), 2, self.length, dtype=torch.long)
+        for i, item in enumerate(items):
+            question, answer, caption = item if isinstance(item, tuple) else (self.prompt, item, item)
+            prompt = retrieval_prompt(question, self.neighbours.get(caption, ()))
+            ids, labels = self.processor.answer_row(prompt, answer, [self.image_text])
             n = min(len(ids), self.length)
             out[i, 0, :n] = torch.tensor(ids[:n])
             out[i, 1, :n] = torch.tensor([PROMPT if x == IGNORE else ANSWER for x in labels[:n]])
@@ -107,6 +109,7 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
     """Projector + language model; it is its own `Captioner` (the engine's image tokens are the
     tower's hidden states, projected at prefill)."""
     bpe_vocabulary = False
+    reads_instructions = True
 
     def __init__(self, cfg: DecoderConfig, vision_width: int, tokens_per_image: int, lm_config, tokenizer):
         from ...vlm.language import LanguageModel

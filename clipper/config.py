@@ -208,6 +208,7 @@ class DecoderConfig:
     projector: str = "mlp2x_gelu"  # llava: or linear
     feature_layer: int = -2  # llava: transformers' hidden_states index of the image tower
     select: str = "default"  # llava: default drops the class token, full keeps every token
+    shuffle: int = 1  # llava: pixel shuffle, each shuffle x shuffle block of the grid's tokens in one (fewer tokens)
     prompt: str = "What is this?"  # llava: the user's question a caption answers (training, default prompt)
     # llava: the k captions nearest to the image (a datastore of captions embedded by the model's text
     # tower: `datastore`, a folder; empty: built from the training captions) go into the prompt
@@ -225,6 +226,8 @@ class DecoderConfig:
             raise ConfigError(f"{where}.vocab: expected distinct token ids (non-negative integers)")
         _one_of(self, where, "projector", ("mlp2x_gelu", "linear"))
         _one_of(self, where, "select", ("default", "full"))
+        if not 1 <= self.shuffle <= 8:
+            raise ConfigError(f"{where}.shuffle: 1 to 8, got {self.shuffle}")
         if not 0 <= self.retrieve <= 64:
             raise ConfigError(f"{where}.retrieve: 0 to 64 captions, got {self.retrieve}")
 

@@ -3,7 +3,8 @@ the metrics, sample captions of test images) from a folder of runs.
 
     python -m clipper.report runs/quickstart-STAMP
 
-The folder holds one run folder per job (fmnist, emoji, fmnist-captioner, emoji-captioner), each
+The folder holds one run folder per job (fmnist, emoji, fmnist-captioner, emoji-captioner, and
+emoji-vlm where the quickstart trained a vision-language model), each
 with its summary.json (what `clipper train` writes at the end) and, beside it, the `clipper eval`
 output (NAME.eval.json) where there is one.
 """
@@ -16,7 +17,10 @@ import sys
 from pathlib import Path
 
 JOBS = [("fmnist", "Fashion-MNIST contrastive", "fmnist"), ("emoji", "emoji contrastive", "emoji"),
-        ("fmnist-captioner", "Fashion-MNIST captioner", "fmnist"), ("emoji-captioner", "emoji captioner", "emoji")]
+        ("fmnist-captioner", "Fashion-MNIST captioner", "fmnist"), ("emoji-captioner", "emoji captioner", "emoji"),
+        ("emoji-vlm", "emoji VLM (SmolLM2-135M-Instruct)", "emoji")]
+# what a vision-language model's report asks each shown image, beside its caption
+QUESTIONS = ("Which Unicode group is this emoji in?", "Give some keywords for this emoji.")
 SHOWN = ("top1", "top5", "t2i_R@1", "t2i_R@5", "i2t_R@1", "exact_match", "bleu4", "rouge_l", "cider_d", "class_named")
 
 
@@ -61,12 +65,16 @@ def sample_captions(model_dir: Path, shards: Path, n: int = 8) -> list[dict]:
             samples.append((decode_image(s[ext], s["__key__"]), s["txt"].decode("utf-8", "replace").strip()))
         if len(samples) == n:
             break
-    captions = caption(model, [im for im, _ in samples], num_beams=3)
+    images = [im for im, _ in samples]
+    captions = caption(model, images, num_beams=3)
+    # a vision-language model also answers questions about them
+    asked = {q: caption(model, images, prompt=q) for q in QUESTIONS} if model.config.decoder.kind == "llava" else {}
     out = []
-    for (im, ref), cap in zip(samples, captions):
+    for i, ((im, ref), cap) in enumerate(zip(samples, captions)):
         buf = io.BytesIO()
         im.resize((64, 64)).save(buf, format="PNG")
-        out.append({"image": base64.b64encode(buf.getvalue()).decode(), "reference": ref, "caption": cap})
+        out.append({"image": base64.b64encode(buf.getvalue()).decode(), "reference": ref, "caption": cap,
+                    "answers": {q: a[i] for q, a in asked.items()}})
     return out
 
 
@@ -92,8 +100,9 @@ def write_html(folder: Path, rows: list[dict], samples: dict[str, list[dict]]) -
     for name, items in samples.items():
         parts.append(f"<h2>{html.escape(name)}: captions of test images (beam 3), reference below</h2>")
         for s in items:
+            answers = "".join(f"<br><i>{html.escape(q)}</i> {html.escape(a)}" for q, a in s["answers"].items())
             parts.append(f"<div class='s'><img src='data:image/png;base64,{s['image']}'><br><b>{html.escape(s['caption'])}"
-                         f"</b><br><span class='ref'>{html.escape(s['reference'])}</span></div>")
+                         f"</b><br><span class='ref'>{html.escape(s['reference'])}</span>{answers}</div>")
     out = folder / "report.html"
     out.write_text("\n".join(parts), encoding="utf-8")
     return out
@@ -109,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(found))
     samples = {}
     for r in found:
-        if r["name"].endswith("captioner") and (folder / r["name"] / "model").is_dir():
+        if r["name"].endswith(("captioner", "vlm")) and (folder / r["name"] / "model").is_dir():
             samples[r["title"]] = sample_captions(folder / r["name"] / "model", Path("data/shards") / r["data"] / "test")
             print(f"\n{r['title']}, first test images (caption <- reference):")
             for s in samples[r["title"]]:
-                print(f"  {s['caption']!r:40s} <- {s['reference']!r}")
+                print(f"  {s['caption']!r:40s} <- {s['reference']!r}"
+                      + "".join(f"\n      {q} {a!r}" for q, a in s["answers"].items()))
     print(f"\nreport: {write_html(folder, found, samples)}")
     return 0
 

@@ -320,3 +320,30 @@ def test_emoji_instruction_answers_come_from_the_metadata():
     assert "Egypt" in flag.values() and len(flag) == 2
     assert emoji_conversations(meta) == emoji_conversations(dict(meta))  # phrasings seeded by the emoji
     assert question_answers([{"from": "human", "value": "q"}] * 100) == []  # bounded
+
+
+def test_pixel_shuffle_quarters_the_image_tokens(parts):
+    from clipper.vlm.build import write_llava_of
+
+    model = clipper.load(parts / "clip")
+    model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), context_length=40, shuffle=2,
+                                    prompt=PROMPT_TEXT))
+    decoder = model.decoder
+    rows = decoder.training_tokenizer()(["red cat"])
+    assert (rows[0, 0] == decoder.image_token_id).sum() == 4  # the 4x4 grid in 2x2 blocks
+    assert decoder.projector.linear_1.in_features == 4 * 32
+    pixels = torch.rand(2, 3, 16, 16)
+    out = decoder.loss(decoder.image_tokens(model.visual, pixels), decoder.training_tokenizer()(["red cat", "blue dog"]))
+    out["loss"].backward()
+    assert decoder.projector.linear_1.weight.grad is not None
+    from PIL import Image
+
+    image = Image.new("RGB", (16, 16), (30, 30, 200))
+    model.eval()
+    own = generate(model, model.preprocessing(image)[None], [PROMPT_TEXT], GenerationConfig(max_new_tokens=5))[0][0]
+    assert as_vlm(model).chat(image, PROMPT_TEXT, max_new_tokens=5) == own
+    with pytest.raises(ClipperError, match="pixel shuffle"):
+        write_llava_of(model, parts / "never")
+    with pytest.raises(ClipperError, match="shuffle 3"):
+        clipper.load(parts / "clip").add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"),
+                                                                context_length=40, shuffle=3))

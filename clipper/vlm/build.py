@@ -136,9 +136,10 @@ def write_llava_of(model: "CLIP", out: str | os.PathLike) -> Path:
     if not isinstance(decoder, LlavaDecoder):
         raise ConfigError("convert --to hf: this model's caption decoder is not a llava one (transformers has no "
                           "class for clipper's own)")
-    if decoder.cfg.projector != "mlp2x_gelu":
-        raise ConfigError(f"convert --to hf: transformers' LLaVA projects by an MLP, this model by "
-                          f"{decoder.cfg.projector}")
+    if decoder.cfg.projector != "mlp2x_gelu" or decoder.cfg.shuffle > 1:
+        raise ConfigError(f"convert --to hf: transformers' LLaVA projects every token by an MLP, this model by "
+                          f"{decoder.cfg.projector}" + (f" after a pixel shuffle {decoder.cfg.shuffle}"
+                                                        if decoder.cfg.shuffle > 1 else ""))
     lm = _transformers().AutoModelForCausalLM.from_config(decoder.lm_config)
     lm.load_state_dict(decoder.language.hf_state_dict())
     return write_llava(out, (lm.eval(), decoder.tokenizer), tower=model, feature_layer=decoder.cfg.feature_layer,

@@ -102,7 +102,7 @@ def llava_of_model(model) -> VLM:
     decoder = model.decoder
     cfg = decoder.cfg
     config = VLMConfig(kind="llava", feature_layers=[cfg.feature_layer], select=cfg.select,
-                       image_token_id=decoder.image_token_id, end_ids=decoder.codec.end_ids,
+                       image_token_id=decoder.image_token_id, end_ids=decoder.codec.end_ids, shuffle=cfg.shuffle,
                        default_prompt=cfg.prompt)
     p = decoder.processor
     processor = ChatProcessor(p.folder, p.tokenizer, p.template, p.text, ModelImages(model.preprocessing))

@@ -1,7 +1,7 @@
 """The llava decoder kind: a pretrained causal language model (SmolLM2, any Llama/Qwen2, whatever
 transformers builds) reads the model's image tower, LLaVA's way. The tower's hidden states at
-`feature_layer` (the class token dropped or kept: `select`) go through a projector (`mlp2x_gelu`
-or `linear`) into the language model's embedding, in place of the `<image>` token's copies in its
+`feature_layer` (the class token dropped or kept: `select`; each `shuffle` x `shuffle` block of
+them in one, Idefics3's pixel shuffle) go through a projector (`mlp2x_gelu` or `linear`) into the language model's embedding, in place of the `<image>` token's copies in its
 own chat template: the user turn holds the image and the question (`prompt`), the caption is
 the assistant's answer, and the loss covers the answer and its end of turn only.
 
@@ -53,10 +53,12 @@ CONTENT_LISTS = (
     "{%- set messages = flat.messages %}")
 
 
-def image_token_count(model: ModelConfig, select: str) -> int:
+def image_token_count(model: ModelConfig, cfg: DecoderConfig) -> int:
     """Tokens per image: transformers' count (every token of the tower, less the first with the
-    default strategy)."""
-    return model.vision.grid ** 2 + int(model.vision.class_token) - int(select == "default")
+    default strategy), or the grid's after the pixel shuffle."""
+    if cfg.shuffle > 1:
+        return (model.vision.grid // cfg.shuffle) ** 2
+    return model.vision.grid ** 2 + int(model.vision.class_token) - int(cfg.select == "default")
 
 
 class AnswerCodec(TextCodec):
@@ -120,8 +122,9 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         super().__init__()
         self.cfg, self.lm_config, self.tokenizer = cfg, lm_config, tokenizer
         width = int(lm_config.hidden_size)
-        self.projector = MLPProjector(vision_width, width) if cfg.projector == "mlp2x_gelu" else \
-            nn.Sequential(nn.Linear(vision_width, width))
+        features = vision_width * cfg.shuffle ** 2
+        self.projector = MLPProjector(features, width) if cfg.projector == "mlp2x_gelu" else \
+            nn.Sequential(nn.Linear(features, width))
         self.language = LlamaLM(lm_config) if native_supported(lm_config) else \
             LanguageModel(lm_config, "decoder.language_model")
         template = getattr(tokenizer, "chat_template", None)
@@ -149,9 +152,13 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         if not -model.vision.layers - 1 <= cfg.feature_layer <= model.vision.layers:
             raise ConfigError(f"decoder.feature_layer {cfg.feature_layer}: the image tower has "
                               f"{model.vision.layers} layers")
-        if cfg.context_length <= image_token_count(model, cfg.select):
+        if cfg.shuffle > 1 and (model.vision.grid % cfg.shuffle or
+                                (cfg.select == "full" and model.vision.class_token)):
+            raise ConfigError(f"decoder.shuffle {cfg.shuffle}: needs the class token dropped (select default) and "
+                              f"a grid it divides ({model.vision.grid})")
+        if cfg.context_length <= image_token_count(model, cfg):
             raise ConfigError(f"decoder.context_length {cfg.context_length}: the image alone takes "
-                              f"{image_token_count(model, cfg.select)} tokens; leave room for the chat")
+                              f"{image_token_count(model, cfg)} tokens; leave room for the chat")
 
     @classmethod
     def for_model(cls, cfg: DecoderConfig, model: ModelConfig) -> "LlavaDecoder":
@@ -164,7 +171,7 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
 
         source = cfg.language_model or str(smollm2_gguf())
         cfg = dataclasses.replace(cfg, language_model=source)
-        tokens = image_token_count(model, cfg.select)
+        tokens = image_token_count(model, cfg)
         if torch.empty(()).is_meta:
             transformers = _transformers()
             if not (Path(source) / "config.json").is_file():
@@ -184,7 +191,9 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         return states[:, 1:] if self.cfg.select == "default" else states
 
     def image_inputs(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        return self.projector(image_tokens)
+        from ...vlm.projector import pixel_shuffle
+
+        return self.projector(pixel_shuffle(image_tokens, self.cfg.shuffle))
 
     def training_tokenizer(self) -> ChatRows:
         return ChatRows(self.processor, self.cfg.prompt, self.image_text, self.cfg.context_length, self.neighbours)

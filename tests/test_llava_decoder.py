@@ -372,3 +372,35 @@ def test_the_shared_prompt_start_runs_once_with_the_same_loss_and_gradient(stage
     del decoder._shared_start
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert (results[0][1] - results[1][1]).abs().max() < 1e-5 * results[1][1].abs().max()
+
+
+def test_the_trained_model_serves_chat_completions(stage1):
+    """`clipper serve --chat`: the model's VLM behind /v1/chat/completions answers what it chats."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    from clipper.serve.chat import ChatService
+    from clipper.serve.config import Limits
+    from clipper.serve.testing import serve_in_thread
+
+    _, out = stage1
+    vlm = as_vlm(clipper.load(out / "model"))
+    image = Image.new("RGB", (16, 16), (30, 160, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url, stop = serve_in_thread(ChatService(vlm, "emoji-vlm", Limits(max_new_tokens=6)))
+    try:
+        body = {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
+            {"type": "text", "text": PROMPT_TEXT}]}], "max_tokens": 6}
+        request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+    finally:
+        stop()
+    assert answer == vlm.chat(image, PROMPT_TEXT, max_new_tokens=6)

@@ -29,6 +29,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     cors_origins=tuple(o.rstrip("/") for o in args.cors_origin),
                     image_hosts=tuple(h.strip().lower() for h in args.image_host if h.strip()))
     model = load_model_from_args(args)
+    if args.chat:  # a model with a llava decoder, served as the vision-language model it holds
+        from ..vlm import as_vlm
+
+        model = as_vlm(model)
+        if model is None:
+            raise ConfigError("--chat: for a model with a llava decoder (a VLM folder serves chat already)")
     name, limits = args.served_model_name or model_spec(args).served_name(), Limits(**flag_values(args, args.config_fields))
     if isinstance(model, VLM):  # a vision-language model serves /v1/chat/completions
         if args.index:
@@ -104,6 +110,9 @@ def add_parsers(sub) -> None:
     add_model_args(p)
     p.add_argument("--index", help="folder from `clipper embed` + `clipper index`, for /search (default: "
                                      "none, /search answers 404)")
+    p.add_argument("--chat", action="store_true", help="a model with a llava decoder (train-captioner --preset "
+                                                      "emoji-vlm): serve /v1/chat/completions and the chat page "
+                                                      "instead of the embedding API (default: the embedding API)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass (default: 32)")

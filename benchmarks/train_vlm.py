@@ -181,7 +181,8 @@ def main() -> None:
         said, names, seconds = answers(model, test, args.eval_limit)
         results[variant] = {"stages": stages, "samples_per_s": round(sum(s["samples"] for s in stages) /
                                                                      sum(s["train_seconds"] for s in stages), 2),
-                            "peak_rss_mib": max(s["peak_rss_mib"] for s in stages), "caption_seconds": round(seconds, 1),
+                            "peak_rss_mib": max(s["peak_rss_mib"] for s in stages),
+                            "caption_seconds": round(seconds, 1),
                             "metrics": scores(said, names, seen) if args.data == "emoji" else class_named(said, names),
                             "examples": [{"name": n, "answer": a} for n, a in list(zip(names, said))[:10]]}
         if model.config.decoder.kind == "llava" and args.data == "emoji":
@@ -193,7 +194,8 @@ def main() -> None:
               "threads": torch.get_num_threads(), "command": "python benchmarks/train_vlm.py " + " ".join(sys.argv[1:])}
     if args.data == "fmnist":
         result["zero_shot_top1"] = zero_shot_top1(clipper.load(args.init), test, args.eval_limit)
-    name = "train_vlm" + ("" if args.data == "emoji" else f"_{args.data}") + ("_" + "_".join(chosen) if args.variants else "")
+    name = "train_vlm" + ("" if args.data == "emoji" else f"_{args.data}") + \
+        ("_" + "_".join(chosen) if args.variants else "")
     print("wrote", write_results(name, result))
 
 

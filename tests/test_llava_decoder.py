@@ -333,7 +333,8 @@ def test_pixel_shuffle_quarters_the_image_tokens(parts):
     assert (rows[0, 0] == decoder.image_token_id).sum() == 4  # the 4x4 grid in 2x2 blocks
     assert decoder.projector.linear_1.in_features == 4 * 32
     pixels = torch.rand(2, 3, 16, 16)
-    out = decoder.loss(decoder.image_tokens(model.visual, pixels), decoder.training_tokenizer()(["red cat", "blue dog"]))
+    rows = decoder.training_tokenizer()(["red cat", "blue dog"])
+    out = decoder.loss(decoder.image_tokens(model.visual, pixels), rows)
     out["loss"].backward()
     assert decoder.projector.linear_1.weight.grad is not None
     from PIL import Image
@@ -394,9 +395,9 @@ def test_the_trained_model_serves_chat_completions(stage1):
     image.save(buf, format="PNG")
     url, stop = serve_in_thread(ChatService(vlm, "emoji-vlm", Limits(max_new_tokens=6)))
     try:
-        body = {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
-            {"type": "text", "text": PROMPT_TEXT}]}], "max_tokens": 6}
+        data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                          {"type": "text", "text": PROMPT_TEXT}]}], "max_tokens": 6}
         request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as r:

@@ -127,7 +127,9 @@ def add_parsers(sub) -> None:
                        description="--to open_clip writes open_clip's local-dir folder (open_clip_config.json + "
                                    "open_clip_model.safetensors: open_clip and clip_benchmark load it as "
                                    "local-dir:OUT). --to hf writes a transformers CLIPModel or SiglipModel folder "
-                                   "(from_pretrained(OUT)), or for a model with a llava decoder a LlavaForConditionalGeneration folder. Without --to: an open_clip state dict when --out ends in "
+                                   "(from_pretrained(OUT)), or for a model with a llava decoder a "
+                                   "LlavaForConditionalGeneration folder. Without --to: an open_clip state dict "
+                                   "when --out ends in "
                                    ".safetensors/.pt/.pth/.bin, else a clipper model directory.")
     add_model_args(p, precision=False)
     p.add_argument("--out", required=True, help="output directory or open_clip weights file")

@@ -1,9 +1,10 @@
 """The llava decoder kind: a pretrained causal language model (SmolLM2, any Llama/Qwen2, whatever
 transformers builds) reads the model's image tower, LLaVA's way. The tower's hidden states at
 `feature_layer` (the class token dropped or kept: `select`; each `shuffle` x `shuffle` block of
-them in one, Idefics3's pixel shuffle) go through a projector (`mlp2x_gelu` or `linear`) into the language model's embedding, in place of the `<image>` token's copies in its
-own chat template: the user turn holds the image and the question (`prompt`), the caption is
-the assistant's answer, and the loss covers the answer and its end of turn only.
+them in one, Idefics3's pixel shuffle) go through a projector (`mlp2x_gelu` or `linear`) into the
+language model's embedding, in place of the `<image>` token's copies in its own chat template:
+the user turn holds the image and the question (`prompt`), the caption is the assistant's answer,
+and the loss covers the answer and its end of turn only.
 
 Training rows are the language model's ids, not CLIP BPE: `training_tokenizer` renders each
 caption as that chat and returns [2, context_length] per caption (ids; 0 padding, 1 prompt,
@@ -53,12 +54,15 @@ CONTENT_LISTS = (
     "{%- set messages = flat.messages %}")
 
 
+def selected_tokens(model: ModelConfig, select: str) -> int:
+    """The tower's tokens a decoder reads: transformers' count (every token, less the first with the
+    default strategy)."""
+    return model.vision.grid ** 2 + int(model.vision.class_token) - int(select == "default")
+
+
 def image_token_count(model: ModelConfig, cfg: DecoderConfig) -> int:
-    """Tokens per image: transformers' count (every token of the tower, less the first with the
-    default strategy), or the grid's after the pixel shuffle."""
-    if cfg.shuffle > 1:
-        return (model.vision.grid // cfg.shuffle) ** 2
-    return model.vision.grid ** 2 + int(model.vision.class_token) - int(cfg.select == "default")
+    """Tokens per image in the prompt: the selected ones, or the grid's after the pixel shuffle."""
+    return (model.vision.grid // cfg.shuffle) ** 2 if cfg.shuffle > 1 else selected_tokens(model, cfg.select)
 
 
 class AnswerCodec(TextCodec):
@@ -153,9 +157,9 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
             raise ConfigError(f"decoder.feature_layer {cfg.feature_layer}: the image tower has "
                               f"{model.vision.layers} layers")
         if cfg.shuffle > 1 and (model.vision.grid % cfg.shuffle or
-                                (cfg.select == "full" and model.vision.class_token)):
-            raise ConfigError(f"decoder.shuffle {cfg.shuffle}: needs the class token dropped (select default) and "
-                              f"a grid it divides ({model.vision.grid})")
+                                selected_tokens(model, cfg.select) != model.vision.grid ** 2):
+            raise ConfigError(f"decoder.shuffle {cfg.shuffle}: needs the grid's tokens alone (select default with "
+                              f"a class token, full without) and a grid it divides ({model.vision.grid})")
         if cfg.context_length <= image_token_count(model, cfg):
             raise ConfigError(f"decoder.context_length {cfg.context_length}: the image alone takes "
                               f"{image_token_count(model, cfg)} tokens; leave room for the chat")
@@ -176,9 +180,8 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
             transformers = _transformers()
             if not (Path(source) / "config.json").is_file():
                 raise ConfigError(f"decoder.language_model {source}: not a folder holding config.json")
-            decoder = cls(cfg, model.vision.width, tokens, transformers.AutoConfig.from_pretrained(source),
-                          transformers.AutoTokenizer.from_pretrained(source))
-            return decoder
+            return cls(cfg, model.vision.width, tokens, transformers.AutoConfig.from_pretrained(source),
+                       transformers.AutoTokenizer.from_pretrained(source))
         lm, tokenizer = _lm_with_tokens(source, [IMAGE_TOKEN])
         decoder = cls(cfg, model.vision.width, tokens, lm.config, tokenizer)
         decoder.language.load_weights(lm.state_dict(), source)

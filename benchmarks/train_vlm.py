@@ -56,17 +56,23 @@ VARIANTS = {
 
 
 def train(preset: str, init: str, data: str, minutes: float, extra: list[str], out: Path) -> dict:
+    """Train (unless `out` holds this stage's finished run already: --stamp) and read its figures."""
+    if not (out / "summary.json").is_file():
+        _train(preset, init, data, minutes, extra, out)
+    logged = [r for r in RunDir(out).read_metrics() if "samples_per_s" in r]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"preset": preset, "extra": extra, "run": shown(out), "steps": summary["step"],
+            "samples": summary["samples"], "train_seconds": summary["train_seconds"],
+            "samples_per_s": summary["samples_per_s"], "peak_rss_mib": max(r["peak_rss_mib"] for r in logged)}
+
+
+def _train(preset: str, init: str, data: str, minutes: float, extra: list[str], out: Path) -> None:
     cmd = [sys.executable, "-m", "clipper", "train", "--preset", preset, "--init", init, "--train-data", data,
            "--eval-task", "none", "--minutes", str(minutes), "--out", str(out),
            "--set", "checkpoint_every=1000000000", *extra]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run keeps its final model
-    logged = [r for r in RunDir(out).read_metrics() if "samples_per_s" in r]
-    summary = json.loads((out / "summary.json").read_text())
-    return {"preset": preset, "extra": extra, "run": shown(out), "steps": summary["step"],
-            "samples": summary["samples"], "train_seconds": summary["train_seconds"],
-            "samples_per_s": summary["samples_per_s"], "peak_rss_mib": max(r["peak_rss_mib"] for r in logged)}
 
 
 @torch.inference_mode()
@@ -78,7 +84,7 @@ def answers(model: clipper.CLIP, test: str, limit: int | None) -> tuple[list[str
     for batch in make_loader(dataset):
         if not batch["key"]:
             continue
-        said += [c[0].strip() for c in generate(model.eval(), batch["image"], cfg=GenerationConfig(max_new_tokens=24))]
+        said += [c[0].strip() for c in generate(model.eval(), batch["image"], cfg=GenerationConfig())]
         names += batch["caption"]
         print(f"captioned {len(said)}: {names[-1]!r} -> {said[-1]!r}", flush=True)
         if limit is not None and len(said) >= limit:
@@ -101,7 +107,7 @@ def question_accuracy(model: clipper.CLIP, test: str, limit: int | None) -> dict
             continue
         metas = batch["meta"][:None if limit is None else limit - n]
         pixels = batch["image"][:len(metas)]
-        options = GenerationConfig(max_new_tokens=24)
+        options = GenerationConfig()  # up to the decoder's context
         groups = [c[0].strip() for c in generate(model.eval(), pixels, [GROUP_Q] * len(metas), cfg=options)]
         words = [c[0].strip() for c in generate(model.eval(), pixels, [KEYWORDS_Q] * len(metas), cfg=options)]
         for meta, g, k in zip(metas, groups, words):
@@ -161,6 +167,8 @@ def main() -> None:
     ap.add_argument("--variants", help="comma-separated (default: all of the data's: "
                                        + "; ".join(f"{d}: {', '.join(v)}" for d, v in VARIANTS.items()) + ")")
     ap.add_argument("--eval-limit", type=int, help="test images captioned (default: all)")
+    ap.add_argument("--stamp", help="continue the runs of an earlier invocation (runs/bench-VARIANT-STAMP): "
+                                    "stages that finished are evaluated, not trained again (default: new runs)")
     args = ap.parse_args()
     variants = VARIANTS[args.data]
     chosen = args.variants.split(",") if args.variants else list(variants)
@@ -169,7 +177,7 @@ def main() -> None:
     shards = ensure_shards(args.data)
     train_data, test = str(shards / "train"), str(shards / "test")
     seen = trained_words(train_data) if args.data == "emoji" else set()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = args.stamp or time.strftime("%Y%m%d-%H%M%S")
     results = {}
     for variant in chosen:
         init, stages = args.init, []

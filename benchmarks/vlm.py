@@ -32,6 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_mib, write_results  # noqa: E402
 
+from clipper.model.decoders.language import smollm2_gguf  # noqa: E402
 from clipper.vlm import build  # noqa: E402
 
 PROMPT = "What is in this image?"
@@ -154,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         for kind in args.folders:
             about, write = FOLDERS[kind]
-            folder = write(Path(tmp) / kind, build.smollm2_gguf())
+            folder = write(Path(tmp) / kind, smollm2_gguf())
             sides = {}
             for name in names:
                 out = subprocess.run([sys.executable, __file__, "--side", name, "--folder", str(folder),

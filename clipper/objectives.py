@@ -23,6 +23,7 @@ from .checkpoint import is_model_dir
 from .config import ModelConfig
 from .model.hf_text import FeatureCache, pretrained_text_config
 from .presets import preset
+from .retrieval import build_datastore, caption_neighbours
 from .train_config import TrainConfig
 from .data.reader import shard_captions
 from .errors import ConfigError
@@ -288,7 +289,11 @@ class Caption(Objective):
         if cfg.instructions and not model.decoder.reads_instructions:
             raise ConfigError(f"train.instructions: a {model.config.decoder.kind} decoder writes captions; "
                               "instruction turns are for a llava decoder")
-        model.decoder.prepare_training(model, cfg.train_data)
+        if model.decoder.retrieves:  # a datastore of the training captions (unless it has one), and each
+            # training caption's neighbours by its image, never itself, for its rows' prompts
+            decoder = model.decoder
+            decoder.datastore = decoder.datastore or build_datastore(model, shard_captions(cfg.train_data))
+            decoder.neighbours = caption_neighbours(model, cfg.train_data, decoder.datastore, decoder.retrieves)
         if self.joint and model.config.decoder.context_length > model.config.text.context_length:
             raise ConfigError(f"train: the joint objective encodes the captions with the text tower too: the decoder "
                               f"context ({model.config.decoder.context_length}) must fit the text tower's "

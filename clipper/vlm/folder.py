@@ -15,8 +15,8 @@ from ..errors import CheckpointError, ConfigError
 from ..generate import GenerationConfig
 from ..interop.hf import from_hf_state_dict, vision_config_from_hf
 from ..model.vision import VisionTransformer
-from .language import LanguageModel, text_config
-from .llama import LlamaLM, native_supported
+from ..model.decoders.language import LanguageModel, text_config
+from ..model.decoders.llama import LlamaLM, native_supported
 
 CONFIG = "config.json"
 

@@ -13,10 +13,10 @@ import torch
 from .. import io
 from ..errors import CheckpointError, ConfigError
 from .folder import CONFIG, folder_weights, generation_settings, image_tower, language_model
-from .language import _transformers
+from ..model.decoders.language import _transformers
 from .model import VLM, VLMConfig
 from .processor import ChatProcessor
-from .projector import LinearProjector
+from ..model.decoders.projector import LinearProjector
 
 # the folder's prefixes -> (the part, the prefix its loader reads)
 _PARTS = {"model.vision_model.": ("vision", "vision_model."), "model.connector.modality_projection.": ("projector", ""),

@@ -17,7 +17,7 @@ from ..errors import CheckpointError, ConfigError
 from .folder import CONFIG, folder_weights, generation_settings, image_tower, language_model
 from .model import VLM, VLMConfig
 from .processor import ChatProcessor, ModelImages
-from .projector import MLPProjector
+from ..model.decoders.projector import MLPProjector
 
 # the older layout's prefixes -> transformers 5's
 _RENAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),

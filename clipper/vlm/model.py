@@ -24,9 +24,10 @@ from ..images import open_image
 from ..model.decoders.base import Captioner, Codec
 from ..model.decoders.spliced import LMCache, SplicedCaptioner
 from ..model.vision import VisionTransformer
-from .language import LanguageModel
-from .processor import ChatProcessor, user_message
-from .projector import pixel_shuffle
+from ..model.decoders.language import LanguageModel
+from ..model.decoders.chat import user_message
+from .processor import ChatProcessor
+from ..model.decoders.projector import pixel_shuffle
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .. import io
 from ..config import OPENAI_MEAN, OPENAI_STD
 from ..errors import ConfigError
 from ..data.transforms import uint8_tensor
-from ..model.decoders.spliced import IGNORE
+from ..model.decoders.chat import ChatText, ImageText, chat_template
 
 # PIL's resample codes, as transformers maps them (LANCZOS runs in torchvision >= 0.27 on the CPU)
 _RESAMPLE = {0: InterpolationMode.NEAREST, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
@@ -208,19 +208,6 @@ class TiledImageProcessor(_Pixels):
         return self._normalized(torch.cat([tiles, self._resize(x, (t, t))[None]]))
 
 
-def chat_template(folder: Path, tokenizer) -> str:
-    """The folder's chat template: chat_template.jinja, chat_template.json, else the tokenizer's."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if (folder / "chat_template.json").is_file():
-        template = io.read_json_object(folder / "chat_template.json", "chat template", {}).get("chat_template")
-        if isinstance(template, str):
-            return template
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        return tokenizer.chat_template
-    raise ConfigError(f"{folder}: no chat template (chat_template.jinja, chat_template.json or the tokenizer's)")
-
-
 class ModelImages:
     """A clipper model's own preprocessing as a VLM's image processor: one frame per image."""
 
@@ -234,45 +221,19 @@ class ModelImages:
         return 0, 0
 
 
-@dataclass
-class ImageText:
-    """What each image token of a rendered prompt becomes: `tokens` image tokens per frame; with
-    `around` set (Idefics3, SmolVLM), each tile's tokens behind `around` and its <row_r_col_c> tag,
-    a line per row of tiles, then the global image's behind `around` and `global_tag`."""
-    image_token: str
-    tokens: int
-    around: str | None = None
-    global_tag: str = "<global-img>"
-
-    def __call__(self, rows: int, cols: int) -> str:
-        image = self.image_token * self.tokens
-        if self.around is None:
-            return image
-        whole = f"{self.around}{self.global_tag}{image}{self.around}"
-        if rows == 0 and cols == 0:
-            return whole
-        tiles = "".join("".join(f"{self.around}<row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
-                        for r in range(rows))
-        return f"{tiles}\n{whole}"
-
-
-class ChatProcessor:
+class ChatProcessor(ChatText):
     """Messages -> the prompt ids the language model reads; images -> their frames; ids -> text."""
 
     def __init__(self, folder: Path, tokenizer, template: str, text: ImageText,
-                 images: ImageProcessor | TiledImageProcessor, settings: dict | None = None):
-        self.folder, self.tokenizer, self.template, self.text, self.images = folder, tokenizer, template, text, images
+                 images: "ImageProcessor | TiledImageProcessor | ModelImages", settings: dict | None = None):
+        super().__init__(folder, tokenizer, template, text)
+        self.images = images
         self.settings = settings or {}  # processor_config.json
-        self.image_token = text.image_token
-        ids = tokenizer.encode(self.image_token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ConfigError(f"{folder}: the tokenizer does not hold the image token {self.image_token!r} as one token")
-        self.image_token_id = ids[0]
 
     @classmethod
     def from_folder(cls, folder: Path, tokens_per_frame: int, tiled: bool = False) -> "ChatProcessor":
         """The folder's tokenizer, chat template and image processor (`tiled`: Idefics3's)."""
-        from .language import _transformers
+        from ..model.decoders.language import _transformers
 
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (folder / name).is_file():
@@ -295,44 +256,10 @@ class ChatProcessor:
             text, images = ImageText(token, tokens_per_frame), ImageProcessor.from_folder(folder)
         return cls(folder, tokenizer, chat_template(folder, tokenizer), text, images, settings)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
     def image_texts(self, images: Sequence[Image.Image]) -> list[str]:
         """What each image's token becomes in the prompt (from the images' sizes alone)."""
         return [self.text(*self.images.layout(im)) for im in images]
 
-    def encode(self, text: str, image_texts: Sequence[str]) -> list[int]:
-        """The ids of a rendered prompt holding one image token per entry of `image_texts`
-        (`image_texts(images)`), each replaced by its text (as the processor's __call__: the
-        tokenizer's special tokens added)."""
-        pieces = text.split(self.image_token)
-        if len(pieces) - 1 != len(image_texts):
-            raise ConfigError(f"prompt: {len(pieces) - 1} image token(s) {self.image_token!r} for "
-                              f"{len(image_texts)} image(s)")
-        expanded = pieces[0] + "".join(t + piece for t, piece in zip(image_texts, pieces[1:]))
-        return self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
-
-    def answer_row(self, prompt: str, answer: str, image_texts: Sequence[str]) -> tuple[list[int], list[int]]:
-        """(ids, labels) of one user turn (its images, `prompt`) answered by `answer`: labels are the
-        ids of the answer and its end of turn as the template renders them, IGNORE elsewhere."""
-        question = [user_message(prompt, images=len(image_texts))]
-        head = self.encode(self.render(question), image_texts)
-        ids = self.encode(self.render([*question, {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-                                      add_generation_prompt=False), image_texts)
-        if ids[:len(head)] != head or len(ids) == len(head):
-            raise ConfigError(f"chat template: the answer {answer[:60]!r} does not follow the question's tokens")
-        return ids, [IGNORE] * len(head) + ids[len(head):]
-
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Every image's frames, in order [frames, 3, H, W]."""
         return torch.cat([self.images.frames(im) for im in images])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def user_message(prompt: str, images: int = 1) -> dict:
-    """One user turn in the processors' content-list form: the images first, then the text."""
-    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}

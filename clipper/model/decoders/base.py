@@ -109,10 +109,14 @@ class Decoder(nn.Module):
     the caption's token ids). The decoders here train on CLIP BPE rows; one with its own tokenizer
     overrides `training_tokenizer` and `target_counts`; one that reads other image tokens than the
     tower's outputs, `image_tokens`; one with files beside its weights, `bundle`; one whose prompts
-    depend on the image, `prompt_rows` (and `prepare_training`)."""
+    depend on the image, `prompt_rows` (one that retrieves captions into them: `retrieves` k, its
+    `datastore` and the training captions' `neighbours`, which the caption objective fills)."""
     reads_text_states = False
     bpe_vocabulary = True  # its head covers CLIP BPE ids (the training captions' unless configured)
     reads_instructions = False  # its training tokenizer takes (question, answer, caption) turns too
+    retrieves = 0  # captions retrieved into each prompt
+    datastore: Any = None  # a .datastore.Datastore where it retrieves
+    neighbours: dict[str, list[str]] = {}  # each training caption's retrieved captions (never its own)
     cfg: Any
 
     def image_tokens(self, visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -128,9 +132,6 @@ class Decoder(nn.Module):
         """The prompt ids each image's caption continues from (`model`: the CLIP it sits on, for a
         decoder whose prompt depends on the image; `codec`: its captioner's)."""
         return [codec.prompt(p) for p in prompts]
-
-    def prepare_training(self, model: nn.Module, train_data: str) -> None:
-        """Whatever its training rows need from the model and the training shards, before training."""
 
     def pretrained_parts(self) -> list[nn.Module]:
         """Its parts that come pretrained (a language model): frozen unless the run trains them."""

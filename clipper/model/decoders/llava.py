@@ -29,7 +29,11 @@ from torch import nn
 from ...config import DecoderConfig, ModelConfig
 from ...errors import ConfigError
 from .base import Decoder, TextCodec
+from .chat import ChatText, ImageText, user_message
 from .datastore import Datastore, retrieval_prompt
+from .language import LanguageModel, _transformers, lm_with_tokens, smollm2_gguf
+from .llama import LlamaLM, native_supported
+from .projector import MLPProjector, pixel_shuffle
 from .spliced import IGNORE, SplicedCaptioner
 
 LANGUAGE_DIR = "language_model"  # in a saved model's folder: the language model's config and tokenizer
@@ -78,8 +82,6 @@ class AnswerCodec(TextCodec):
         return self.stop_ids
 
     def prompt(self, text: str) -> list[int]:
-        from ...vlm.processor import user_message
-
         p = self.processor
         return p.encode(p.render([user_message(text or self.default)]), [self.image_text])
 
@@ -118,11 +120,6 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
     reads_instructions = True
 
     def __init__(self, cfg: DecoderConfig, vision_width: int, tokens_per_image: int, lm_config, tokenizer):
-        from ...vlm.language import LanguageModel
-        from ...vlm.llama import LlamaLM, native_supported
-        from ...vlm.processor import ChatProcessor, ImageText
-        from ...vlm.projector import MLPProjector
-
         super().__init__()
         self.cfg, self.lm_config, self.tokenizer = cfg, lm_config, tokenizer
         width = int(lm_config.hidden_size)
@@ -136,8 +133,7 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
             raise ConfigError(f"decoder.language_model {cfg.language_model}: its tokenizer has no chat template "
                               "(an instruction-tuned model has one)")
         image_text = ImageText(IMAGE_TOKEN, tokens_per_image)
-        self.processor = ChatProcessor(Path(cfg.language_model or "."), tokenizer, CONTENT_LISTS + template,
-                                       image_text, images=None)
+        self.processor = ChatText(Path(cfg.language_model or "."), tokenizer, CONTENT_LISTS + template, image_text)
         self.image_token_id = self.processor.image_token_id
         self.image_text = image_text(1, 1)
         eos = getattr(lm_config, "eos_token_id", None)
@@ -145,8 +141,9 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         self.codec = AnswerCodec(self.processor, self.image_text, cfg.prompt, int(lm_config.vocab_size),
                                list(dict.fromkeys(i for i in ends if isinstance(i, int))))
         self.context_length = cfg.context_length
+        self.retrieves = cfg.retrieve
         self.datastore = Datastore.load(cfg.datastore) if cfg.retrieve and cfg.datastore else None
-        self.neighbours: dict[str, list[str]] = {}  # training captions' retrieved ones (prepare_training)
+        self.neighbours = {}
 
     @classmethod
     def check(cls, cfg: DecoderConfig, model: ModelConfig) -> None:
@@ -170,9 +167,6 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         config and tokenizer are read from its folder; else the language model is loaded whole
         (a folder, or a GGUF file dequantised), `<image>` added to its tokenizer and embedding,
         and a fresh projector put in front."""
-        from ...vlm.build import _lm_with_tokens, smollm2_gguf
-        from ...vlm.language import _transformers
-
         source = cfg.language_model or str(smollm2_gguf())
         cfg = dataclasses.replace(cfg, language_model=source)
         tokens = image_token_count(model, cfg)
@@ -182,7 +176,7 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
                 raise ConfigError(f"decoder.language_model {source}: not a folder holding config.json")
             return cls(cfg, model.vision.width, tokens, transformers.AutoConfig.from_pretrained(source),
                        transformers.AutoTokenizer.from_pretrained(source))
-        lm, tokenizer = _lm_with_tokens(source, [IMAGE_TOKEN])
+        lm, tokenizer = lm_with_tokens(source, [IMAGE_TOKEN])
         decoder = cls(cfg, model.vision.width, tokens, lm.config, tokenizer)
         decoder.language.load_weights(lm.state_dict(), source)
         return decoder
@@ -194,23 +188,11 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         return states[:, 1:] if self.cfg.select == "default" else states
 
     def image_inputs(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        from ...vlm.projector import pixel_shuffle
-
         return self.projector(pixel_shuffle(image_tokens, self.cfg.shuffle))
 
     def training_tokenizer(self) -> ChatRows:
         return ChatRows(self.processor, self.cfg.prompt, self.image_text, self.cfg.context_length, self.neighbours)
 
-    def prepare_training(self, model: nn.Module, train_data: str) -> None:
-        """With `retrieve`: a datastore of the training captions unless the decoder has one, and each
-        training caption's neighbours by its image (never itself)."""
-        if self.cfg.retrieve:
-            from ...data.reader import shard_captions
-            from ...retrieval import build_datastore, caption_neighbours
-
-            if self.datastore is None:
-                self.datastore = build_datastore(model, shard_captions(train_data))
-            self.neighbours = caption_neighbours(model, train_data, self.datastore, self.cfg.retrieve)
 
     def prompt_rows(self, model: nn.Module, pixels: torch.Tensor, prompts: Sequence[str],
                     codec: TextCodec) -> list[list[int]]:

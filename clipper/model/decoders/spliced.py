@@ -1,7 +1,7 @@
 """The `Captioner` of a pretrained causal language model that reads images in place of its prompt's
 image tokens: a VLM's (clipper.vlm) and the llava decoder's. The language model is any module with
 `embed(ids)`, `new_cache(batch, capacity)` and `forward(embeds, mask, positions, cache, last_only)`
-(clipper.vlm.llama.LlamaLM, or transformers' module in clipper.vlm.language.LanguageModel)."""
+(`llama.LlamaLM`, or transformers' module in `language.LanguageModel`)."""
 
 from __future__ import annotations
 

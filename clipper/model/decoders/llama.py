@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.torch_version import TorchVersion
 
-from ..errors import CheckpointError
-from ..model.decoders.base import attention_mask
+from ...errors import CheckpointError
+from .base import attention_mask
 
 _GQA = TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=...)
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_new": lambda: nn.GELU("tanh"),
                "gelu_pytorch_tanh": lambda: nn.GELU("tanh"), "quick_gelu": None, "silu": lambda: nn.SiLU(),

@@ -156,7 +156,7 @@ def test_training_batches_carry_the_towers_own_token_ids(tmp_path):
                                          train_data=str(tmp_path / "shards"), batch_size=4, steps=1, workers=0))
     objective = Contrastive(cfg)
     model = objective.build_model()
-    batch = next(iter(make_loader(training_dataset(cfg, model.config, 0, 1, objective.context_length(model)), 0)))
+    batch = next(iter(make_loader(training_dataset(cfg, model.config, 0, 1, objective.caption_tokenizer(model)), 0)))
     rows = {tuple(row.tolist()) for row in batch["text"]}
     assert rows == {tuple(row.tolist()) for row in model.tokenize(TEXTS)}
 

@@ -101,6 +101,7 @@ class Block(nn.Module):
 
 class LlamaLM(nn.Module):
     """Embeddings -> logits through the cache; the interface of language.LanguageModel."""
+    takes_prefix = True  # forward(..., prefix=): a shared prompt start run once (training)
 
     def __init__(self, config):
         super().__init__()

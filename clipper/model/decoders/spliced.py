@@ -6,7 +6,6 @@ image tokens: a VLM's (clipper.vlm) and the llava decoder's. The language model 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +101,8 @@ class SplicedCaptioner:
         """How many first tokens every row holds alike before any image or predicting position,
         where the language model takes a shared prefix (clipper's own) and none of its weights
         trains; else 0."""
-        if "prefix" not in inspect.signature(self.language.forward).parameters or \
-                any(p.requires_grad for p in self.language.parameters()) or len(ids) < 2:
+        if not getattr(self.language, "takes_prefix", False) or len(ids) < 2 or \
+                any(p.requires_grad for p in self.language.parameters()):
             return 0
         differs = (ids != ids[:1]).any(0) | (ids == self.image_token_id).any(0) | predicting.any(0)
         return int(differs.long().argmax()) if bool(differs.any()) else 0

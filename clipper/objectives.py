@@ -21,13 +21,14 @@ from torch import nn
 
 from .checkpoint import is_model_dir
 from .config import ModelConfig
-from .model.hf_text import FeatureCache, pretrained_text_config
+from .model.hf_text import pretrained_text_config
 from .presets import preset
 from .retrieval import build_datastore, caption_neighbours
 from .train_config import TrainConfig
 from .data.reader import shard_captions
 from .errors import ConfigError
 from .factory import load
+from .feature_store import FeatureStore, fingerprint
 from .feature_style import add_feature_style
 from .losses import LOSSES, view_loss
 from .model import CLIP
@@ -75,6 +76,7 @@ class Objective(abc.ABC):
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.features: FeatureStore | None = None  # a frozen tower's cached features, where the module keeps them
 
     @staticmethod
     def validate(cfg: TrainConfig) -> None:
@@ -120,6 +122,8 @@ class Contrastive(Objective):
             raise ConfigError("train.init_text: starts a new model's text tower; --init names a whole model already")
         if cfg.instructions:
             raise ConfigError("train.instructions: for the caption objective with a llava decoder")
+        if cfg.feature_cache:
+            raise ConfigError("train.feature_cache: for the caption objective's frozen image tower")
 
     def build_model(self) -> CLIP:
         cfg = self.cfg
@@ -144,7 +148,8 @@ class Contrastive(Objective):
                                       "projection to the embedding")
                 proj.requires_grad_(True)
         if cfg.lock_text and cfg.unlock_step is None and hasattr(model.text, "feature_cache"):
-            model.text.feature_cache = FeatureCache()  # a locked pretrained encoder runs once per caption
+            # a locked pretrained encoder runs once per caption
+            model.text.feature_cache = FeatureStore("text", max_bytes=256 << 20)
         if cfg.feature_style:
             add_feature_style(model.visual, cfg.feature_style)
         return model.train()
@@ -223,16 +228,31 @@ class CaptionModel(nn.Module):
     """A CLIP as the caption objective trains it: images and caption token rows (CLIP BPE
     [start, caption..., end, 0...]) -> the decoder's teacher-forced loss on the caption and end
     tokens. A module of its own so that DDP sees the forward. The image tower runs without
-    gradients unless `train_image`."""
+    gradients unless `train_image`; a frozen one's tokens come from `features` where given."""
 
-    def __init__(self, model: CLIP, train_image: bool):
+    def __init__(self, model: CLIP, train_image: bool, features: FeatureStore | None = None):
         super().__init__()
-        self.model, self.train_image = model, train_image
+        self.model, self.train_image, self.features = model, train_image, features
+
+    def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads of the frozen tower, in eval mode (so a cached row equals a
+        recomputed one whatever the tower's dropout)."""
+        visual = self.model.visual
+        training = visual.training
+        visual.eval()
+        try:
+            with torch.no_grad():
+                return self.model.decoder.image_tokens(visual, images)
+        finally:
+            visual.train(training)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model
-        with torch.set_grad_enabled(self.train_image and torch.is_grad_enabled()):
-            image_tokens = model.decoder.image_tokens(model.visual, images)
+        if self.features is not None:
+            image_tokens = self.features(images, self.frozen_tokens)
+        else:
+            with torch.set_grad_enabled(self.train_image and torch.is_grad_enabled()):
+                image_tokens = model.decoder.image_tokens(model.visual, images)
         states = model.text.states(tokens) if model.decoder.reads_text_states else None
         return model.decoder.loss(image_tokens, tokens, states)
 
@@ -271,6 +291,9 @@ class Caption(Objective):
             raise ConfigError("train: unlock_step and train_locked_proj are for the contrastive objective")
         if cfg.contrastive_weight > 0 and cfg.accum_freq > 1:
             raise ConfigError("train: contrastive_weight > 0 (the joint objective) needs accum_freq 1")
+        if cfg.feature_cache and (not cfg.lock_image or cfg.contrastive_weight > 0):
+            raise ConfigError("train.feature_cache: keeps a frozen image tower's features; needs lock_image and no "
+                              "contrastive_weight")
         if cfg.contrastive_weight > 0 and cfg.decoder.kind == "llava":
             raise ConfigError("train: contrastive_weight > 0 (CoCa's joint objective) is not for a llava decoder")
 
@@ -309,7 +332,15 @@ class Caption(Objective):
         return model.decoder.training_tokenizer()
 
     def module(self, model: CLIP) -> nn.Module:
-        return (JointModel if self.joint else CaptionModel)(model, train_image=not self.cfg.lock_image)
+        if self.joint:
+            return JointModel(model, train_image=not self.cfg.lock_image)
+        module = CaptionModel(model, train_image=not self.cfg.lock_image)
+        if self.cfg.feature_cache:  # named by what computes the features: this tower, decoder and precision
+            size = model.config.vision.image_size
+            namespace = f"{fingerprint(module.frozen_tokens, (3, size, size))}-{self.cfg.precision}"
+            module.features = self.features = FeatureStore(
+                namespace, None if self.cfg.feature_cache == "memory" else self.cfg.feature_cache)
+        return module
 
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,
                          autocast: Autocast = contextlib.nullcontext,

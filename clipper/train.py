@@ -341,6 +341,9 @@ class Trainer:
                    "train_seconds": round(self.elapsed, 1),
                    "samples_per_s": round(self.samples / self.elapsed, 1) if self.elapsed else None,
                    "skipped": len(self.skips.skipped)}
+        if self.objective.features is not None:  # this run's share of tower features found, not computed
+            summary["tower_features"] = {"found": self.objective.features.hits,
+                                         "computed": self.objective.features.misses}
         if self.is_main and self._finished():
             if cfg.init and cfg.wise_ft < 1:
                 mix_weights(self.model, self.objective.initial_weights(), cfg.wise_ft)

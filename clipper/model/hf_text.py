@@ -20,6 +20,7 @@ from pathlib import Path
 from ..checkpoint import read_state_dict
 from ..config import TextConfig
 from ..errors import CheckpointError, ConfigError
+from ..feature_store import FeatureStore
 from ..hub import from_hub
 from .meta import build
 
@@ -69,7 +70,8 @@ class HFTextTower(nn.Module):
         else:
             raise ConfigError(f"text.hf_proj: the encoder is {width} wide and embed_dim {embed_dim}: "
                               "needs linear or mlp")
-        self.feature_cache: FeatureCache | None = None  # training with the encoder locked sets one
+        # training with the encoder locked sets one: its pooled features per token row, computed once
+        self.feature_cache: FeatureStore | None = None
 
     def init_weights(self) -> None:
         """transformers initialises its model when it builds it; the projection keeps PyTorch's init (as
@@ -87,8 +89,18 @@ class HFTextTower(nn.Module):
             raise ValueError(f"tokens: expected an integer tensor [batch, length], got {tokens.dtype} "
                              f"{list(tokens.shape)}")
         if self.feature_cache is not None and self.training:
-            return self.proj(self.feature_cache(self, tokens))
+            return self.proj(self.feature_cache(tokens, self.frozen_features))
         return self.proj(self.features(tokens))
+
+    def frozen_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`features` in eval mode (no dropout: what a cached row must equal), in float32."""
+        training = self.transformer.training
+        self.transformer.eval()
+        try:
+            with torch.no_grad():
+                return self.features(tokens).float()
+        finally:
+            self.transformer.train(training)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled encoder output, before the projection: [B, width]. The padding columns after
@@ -105,40 +117,6 @@ class HFTextTower(nn.Module):
         if self.pooler == "cls_pooler" and getattr(out, "pooler_output", None) is not None:
             return out.pooler_output
         return h[:, 0]  # cls_pooler without a pooler output, cls_last_hidden_state_pooler
-
-
-class FeatureCache:
-    """The pooled features of a locked encoder, per token row, computed once (in eval mode: no
-    dropout, so a cached row equals a recomputed one). Training on a finite set of captions with a
-    locked pretrained encoder then costs the encoder once per distinct caption, not once per step.
-    Rows past `max_bytes` are computed every time, not kept."""
-
-    def __init__(self, max_bytes: int = 256 * 2 ** 20):
-        self.rows: dict[bytes, torch.Tensor] = {}
-        self.max_bytes, self.bytes = max_bytes, 0
-        self.hits = self.misses = 0
-
-    def __call__(self, tower: HFTextTower, tokens: torch.Tensor) -> torch.Tensor:
-        keys = [row.tobytes() for row in tokens.cpu().numpy()]
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # a row repeated in the batch runs once
-        missing = sorted(i for key, i in first.items() if key not in self.rows)
-        computed: dict[bytes, torch.Tensor] = {}
-        if missing:
-            training = tower.transformer.training
-            tower.transformer.eval()
-            try:
-                with torch.no_grad():
-                    fresh = tower.features(tokens[missing]).float()
-            finally:
-                tower.transformer.train(training)
-            for i, row in zip(missing, fresh):
-                computed[keys[i]] = row
-                if self.bytes + row.nbytes <= self.max_bytes:
-                    self.rows[keys[i]] = row
-                    self.bytes += row.nbytes
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        return torch.stack([computed[key] if key in computed else self.rows[key] for key in keys])
 
 
 def load_encoder_weights(encoder: nn.Module, folder: str) -> None:

@@ -1,13 +1,12 @@
 """LLaVA's recipe on (image, answer) pairs. Stage 1 (alignment): the projector alone learns to turn
 a frozen image tower's features into inputs after which the frozen language model writes the
 answer. Stage 2 (`train_lm`): the language model is tuned with it (at `lm_lr`). The tower stays
-frozen in both: its features are computed once per image and kept (`FeatureStore`, on disk where
+frozen in both: its features are computed once per image and kept (`tower_store`, on disk where
 given a folder), so a step costs the language model's forward and backward only; the loss is on
 the assistant's tokens alone (the answer and its end of turn), in the model's own chat template."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from PIL import Image
 
 from .. import io
 from ..errors import ConfigError
+from ..feature_store import FeatureStore, fingerprint
 from .folder import folder_weights
 from ..model.decoders.spliced import IGNORE
 from .model import VLM
@@ -37,35 +37,11 @@ class AlignConfig:
     lm_lr: float = 2e-5  # its peak learning rate (LLaVA's stage 2)
 
 
-class FeatureStore:
-    """The frozen tower's features of each image (`VLM.tower_features`), computed once; kept in
-    memory and, with `folder`, as one safetensors file per image (named by the pixels' hash)."""
-
-    def __init__(self, vlm: VLM, folder: str | Path | None = None):
-        self.vlm, self.folder, self.kept = vlm, Path(folder) if folder else None, {}
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.vlm.processor.pixels([image])
-        key = hashlib.sha1(pixels.numpy().tobytes()).hexdigest()
-        if key in self.kept:
-            return self.kept[key]
-        path = self.folder / f"{key}.safetensors" if self.folder is not None else None
-        if path is not None and path.is_file():
-            from safetensors.torch import load_file
-
-            features = load_file(str(path))["features"]
-        else:
-            with torch.no_grad():
-                features = self.vlm.tower_features(pixels).flatten(0, 1).cpu()
-            if path is not None:
-                from safetensors.torch import save_file
-
-                with io.atomic_path(path) as tmp:
-                    save_file({"features": features.contiguous()}, str(tmp))
-        self.kept[key] = features
-        return features
+def tower_store(vlm: VLM, folder: str | Path | None = None) -> FeatureStore:
+    """The frozen tower's features of each frame (`VLM.tower_features`), computed once: in memory
+    and, with `folder`, on disk."""
+    size = vlm.vision.cfg.image_size
+    return FeatureStore(fingerprint(vlm.tower_features, (3, size, size)), folder)
 
 
 def batch_loss(vlm: VLM, features: Sequence[torch.Tensor], rows: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
@@ -94,7 +70,7 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
     is called after each."""
     if len(images) != len(captions) or not images:
         raise ConfigError(f"align: {len(images)} images for {len(captions)} captions")
-    store = store or FeatureStore(vlm)
+    store = store or tower_store(vlm)
     vlm.eval()  # no dropout anywhere; the frozen parts take no gradient
     for p in vlm.parameters():
         p.requires_grad_(False)
@@ -118,7 +94,8 @@ def align(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], cfg:
         for i in picked:  # each pair's features and rows made once, at its first draw
             if i not in prepared:
                 texts = vlm.processor.image_texts([images[i]])
-                prepared[i] = store(images[i]), vlm.processor.answer_row(cfg.prompt, captions[i], texts)
+                features = store(vlm.processor.pixels([images[i]]), vlm.tower_features).flatten(0, 1)
+                prepared[i] = features, vlm.processor.answer_row(cfg.prompt, captions[i], texts)
         loss = batch_loss(vlm, [prepared[i][0] for i in picked], [prepared[i][1] for i in picked])
         for group in optimizer.param_groups:
             group["lr"] = group["peak"] * _schedule(progress, step, cfg)

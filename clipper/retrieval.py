@@ -50,6 +50,6 @@ def caption_neighbours(model: CLIP, data: str, datastore: Datastore, k: int,
 
 def use_datastore(model: CLIP, folder: str) -> None:
     """Retrieve from the datastore `folder` in place of the model's own (a llava decoder with retrieve)."""
-    if model.decoder is None or not getattr(model.config.decoder, "retrieve", 0):
+    if getattr(model, "decoder", None) is None or not getattr(model.config.decoder, "retrieve", 0):
         raise ConfigError("--datastore: for a model whose decoder retrieves captions (decoder.retrieve > 0)")
     model.decoder.datastore = Datastore.load(folder)

@@ -260,8 +260,20 @@ def test_retrieval_prompts_never_hold_the_samples_own_caption(parts, tmp_path):
         swapped = loaded.decoder.prompt_rows(loaded, pixels, ["", ""], codec)
     assert all("small" in loaded.decoder.tokenizer.decode(r).split() for r in swapped) and swapped != rows
     assert generate(loaded, pixels, None, GenerationConfig(max_new_tokens=3))
-    # the verbs: a datastore from shards, used in place of the model's own
+    # its chats retrieve as its captions do: the same prompt, the same greedy answer
     from PIL import Image
+
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    vlm = as_vlm(loaded)
+    talk = vlm.conversation(image)
+    answer = talk.ask(PROMPT_TEXT, max_new_tokens=4)["text"]
+    asked = talk.messages[0]["content"][-1]["text"]
+    assert asked.startswith("Similar images: ") and "small house" in asked and asked.endswith(PROMPT_TEXT)
+    assert answer == loaded.caption([image], max_new_tokens=4)[0]
+    served = vlm.retrieving([{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+                             {"role": "user", "content": [{"type": "image"}]}], [image])
+    assert served[0]["content"][0]["text"] == "be brief" and "big sky" in served[1]["content"][-1]["text"]
+    # the verbs: a datastore from shards, used in place of the model's own
 
     from clipper.cli import main
 
@@ -271,6 +283,8 @@ def test_retrieval_prompts_never_hold_the_samples_own_caption(parts, tmp_path):
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
     assert main(["caption", str(tmp_path / "red.png"), "--model", str(tmp_path / "r" / "model"), "--datastore",
                  str(tmp_path / "ds"), "--max-new-tokens", "3"]) == 0
+    assert main(["chat", str(tmp_path / "red.png"), PROMPT_TEXT, "--model", str(tmp_path / "r" / "model"),
+                 "--datastore", str(tmp_path / "ds"), "--max-new-tokens", "3"]) == 0
     assert main(["caption", str(tmp_path / "red.png"), "--model", str(parts / "clip"), "--datastore",
                  str(tmp_path / "ds")]) == 2  # a model that does not retrieve: a one-line error
 

@@ -8,13 +8,15 @@ import sys
 
 from ..errors import ConfigError
 from ..generate import GenerationConfig
-from .common import add_config_flags, flag_values, load_model_from_args
+from .common import add_config_flags, add_datastore_arg, flag_values, load_model_from_args, with_datastore
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from ..vlm import as_vlm
 
-    model = as_vlm(load_model_from_args(args))
+    model = load_model_from_args(args)
+    with_datastore(model, args)
+    model = as_vlm(model)
     if model is None:
         raise ConfigError(f"--model {args.model}: not a vision-language model (a LLaVA, Idefics3 or SmolVLM "
                           "folder, or a model with a llava decoder); captioners answer `clipper caption`")
@@ -55,6 +57,7 @@ def add_parsers(sub) -> None:
     p.add_argument("image", help="an image file")
     p.add_argument("prompt", nargs="?", help="the question (none, on a terminal: an interactive chat)")
     add_model_args(p)
+    add_datastore_arg(p)
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
                    help="sample (temperature, top-k, top-p) instead of greedy/beam; --no-sample: greedy "
                         "(default: as the folder's generation_config.json says)")

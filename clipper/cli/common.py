@@ -87,3 +87,17 @@ def templates_from_args(args: argparse.Namespace) -> list[str] | None:
     from ..prompts import check_templates
 
     return check_templates(read_lines(args.templates, "templates"), args.templates) if args.templates else None
+
+
+def add_datastore_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datastore", help="a decoder that retrieves captions (decoder.retrieve): retrieve from this "
+                                       "folder (`clipper datastore`) instead of the model's own datastore "
+                                       "(default: the model's)")
+
+
+def with_datastore(model, args: argparse.Namespace) -> None:
+    """`--datastore` in place of the model's own (a one-line error for a model that does not retrieve)."""
+    if args.datastore:
+        from ..retrieval import use_datastore
+
+        use_datastore(model, args.datastore)

@@ -12,7 +12,8 @@ from ..errors import ConfigError, DataError
 from ..evaluate import EVAL_TASKS
 from ..generate import GenerationConfig
 from ..io import read_lines
-from .common import add_config_flags, add_model_args, flag_values, load_model_from_args, model_spec, templates_from_args
+from .common import (add_config_flags, add_datastore_arg, add_model_args, flag_values, load_model_from_args,
+                     model_spec, templates_from_args, with_datastore)
 
 
 def _labels(args: argparse.Namespace, required: bool) -> list[str] | None:
@@ -38,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     # a labelled set names its classes (classnames.txt); checked before the model is loaded
     classnames = _labels(args, required=args.task == "zeroshot" and read_set_lines(args.data, CLASSNAMES_FILE) is None)
     model = load_model_from_args(args)
-    _datastore(model, args)
+    with_datastore(model, args)
     metrics = evaluate_task(model, args.task, args.data, batch_size=args.batch_size, workers=args.workers,
                             classnames=classnames, templates=templates_from_args(args), style=args.style)
     if metrics.get("skipped"):
@@ -99,20 +100,13 @@ def cmd_classify(args: argparse.Namespace) -> None:
             print(f"{items[i].id}\t" + "  ".join(f"{l} ({p:.3f})" for l, p in top))
 
 
-def _datastore(model, args: argparse.Namespace) -> None:
-    if args.datastore:
-        from ..retrieval import use_datastore
-
-        use_datastore(model, args.datastore)
-
-
 def cmd_caption(args: argparse.Namespace) -> None:
     from ..data.inputs import list_images
 
     items = [item for spec in args.images for item in list_images(spec)[0]]
     options = flag_values(args, args.config_fields)
     model = load_model_from_args(args)  # a captioner (the prompt starts its captions) or a VLM (it answers it)
-    _datastore(model, args)
+    with_datastore(model, args)
     captions = model.caption([item.path for item in items], args.prompt, do_sample=args.sample, **options)
     for item, text in zip(items, captions):
         texts = text if isinstance(text, list) else [text]
@@ -137,10 +131,6 @@ def cmd_similarity(args: argparse.Namespace) -> None:
         print(f"{Path(path).name:>{width}s}{cells}")
 
 
-DATASTORE_HELP = ("a decoder that retrieves captions (decoder.retrieve): retrieve from this folder (`clipper "
-                  "datastore`) instead of the model's own datastore (default: the model's)")
-
-
 def add_parsers(sub, labels: argparse.ArgumentParser) -> None:
     p = sub.add_parser("caption", help="caption images with a model that has a decoder, or a vision-language model")
     p.add_argument("images", nargs="+", help="image files, folders or list files")
@@ -149,7 +139,7 @@ def add_parsers(sub, labels: argparse.ArgumentParser) -> None:
                                     "question (default: 'Describe this image.')")
     p.add_argument("--sample", action="store_true", help="sample (temperature, top-k, top-p) instead of greedy/beam")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--datastore", help=DATASTORE_HELP)
+    add_datastore_arg(p)
     p.set_defaults(fn=cmd_caption, config_fields=add_config_flags(p, GenerationConfig, skip=("do_sample",)))
 
     p = sub.add_parser("eval", parents=[labels], help="zero-shot accuracy, retrieval recall or caption metrics",
@@ -164,7 +154,7 @@ def add_parsers(sub, labels: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="shards of the eval split (e.g. data/shards/fmnist/test)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     p.add_argument("--workers", type=int, default=0, help="processes decoding images (default: 0)")
-    p.add_argument("--datastore", help=DATASTORE_HELP)
+    add_datastore_arg(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("embed", help="embed images (file, folder, list file, shards) and/or texts into .npy",

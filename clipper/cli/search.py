@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from ..spec import ModelSpec
-from .common import add_config_flags, add_model_args, flag_values, load_model_from_args, model_spec
+from .common import (add_config_flags, add_datastore_arg, add_model_args, flag_values, load_model_from_args,
+                     model_spec, with_datastore)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -29,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     cors_origins=tuple(o.rstrip("/") for o in args.cors_origin),
                     image_hosts=tuple(h.strip().lower() for h in args.image_host if h.strip()))
     model = load_model_from_args(args)
+    with_datastore(model, args)
     if args.chat:  # a model with a llava decoder, served as the vision-language model it holds
         from ..vlm import as_vlm
 
@@ -113,6 +115,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--chat", action="store_true", help="a model with a llava decoder (train-captioner --preset "
                                                       "emoji-vlm): serve /v1/chat/completions and the chat page "
                                                       "instead of the embedding API (default: the embedding API)")
+    add_datastore_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=32, help="items per batched forward pass (default: 32)")

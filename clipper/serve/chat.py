@@ -151,6 +151,7 @@ class ChatService(BaseService):
         images = await self.images_of(blobs, [f"image {i}" for i in range(len(blobs))], "messages")
         processor = self.model.processor
         try:
+            messages = await asyncio.to_thread(self.model.retrieving, messages, images)
             row = processor.encode(processor.render(messages), processor.image_texts(images))
         except ClipperError as e:
             raise BadRequest(str(e)) from None

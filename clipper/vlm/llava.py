@@ -97,8 +97,8 @@ def load_llava(path: str | os.PathLike, native_lm: bool = True) -> VLM:
 
 def llava_of_model(model) -> VLM:
     """A clipper model with a llava decoder as a VLM (chat, conversations), sharing its modules: its
-    ViT, projector and language model, the model's own preprocessing. Its prompts do not retrieve:
-    a retrieving decoder's chats lack the captions it was trained to read."""
+    ViT, projector and language model, the model's own preprocessing; a decoder that retrieves
+    captions retrieves them for its chats too (from its datastore as it is at each chat)."""
     decoder = model.decoder
     cfg = decoder.cfg
     config = VLMConfig(kind="llava", feature_layers=[cfg.feature_layer], select=cfg.select,
@@ -107,4 +107,6 @@ def llava_of_model(model) -> VLM:
     p = decoder.processor
     processor = ChatProcessor(p.folder, p.tokenizer, p.template, p.text, ModelImages(model.preprocessing))
     vlm = VLM(config, model.visual, decoder.projector, decoder.language, processor)
+    if cfg.retrieve:
+        vlm.retriever = lambda pixels: decoder.retrieved(model, pixels)
     return vlm.eval()

@@ -26,6 +26,7 @@ from ..model.decoders.spliced import LMCache, SplicedCaptioner
 from ..model.vision import VisionTransformer
 from ..model.decoders.language import LanguageModel
 from ..model.decoders.chat import user_message
+from ..model.decoders.datastore import retrieval_prompt
 from .processor import ChatProcessor
 from ..model.decoders.projector import pixel_shuffle
 
@@ -70,6 +71,8 @@ class VLM(SplicedCaptioner, nn.Module):
         self.codec = ChatCodec(language.vocab_size, config.end_ids)
         self.context_length = language.context_length
         self.precision = "fp32"  # int8: a quantised copy (clipper.quantize.with_precision)
+        # pixels -> the captions to put before a question about each image (a retrieving decoder's)
+        self.retriever: Callable[[torch.Tensor], list[list[str]]] | None = None
 
     @property
     def precision(self) -> str:
@@ -113,6 +116,25 @@ class VLM(SplicedCaptioner, nn.Module):
         rows = [self.image_features(self.processor.pixels([im])).flatten(0, 1) for im in images]
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
+    def retrieving(self, messages: list[dict], images: Sequence[Image.Image]) -> list[dict]:
+        """`messages` (content lists), where the model retrieves captions (`retriever`: pixels ->
+        captions per image), with those nearest to the image before the text of the user turn that
+        shows it, as the model was trained to read them."""
+        if self.retriever is None or not images:
+            return messages
+        captions = self.retriever(self.processor.pixels(images[:1]))[0]
+        out = list(messages)
+        for i, message in enumerate(out):
+            parts = message["content"]
+            if message["role"] == "user" and not isinstance(parts, str) and any(p["type"] == "image" for p in parts):
+                texts = [j for j, p in enumerate(parts) if p["type"] == "text"]
+                parts = list(parts) if texts else [*parts, {"type": "text", "text": ""}]
+                j = texts[0] if texts else len(parts) - 1
+                parts[j] = {"type": "text", "text": retrieval_prompt(parts[j]["text"], captions)}
+                out[i] = {**message, "content": parts}
+                break
+        return out
+
     # --- the verbs -------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], cfg: GenerationConfig,
@@ -121,7 +143,7 @@ class VLM(SplicedCaptioner, nn.Module):
         if len(images) != len(prompts):
             raise ConfigError(f"prompts: {len(prompts)} for {len(images)} image(s)")
         processor = self.processor
-        rows = [processor.encode(processor.render([user_message(p)]), processor.image_texts([im]))
+        rows = [processor.encode(processor.render(self.retrieving([user_message(p)], [im])), processor.image_texts([im]))
                 for im, p in zip(images, prompts)]
         return generate_ids(self, self.features_of(images), rows, cfg, stream)
 
@@ -202,7 +224,7 @@ class Conversation:
     cached ones the last turn did not run again)."""
 
     def __init__(self, vlm: VLM, image: Image.Image):
-        self.vlm, self.messages = vlm, []
+        self.vlm, self.messages, self.image = vlm, [], image
         self.image_texts = vlm.processor.image_texts([image])
         with torch.inference_mode():
             self.features = vlm.image_features(vlm.processor.pixels([image]))
@@ -217,6 +239,8 @@ class Conversation:
         processor = self.vlm.processor
         t0 = time.perf_counter()
         messages = [*self.messages, user_message(prompt, images=0 if self.messages else 1)]
+        if not self.messages:  # (later turns keep the first one's retrieved captions)
+            messages = self.vlm.retrieving(messages, [self.image])
         row = processor.encode(processor.render(messages), self.image_texts)
         # a kept cache is one row that greedy or sampled decoding grew (beams reorder and drop rows)
         reusable = cfg.use_cache and cfg.num_beams == 1 and cfg.num_return_sequences == 1

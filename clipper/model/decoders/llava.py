@@ -199,12 +199,16 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         """Each prompt (empty: `prompt`), after the `retrieve` captions nearest to its image."""
         prompts = [p or self.cfg.prompt for p in prompts]
         if self.cfg.retrieve:
-            if self.datastore is None:
-                raise ConfigError(f"decoder.retrieve {self.cfg.retrieve}: the model has no datastore (give one)")
-            found = self.datastore.nearest(model.encode_image(pixels.to(model.device), normalize=True),
-                                           self.cfg.retrieve)
-            prompts = [retrieval_prompt(p, near) for p, near in zip(prompts, found)]
+            prompts = [retrieval_prompt(p, near) for p, near in zip(prompts, self.retrieved(model, pixels))]
         return [codec.prompt(p) for p in prompts]
+
+    def retrieved(self, model: nn.Module, pixels: torch.Tensor) -> list[list[str]]:
+        """The `retrieve` datastore captions nearest to each image (preprocessed by the model)."""
+        if self.datastore is None:
+            raise ConfigError(f"decoder.retrieve {self.cfg.retrieve}: the model has no datastore (give one)")
+        with torch.no_grad():
+            return self.datastore.nearest(model.encode_image(pixels.to(model.device), normalize=True),
+                                          self.cfg.retrieve)
 
     def target_counts(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, 1] == ANSWER).sum(1)

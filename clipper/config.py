@@ -214,6 +214,9 @@ class DecoderConfig:
     # tower: `datastore`, a folder; empty: built from the training captions) go into the prompt
     retrieve: int = 0
     datastore: str = ""
+    # llava: rank of LoRA adapters (peft) on the language model's linear layers (a checkpoint of a
+    # LoRA run holds them; a finished model has them merged into its weights: 0)
+    lora: int = 0
 
     def validate(self, where: str = "decoder") -> None:
         # the kind is checked where the kinds are listed (clipper.model.decoders), with what it needs
@@ -228,6 +231,8 @@ class DecoderConfig:
         _one_of(self, where, "select", ("default", "full"))
         if not 1 <= self.shuffle <= 8:
             raise ConfigError(f"{where}.shuffle: 1 to 8, got {self.shuffle}")
+        if self.lora < 0:
+            raise ConfigError(f"{where}.lora: a rank >= 0, got {self.lora}")
         if not 0 <= self.retrieve <= 64:
             raise ConfigError(f"{where}.retrieve: 0 to 64 captions, got {self.retrieve}")
 

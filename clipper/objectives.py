@@ -78,6 +78,9 @@ class Objective(abc.ABC):
         self.cfg = cfg
         self.features: FeatureStore | None = None  # a frozen tower's cached features, where the module keeps them
 
+    def finish(self, model: CLIP) -> None:
+        """What the trained model needs before it is saved (nothing, unless the objective says)."""
+
     @staticmethod
     def validate(cfg: TrainConfig) -> None:
         """Settings this objective needs beyond TrainConfig.validate (ConfigError otherwise)."""
@@ -224,6 +227,11 @@ def contrastive_forward_backward(model: nn.Module, images: torch.Tensor, texts: 
     return losses
 
 
+def _set_lora(model: CLIP, rank: int) -> None:
+    model.decoder.set_lora(rank)
+    model.config.decoder = dataclasses.replace(model.config.decoder, lora=rank)
+
+
 class CaptionModel(nn.Module):
     """A CLIP as the caption objective trains it: images and caption token rows (CLIP BPE
     [start, caption..., end, 0...]) -> the decoder's teacher-forced loss on the caption and end
@@ -291,6 +299,9 @@ class Caption(Objective):
             raise ConfigError("train: unlock_step and train_locked_proj are for the contrastive objective")
         if cfg.contrastive_weight > 0 and cfg.accum_freq > 1:
             raise ConfigError("train: contrastive_weight > 0 (the joint objective) needs accum_freq 1")
+        if cfg.language_lora < 0 or (cfg.language_lora and not cfg.train_language_model):
+            raise ConfigError(f"train.language_lora {cfg.language_lora}: a rank > 0 of adapters for "
+                              "train_language_model (0: the language model's weights train)")
         if cfg.feature_cache and (not cfg.lock_image or cfg.contrastive_weight > 0):
             raise ConfigError("train.feature_cache: keeps a frozen image tower's features; needs lock_image and no "
                               "contrastive_weight")
@@ -326,7 +337,17 @@ class Caption(Objective):
         _set_trainable({model.visual: not cfg.lock_image, model.text: self.joint and not cfg.lock_text,
                         model.decoder: True, model.logit_scale: self.joint, model.logit_bias: self.joint,
                         **{part: cfg.train_language_model for part in model.decoder.pretrained_parts()}})
+        if cfg.language_lora:  # (the model's config says so: a checkpoint holds the adapters)
+            if not model.decoder.pretrained_parts():
+                raise ConfigError(f"train.language_lora: adapters for a pretrained language model; a "
+                                  f"{model.config.decoder.kind} decoder has none")
+            _set_lora(model, cfg.language_lora)
         return model.train()
+
+    def finish(self, model: CLIP) -> None:
+        """LoRA adapters merged into the language model's weights (a saved model is a plain one)."""
+        if self.cfg.language_lora:
+            _set_lora(model, 0)
 
     def caption_tokenizer(self, model: CLIP) -> Callable[[list[str]], torch.Tensor]:
         return model.decoder.training_tokenizer()

@@ -345,6 +345,7 @@ class Trainer:
             summary["tower_features"] = {"found": self.objective.features.hits,
                                          "computed": self.objective.features.misses}
         if self.is_main and self._finished():
+            self.objective.finish(self.model)
             if cfg.init and cfg.wise_ft < 1:
                 mix_weights(self.model, self.objective.initial_weights(), cfg.wise_ft)
             self.model.save(self.run.path / "model")

@@ -121,6 +121,9 @@ class TrainConfig:
                                      "tower share them); empty: computed every step")
     train_language_model: bool = setting(False, "caption, a llava decoder: its pretrained language model trains "
                                                 "with the projector (LLaVA's stage 2); else it stays frozen (stage 1)")
+    language_lora: int = setting(0, "with train_language_model: rank of LoRA adapters (peft) on the language "
+                                    "model's linear layers, trained in its weights' place and merged into them "
+                                    "when the model is saved; 0: the weights themselves train")
     train_locked_proj: bool = setting(False, "a locked tower's projection to the embedding still trains (as "
                                              "open_clip's lock of an HF text tower): the locked features are "
                                              "mapped, not only matched")

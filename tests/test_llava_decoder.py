@@ -5,6 +5,7 @@ rows label the answer and its end only; the saved model generates what the train
 cache equal to recomputing), and its transformers LLaVA export generates the same greedy tokens
 in transformers and in clipper."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -144,6 +145,43 @@ def test_stage2_tunes_the_language_model_from_the_stage1_model(parts, stage1, tm
     after = trainer.model.state_dict()
     assert not torch.equal(after["decoder.language.blocks.0.qkv.weight"], before["decoder.language.blocks.0.qkv.weight"])
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("visual.", "text.")))
+
+
+def test_stage2_lora_trains_adapters_alone_and_saves_them_merged(parts, stage1, tmp_path):
+    """language_lora: peft's adapters on the language model's linear layers train, its weights stay;
+    an unfinished run checkpoints the adapters and resumes; the finished model holds them merged
+    (the same loss as with the adapters) and loads as a plain llava model."""
+    pytest.importorskip("peft")
+    _, out = stage1
+    cfg = _cfg(parts, init=str(out / "model"), train_language_model=True, language_lora=4, lr=1e-2, steps=8)
+    trainer = Trainer(dataclasses.replace(cfg, stop_after=6), tmp_path / "lora")
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    assert all("lora_" in n or n.startswith("decoder.projector.") for n in trainable)
+    before = _state(trainer.model)
+    trainer.fit()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "lora_" not in k and "projector" not in k)
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if "lora_B" in k)
+    resumed = Trainer(cfg, tmp_path / "lora", resume=True)
+    assert resumed.step == 6 and any("lora_" in k for k in resumed.model.state_dict())
+    model = resumed.model
+    decoder = model.decoder
+    rows = decoder.training_tokenizer()(["red cat", "blue dog"])
+    images = torch.rand(2, 3, 16, 16)
+
+    def loss(m):
+        with torch.no_grad():
+            return m.decoder.loss(m.decoder.image_tokens(m.visual, images), rows)["loss"]
+
+    resumed.fit()  # (its last two steps, then the adapters merged into the weights it saves)
+    assert not any("lora_" in k or "base_layer" in k for k in model.state_dict())
+    saved = clipper.load(tmp_path / "lora" / "model")
+    assert torch.allclose(loss(saved), loss(model))
+    stage1_lm = clipper.load(out / "model").decoder.language.state_dict()
+    assert not torch.equal(saved.decoder.language.state_dict()["blocks.0.qkv.weight"], stage1_lm["blocks.0.qkv.weight"])
+    with pytest.raises(ClipperError, match="language_lora"):
+        Trainer(_cfg(parts, init=str(out / "model"), language_lora=4), tmp_path / "no")
 
 
 def test_rows_label_the_answer_and_its_end_only(parts, stage1):

@@ -93,6 +93,9 @@ def write_llava_of(model: "CLIP", out: str | os.PathLike) -> Path:
     if not isinstance(decoder, LlavaDecoder):
         raise ConfigError("convert --to hf: this model's caption decoder is not a llava one (transformers has no "
                           "class for clipper's own)")
+    if decoder.cfg.lora:
+        raise ConfigError("convert --to hf: a training checkpoint's LoRA adapters are not merged yet; convert the "
+                          "finished run's model (RUN/model), which holds them merged")
     if decoder.cfg.projector != "mlp2x_gelu" or decoder.cfg.shuffle > 1:
         raise ConfigError(f"convert --to hf: transformers' LLaVA projects every token by an MLP, this model by "
                           f"{decoder.cfg.projector}" + (f" after a pixel shuffle {decoder.cfg.shuffle}"

@@ -33,6 +33,7 @@ from .chat import ChatText, ImageText, user_message
 from .datastore import Datastore, retrieval_prompt
 from .language import LanguageModel, _transformers, lm_with_tokens, smollm2_gguf
 from .llama import LlamaLM, native_supported
+from .lora import add_lora, merge_lora
 from .projector import MLPProjector, pixel_shuffle
 from .spliced import IGNORE, SplicedCaptioner
 
@@ -174,12 +175,24 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
             transformers = _transformers()
             if not (Path(source) / "config.json").is_file():
                 raise ConfigError(f"decoder.language_model {source}: not a folder holding config.json")
-            return cls(cfg, model.vision.width, tokens, transformers.AutoConfig.from_pretrained(source),
-                       transformers.AutoTokenizer.from_pretrained(source))
-        lm, tokenizer = lm_with_tokens(source, [IMAGE_TOKEN])
-        decoder = cls(cfg, model.vision.width, tokens, lm.config, tokenizer)
-        decoder.language.load_weights(lm.state_dict(), source)
+            decoder = cls(cfg, model.vision.width, tokens, transformers.AutoConfig.from_pretrained(source),
+                          transformers.AutoTokenizer.from_pretrained(source))
+        else:
+            lm, tokenizer = lm_with_tokens(source, [IMAGE_TOKEN])
+            decoder = cls(cfg, model.vision.width, tokens, lm.config, tokenizer)
+            decoder.language.load_weights(lm.state_dict(), source)
+        if cfg.lora:
+            add_lora(decoder.language, cfg.lora)
         return decoder
+
+    def set_lora(self, rank: int) -> None:
+        """LoRA adapters of `rank` on the language model, in place of any it has (those merged into
+        its weights first; 0: merged, none added)."""
+        if self.cfg.lora:
+            merge_lora(self.language)
+        if rank:
+            add_lora(self.language, rank)
+        self.cfg = dataclasses.replace(self.cfg, lora=rank)
 
     # --- what the trainer and the engine read ----------------------------------------------------
     def image_tokens(self, visual: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ Variants (`--variants`, default all): captioner (preset emoji-captioner), vlm (e
 135M-Instruct behind a projector, stage 1), vlm-retrieve (the same, the 3 training names nearest
 to the image in the prompt), vlm-retrieve-2 (half the budget as vlm-retrieve, the other half in
 stage 2: emoji-vlm-2 from it, the language model tuned too, half the samples answering questions
-of their conversations).
+of their conversations), vlm-retrieve-2-lora (the same with rank-16 LoRA adapters tuned in the
+language model's place, at twice the stage's rate: LLaVA's LoRA rate of 2e-4).
 
 --data fmnist: the captioner and vlm variants on Fashion-MNIST (fmnist-captioner, fmnist-vlm), scored
 by the share of answers naming the image's class, beside the contrastive model's zero-shot top-1 on
@@ -43,13 +44,15 @@ from clipper.generate import GenerationConfig, generate  # noqa: E402
 from clipper.runs import RunDir  # noqa: E402
 
 RETRIEVE = ["--set", "decoder.retrieve=3"]
+LORA = ["--set", "language_lora=16", "--set", "language_lr_scale=2"]
 # data -> variant -> its stages: (preset, share of the budget, extra flags); a later stage starts from the
 # earlier's model
 VARIANTS = {
     "emoji": {"captioner": [("emoji-captioner", 1.0, [])],
               "vlm": [("emoji-vlm", 1.0, [])],
               "vlm-retrieve": [("emoji-vlm", 1.0, RETRIEVE)],
-              "vlm-retrieve-2": [("emoji-vlm", 0.5, RETRIEVE), ("emoji-vlm-2", 0.5, [])]},
+              "vlm-retrieve-2": [("emoji-vlm", 0.5, RETRIEVE), ("emoji-vlm-2", 0.5, [])],
+              "vlm-retrieve-2-lora": [("emoji-vlm", 0.5, RETRIEVE), ("emoji-vlm-2", 0.5, LORA)]},
     "fmnist": {"captioner": [("fmnist-captioner", 1.0, [])],
                "vlm": [("fmnist-vlm", 1.0, [])]},
 }

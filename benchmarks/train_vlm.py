@@ -10,7 +10,8 @@ Variants (`--variants`, default all): captioner (preset emoji-captioner), vlm (e
 to the image in the prompt), vlm-retrieve-2 (half the budget as vlm-retrieve, the other half in
 stage 2: emoji-vlm-2 from it, the language model tuned too, half the samples answering questions
 of their conversations), vlm-retrieve-2-lora (the same with rank-16 LoRA adapters tuned in the
-language model's place, at twice the stage's rate: LLaVA's LoRA rate of 2e-4).
+language model's place, at twice the stage's rate: LLaVA's LoRA rate of 2e-4), vlm-retrieve-shuffle
+(vlm-retrieve with a 2x2 pixel shuffle: 9 image tokens in place of 36).
 
 --data fmnist: the captioner and vlm variants on Fashion-MNIST (fmnist-captioner, fmnist-vlm), scored
 by the share of answers naming the image's class, beside the contrastive model's zero-shot top-1 on
@@ -52,7 +53,8 @@ VARIANTS = {
               "vlm": [("emoji-vlm", 1.0, [])],
               "vlm-retrieve": [("emoji-vlm", 1.0, RETRIEVE)],
               "vlm-retrieve-2": [("emoji-vlm", 0.5, RETRIEVE), ("emoji-vlm-2", 0.5, [])],
-              "vlm-retrieve-2-lora": [("emoji-vlm", 0.5, RETRIEVE), ("emoji-vlm-2", 0.5, LORA)]},
+              "vlm-retrieve-2-lora": [("emoji-vlm", 0.5, RETRIEVE), ("emoji-vlm-2", 0.5, LORA)],
+              "vlm-retrieve-shuffle": [("emoji-vlm", 1.0, [*RETRIEVE, "--set", "decoder.shuffle=2"])]},
     "fmnist": {"captioner": [("fmnist-captioner", 1.0, [])],
                "vlm": [("fmnist-vlm", 1.0, [])]},
 }

@@ -125,8 +125,10 @@ class Contrastive(Objective):
             raise ConfigError("train.init_text: starts a new model's text tower; --init names a whole model already")
         if cfg.instructions:
             raise ConfigError("train.instructions: for the caption objective with a llava decoder")
-        if cfg.feature_cache:
-            raise ConfigError("train.feature_cache: for the caption objective's frozen image tower")
+        if cfg.feature_cache and (not cfg.lock_image or cfg.unlock_step is not None or cfg.train_locked_proj
+                                  or cfg.feature_style):
+            raise ConfigError("train.feature_cache: keeps a frozen image tower's features; needs lock_image for the "
+                              "whole run, without train_locked_proj or feature_style (they change its features)")
 
     def build_model(self) -> CLIP:
         cfg = self.cfg
@@ -156,6 +158,13 @@ class Contrastive(Objective):
         if cfg.feature_style:
             add_feature_style(model.visual, cfg.feature_style)
         return model.train()
+
+    def module(self, model: CLIP) -> nn.Module:
+        if not self.cfg.feature_cache:
+            return model
+        module = LockedImageModel(model)  # LiT on a frozen tower: its embedding of each image view once
+        module.features = self.features = _feature_store(module.frozen_features, model, self.cfg)
+        return module
 
     def _locked(self, model: CLIP) -> list[nn.Module]:
         return [tower for tower, locked in ((model.visual, self.cfg.lock_image), (model.text, self.cfg.lock_text))
@@ -227,6 +236,44 @@ def contrastive_forward_backward(model: nn.Module, images: torch.Tensor, texts: 
     return losses
 
 
+def _feature_store(compute: Callable[[torch.Tensor], torch.Tensor], model: CLIP, cfg: TrainConfig) -> FeatureStore:
+    """`cfg.feature_cache`'s store of what `compute` makes of an image, named by a fingerprint of it
+    (this tower, what is read of it) and the precision."""
+    vision = model.config.vision
+    namespace = f"{fingerprint(compute, (vision.in_channels, vision.image_size, vision.image_size))}-{cfg.precision}"
+    return FeatureStore(namespace, None if cfg.feature_cache == "memory" else cfg.feature_cache)
+
+
+def _frozen(tower: nn.Module, compute: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """`compute(images)` without gradients, `tower` in eval mode (so a cached row equals a recomputed
+    one whatever its dropout)."""
+    training = tower.training
+    tower.eval()
+    try:
+        with torch.no_grad():
+            return compute(images)
+    finally:
+        tower.train(training)
+
+
+class LockedImageModel(nn.Module):
+    """A CLIP as LiT trains it with its frozen image tower's embeddings from `features` (a
+    FeatureStore): forward gives what CLIP.forward gives."""
+
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.model, self.features = model, None
+
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        return _frozen(self.model.visual, lambda x: self.model.encode_image(x, normalize=True), images)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        model = self.model
+        return {"image_features": self.features(images, self.frozen_features),
+                "text_features": model.encode_text(tokens, normalize=True),
+                "logit_scale": model.scale(), "logit_bias": model.logit_bias}
+
+
 def _set_lora(model: CLIP, rank: int) -> None:
     model.decoder.set_lora(rank)
     model.config.decoder = dataclasses.replace(model.config.decoder, lora=rank)
@@ -243,16 +290,8 @@ class CaptionModel(nn.Module):
         self.model, self.train_image, self.features = model, train_image, features
 
     def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """What the decoder reads of the frozen tower, in eval mode (so a cached row equals a
-        recomputed one whatever the tower's dropout)."""
-        visual = self.model.visual
-        training = visual.training
-        visual.eval()
-        try:
-            with torch.no_grad():
-                return self.model.decoder.image_tokens(visual, images)
-        finally:
-            visual.train(training)
+        """What the decoder reads of the frozen tower (in eval mode: `_frozen`)."""
+        return _frozen(self.model.visual, lambda x: self.model.decoder.image_tokens(self.model.visual, x), images)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model
@@ -356,11 +395,8 @@ class Caption(Objective):
         if self.joint:
             return JointModel(model, train_image=not self.cfg.lock_image)
         module = CaptionModel(model, train_image=not self.cfg.lock_image)
-        if self.cfg.feature_cache:  # named by what computes the features: this tower, decoder and precision
-            size = model.config.vision.image_size
-            namespace = f"{fingerprint(module.frozen_tokens, (3, size, size))}-{self.cfg.precision}"
-            module.features = self.features = FeatureStore(
-                namespace, None if self.cfg.feature_cache == "memory" else self.cfg.feature_cache)
+        if self.cfg.feature_cache:
+            module.features = self.features = _feature_store(module.frozen_tokens, model, self.cfg)
         return module
 
     def forward_backward(self, module: nn.Module, images: torch.Tensor, texts: torch.Tensor,

@@ -116,9 +116,9 @@ class TrainConfig:
     language_lr_scale: float = setting(1.0, "learning-rate multiplier of a llava decoder's language model")
     lock_image: bool = setting(False, "freeze the image tower (LiT; captioners train on a frozen tower)")
     lock_text: bool = setting(False, "freeze the text tower")
-    feature_cache: str = setting("", "caption with lock_image: keep the frozen tower's features of each training "
-                                     "image (view): 'memory', or a folder (on disk too, where runs of the same "
-                                     "tower share them); empty: computed every step")
+    feature_cache: str = setting("", "with lock_image: keep the frozen image tower's features of each training image "
+                                     "(view) for a captioner, or its embeddings for LiT: 'memory', or a folder (on "
+                                     "disk too, where runs of the same tower share them); empty: computed every step")
     train_language_model: bool = setting(False, "caption, a llava decoder: its pretrained language model trains "
                                                 "with the projector (LLaVA's stage 2); else it stays frozen (stage 1)")
     language_lora: int = setting(0, "with train_language_model: rank of LoRA adapters (peft) on the language "

@@ -111,8 +111,9 @@ def test_a_resumed_run_is_bit_identical(parts, stage1, tmp_path):
 
 def test_cached_tower_features_train_as_recomputed_ones(parts, tmp_path):
     """Each image's two fixed views (augment.views): a run keeping the frozen tower's features on
-    disk trains bit for bit as one computing them every step; it computes each view once, a second
-    run finds them all on disk, and a resumed run (its memory empty) is bit-identical too."""
+    disk trains as one computing them every step (to float rounding: a view is computed within
+    another batch, whose size moves the matmuls' last bits); it computes each view once, a second run
+    finds them all on disk, and a resumed run (its memory empty) trains as the straight one."""
     from clipper.train_config import AugmentConfig
 
     views = AugmentConfig(crop_scale=(0.5, 1.0), views=2)
@@ -122,7 +123,7 @@ def test_cached_tower_features_train_as_recomputed_ones(parts, tmp_path):
     cached = Trainer(_cfg(parts, augment=views, steps=16, feature_cache=cache), tmp_path / "b")
     first = cached.fit()["tower_features"]
     a, b = _state(computed.model), _state(cached.model)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
     files = list((tmp_path / "features").glob("*/*/*.safetensors"))
     assert first["found"] > 0 and len(files) == first["computed"] <= 2 * 64  # at most two views an image
     again = Trainer(_cfg(parts, augment=views, steps=16, feature_cache=cache), tmp_path / "c")
@@ -131,7 +132,7 @@ def test_cached_tower_features_train_as_recomputed_ones(parts, tmp_path):
     resumed = Trainer(_cfg(parts, augment=views, steps=16, feature_cache="memory"), tmp_path / "d", resume=True)
     resumed.fit()
     c = _state(resumed.model)
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert all((a[k] - c[k]).abs().max() < 1e-5 for k in a)
 
 
 def test_stage2_tunes_the_language_model_from_the_stage1_model(parts, stage1, tmp_path):

@@ -268,6 +268,27 @@ def test_rewriting_a_checkpoint_of_the_same_step_keeps_one_in_place(shards, tmp_
     assert final.is_dir() and not old.exists() and RunDir.load_checkpoint(final)[1]["step"] == 10
 
 
+def test_lit_with_cached_image_embeddings_trains_as_without(shards, tmp_path, tiny_preset):
+    """LiT with feature_cache: each image view's frozen embedding computed once, the run the one
+    computing them every step (accum_freq 2 too: its no-grad pass finds them cached). Equal to float
+    rounding, not bit for bit: a view is embedded within another batch than the uncached run's, and a
+    batch's size moves the matmuls' last bits."""
+    from clipper.train_config import AugmentConfig
+
+    views = AugmentConfig(crop_scale=(0.5, 1.0), views=2)
+    for extra in ({}, {"accum_freq": 2}):
+        plain = Trainer(_cfg(shards, steps=24, lock_image=True, augment=views, **extra), tmp_path / f"a{len(extra)}")
+        plain.fit()
+        cached = Trainer(_cfg(shards, steps=24, lock_image=True, augment=views, feature_cache="memory", **extra),
+                         tmp_path / f"b{len(extra)}")
+        found = cached.fit()["tower_features"]
+        a, b = _params(plain.model), _params(cached.model)
+        assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+        assert found["computed"] <= 2 * 192 and found["found"] >= 24 * 16 - 2 * 192
+    with pytest.raises(clipper.ConfigError, match="feature_cache"):
+        Trainer(_cfg(shards, lock_image=True, train_locked_proj=True, feature_cache="memory"), tmp_path / "c")
+
+
 def test_refuses_to_overwrite_or_resume_nothing(shards, tmp_path, tiny_preset):
     Trainer(_cfg(shards, stop_after=10), tmp_path / "run").fit()
     with pytest.raises(clipper.ConfigError, match="pass --resume"):

@@ -19,9 +19,9 @@ from . import io
 Compute = Callable[[torch.Tensor], torch.Tensor]
 
 
-def fingerprint(compute: Compute, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> str:
-    """A hash of `compute`'s output on a seeded random probe of one image of `shape`."""
-    probe = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+def fingerprint(compute: Compute, shape: tuple[int, ...], device: torch.device | str = "cpu") -> str:
+    """A hash of `compute`'s output on a seeded random probe of one image of `shape` (on `device`)."""
+    probe = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         out = compute(probe)
     return hashlib.blake2b(out.detach().float().cpu().numpy().tobytes(), digest_size=8).hexdigest()

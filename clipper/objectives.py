@@ -240,7 +240,8 @@ def _feature_store(compute: Callable[[torch.Tensor], torch.Tensor], model: CLIP,
     """`cfg.feature_cache`'s store of what `compute` makes of an image, named by a fingerprint of it
     (this tower, what is read of it) and the precision."""
     vision = model.config.vision
-    namespace = f"{fingerprint(compute, (vision.in_channels, vision.image_size, vision.image_size))}-{cfg.precision}"
+    shape = (vision.in_channels, vision.image_size, vision.image_size)
+    namespace = f"{fingerprint(compute, shape, model.device)}-{cfg.precision}"
     return FeatureStore(namespace, None if cfg.feature_cache == "memory" else cfg.feature_cache)
 
 

@@ -198,6 +198,24 @@ def test_rows_label_the_answer_and_its_end_only(parts, stage1):
     assert decoder.target_counts(rows).tolist() == [3, 5]
 
 
+def test_retrieved_captions_give_way_so_the_answer_keeps_its_end(stage1):
+    from clipper.model.decoders.llava import ChatRows
+
+    decoder = stage1[0].model.decoder
+    near = {"red cat": ["blue dog", "green tree car"]}
+
+    def row(length):
+        out = ChatRows(decoder.processor, PROMPT_TEXT, decoder.image_text, length, near)(["red cat"])[0]
+        return decoder.tokenizer.decode(out[0][out[1] != PAD])
+
+    alone = len(decoder.processor.answer_row(PROMPT_TEXT, "red cat", [decoder.image_text])[0])
+    assert "green" in row(80) and "blue" in row(80)
+    one = row(alone + 5)  # room for the nearest caption alone
+    assert "blue" in one and "green" not in one and one.endswith("red cat </s>")
+    assert "blue" not in row(alone) and row(alone).endswith("red cat </s>")
+    assert not row(alone - 1).endswith("</s>")  # no caption left to drop: cut
+
+
 def test_the_saved_model_generates_what_the_trained_one_did(stage1):
     trainer, out = stage1
     loaded = clipper.load(out / "model")

@@ -92,9 +92,10 @@ class AnswerCodec(TextCodec):
 
 class ChatRows:
     """Captions -> training rows [N, 2, length]: each caption as the answer to `prompt` about the
-    image (ids, right-padded; and per position PAD, PROMPT or ANSWER); cut at `length`. An item may
-    be a (question, answer, caption) instruction turn instead. With `neighbours`, a caption's
-    retrieved captions go into its prompt."""
+    image (ids, right-padded; and per position PAD, PROMPT or ANSWER). An item may be a (question,
+    answer, caption) instruction turn instead. With `neighbours`, a caption's retrieved captions go
+    into its prompt, as many as leave the row within `length` (the farthest dropped first, so the
+    answer keeps its end); a row still longer is cut at `length`."""
 
     def __init__(self, processor, prompt: str, image_text: str, length: int,
                  neighbours: dict[str, list[str]] | None = None):
@@ -106,8 +107,12 @@ class ChatRows:
         out = torch.zeros(len(items), 2, self.length, dtype=torch.long)
         for i, item in enumerate(items):
             question, answer, caption = item if isinstance(item, tuple) else (self.prompt, item, item)
-            prompt = retrieval_prompt(question, self.neighbours.get(caption, ()))
-            ids, labels = self.processor.answer_row(prompt, answer, [self.image_text])
+            near = list(self.neighbours.get(caption, ()))
+            while True:
+                ids, labels = self.processor.answer_row(retrieval_prompt(question, near), answer, [self.image_text])
+                if len(ids) <= self.length or not near:
+                    break
+                near.pop()
             n = min(len(ids), self.length)
             out[i, 0, :n] = torch.tensor(ids[:n])
             out[i, 1, :n] = torch.tensor([PROMPT if x == IGNORE else ANSWER for x in labels[:n]])

@@ -13,10 +13,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import io
 
 Compute = Callable[[torch.Tensor], torch.Tensor]
+
+
+def evaluated(module: nn.Module, compute: Compute, x: torch.Tensor) -> torch.Tensor:
+    """`compute(x)` without gradients, `module` in eval mode meanwhile (no dropout: what a cached
+    row must equal whatever mode training left it in)."""
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return compute(x)
+    finally:
+        module.train(training)
 
 
 def fingerprint(compute: Compute, shape: tuple[int, ...], device: torch.device | str = "cpu") -> str:
@@ -41,8 +54,11 @@ class FeatureStore:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
-    def key(self, pixels: torch.Tensor) -> str:
-        return hashlib.blake2b(pixels.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    @staticmethod
+    def keys(pixels: torch.Tensor) -> list[str]:
+        """Each row's key (the batch copied to the host once)."""
+        host = pixels.detach().cpu().contiguous().numpy()
+        return [hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in host]
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -69,7 +85,7 @@ class FeatureStore:
                 save_file({"features": row.contiguous()}, str(tmp))
 
     def __call__(self, pixels: torch.Tensor, compute: Compute) -> torch.Tensor:
-        keys = [self.key(p) for p in pixels]
+        keys = self.keys(pixels)
         found: dict[str, torch.Tensor] = {}
         missing: list[int] = []
         pending: set[str] = set()

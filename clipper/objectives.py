@@ -28,7 +28,7 @@ from .train_config import TrainConfig
 from .data.reader import shard_captions
 from .errors import ConfigError
 from .factory import load
-from .feature_store import FeatureStore, fingerprint
+from .feature_store import FeatureStore, evaluated, fingerprint
 from .feature_style import add_feature_style
 from .losses import LOSSES, view_loss
 from .model import CLIP
@@ -245,28 +245,17 @@ def _feature_store(compute: Callable[[torch.Tensor], torch.Tensor], model: CLIP,
     return FeatureStore(namespace, None if cfg.feature_cache == "memory" else cfg.feature_cache)
 
 
-def _frozen(tower: nn.Module, compute: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """`compute(images)` without gradients, `tower` in eval mode (so a cached row equals a recomputed
-    one whatever its dropout)."""
-    training = tower.training
-    tower.eval()
-    try:
-        with torch.no_grad():
-            return compute(images)
-    finally:
-        tower.train(training)
-
-
 class LockedImageModel(nn.Module):
     """A CLIP as LiT trains it with its frozen image tower's embeddings from `features` (a
     FeatureStore): forward gives what CLIP.forward gives."""
 
     def __init__(self, model: CLIP):
         super().__init__()
-        self.model, self.features = model, None
+        self.model = model
+        self.features: FeatureStore | None = None
 
     def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
-        return _frozen(self.model.visual, lambda x: self.model.encode_image(x, normalize=True), images)
+        return evaluated(self.model.visual, lambda x: self.model.encode_image(x, normalize=True), images)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
         model = self.model
@@ -286,13 +275,14 @@ class CaptionModel(nn.Module):
     tokens. A module of its own so that DDP sees the forward. The image tower runs without
     gradients unless `train_image`; a frozen one's tokens come from `features` where given."""
 
-    def __init__(self, model: CLIP, train_image: bool, features: FeatureStore | None = None):
+    def __init__(self, model: CLIP, train_image: bool):
         super().__init__()
-        self.model, self.train_image, self.features = model, train_image, features
+        self.model, self.train_image = model, train_image
+        self.features: FeatureStore | None = None
 
     def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """What the decoder reads of the frozen tower (in eval mode: `_frozen`)."""
-        return _frozen(self.model.visual, lambda x: self.model.decoder.image_tokens(self.model.visual, x), images)
+        """What the decoder reads of the frozen tower (`evaluated`)."""
+        return evaluated(self.model.visual, lambda x: self.model.decoder.image_tokens(self.model.visual, x), images)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..checkpoint import read_state_dict
 from ..config import TextConfig
 from ..errors import CheckpointError, ConfigError
-from ..feature_store import FeatureStore
+from ..feature_store import FeatureStore, evaluated
 from ..hub import from_hub
 from .meta import build
 
@@ -93,14 +93,8 @@ class HFTextTower(nn.Module):
         return self.proj(self.features(tokens))
 
     def frozen_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`features` in eval mode (no dropout: what a cached row must equal), in float32."""
-        training = self.transformer.training
-        self.transformer.eval()
-        try:
-            with torch.no_grad():
-                return self.features(tokens).float()
-        finally:
-            self.transformer.train(training)
+        """`features` in eval mode (`evaluated`), in float32."""
+        return evaluated(self.transformer, lambda t: self.features(t).float(), tokens)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled encoder output, before the projection: [B, width]. The padding columns after

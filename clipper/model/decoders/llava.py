@@ -149,7 +149,7 @@ class LlavaDecoder(SplicedCaptioner, Decoder):
         self.context_length = cfg.context_length
         self.retrieves = cfg.retrieve
         self.datastore = Datastore.load(cfg.datastore) if cfg.retrieve and cfg.datastore else None
-        self.neighbours = {}
+        self.neighbours: dict[str, list[str]] = {}  # training captions' retrieved ones (the caption objective's)
 
     @classmethod
     def check(cls, cfg: DecoderConfig, model: ModelConfig) -> None:

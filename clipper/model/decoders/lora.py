@@ -28,15 +28,11 @@ def add_lora(module: nn.Module, rank: int) -> None:
         p.requires_grad_("lora_" in name)
 
 
-def merge_lora(module: nn.Module) -> int:
-    """Each adapter of `module` added into its layer's weight, the plain layer put back; the count."""
-    if importlib.util.find_spec("peft") is None:
-        return 0
+def merge_lora(module: nn.Module) -> None:
+    """Each adapter of `module` (`add_lora`'s) added into its layer's weight, the plain layer put back."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
-    for name, layer in layers:
+    for name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]:
         layer.merge()
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent), child, layer.get_base_layer())
-    return len(layers)
